@@ -1,0 +1,51 @@
+"""Wire schemas and the Arrow IPC codec (pure pyarrow + numpy; no torch, no vllm)."""
+
+from schemas.codec import (
+    SCHEMA_HEADER,
+    VERSION_HEADER,
+    Columns,
+    DecodeError,
+    Ragged,
+    SchemaError,
+    concat,
+    decode,
+    encode,
+    headers_for,
+    kind_from_headers,
+    num_rows,
+    take,
+)
+from schemas.messages import (
+    DEAD_LETTER,
+    KINDS,
+    POLICY_UPDATE,
+    PROMPT_TICKET,
+    SCORED_TRAJECTORY,
+    TEMPERATURE_UPDATE,
+    TRAJECTORY,
+    MessageKind,
+)
+
+__all__ = [
+    "DEAD_LETTER",
+    "KINDS",
+    "POLICY_UPDATE",
+    "PROMPT_TICKET",
+    "SCHEMA_HEADER",
+    "SCORED_TRAJECTORY",
+    "TEMPERATURE_UPDATE",
+    "TRAJECTORY",
+    "VERSION_HEADER",
+    "Columns",
+    "DecodeError",
+    "MessageKind",
+    "Ragged",
+    "SchemaError",
+    "concat",
+    "decode",
+    "encode",
+    "headers_for",
+    "kind_from_headers",
+    "num_rows",
+    "take",
+]

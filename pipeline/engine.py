@@ -1,0 +1,175 @@
+"""Rollout engines and the shared log-prob computation.
+
+An engine generates ``n`` samples for each prompt, each prompt at its own temperature, and returns
+for every sample the completion token ids and the *behaviour* log-probs: log-probs of the sampled
+tokens under the distribution actually sampled from, ``log_softmax(logits / temperature)``. The
+learner recomputes log-probs with :func:`token_logprobs` at the same temperatures, so importance
+ratios compare like with like.
+
+``TorchEngine`` is the plain torch/transformers engine (a KV-cached sampling loop). vLLM is the
+production engine (see the vLLM issue); both implement :class:`Engine`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Sample:
+    """One generated completion."""
+
+    prompt_index: int
+    """Index of the prompt in the ``generate`` call."""
+    sample_idx: int
+    """Index of this sample within its prompt's group (0..n-1)."""
+    prompt_token_ids: np.ndarray
+    completion_token_ids: np.ndarray
+    behavior_logprobs: np.ndarray
+    """float32, one per completion token, at the sampling temperature."""
+    finish_reason: str
+    """``stop`` (end-of-sequence sampled) or ``length`` (hit max_new_tokens)."""
+    text: str
+
+
+class Engine(Protocol):
+    version: int
+
+    def generate(self, prompts: Sequence[str], temperatures: Sequence[float], n: int) -> list[Sample]:
+        ...
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        ...
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt, prefixed with BOS (the format the warm-start trained on)."""
+    return [[tokenizer.bos_token_id] + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+
+
+class TorchEngine:
+    """Batched multinomial sampling with a KV cache on a transformers causal LM."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int, seed: int = 0, version: int = 0):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.version = version
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        # Tied embeddings may be absent from a saved state dict; anything else is an error.
+        missing = [k for k in missing if k != "lm_head.weight"]
+        if missing or unexpected:
+            raise ValueError(f"weights do not match the model: missing={missing[:5]} "
+                             f"unexpected={unexpected[:5]}")
+        self.version = version
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], temperatures: Sequence[float], n: int) -> list[Sample]:
+        if len(prompts) != len(temperatures):
+            raise ValueError(f"{len(prompts)} prompts but {len(temperatures)} temperatures")
+        if any(t < 0 for t in temperatures):
+            raise ValueError(f"temperatures must be >= 0, got {min(temperatures)}")
+        tok = self.tokenizer
+        prompt_ids = encode_prompts(tok, prompts)
+        rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
+        B = len(rows)
+        width = max(len(p) for p in prompt_ids)
+        ids = torch.full((B, width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((B, width), dtype=torch.long)
+        for r, (i, _) in enumerate(rows):
+            p = prompt_ids[i]
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        temps = torch.tensor([temperatures[i] for i, _ in rows], dtype=torch.float32)
+        greedy = temps == 0
+        safe_t = torch.where(greedy, torch.ones_like(temps), temps).unsqueeze(1)
+
+        out_tokens = torch.full((B, self.max_new_tokens), tok.pad_token_id, dtype=torch.long)
+        out_lp = torch.zeros((B, self.max_new_tokens), dtype=torch.float32)
+        lengths = torch.zeros(B, dtype=torch.long)
+        done = torch.zeros(B, dtype=torch.bool)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        past = None
+        step_ids, step_pos = ids, positions
+        for t in range(self.max_new_tokens):
+            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                             past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logp = torch.log_softmax(out.logits[:, -1, :].float() / safe_t, dim=-1)
+            sampled = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(1)
+            nxt = torch.where(greedy, logp.argmax(-1), sampled)
+            nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
+            out_tokens[:, t] = nxt
+            out_lp[:, t] = logp.gather(1, nxt.unsqueeze(1)).squeeze(1)
+            lengths += (~done).long()
+            done |= nxt == tok.eos_token_id
+            if bool(done.all()):
+                break
+            step_ids = nxt.unsqueeze(1)
+            step_pos = step_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.long)], dim=1)
+
+        samples = []
+        for r, (i, j) in enumerate(rows):
+            L = int(lengths[r])
+            comp = out_tokens[r, :L].numpy().astype(np.int32)
+            stopped = L > 0 and comp[-1] == tok.eos_token_id
+            samples.append(Sample(
+                prompt_index=i,
+                sample_idx=j,
+                prompt_token_ids=np.asarray(prompt_ids[i], dtype=np.int32),
+                completion_token_ids=comp,
+                behavior_logprobs=out_lp[r, :L].numpy().astype(np.float32),
+                finish_reason="stop" if stopped else "length",
+                text=tok.decode(comp[:-1] if stopped else comp, skip_special_tokens=True),
+            ))
+        return samples
+
+
+@dataclass
+class PackedBatch:
+    """Prompt+completion sequences, right-padded, with a mask over completion targets."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    completion_mask: torch.Tensor  # [B, T-1] float, 1 where target t+1 is a completion token
+    temperatures: torch.Tensor  # [B]
+
+
+def pack(prompt_ids: Sequence[np.ndarray], completion_ids: Sequence[np.ndarray],
+         temperatures: Sequence[float], pad_id: int) -> PackedBatch:
+    """Concatenate each prompt with its completion and right-pad to a batch."""
+    seqs = [np.concatenate([p, c]) for p, c in zip(prompt_ids, completion_ids)]
+    T = max(len(s) for s in seqs)
+    B = len(seqs)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    cmask = torch.zeros((B, T - 1), dtype=torch.float32)
+    for b, (s, p, c) in enumerate(zip(seqs, prompt_ids, completion_ids)):
+        ids[b, : len(s)] = torch.from_numpy(s.astype(np.int64))
+        attn[b, : len(s)] = 1
+        # Target at position t is token t+1: completion tokens are targets p-1 .. p+c-2.
+        cmask[b, len(p) - 1: len(p) - 1 + len(c)] = 1.0
+    return PackedBatch(ids, attn, cmask, torch.as_tensor(temperatures, dtype=torch.float32))
+
+
+def token_logprobs(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the targets at each sequence's temperature, and the entropy.
+
+    Returns ``(logprobs, entropy)``, both ``[B, T-1]``; positions outside ``completion_mask`` hold
+    values of no meaning and must be masked by the caller.
+    """
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    t = batch.temperatures.clamp(min=1e-4).view(-1, 1, 1)
+    logp = torch.log_softmax(logits.float() / t, dim=-1)
+    targets = batch.input_ids[:, 1:].unsqueeze(-1)
+    lp = logp.gather(-1, targets).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return lp, entropy

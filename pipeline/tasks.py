@@ -1,0 +1,138 @@
+"""Prompt sources: the synthetic arithmetic task (the embedded default) and local JSONL/Parquet sets.
+
+The arithmetic task exists so that the whole system can train something real on a laptop CPU in
+minutes, with no model or dataset hub: prompts like ``37+5-12=`` whose answer is an integer the
+verifier can check. ``difficulty`` is the knob: it sets how many operands and digits a problem has.
+
+A problem's ``prompt_id`` is a hash of its text, and the held-out split is decided by that hash, so
+train and evaluation prompts are disjoint by construction and stable across runs and machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One prompt with its verifiable reference answer."""
+
+    prompt_id: str
+    text: str
+    answer: str
+    difficulty: int = 0
+
+
+def prompt_id_of(text: str) -> str:
+    """Stable id of a prompt: the first 16 hex digits of the sha256 of its text."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def is_heldout(prompt_id: str, heldout_per_mille: int = 100) -> bool:
+    """Whether a prompt belongs to the held-out split (decided by its id, so stable everywhere)."""
+    return int(prompt_id[:8], 16) % 1000 < heldout_per_mille
+
+
+# difficulty -> (operand count range, digit count range of each operand); inclusive bounds.
+DIFFICULTY_LEVELS: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {
+    1: ((2, 2), (1, 1)),
+    2: ((2, 2), (1, 2)),
+    3: ((2, 3), (1, 2)),
+    4: ((2, 3), (1, 3)),
+    5: ((2, 4), (1, 3)),
+}
+
+
+def _make_problem(rng: np.random.Generator, difficulty: int, ops: str) -> Problem:
+    (k_lo, k_hi), (d_lo, d_hi) = DIFFICULTY_LEVELS[difficulty]
+    k = int(rng.integers(k_lo, k_hi + 1))
+    digits = rng.integers(d_lo, d_hi + 1, size=k)
+    values = [int(rng.integers(0 if d == 1 else 10 ** (d - 1), 10**d)) for d in digits]
+    signs = [ops[int(i)] for i in rng.integers(0, len(ops), size=k - 1)]
+    text = str(values[0]) + "".join(f"{s}{v}" for s, v in zip(signs, values[1:])) + "="
+    total = values[0] + sum(v if s == "+" else -v for s, v in zip(signs, values[1:]))
+    return Problem(prompt_id_of(text), text, str(total), difficulty)
+
+
+def arithmetic_problems(
+    n: int,
+    seed: int,
+    difficulties: dict[int, float],
+    ops: str = "+-",
+    split: str = "train",
+    heldout_per_mille: int = 100,
+) -> list[Problem]:
+    """``n`` distinct problems of the given split, difficulty drawn with the given weights."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    levels = sorted(difficulties)
+    for d in levels:
+        if d not in DIFFICULTY_LEVELS:
+            raise ValueError(f"unknown difficulty {d}; known: {sorted(DIFFICULTY_LEVELS)}")
+    weights = np.array([difficulties[d] for d in levels], dtype=np.float64)
+    weights /= weights.sum()
+    rng = np.random.default_rng(seed)
+    out: dict[str, Problem] = {}
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 50 * n + 1000:
+            raise ValueError(f"could not draw {n} distinct {split} problems; the task is too small")
+        p = _make_problem(rng, levels[int(rng.choice(len(levels), p=weights))], ops)
+        if is_heldout(p.prompt_id, heldout_per_mille) == (split == "heldout"):
+            out.setdefault(p.prompt_id, p)
+    return list(out.values())
+
+
+def arithmetic_stream(seed: int, difficulties: dict[int, float], ops: str = "+-",
+                      heldout_per_mille: int = 100):
+    """Endless training problems (held-out ones skipped), for supervised warm-start."""
+    levels = sorted(difficulties)
+    weights = np.array([difficulties[d] for d in levels], dtype=np.float64)
+    weights /= weights.sum()
+    rng = np.random.default_rng(seed)
+    while True:
+        p = _make_problem(rng, levels[int(rng.choice(len(levels), p=weights))], ops)
+        if not is_heldout(p.prompt_id, heldout_per_mille):
+            yield p
+
+
+_GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.S)
+
+
+def load_problems(path: str | Path, question_field: str = "question",
+                  answer_field: str = "answer", limit: int | None = None) -> list[Problem]:
+    """Problems from a local JSONL or Parquet file (never from a hub).
+
+    The answer field may be a bare answer (MATH-500's ``answer``) or a GSM8K worked solution ending
+    in ``#### <answer>``, in which case the part after ``####`` is the reference answer.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    if path.suffix == ".parquet":
+        import polars as pl
+
+        rows = pl.read_parquet(path).to_dicts()
+    elif path.suffix in (".jsonl", ".json"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        raise ValueError(f"unsupported dataset format {path.suffix!r} (use .jsonl or .parquet)")
+    problems = []
+    for i, row in enumerate(rows[:limit] if limit else rows):
+        for field in (question_field, answer_field):
+            if field not in row:
+                raise KeyError(f"{path}: row {i} has no field {field!r} (fields: {sorted(row)})")
+        answer = str(row[answer_field])
+        m = _GSM8K_ANSWER.search(answer)
+        if m:
+            answer = m.group(1).replace(",", "")
+        text = str(row[question_field])
+        problems.append(Problem(prompt_id_of(text), text, answer))
+    return problems

@@ -1,0 +1,405 @@
+"""Kafka transport: typed producer and consumer of Arrow messages (kafka-python).
+
+Topics are named `<run>.<logical topic>`; `TOPICS` fixes which message kind each logical topic
+carries. Consumers work in logical topic names (`"scored"`, not `"run7.scored"`) for
+deliveries, positions and commits; the producer takes full Kafka topic names (see `topic_name`).
+
+Delivery is at least once: a consumer commits, per partition, the offset after the last record
+`poll` returned, and the service calls `commit()` only after the results of those records were
+produced and flushed. A record that does not decode goes to the run's `deadletter` topic (flushed
+before `poll` returns) and counts as handled, so one bad message never blocks a partition.
+
+Tansu (the embedded broker) reports a wrong "latest" offset, so nothing here relies on it:
+group consumers fall back to "earliest", and consumers without a group seek to the beginning.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from kafka import (
+    ConsumerRebalanceListener,
+    KafkaAdminClient,
+    KafkaConsumer,
+    KafkaProducer,
+    OffsetAndMetadata,
+    TopicPartition,
+)
+from kafka.errors import TopicAlreadyExistsError
+from kafka.producer.future import FutureRecordMetadata
+
+from pipeline.config import KafkaConfig
+from schemas import (
+    DEAD_LETTER,
+    POLICY_UPDATE,
+    PROMPT_TICKET,
+    SCHEMA_HEADER,
+    SCORED_TRAJECTORY,
+    TEMPERATURE_UPDATE,
+    TRAJECTORY,
+    VERSION_HEADER,
+    Columns,
+    DecodeError,
+    MessageKind,
+    decode,
+    encode,
+    headers_for,
+)
+
+log = logging.getLogger(__name__)
+
+_MIN_FETCH_MAX_BYTES = 50 * 1024 * 1024  # kafka-python's default fetch_max_bytes
+
+
+class TransportError(RuntimeError):
+    """Messages could not be delivered to the broker."""
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """What a logical topic carries."""
+
+    kind: MessageKind
+    """The only message kind allowed on the topic."""
+    partitions: int
+    """Default partition count used by `ensure_topics`."""
+
+
+TOPICS: dict[str, TopicSpec] = {
+    "prompts": TopicSpec(PROMPT_TICKET, 4),
+    "trajectories": TopicSpec(TRAJECTORY, 4),
+    "scored": TopicSpec(SCORED_TRAJECTORY, 4),
+    "temperature": TopicSpec(TEMPERATURE_UPDATE, 4),
+    "policy": TopicSpec(POLICY_UPDATE, 1),
+    "deadletter": TopicSpec(DEAD_LETTER, 1),
+}
+"""The six logical topics of a run (see DESIGN.md, "Topics")."""
+
+
+def topic_name(run: str, topic: str) -> str:
+    """Full Kafka topic name of logical `topic` in `run`."""
+    return f"{run}.{topic}"
+
+
+def client_kwargs(cfg: KafkaConfig, role: Literal["admin", "producer", "consumer"]) -> dict[str, Any]:
+    """kafka-python keyword arguments for a client of `role` (each client rejects unknown keys)."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": cfg.bootstrap_servers.split(","),
+        "request_timeout_ms": cfg.request_timeout_ms,
+        "security_protocol": cfg.security_protocol,
+    }
+    if cfg.sasl_mechanism is not None:
+        kwargs["sasl_mechanism"] = cfg.sasl_mechanism
+    if cfg.sasl_username is not None:
+        kwargs["sasl_plain_username"] = cfg.sasl_username
+    if cfg.sasl_password is not None:
+        kwargs["sasl_plain_password"] = cfg.sasl_password
+    if role == "producer":
+        kwargs |= {
+            "acks": {"all": "all", "1": 1, "0": 0}[cfg.acks],
+            # Idempotence needs acks=all; turning it off explicitly avoids kafka-python's warning.
+            "enable_idempotence": cfg.acks == "all",
+            "compression_type": None if cfg.compression == "none" else cfg.compression,
+            "linger_ms": cfg.linger_ms,
+            "max_request_size": cfg.max_message_bytes,
+            "allow_auto_create_topics": False,
+        }
+    elif role == "consumer":
+        fetch_max = max(cfg.max_message_bytes, _MIN_FETCH_MAX_BYTES)
+        kwargs |= {
+            "session_timeout_ms": cfg.session_timeout_ms,
+            "heartbeat_interval_ms": cfg.heartbeat_interval_ms,
+            "max_poll_interval_ms": cfg.max_poll_interval_ms,
+            "max_partition_fetch_bytes": cfg.max_message_bytes,
+            "fetch_max_bytes": fetch_max,
+            "receive_message_max_bytes": max(100_000_000, fetch_max + 1024 * 1024),
+            "enable_auto_commit": False,
+            "allow_auto_create_topics": False,
+        }
+    return kwargs
+
+
+def ensure_topics(cfg: KafkaConfig, run: str, partitions: dict[str, int] | None = None) -> None:
+    """Create the run's six topics if missing (idempotent) and wait until metadata shows them.
+
+    `partitions` overrides the default partition count of some logical topics. An existing topic
+    keeps its partition count (a mismatch is logged).
+    """
+    counts = {name: spec.partitions for name, spec in TOPICS.items()} | (partitions or {})
+    unknown = set(counts) - set(TOPICS)
+    if unknown:
+        raise ValueError(f"unknown topics {sorted(unknown)}; known: {sorted(TOPICS)}")
+    wanted = {topic_name(run, t): n for t, n in counts.items()}
+    admin = KafkaAdminClient(client_id=f"{run}-admin", **client_kwargs(cfg, "admin"))
+    try:
+        result = admin.create_topics(
+            {name: {"num_partitions": n, "replication_factor": -1} for name, n in wanted.items()},
+            raise_errors=False,
+        )
+        for topic in result["topics"]:
+            if topic["error_code"] == TopicAlreadyExistsError.errno:
+                log.debug("topic %s already exists", topic["name"])
+            elif topic["error_code"] != 0:
+                raise TransportError(
+                    f"creating topic {topic['name']} failed: error {topic['error_code']} {topic['error_message']}"
+                )
+        admin.wait_for_topics(list(wanted), timeout_ms=cfg.request_timeout_ms)
+        for topic in admin.describe_topics(list(wanted)):
+            if len(topic["partitions"]) != wanted[topic["name"]]:
+                log.warning(
+                    "topic %s has %d partitions, wanted %d (kept as is)",
+                    topic["name"],
+                    len(topic["partitions"]),
+                    wanted[topic["name"]],
+                )
+    finally:
+        admin.close()
+
+
+def _check_topic_kind(topic: str, kind: MessageKind) -> None:
+    spec = TOPICS.get(topic.rsplit(".", 1)[-1])
+    if spec is not None and spec.kind.name != kind.name:
+        raise ValueError(f"topic {topic!r} carries {spec.kind.name}, not {kind.name}")
+
+
+class Producer:
+    """Sends Arrow messages with their `schema`/`schema_version` headers.
+
+    Sends are asynchronous; `flush()` waits for all of them and raises `TransportError` if any
+    failed, so "flushed" means "acknowledged at the configured acks level".
+    """
+
+    def __init__(self, cfg: KafkaConfig, client_id: str) -> None:
+        self._producer = KafkaProducer(client_id=client_id, **client_kwargs(cfg, "producer"))
+        self._failures: list[tuple[str, BaseException]] = []
+        self.stats: dict[str, int] = {}
+        """Messages handed to the client, per full topic name (failures surface in `flush`)."""
+
+    def send(self, topic: str, kind: MessageKind, columns: Columns, key: bytes | None = None) -> FutureRecordMetadata:
+        """Encode `columns` as one `kind` message and send it to full topic name `topic`."""
+        _check_topic_kind(topic, kind)
+        return self.send_raw(topic, encode(kind, columns), headers_for(kind), key)
+
+    def send_raw(
+        self, topic: str, payload: bytes, headers: list[tuple[str, bytes]], key: bytes | None = None
+    ) -> FutureRecordMetadata:
+        """Send bytes as they are (replay, dead letters, tests); no validation."""
+        future = self._producer.send(topic, value=payload, key=key, headers=headers)
+        future.add_errback(self._on_error, topic)
+        self.stats[topic] = self.stats.get(topic, 0) + 1
+        return future
+
+    def _on_error(self, topic: str, exc: BaseException) -> None:
+        log.error("send to %s failed: %r", topic, exc)
+        self._failures.append((topic, exc))
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until every send completed; `TransportError` if any failed since the last flush."""
+        self._producer.flush(timeout)
+        if self._failures:
+            failures, self._failures = self._failures, []
+            topic, first = failures[0]
+            raise TransportError(f"{len(failures)} sends failed; first to {topic}: {first!r}") from first
+
+    def close(self) -> None:
+        """Flush pending sends and close the client."""
+        self._producer.close()
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One decoded message."""
+
+    topic: str
+    """Logical topic name (e.g. `"scored"`)."""
+    partition: int
+    offset: int
+    key: bytes | None
+    kind: MessageKind
+    columns: Columns
+    timestamp_ms: int
+    """Producer (create) timestamp of the record."""
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Keeps the consumer's positions to partitions it owns and applies pending seeks."""
+
+    def __init__(self, owner: Consumer) -> None:
+        self._owner = owner
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        for tp in revoked:
+            self._owner._positions.pop(self._owner._logical_key(tp), None)
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        for tp in assigned:
+            key = self._owner._logical_key(tp)
+            offset = self._owner._pending_seeks.pop(key, None)
+            if offset is not None:
+                self._owner._consumer.seek(tp, offset)
+                self._owner._positions[key] = offset
+
+
+class Consumer:
+    """Reads Arrow messages of a run's logical topics, dead-lettering what does not decode.
+
+    With a `group_id`: joins the group (partitions shared among members), resumes from the
+    group's committed offsets, or from the earliest offset when there are none. Without one:
+    reads every partition of the topics from the beginning (how each rollout process rebuilds
+    the `temperature` table and finds the latest `policy`); `commit` is then unavailable.
+    """
+
+    def __init__(
+        self,
+        cfg: KafkaConfig,
+        run: str,
+        topics: list[str],
+        group_id: str | None,
+        client_id: str,
+        deadletter: Producer | None,
+        from_beginning: bool = True,
+    ) -> None:
+        """`deadletter` receives undecodable records; with None they are only logged and counted
+        in `stats["dropped"]`. `from_beginning=False` starts at the broker's end offset (not
+        reliable on Tansu) where there is no committed offset."""
+        unknown = [t for t in topics if t not in TOPICS]
+        if unknown or not topics:
+            raise ValueError(f"unknown or no topics {unknown}; known: {sorted(TOPICS)}")
+        self._run = run
+        self._logical = {topic_name(run, t): t for t in topics}
+        self._group_id = group_id
+        self._deadletter = deadletter
+        self._positions: dict[tuple[str, int], int] = {}
+        self._pending_seeks: dict[tuple[str, int], int] = {}
+        self.stats: dict[str, int] = {"delivered": 0, "deadlettered": 0, "dropped": 0}
+        """Records decoded and returned; sent to dead letters; undecodable and not kept."""
+        self._consumer = KafkaConsumer(
+            client_id=client_id,
+            group_id=group_id,
+            auto_offset_reset="earliest" if from_beginning else "latest",
+            **client_kwargs(cfg, "consumer"),
+        )
+        if group_id is not None:
+            self._consumer.subscribe(topics=list(self._logical), listener=_Rebalance(self))
+            return
+        partitions = self._all_partitions(cfg.request_timeout_ms / 1000)
+        self._consumer.assign(partitions)
+        if from_beginning:
+            self._consumer.seek_to_beginning(*partitions)
+        else:
+            self._consumer.seek_to_end(*partitions)
+
+    def _all_partitions(self, timeout_s: float) -> list[TopicPartition]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = {t: self._consumer.partitions_for_topic(t) for t in self._logical}
+            missing = [t for t, ps in found.items() if not ps]
+            if not missing:
+                return [TopicPartition(t, p) for t, ps in found.items() for p in sorted(ps)]
+            if time.monotonic() > deadline:
+                raise TransportError(f"topics {missing} not found (run ensure_topics first)")
+            time.sleep(0.1)
+
+    def _logical_key(self, tp: TopicPartition) -> tuple[str, int]:
+        return self._logical[tp.topic], tp.partition
+
+    def poll(self, timeout_ms: int, max_records: int | None = None) -> list[Delivery]:
+        """Decoded records, in offset order per partition; undecodable ones are dead-lettered
+        (and the dead-letter producer flushed) before this returns. If that flush fails, the
+        error propagates and `positions()` does not advance past this poll's records."""
+        fetched = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        deliveries: list[Delivery] = []
+        advanced: dict[tuple[str, int], int] = {}
+        bad = 0
+        for tp, records in fetched.items():
+            logical = self._logical[tp.topic]
+            expected = TOPICS[logical].kind
+            for rec in records:
+                headers = rec.headers or []
+                try:
+                    kind, columns = decode(expected, rec.value or b"", headers)
+                except DecodeError as e:
+                    self._reject(tp, rec.offset, rec.value or b"", headers, e)
+                    bad += 1
+                    continue
+                deliveries.append(
+                    Delivery(logical, tp.partition, rec.offset, rec.key, kind, columns, rec.timestamp)
+                )
+            if records:
+                advanced[(logical, tp.partition)] = records[-1].offset + 1
+        if bad and self._deadletter is not None:
+            self._deadletter.flush()
+        self._positions.update(advanced)
+        self.stats["delivered"] += len(deliveries)
+        self.stats["deadlettered" if self._deadletter is not None else "dropped"] += bad
+        return deliveries
+
+    def _reject(
+        self, tp: TopicPartition, offset: int, payload: bytes, headers: list[tuple[str, bytes]], e: DecodeError
+    ) -> None:
+        reason = f"{e.reason}: {e}"
+        if self._deadletter is None:
+            log.error("dropping undecodable record %s[%d]@%d: %s", tp.topic, tp.partition, offset, reason)
+            return
+        log.warning("dead-lettering %s[%d]@%d: %s", tp.topic, tp.partition, offset, reason)
+        raw = dict(headers)
+
+        def header(name: str) -> str | None:
+            value = raw.get(name)
+            return None if value is None else value.decode("utf-8", "replace")
+
+        row: Columns = {
+            "source_topic": np.array([tp.topic], dtype=object),
+            "source_partition": np.array([tp.partition], dtype=np.int32),
+            "source_offset": np.array([offset], dtype=np.int64),
+            "reason": np.array([reason], dtype=object),
+            "schema_header": np.array([header(SCHEMA_HEADER)], dtype=object),
+            "schema_version_header": np.array([header(VERSION_HEADER)], dtype=object),
+            "payload": np.array([payload], dtype=object),
+            "dead_at": np.array([time.time()], dtype=np.float64),
+        }
+        self._deadletter.send(topic_name(self._run, "deadletter"), DEAD_LETTER, row)
+
+    def positions(self) -> dict[tuple[str, int], int]:
+        """(logical topic, partition) -> offset after the last record `poll` returned (or the
+        offset `seek` set), for partitions this consumer currently owns: what `commit` commits."""
+        return dict(self._positions)
+
+    def commit(self) -> None:
+        """Commit `positions()` for the group. Call only once the results of the polled records
+        are produced and flushed."""
+        self.commit_offsets(self.positions())
+
+    def commit_offsets(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Commit explicit next offsets, keyed by (logical topic, partition)."""
+        if self._group_id is None:
+            raise TransportError("commit needs a consumer group (this consumer has group_id=None)")
+        if offsets:
+            self._consumer.commit(
+                {
+                    TopicPartition(topic_name(self._run, t), p): OffsetAndMetadata(o, "", -1)
+                    for (t, p), o in offsets.items()
+                }
+            )
+
+    def seek(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Continue from these next offsets (e.g. restored from a snapshot). In a group, partitions
+        not assigned yet are sought when the group assigns them to this consumer."""
+        assigned = self._consumer.assignment()
+        for (t, p), o in offsets.items():
+            tp = TopicPartition(topic_name(self._run, t), p)
+            if tp in assigned:
+                self._consumer.seek(tp, o)
+                self._positions[(t, p)] = o
+            elif self._group_id is not None:
+                self._pending_seeks[(t, p)] = o
+            else:
+                raise ValueError(f"partition {t}[{p}] is not assigned to this consumer")
+
+    def close(self) -> None:
+        """Leave the group (without committing) and close the client."""
+        self._consumer.close(autocommit=False)

@@ -1,0 +1,86 @@
+"""Supervised warm-start of the tiny default policy, cached on disk.
+
+RL needs a policy whose sampled accuracy is neither 0 nor 1, so the embedded default first trains
+the randomly initialised model on problems with their answers for a fixed number of steps (not
+seconds, so the result does not depend on the machine's speed). The result is saved, with its
+tokenizer, in a folder named by the hash of everything that determines it; a second run with the
+same settings loads it instead of training again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pipeline.config import ArithmeticTaskConfig, WarmstartConfig
+from pipeline.engine import encode_prompts, pack, token_logprobs
+from pipeline.model import build_char_tokenizer, build_tiny_qwen2, count_parameters
+from pipeline.tasks import arithmetic_stream
+
+log = logging.getLogger(__name__)
+
+
+def warmstart_key(cfg: WarmstartConfig, task: ArithmeticTaskConfig) -> str:
+    """Hash of the settings that determine the warm-started weights."""
+    blob = json.dumps([cfg.model_dump(mode="json"), task.difficulty_weights, task.ops,
+                       task.heldout_per_mille], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def warmstart(cfg: WarmstartConfig, task: ArithmeticTaskConfig, cache_dir: Path,
+              progress: Callable[[str], None] | None = None) -> Path:
+    """Return the folder of the warm-started model, training it first if it is not cached."""
+    out = Path(cache_dir) / f"warmstart-{warmstart_key(cfg, task)}"
+    if (out / "model.safetensors").exists():
+        return out
+    say = progress or log.info
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_qwen2(len(tokenizer), hidden_size=cfg.hidden_size, layers=cfg.layers,
+                             heads=cfg.heads, kv_heads=cfg.kv_heads,
+                             intermediate_size=cfg.intermediate_size, seed=cfg.seed)
+    say(f"warm-start: {count_parameters(model) / 1e6:.2f}M-parameter Qwen2, {cfg.steps} steps "
+        f"of {cfg.batch_size} problems (cached in {out})")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warm = max(1, cfg.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    stream = arithmetic_stream(cfg.seed, task.difficulty_weights_map(), task.ops,
+                               task.heldout_per_mille)
+    eos = tokenizer.eos_token_id
+    model.train()
+    t0 = time.monotonic()
+    for step in range(1, cfg.steps + 1):
+        problems = [next(stream) for _ in range(cfg.batch_size)]
+        prompts = [np.asarray(p, dtype=np.int32) for p in encode_prompts(tokenizer, [p.text for p in problems])]
+        answers = [np.asarray(tokenizer.encode(p.answer, add_special_tokens=False) + [eos], dtype=np.int32)
+                   for p in problems]
+        batch = pack(prompts, answers, [1.0] * len(problems), tokenizer.pad_token_id)
+        lp, _ = token_logprobs(model, batch)
+        loss = -(lp * batch.completion_mask).sum() / batch.completion_mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % max(1, cfg.steps // 10) == 0 or step == cfg.steps:
+            say(f"warm-start step {step}/{cfg.steps} loss={loss.item():.4f} "
+                f"elapsed={time.monotonic() - t0:.0f}s")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "warmstart.json").write_text(json.dumps(
+        {"warmstart": cfg.model_dump(mode="json"), "task": task.model_dump(mode="json")}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,233 @@
+"""Wire messages: one Arrow schema per message kind, versioned, documented field by field.
+
+Every Kafka message carries one Arrow IPC record batch of a single kind, named by the headers
+`schema` (the kind's name) and `schema_version`. A kind's schema never changes in place: a change
+is a new version, and consumers dead-letter versions they do not know.
+
+Conventions for every schema below:
+- Fields are non-nullable unless the doc says what null means.
+- List items are non-nullable (`list<item: T not null>`).
+- Times are unix seconds as float64; policy versions are int64 counters starting at 0.
+- Each field's documentation is kept in its Arrow metadata under `doc`, so it travels with the
+  schema (and into the Parquet trajectory lake).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class MessageKind:
+    """One wire message type: its header name, version and Arrow schema."""
+
+    name: str
+    """Value of the `schema` header, e.g. `Trajectory`."""
+    version: int
+    """Value of the `schema_version` header (decimal ASCII)."""
+    schema: pa.Schema
+    """Exact Arrow schema of the record batch (field order, types and nullability)."""
+    doc: str
+    """What one row means and who produces it."""
+
+
+def _field(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
+
+
+def _list_of(type_: pa.DataType) -> pa.DataType:
+    return pa.list_(pa.field("item", type_, nullable=False))
+
+
+PROMPT_TICKET = MessageKind(
+    name="PromptTicket",
+    version=1,
+    doc="One prompt to roll out, issued by the learner (which paces the run); key = prompt_id.",
+    schema=pa.schema(
+        [
+            # Unique id of this issue of the prompt (uuid4 hex); the same prompt issued twice
+            # gets two tickets.
+            _field("ticket_id", pa.string(), "Unique id of this issue of the prompt (uuid4 hex)."),
+            # Stable id of the prompt in its dataset; key of the ERPO history table.
+            _field("prompt_id", pa.string(), "Stable id of the prompt in its dataset."),
+            # Prompt text, before the chat template.
+            _field("text", pa.string(), "Prompt text, before any chat template."),
+            # Reference answer the verifier compares against.
+            _field("answer", pa.string(), "Reference answer the verifier compares against."),
+            # Pass over the dataset this ticket belongs to, from 0.
+            _field("epoch", pa.int32(), "Pass over the dataset this ticket belongs to, from 0."),
+            # Learner policy version when the ticket was issued.
+            _field("issued_version", pa.int64(), "Learner policy version when the ticket was issued."),
+            # Unix time (s) of issue.
+            _field("issued_at", pa.float64(), "Unix time (s) the ticket was issued."),
+        ]
+    ),
+)
+
+_TRAJECTORY_FIELDS = [
+    # Unique id of this sample (uuid4 hex).
+    _field("traj_id", pa.string(), "Unique id of this sample (uuid4 hex)."),
+    # Id shared by the G samples generated together for one ticket (uuid4 hex).
+    _field("group_id", pa.string(), "Id shared by the samples generated together for one ticket."),
+    # Ticket this group answers.
+    _field("ticket_id", pa.string(), "Ticket this group answers."),
+    # Stable prompt id (copied from the ticket).
+    _field("prompt_id", pa.string(), "Stable prompt id, copied from the ticket."),
+    # Index of this sample in its group, 0 .. group_size-1.
+    _field("sample_idx", pa.int32(), "Index of this sample in its group, 0 .. group_size-1."),
+    # Number of samples in the group (G).
+    _field("group_size", pa.int32(), "Number of samples in the group (G)."),
+    # Policy version of the weights that generated this sample (behaviour policy mu).
+    _field("policy_version", pa.int64(), "Policy version of the weights that sampled this (behaviour policy)."),
+    # Sampling temperature actually used for this prompt.
+    _field("temperature", pa.float32(), "Sampling temperature actually used."),
+    # Prompt text, before the chat template.
+    _field("prompt_text", pa.string(), "Prompt text, before any chat template."),
+    # Token ids fed to the engine (chat template applied).
+    _field("prompt_token_ids", _list_of(pa.int32()), "Token ids fed to the engine, chat template applied."),
+    # Generated token ids (may be empty).
+    _field("completion_token_ids", _list_of(pa.int32()), "Generated token ids; may be empty."),
+    # log mu(y_t | s_t) of each completion token under the distribution actually sampled,
+    # i.e. at `temperature`; same length as completion_token_ids.
+    _field(
+        "behavior_logprobs",
+        _list_of(pa.float32()),
+        "Log-prob of each completion token under the distribution actually sampled (at "
+        "`temperature`); one per completion token.",
+    ),
+    # Detokenised completion.
+    _field("completion_text", pa.string(), "Detokenised completion."),
+    # Why generation stopped: "stop" (EOS / stop string) or "length" (max tokens hit).
+    _field("finish_reason", pa.string(), 'Why generation stopped: "stop" or "length".'),
+    # Reference answer (copied from the ticket).
+    _field("answer", pa.string(), "Reference answer, copied from the ticket."),
+    # Unix time (s) the group finished generating.
+    _field("created_at", pa.float64(), "Unix time (s) the group finished generating."),
+]
+
+TRAJECTORY = MessageKind(
+    name="Trajectory",
+    version=1,
+    doc="One row per sample; one message holds whole groups. Rollout -> reward; key = prompt_id.",
+    schema=pa.schema(_TRAJECTORY_FIELDS),
+)
+
+SCORED_TRAJECTORY = MessageKind(
+    name="ScoredTrajectory",
+    version=1,
+    doc="A Trajectory row plus its verification and ERPO shaping. Reward -> learner; key = prompt_id.",
+    schema=pa.schema(
+        _TRAJECTORY_FIELDS
+        + [
+            # Verifier reward: 1.0 correct, 0.0 otherwise (error/timeout included).
+            _field("reward", pa.float32(), "Verifier reward: 1.0 if correct, else 0.0."),
+            # Verifier outcome: "correct", "wrong", "no_answer", "error" (verifier raised),
+            # "timeout" (verifier exceeded its time budget). error/timeout are not "wrong".
+            _field(
+                "verify_status",
+                pa.string(),
+                'Verifier outcome: "correct", "wrong", "no_answer", "error" or "timeout".',
+            ),
+            # Mean reward of the sample's group, in [0, 1].
+            _field("group_pass_rate", pa.float32(), "Mean reward of the sample's group, in [0, 1]."),
+            # Residual kind of the group: "none" (informative), "all_correct", "all_wrong".
+            _field("residual", pa.string(), 'Residual kind of the group: "none", "all_correct" or "all_wrong".'),
+            # Reward after ERPO shaping; equals `reward` when no shaping applies.
+            _field("shaped_reward", pa.float32(), "Reward after ERPO shaping; equals reward when none applies."),
+            # Unix time (s) of scoring.
+            _field("scored_at", pa.float64(), "Unix time (s) the sample was scored."),
+        ]
+    ),
+)
+
+TEMPERATURE_UPDATE = MessageKind(
+    name="TemperatureUpdate",
+    version=1,
+    doc="New sampling temperature of one prompt, decided by the ERPO rule. Reward -> every rollout; key = prompt_id.",
+    schema=pa.schema(
+        [
+            # Prompt the temperature applies to.
+            _field("prompt_id", pa.string(), "Prompt the temperature applies to."),
+            # New sampling temperature tau_p.
+            _field("temperature", pa.float32(), "New sampling temperature of the prompt."),
+            # Short rule name that produced it, e.g. "all_correct_raise", "decay".
+            _field("reason", pa.string(), 'Short name of the rule that decided it, e.g. "all_correct_raise".'),
+            # Groups of this prompt scored so far.
+            _field("times_seen", pa.int32(), "Groups of this prompt scored so far."),
+            # Mean pass rate over the history window.
+            _field("mean_pass_rate", pa.float32(), "Mean pass rate over the history window."),
+            # Consecutive all-correct groups up to this decision.
+            _field("all_correct_streak", pa.int32(), "Consecutive all-correct groups up to this decision."),
+            # Policy version of the group that triggered the decision.
+            _field("decided_at_version", pa.int64(), "Policy version of the group that triggered the decision."),
+            # Unix time (s) of the decision.
+            _field("decided_at", pa.float64(), "Unix time (s) of the decision."),
+        ]
+    ),
+)
+
+POLICY_UPDATE = MessageKind(
+    name="PolicyUpdate",
+    version=1,
+    doc="Announcement of published weights. Learner -> every rollout; no key.",
+    schema=pa.schema(
+        [
+            # Policy version of these weights (monotone).
+            _field("version", pa.int64(), "Policy version of these weights; increases monotonically."),
+            # Optimizer step that produced them.
+            _field("step", pa.int64(), "Optimizer step that produced them."),
+            # Path or URI of the folder holding the safetensors file(s) and config.
+            _field("uri", pa.string(), "Path or URI of the safetensors folder."),
+            # Hex sha256 of the safetensors file, checked by the loader.
+            _field("sha256", pa.string(), "Hex sha256 of the safetensors file."),
+            # Tensor dtype of the weights, e.g. "bfloat16".
+            _field("dtype", pa.string(), 'Tensor dtype of the weights, e.g. "bfloat16".'),
+            # Unix time (s) of publication.
+            _field("created_at", pa.float64(), "Unix time (s) the weights were published."),
+        ]
+    ),
+)
+
+DEAD_LETTER = MessageKind(
+    name="DeadLetter",
+    version=1,
+    doc="A consumed message that could not be decoded, kept byte for byte. Any consumer -> operators.",
+    schema=pa.schema(
+        [
+            # Full Kafka topic name the message was read from.
+            _field("source_topic", pa.string(), "Full Kafka topic name the message was read from."),
+            # Partition it was read from.
+            _field("source_partition", pa.int32(), "Partition it was read from."),
+            # Offset it had there.
+            _field("source_offset", pa.int64(), "Offset it had there."),
+            # "<decode reason>: <message>", e.g. "unknown_version: ...".
+            _field("reason", pa.string(), 'Why it was dead-lettered: "<reason code>: <details>".'),
+            # Raw `schema` header; null when the message had none.
+            _field(
+                "schema_header",
+                pa.string(),
+                "Raw `schema` header (decoded as UTF-8, invalid bytes replaced); null if absent.",
+                nullable=True,
+            ),
+            # Raw `schema_version` header; null when the message had none.
+            _field(
+                "schema_version_header",
+                pa.string(),
+                "Raw `schema_version` header (decoded as UTF-8, invalid bytes replaced); null if absent.",
+                nullable=True,
+            ),
+            # The message value, untouched (empty if the record had a null value).
+            _field("payload", pa.binary(), "The message value, byte for byte (empty if it was null)."),
+            # Unix time (s) it was dead-lettered.
+            _field("dead_at", pa.float64(), "Unix time (s) it was dead-lettered."),
+        ]
+    ),
+)
+
+KINDS: dict[str, MessageKind] = {
+    kind.name: kind
+    for kind in (PROMPT_TICKET, TRAJECTORY, SCORED_TRAJECTORY, TEMPERATURE_UPDATE, POLICY_UPDATE, DEAD_LETTER)
+}
+"""Every wire message kind, by header name (one current version each)."""

@@ -1,0 +1,201 @@
+"""Unit tests for pipeline.verifier: hand-picked verdicts, the ERROR path, and the process pool
+(order, parent-enforced timeouts, crashes, adversarial input). Pools use "spawn", so each one
+costs ~1.5 s to start; they are module-scoped and kept to two."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import math_verify
+import pytest
+
+from pipeline.verifier import Verdict, VerifierPool, VerifyStatus, verify_one
+
+C, W, N, E, T = (
+    VerifyStatus.CORRECT,
+    VerifyStatus.WRONG,
+    VerifyStatus.NO_ANSWER,
+    VerifyStatus.ERROR,
+    VerifyStatus.TIMEOUT,
+)
+
+HANG = "__test_hang__"
+CRASH = "__test_crash__"
+
+
+def slow_verify(
+    completion: str, answer: str, *, max_chars: int, signal_timeout_s: int | None
+) -> Verdict:
+    """Test hook run inside pool workers (imported there via "module:function"): hangs or
+    crashes the worker on a sentinel completion, otherwise defers to verify_one."""
+    if completion == HANG:
+        time.sleep(600)
+    if completion == CRASH:
+        os._exit(3)
+    return verify_one(completion, answer, max_chars=max_chars, signal_timeout_s=signal_timeout_s)
+
+
+HOOK = f"{__name__}:slow_verify"  # the worker inherits sys.path, so this name imports there
+
+
+# -- verify_one, in-process ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer", "expected"),
+    [
+        ("42", "42", C),
+        ("The answer is \\boxed{42}", "42", C),
+        ("The answer is 42", "42", C),
+        ("41", "42", W),
+        ("", "42", N),
+        ("no idea", "42", N),
+        ("-7", "-7", C),
+        ("7", "-7", W),
+        # math-verify's LaTeX parser reads gold "$0.5$" as Rational(1, 2), so this is exact equality.
+        ("\\frac{1}{2}", "0.5", C),
+        ("$\\frac{1}{3}$", "0.5", W),
+        ("She sold 3 + 15 = 18 clips.\n#### 18", "18", C),
+        # GSM8K gold: only the text after "####" counts.
+        ("#### 72", "Natalia sold 48/2 = 24 clips in May.\n#### 72", C),
+        ("#### 1,000", "1000", C),
+        # Bare LaTeX gold is wrapped in $...$; unwrapped, math-verify parses "\\sqrt{2}" to nothing.
+        ("\\boxed{\\sqrt{2}}", "\\sqrt{2}", C),
+        ("\\boxed{2\\pi}", "2\\pi", C),
+        ("\\boxed{2}", "2\\pi", W),
+        # The boxed answer wins over an earlier "answer is".
+        ("The answer is 5. Wait, no: \\boxed{6}", "6", C),
+    ],
+)
+def test_verify_one_cases(completion: str, answer: str, expected: VerifyStatus) -> None:
+    v = verify_one(completion, answer)
+    assert v.status is expected, v
+    assert v.reward == (1.0 if expected is C else 0.0)
+    assert len(v.detail) <= 200
+
+
+def test_detail_names_parsed_values() -> None:
+    assert verify_one("41", "42").detail == "gold='42' pred='41'"
+
+
+def test_verifier_exception_is_error_not_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object, **kwargs: object) -> bool:
+        raise RuntimeError("sympy blew up")
+
+    monkeypatch.setattr(math_verify, "verify", boom)
+    v = verify_one("42", "42")
+    assert v == Verdict(E, 0.0, "compare: RuntimeError: sympy blew up")
+
+
+def test_unparseable_gold_is_error() -> None:
+    v = verify_one("42", "\\text{}")
+    assert v.status is E and "gold" in v.detail
+
+
+def test_over_long_completion_is_no_answer_not_truncated() -> None:
+    # The answer sits at the end; truncation would change it, so the whole item is rejected.
+    v = verify_one("x" * 50 + " 42", "42", max_chars=40)
+    assert v.status is N and "53 > max_chars=40" in v.detail
+    assert verify_one("x" * 36 + " 42", "42", max_chars=40).status is C
+
+
+def test_off_main_thread_disables_signal_timeouts() -> None:
+    # signal.alarm raises ValueError off the main thread; verify_one must not turn that into ERROR.
+    out: list[Verdict] = []
+    t = threading.Thread(target=lambda: out.append(verify_one("\\boxed{42}", "42")))
+    t.start()
+    t.join(timeout=30)
+    assert out and out[0].status is C
+
+
+def test_inline_pool_workers_zero_counts_stats() -> None:
+    pool = VerifierPool(workers=0)
+    got = pool.verify([("1", "1"), ("2", "3"), ("", "3"), ("x" * 5000, "3")])
+    assert [v.status for v in got] == [C, W, N, N]
+    assert pool.stats == {"correct": 1, "wrong": 1, "no_answer": 2, "error": 0, "timeout": 0}
+    pool.close()
+
+
+# -- VerifierPool with worker processes -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pool2():
+    with VerifierPool(workers=2, timeout_s=3.0) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def hook_pool():
+    with VerifierPool(workers=1, timeout_s=2.0, _verify_fn=HOOK) as pool:
+        yield pool
+
+
+def test_pool_preserves_order_over_mixed_items(pool2: VerifierPool) -> None:
+    base = [
+        ("42", "42"),
+        ("41", "42"),
+        ("no idea", "42"),
+        ("\\boxed{\\frac{1}{2}}", "0.5"),
+        ("#### 18", "18"),
+        ("-7", "-7"),
+    ]
+    pairs = [(f"{c} " if i % 2 else c, a) for i, (c, a) in enumerate(base * 5)]  # 30 items
+    before = dict(pool2.stats)
+    got = pool2.verify(pairs)
+    assert got == [verify_one(c, a) for c, a in pairs]
+    assert [v.status for v in got[:6]] == [C, W, N, C, C, C]
+    assert pool2.stats["correct"] - before["correct"] == 20
+    assert pool2.restarts == 0
+
+
+def test_pool_adversarial_latex_comes_back_within_timeout(pool2: VerifierPool) -> None:
+    pairs = [
+        ("\\boxed{" + "9^" * 5000 + "9}", "42"),  # 10 008 chars: over max_chars
+        ("\\boxed{" + "9^" * 200 + "9}", "42"),  # parses; sympy comparison blows up
+        ("\\boxed{9^{9^{9^{9}}}}", "42"),
+        ("\\boxed{42}", "42"),
+    ]
+    t0 = time.monotonic()
+    got = pool2.verify(pairs)
+    elapsed = time.monotonic() - t0
+    assert all(v.status in (T, N, E) for v in got[:3]), got
+    assert got[0].status is N
+    assert got[3].status is C
+    # Two workers, three slow items, each bounded by timeout_s=3 (+ a restart if one was killed).
+    assert elapsed < 3 * 3.0 + 5.0
+
+
+def test_pool_kills_hung_worker_and_carries_on(hook_pool: VerifierPool) -> None:
+    restarts = hook_pool.restarts
+    t0 = time.monotonic()
+    got = hook_pool.verify([("1", "1"), (HANG, "1"), ("2", "2"), ("3", "4")])
+    assert [v.status for v in got] == [C, T, C, W]
+    assert "killed" in got[1].detail
+    assert hook_pool.restarts == restarts + 1
+    assert time.monotonic() - t0 < 2.0 + 30.0  # timeout + worker restart, never the 600 s sleep
+    assert [v.status for v in hook_pool.verify([("5", "5")])] == [C]  # still works afterwards
+
+
+def test_pool_worker_crash_is_error_and_restarts(hook_pool: VerifierPool) -> None:
+    restarts = hook_pool.restarts
+    got = hook_pool.verify([(CRASH, "1"), ("2", "2")])
+    assert [v.status for v in got] == [E, C]
+    assert "exitcode 3" in got[0].detail
+    assert hook_pool.restarts == restarts + 1
+
+
+def test_pool_rejects_non_str_and_use_after_close() -> None:
+    pool = VerifierPool(workers=0)
+    with pytest.raises(TypeError):
+        pool.verify([(42, "42")])  # type: ignore[list-item]
+    pool.close()
+    with pytest.raises(RuntimeError):
+        pool.verify([("1", "1")])
+
+
+def test_bad_verify_fn_spec_fails_at_startup() -> None:
+    with pytest.raises(RuntimeError, match="startup failed"):
+        VerifierPool(workers=1, _verify_fn="pipeline.verifier:no_such_function")
