@@ -120,6 +120,11 @@ class WarmstartConfig(_Strict):
     """Supervised steps; fixed steps (not seconds) so the result is machine-independent."""
     batch_size: int = Field(128, ge=1, le=65_536)
     lr: float = Field(3e-3, gt=0, le=1.0)
+    label_noise: float = Field(0.3, ge=0.0, lt=1.0)
+    """Fraction of warm-start examples whose target answer is replaced by a near miss (the right
+    answer plus a random non-zero offset in [-10, 10]). Real SFT corpora contain wrong solutions;
+    this makes the warm-started policy put that much probability on plausible wrong answers, which
+    reward-driven RL must learn to remove (see README, "The default task")."""
     seed: int = 0
 
     @model_validator(mode="after")
@@ -151,6 +156,10 @@ class RolloutConfig(_Strict):
     max_prompts_per_batch: int = Field(16, ge=1, le=4096)
     """Most prompt tickets generated in one engine call."""
     poll_timeout_ms: int = Field(200, ge=1, le=60_000)
+    torch_threads: int = Field(1, ge=1, le=256)
+    """Intra-op threads of the engine (services share the machine's cores)."""
+    seed: int = 0
+    """Sampling seed (each worker adds its index)."""
 
 
 class RewardConfig(_Strict):
@@ -171,7 +180,7 @@ class LearnerConfig(_Strict):
     groups_per_step: int = Field(8, ge=1, le=65_536)
     """Scored groups consumed per optimiser step."""
     total_steps: int = Field(100, ge=1)
-    """Optimiser steps in the run."""
+    """Training steps in the run (one per consumed batch of `groups_per_step` groups)."""
     max_staleness: int = Field(2, ge=0, le=1000)
     """Groups whose behaviour policy is more than this many versions behind are dropped; tickets
     are issued only while in-flight work stays within (max_staleness + 1) x groups_per_step."""
@@ -185,22 +194,35 @@ class LearnerConfig(_Strict):
     """Cap C of the truncated importance weight min(pi_prox / mu, C)."""
     aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
     mini_batches: int = Field(1, ge=1, le=64)
-    """Optimiser steps per consumed batch (each on a slice of the groups); steps counts these."""
+    """Optimiser updates per training step, each on a slice of the batch's groups; the proximal
+    policy is the learner's parameters before the first of them."""
     sync_every: int = Field(1, ge=1)
-    """Publish weights (a new policy version) every this many optimiser steps."""
+    """Publish weights (a new policy version) every this many training steps."""
     keep_policies: int = Field(3, ge=1)
     """Published weight folders kept on disk."""
+    warmup_steps: int = Field(10, ge=0)
+    """Linear learning-rate warm-up; Adam's first steps are sign-like and jolt a small model."""
     poll_timeout_ms: int = Field(200, ge=1, le=60_000)
+    torch_threads: int = Field(1, ge=1, le=256)
+    """Intra-op threads of the learner."""
 
 
 class EvalConfig(_Strict):
-    """Held-out evaluation before and after RL."""
+    """Held-out evaluation before and after RL: greedy accuracy, and sampled pass@1 (the mean
+    reward of `samples` samples per problem at `temperature`, what RL optimises)."""
 
-    greedy: bool = True
-    """Greedy decoding (temperature 0) if true, else sampled at `temperature`."""
     temperature: float = Field(1.0, gt=0, le=2.0)
-    samples: int = Field(1, ge=1, le=64)
-    """Samples per problem when not greedy (accuracy = mean over them)."""
+    samples: int = Field(4, ge=1, le=64)
+    """Samples per problem for sampled pass@1."""
+
+
+class DemoConfig(_Strict):
+    """The one-machine launcher (`rlstream demo`)."""
+
+    rollout_workers: int = Field(1, ge=1, le=64)
+    reward_workers: int = Field(1, ge=1, le=64)
+    progress_every_s: float = Field(5.0, gt=0)
+    """Seconds between progress lines."""
 
 
 class RunConfig(_Strict):
@@ -209,7 +231,9 @@ class RunConfig(_Strict):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9_\-]{1,64}$")
     """Run name; prefixes every topic (`<name>.prompts`, ...)."""
     workdir: Path = Path("runs/demo")
-    """Where weights, logs and the warm-start cache go."""
+    """Where this run's weights, logs and progress files go."""
+    cache_dir: Path = Path(".cache/rlstream")
+    """Shared across runs: the warm-started default model, keyed by a hash of its settings."""
     seed: int = 0
     kafka: KafkaConfig = KafkaConfig()
     task: TaskConfig = ArithmeticTaskConfig()
@@ -218,6 +242,7 @@ class RunConfig(_Strict):
     reward: RewardConfig = RewardConfig()
     learner: LearnerConfig = LearnerConfig()
     eval: EvalConfig = EvalConfig()
+    demo: DemoConfig = DemoConfig()
 
     @model_validator(mode="after")
     def _default_model_needs_arithmetic(self) -> RunConfig:

@@ -19,6 +19,10 @@ import numpy as np
 import torch
 
 
+MIN_TEMPERATURE = 1e-4
+"""Temperatures below this (greedy decoding is 0) are computed at this value."""
+
+
 @dataclass
 class Sample:
     """One generated completion."""
@@ -89,7 +93,8 @@ class TorchEngine:
             mask[r, width - len(p):] = 1
         temps = torch.tensor([temperatures[i] for i, _ in rows], dtype=torch.float32)
         greedy = temps == 0
-        safe_t = torch.where(greedy, torch.ones_like(temps), temps).unsqueeze(1)
+        # Same floor as `token_logprobs`: a greedy token's log-prob is then ~0 in both places.
+        safe_t = temps.clamp(min=MIN_TEMPERATURE).unsqueeze(1)
 
         out_tokens = torch.full((B, self.max_new_tokens), tok.pad_token_id, dtype=torch.long)
         out_lp = torch.zeros((B, self.max_new_tokens), dtype=torch.float32)
@@ -167,9 +172,20 @@ def token_logprobs(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tenso
     values of no meaning and must be masked by the caller.
     """
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    t = batch.temperatures.clamp(min=1e-4).view(-1, 1, 1)
+    t = batch.temperatures.clamp(min=MIN_TEMPERATURE).view(-1, 1, 1)
     logp = torch.log_softmax(logits.float() / t, dim=-1)
     targets = batch.input_ids[:, 1:].unsqueeze(-1)
     lp = logp.gather(-1, targets).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1)
     return lp, entropy
+
+
+def scatter_completion(values: np.ndarray, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Place per-completion-token values (all rows' tokens concatenated in row order, as in a
+    Ragged column) at the completion positions of a packed batch; zeros elsewhere."""
+    out = torch.zeros_like(completion_mask)
+    idx = completion_mask.bool()
+    if int(idx.sum()) != len(values):
+        raise ValueError(f"{len(values)} values for {int(idx.sum())} completion positions")
+    out[idx] = torch.as_tensor(np.asarray(values), dtype=out.dtype)
+    return out

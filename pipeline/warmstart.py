@@ -36,6 +36,14 @@ def warmstart_key(cfg: WarmstartConfig, task: ArithmeticTaskConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def _noisy_answers(answers: list[int], noise: float, rng: np.random.Generator) -> list[str]:
+    """Replace a `noise` fraction of the answers by the answer plus a non-zero offset in [-10, 10]."""
+    values = np.asarray(answers, dtype=np.int64)
+    offsets = rng.integers(1, 11, size=len(values)) * rng.choice([-1, 1], size=len(values))
+    noisy = rng.random(len(values)) < noise
+    return [str(v) for v in np.where(noisy, values + offsets, values)]
+
+
 def warmstart(cfg: WarmstartConfig, task: ArithmeticTaskConfig, cache_dir: Path,
               progress: Callable[[str], None] | None = None) -> Path:
     """Return the folder of the warm-started model, training it first if it is not cached."""
@@ -57,13 +65,15 @@ def warmstart(cfg: WarmstartConfig, task: ArithmeticTaskConfig, cache_dir: Path,
     stream = arithmetic_stream(cfg.seed, task.difficulty_weights_map(), task.ops,
                                task.heldout_per_mille)
     eos = tokenizer.eos_token_id
+    noise_rng = np.random.default_rng(cfg.seed + 1)
     model.train()
     t0 = time.monotonic()
     for step in range(1, cfg.steps + 1):
         problems = [next(stream) for _ in range(cfg.batch_size)]
         prompts = [np.asarray(p, dtype=np.int32) for p in encode_prompts(tokenizer, [p.text for p in problems])]
-        answers = [np.asarray(tokenizer.encode(p.answer, add_special_tokens=False) + [eos], dtype=np.int32)
-                   for p in problems]
+        targets = _noisy_answers([int(p.answer) for p in problems], cfg.label_noise, noise_rng)
+        answers = [np.asarray(tokenizer.encode(a, add_special_tokens=False) + [eos], dtype=np.int32)
+                   for a in targets]
         batch = pack(prompts, answers, [1.0] * len(problems), tokenizer.pad_token_id)
         lp, _ = token_logprobs(model, batch)
         loss = -(lp * batch.completion_mask).sum() / batch.completion_mask.sum()

@@ -1,0 +1,96 @@
+"""`rlstream` command line: one sub-command per process. Wiring only.
+
+Heavy imports (torch, transformers) happen after argument parsing, inside the sub-command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+DEFAULT_CONFIG = "demo.toml"
+
+
+def shipped_config(name: str = DEFAULT_CONFIG) -> Path:
+    """Path of a config shipped in `infra/configs/`."""
+    return Path(str(resources.files("infra") / "configs" / name))
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None,
+                   help=f"run TOML (default: the shipped infra/configs/{DEFAULT_CONFIG})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, TOML syntax, e.g. --set learner.lr=5e-5 (repeatable)")
+    p.add_argument("--log-level", default="INFO")
+
+
+def _load(args: argparse.Namespace):
+    from pipeline.config import ConfigError, load_config
+
+    try:
+        return load_config(args.config or shipped_config(), args.overrides)
+    except ConfigError as e:
+        sys.exit(f"rlstream: {e}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlstream", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("broker", help="run an embedded Kafka-compatible broker (Tansu) in the foreground")
+    p.add_argument("--port", type=int, default=9092)
+    p.add_argument("--storage", default="memory://tansu/", help="Tansu storage engine URL")
+
+    for name, text in [("rollout", "rollout producer: tickets -> trajectories"),
+                       ("reward", "reward/verification consumer: trajectories -> scored groups"),
+                       ("learner", "learner: scored groups -> weights; paces the run")]:
+        p = sub.add_parser(name, help=text)
+        _add_config(p)
+        if name != "learner":
+            p.add_argument("--worker-index", type=int, default=0)
+
+    p = sub.add_parser("warmstart", help="build (or find cached) the warm-started default model")
+    _add_config(p)
+
+    p = sub.add_parser("demo", help="broker + every service on loopback, live progress, before/after accuracy")
+    _add_config(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "broker":
+        from infra.broker import run_foreground
+
+        run_foreground(args.port, args.storage)
+        return
+    cfg = _load(args)
+    from services.common import setup_logging
+
+    setup_logging(args.command, args.log_level)
+    if args.command == "rollout":
+        from services import rollout
+
+        rollout.run(cfg, args.worker_index)
+    elif args.command == "reward":
+        from services import reward
+
+        reward.run(cfg, args.worker_index)
+    elif args.command == "learner":
+        from services import learner
+
+        learner.run(cfg)
+    elif args.command == "warmstart":
+        from services.common import initial_policy_path
+
+        print(initial_policy_path(cfg))
+    elif args.command == "demo":
+        from services import demo
+
+        sys.exit(demo.run(cfg, args.config or shipped_config(), args.overrides))
+
+
+if __name__ == "__main__":
+    main()

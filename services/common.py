@@ -1,0 +1,80 @@
+"""What every service process shares: logging, graceful stop, the initial policy, progress files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from pipeline.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(service: str, level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT so a service finishes its current batch and exits cleanly."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        signal.signal(signal.SIGTERM, self._set)
+        signal.signal(signal.SIGINT, self._set)
+
+    def _set(self, signum, frame) -> None:
+        log.info("signal %d: stopping after the current batch", signum)
+        self._event.set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+
+def initial_policy_path(cfg: RunConfig) -> Path:
+    """Folder of the policy the run starts from: `model.path`, or the cached warm-start (trained
+    now if missing)."""
+    if cfg.model.path is not None:
+        return cfg.model.path
+    from pipeline.warmstart import warmstart
+
+    assert cfg.task.kind == "arithmetic"  # enforced by RunConfig's validator
+    return warmstart(cfg.model.warmstart, cfg.task, cfg.cache_dir)
+
+
+def set_threads(n: int | None) -> None:
+    """Limit torch's intra-op threads (several services share few cores)."""
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+class JsonlWriter:
+    """Appends one JSON object per line, flushed at once (progress for the launcher and users)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a", buffering=1)
+
+    def write(self, **record) -> None:
+        record.setdefault("time", time.time())
+        self._f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def worker_id() -> str:
+    return os.environ.get("RLSTREAM_WORKER", f"{os.uname().nodename}-{os.getpid()}")

@@ -1,0 +1,195 @@
+"""`rlstream demo`: the whole loop on one machine, with a before/after held-out evaluation.
+
+Warm-starts (or loads) the tiny default policy, evaluates it on held-out problems, starts an
+embedded Tansu broker on loopback and every service as a subprocess (learner, reward, rollout),
+shows live progress from their progress files, waits for the learner to finish, stops everything,
+evaluates the final policy and prints ``RESULT acc_before=… acc_after=… wall_s=…``.
+
+Ctrl-C (or SIGTERM) stops every child process and the broker; children also get SIGTERM from the
+kernel if the launcher itself dies (PR_SET_PDEATHSIG), so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.config import RunConfig
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _last_json(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+        return json.loads(lines[-1]) if lines else None
+    except (FileNotFoundError, json.JSONDecodeError, IndexError):
+        return None
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+class Children:
+    """The service subprocesses of a run."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str]) -> None:
+        log = open(self.run_dir / "logs" / f"{name}.log", "wb")
+        env = dict(os.environ, RLSTREAM_WORKER=name, PYTHONUNBUFFERED="1")
+        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            preexec_fn=_die_with_parent)
+
+    def failed(self) -> tuple[str, int] | None:
+        for name, p in self.procs.items():
+            code = p.poll()
+            if code not in (None, 0):
+                return name, code
+        return None
+
+    def stop(self, names: list[str] | None = None, timeout_s: float = 15.0) -> None:
+        procs = [self.procs[n] for n in (names or list(self.procs))]
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _progress_line(run_dir: Path, cfg: RunConfig, t0: float) -> str:
+    lr = _last_json(run_dir / "progress" / "learner.jsonl")
+    ro = [_last_json(p) for p in sorted((run_dir / "progress").glob("rollout-*.jsonl"))]
+    ro = [r for r in ro if r]
+    tok = sum(r["tokens"] for r in ro)
+    el = time.monotonic() - t0
+    if not lr:
+        return f"[{el:5.0f}s] waiting for the first training step (rollout groups so far: " \
+               f"{sum(r['groups'] for r in ro)})"
+    return (f"[{el:5.0f}s] step {lr['step']:4d}/{cfg.learner.total_steps} policy v{lr['version']} "
+            f"reward {lr['reward']:.3f} all-correct {lr['all_correct_frac']:.2f} "
+            f"lag {lr['lag_mean']:.2f} dropped {lr['dropped']} "
+            f"| {lr['groups_per_s']:.1f} groups/s, {tok / max(el, 1e-9):.0f} tok/s generated")
+
+
+def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
+    from infra.broker import Broker
+    from pipeline.engine import TorchEngine
+    from pipeline.evaluate import evaluate
+    from pipeline.model import load_policy
+    from pipeline.tasks import arithmetic_problems, load_problems
+    from pipeline.transport import ensure_topics
+    from pipeline.weights import load_verified
+    from services.common import initial_policy_path
+
+    t_start = time.monotonic()
+    run_dir = (cfg.workdir / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    (run_dir / "logs").mkdir(parents=True)
+    print(f"rlstream demo: run {cfg.name!r} in {run_dir}", flush=True)
+
+    policy_path = initial_policy_path(cfg)
+    model, tokenizer = load_policy(policy_path)
+    task = cfg.task
+    if task.kind == "arithmetic":
+        heldout = arithmetic_problems(task.eval_size, cfg.seed + 1, task.difficulty_weights_map(),
+                                      task.ops, "heldout", task.heldout_per_mille)
+    else:
+        heldout = load_problems(task.eval_path, task.question_field, task.answer_field)[: task.eval_size]
+    engine = TorchEngine(model, tokenizer, cfg.rollout.max_new_tokens, seed=cfg.seed)
+    ev = cfg.eval
+    before = evaluate(engine, heldout, ev.temperature, ev.samples)
+    print(f"held-out before RL ({before.problems} problems): sampled pass@1 "
+          f"{before.sampled_accuracy:.3f} (T={ev.temperature}, {ev.samples} samples), greedy "
+          f"{before.greedy_accuracy:.3f}", flush=True)
+
+    broker = Broker(log_path=run_dir / "logs" / "broker.log").start()
+    children = Children(run_dir)
+    interrupted = False
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        sets = list(overrides) + [f'kafka.bootstrap_servers="{broker.bootstrap}"',
+                                  f'workdir="{run_dir}"', f'model.path="{policy_path}"']
+        child_cfg = cfg.model_copy(update={"workdir": run_dir})
+        (run_dir / "config.json").write_text(child_cfg.model_dump_json(indent=2))
+        ensure_topics(cfg.kafka.model_copy(update={"bootstrap_servers": broker.bootstrap}), cfg.name)
+        base = [sys.executable, "-m", "services.cli"]
+        cfg_args = ["--config", str(config_path)] + [a for s in sets for a in ("--set", s)]
+        children.start("learner", base + ["learner"] + cfg_args)
+        for i in range(cfg.demo.reward_workers):
+            children.start(f"reward-{i}", base + ["reward", "--worker-index", str(i)] + cfg_args)
+        for i in range(cfg.demo.rollout_workers):
+            children.start(f"rollout-{i}", base + ["rollout", "--worker-index", str(i)] + cfg_args)
+        print(f"broker {broker.bootstrap}; services: {', '.join(children.procs)} "
+              f"(logs in {run_dir / 'logs'})", flush=True)
+        t_rl = time.monotonic()
+        last = 0.0
+        while children.procs["learner"].poll() is None:
+            bad = children.failed()
+            if bad:
+                name, code = bad
+                print(f"\n{name} exited with code {code}; last lines of its log:\n"
+                      f"{_tail(run_dir / 'logs' / f'{name}.log')}", file=sys.stderr)
+                return 1
+            if time.monotonic() - last >= cfg.demo.progress_every_s:
+                print(_progress_line(run_dir, cfg, t_rl), flush=True)
+                last = time.monotonic()
+            time.sleep(0.5)
+        if children.procs["learner"].returncode != 0:
+            print(f"learner failed:\n{_tail(run_dir / 'logs' / 'learner.log')}", file=sys.stderr)
+            return 1
+        print(_progress_line(run_dir, cfg, t_rl), flush=True)
+        rl_s = time.monotonic() - t_rl
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: stopping every service and the broker", file=sys.stderr)
+        return 130
+    finally:
+        children.stop()
+        broker.stop()
+        signal.signal(signal.SIGTERM, old)
+        if interrupted:
+            print("all stopped", file=sys.stderr)
+
+    version, sha, uri = (run_dir / "final_policy.txt").read_text().split(maxsplit=2)
+    engine.load_weights(load_verified(uri.strip(), sha), int(version))
+    after = evaluate(engine, heldout, ev.temperature, ev.samples)
+    wall = time.monotonic() - t_start
+    print(f"held-out after RL  ({after.problems} problems): sampled pass@1 "
+          f"{after.sampled_accuracy:.3f}, greedy {after.greedy_accuracy:.3f} "
+          f"(policy v{version}, {rl_s:.0f}s of RL)", flush=True)
+    summary = {"acc_before": before.sampled_accuracy, "acc_after": after.sampled_accuracy,
+               "greedy_before": before.greedy_accuracy, "greedy_after": after.greedy_accuracy,
+               "rl_s": rl_s, "wall_s": wall, "policy_version": int(version)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"RESULT acc_before={before.sampled_accuracy:.4f} acc_after={after.sampled_accuracy:.4f} "
+          f"greedy_before={before.greedy_accuracy:.4f} greedy_after={after.greedy_accuracy:.4f} "
+          f"wall_s={wall:.0f}", flush=True)
+    return 0

@@ -1,0 +1,116 @@
+"""Rollout producer: prompt tickets in, whole groups of trajectories out.
+
+Loop: take the newest announced policy (between generate calls, never during one), poll a batch of
+tickets from the `prompts` consumer group, generate G samples per ticket, send one Trajectory
+message per group (key = prompt_id), flush (acks), then commit the tickets' offsets. A process that
+dies before the commit leaves its tickets to be re-delivered to another member of the group.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import numpy as np
+
+from pipeline.config import RunConfig
+from pipeline.engine import Sample, TorchEngine
+from pipeline.transport import Consumer, Producer, topic_name
+from pipeline.weights import WeightsError, load_verified
+from schemas import TRAJECTORY, Columns, Ragged, concat
+from services.common import JsonlWriter, StopFlag, initial_policy_path, set_threads, worker_id
+
+log = logging.getLogger(__name__)
+
+
+def group_columns(samples: list[Sample], ticket: dict, version: int, temperature: float,
+                  group_size: int, now: float) -> Columns:
+    """Trajectory columns of one group (the samples of one ticket)."""
+    n = len(samples)
+
+    def const(value, dtype=object):
+        return np.full(n, value, dtype=dtype)
+
+    return {
+        "traj_id": np.array([uuid.uuid4().hex for _ in range(n)], dtype=object),
+        "group_id": const(uuid.uuid4().hex),
+        "ticket_id": const(ticket["ticket_id"]),
+        "prompt_id": const(ticket["prompt_id"]),
+        "sample_idx": np.array([s.sample_idx for s in samples], dtype=np.int32),
+        "group_size": const(group_size, np.int32),
+        "policy_version": const(version, np.int64),
+        "temperature": const(temperature, np.float32),
+        "prompt_text": const(ticket["text"]),
+        "prompt_token_ids": Ragged.from_list([s.prompt_token_ids for s in samples], np.int32),
+        "completion_token_ids": Ragged.from_list([s.completion_token_ids for s in samples], np.int32),
+        "behavior_logprobs": Ragged.from_list([s.behavior_logprobs for s in samples], np.float32),
+        "completion_text": np.array([s.text for s in samples], dtype=object),
+        "finish_reason": np.array([s.finish_reason for s in samples], dtype=object),
+        "answer": const(ticket["answer"]),
+        "created_at": const(now, np.float64),
+    }
+
+
+def run(cfg: RunConfig, worker_index: int = 0) -> None:
+    stop = StopFlag()
+    rc = cfg.rollout
+    set_threads(rc.torch_threads)
+    from pipeline.model import load_policy
+
+    model, tokenizer = load_policy(initial_policy_path(cfg))
+    engine = TorchEngine(model, tokenizer, rc.max_new_tokens, seed=rc.seed + worker_index, version=0)
+    wid = worker_id()
+    producer = Producer(cfg.kafka, client_id=f"{cfg.name}-rollout-{wid}")
+    tickets = Consumer(cfg.kafka, cfg.name, ["prompts"], group_id=f"{cfg.name}.rollout",
+                       client_id=f"{cfg.name}-rollout-{wid}", deadletter=producer)
+    policies = Consumer(cfg.kafka, cfg.name, ["policy"], group_id=None,
+                        client_id=f"{cfg.name}-rollout-policy-{wid}", deadletter=None)
+    progress = JsonlWriter(cfg.workdir / "progress" / f"rollout-{worker_index}.jsonl")
+    out_topic = topic_name(cfg.name, "trajectories")
+    latest: dict | None = None
+    groups = tokens = 0
+    log.info("rollout %s ready: engine=%s G=%d", wid, rc.engine, rc.group_size)
+    try:
+        while not stop:
+            for d in policies.poll(timeout_ms=0):
+                for i in range(len(d.columns["version"])):
+                    if latest is None or int(d.columns["version"][i]) > latest["version"]:
+                        latest = {k: d.columns[k][i] for k in ("version", "uri", "sha256")}
+            if latest is not None and int(latest["version"]) > engine.version:
+                try:
+                    t0 = time.monotonic()
+                    engine.load_weights(load_verified(latest["uri"], latest["sha256"]), int(latest["version"]))
+                    log.info("loaded policy v%d in %.2fs", engine.version, time.monotonic() - t0)
+                except WeightsError as e:
+                    log.warning("skipping policy v%d: %s", latest["version"], e)
+                    latest = None
+            deliveries = tickets.poll(timeout_ms=rc.poll_timeout_ms, max_records=rc.max_prompts_per_batch)
+            if not deliveries:
+                continue
+            batch = concat([d.columns for d in deliveries])
+            n = len(batch["ticket_id"])
+            t0 = time.monotonic()
+            samples = engine.generate(list(batch["text"]), [rc.temperature] * n, rc.group_size)
+            gen_s = time.monotonic() - t0
+            now = time.time()
+            by_prompt: list[list[Sample]] = [[] for _ in range(n)]
+            for s in samples:
+                by_prompt[s.prompt_index].append(s)
+            for i, group in enumerate(by_prompt):
+                ticket = {k: batch[k][i] for k in ("ticket_id", "prompt_id", "text", "answer")}
+                cols = group_columns(group, ticket, engine.version, rc.temperature, rc.group_size, now)
+                producer.send(out_topic, TRAJECTORY, cols, key=str(ticket["prompt_id"]).encode())
+            producer.flush()
+            tickets.commit()
+            groups += n
+            new_tokens = sum(len(s.completion_token_ids) for s in samples)
+            tokens += new_tokens
+            progress.write(groups=groups, tokens=tokens, policy_version=engine.version,
+                           batch_groups=n, gen_s=gen_s, tok_per_s=new_tokens / max(gen_s, 1e-9))
+    finally:
+        tickets.close()
+        policies.close()
+        producer.close()
+        progress.close()
+        log.info("rollout %s stopped after %d groups", wid, groups)

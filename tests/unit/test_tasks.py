@@ -1,0 +1,139 @@
+"""Prompt sources: the arithmetic task's answers and splits, and local JSONL/Parquet loading."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.tasks import (
+    DIFFICULTY_LEVELS,
+    arithmetic_problems,
+    is_heldout,
+    load_problems,
+    prompt_id_of,
+)
+
+GSM8K = Path("/work/shared/data/gsm8k/test.jsonl")
+MATH500 = Path("/work/shared/data/math500/test.jsonl")
+ALL_LEVELS = {d: 1.0 for d in DIFFICULTY_LEVELS}
+
+
+def _evaluate(text: str) -> int:
+    """Value of ``a+b-c=``: digits and +/- only, left to right; anything else is an error."""
+    m = re.fullmatch(r"(\d+)((?:[+-]\d+)*)=", text)
+    assert m, f"not a +/- chain: {text!r}"
+    total = int(m.group(1))
+    for sign, digits in re.findall(r"([+-])(\d+)", m.group(2)):
+        total += int(digits) if sign == "+" else -int(digits)
+    return total
+
+
+def test_evaluate_helper():
+    assert _evaluate("12+34-5=") == 41  # 12 + 34 = 46, 46 - 5 = 41
+    assert _evaluate("3-9=") == -6
+
+
+def test_arithmetic_answers_are_right():
+    problems = arithmetic_problems(300, seed=1, difficulties=ALL_LEVELS)
+    assert len(problems) == 300
+    for p in problems:
+        assert p.answer == str(_evaluate(p.text)), p.text
+        assert p.prompt_id == prompt_id_of(p.text)
+        (k_lo, k_hi), (d_lo, d_hi) = DIFFICULTY_LEVELS[p.difficulty]
+        operands = re.findall(r"\d+", p.text)
+        assert k_lo <= len(operands) <= k_hi, p.text
+        assert all(d_lo <= len(x) <= d_hi for x in operands), p.text
+
+
+def test_train_heldout_disjoint_and_split_by_id():
+    train = arithmetic_problems(400, seed=0, difficulties=ALL_LEVELS, split="train")
+    held = arithmetic_problems(40, seed=0, difficulties=ALL_LEVELS, split="heldout")
+    assert not {p.prompt_id for p in train} & {p.prompt_id for p in held}
+    assert len({p.prompt_id for p in train}) == 400  # distinct
+    assert all(not is_heldout(p.prompt_id) for p in train)
+    assert all(is_heldout(p.prompt_id) for p in held)
+
+
+def test_deterministic_for_a_seed():
+    a = arithmetic_problems(50, seed=7, difficulties={1: 1.0, 2: 2.0})
+    b = arithmetic_problems(50, seed=7, difficulties={1: 1.0, 2: 2.0})
+    c = arithmetic_problems(50, seed=8, difficulties={1: 1.0, 2: 2.0})
+    assert a == b
+    assert [p.text for p in a] != [p.text for p in c]
+
+
+def test_is_heldout_from_the_id_prefix():
+    # int("00000063", 16) = 99 -> 99 % 1000 < 100; int("00000064", 16) = 100 -> not < 100
+    assert is_heldout("00000063ffffffff")
+    assert not is_heldout("00000064ffffffff")
+    # 0x000003e8 = 1000 -> 1000 % 1000 = 0 < 100
+    assert is_heldout("000003e800000000")
+    assert not is_heldout("00000063ffffffff", heldout_per_mille=99)
+
+
+def test_prompt_id_is_stable():
+    # first 16 hex digits of sha256(b"1+1="), pinned: ids must not change across runs or machines
+    assert prompt_id_of("1+1=") == "477d64453f163442"
+
+
+def test_bad_split_and_difficulty():
+    with pytest.raises(ValueError, match="split"):
+        arithmetic_problems(1, seed=0, difficulties={1: 1.0}, split="test")
+    with pytest.raises(ValueError, match="unknown difficulty 99"):
+        arithmetic_problems(1, seed=0, difficulties={99: 1.0})
+
+
+def test_load_gsm8k_extracts_answer_after_hashes():
+    problems = load_problems(GSM8K, limit=5)
+    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:5]]
+    assert [p.answer for p in problems] == ["18", "3", "70000", "540", "20"]
+    assert [p.text for p in problems] == [r["question"] for r in rows]
+    assert problems[0].prompt_id == prompt_id_of(rows[0]["question"])
+
+
+def test_load_math500_problem_field():
+    problems = load_problems(MATH500, question_field="problem", limit=3)
+    rows = [json.loads(line) for line in MATH500.read_text().splitlines()[:3]]
+    assert [p.text for p in problems] == [r["problem"] for r in rows]
+    assert problems[0].answer == "\\left( 3, \\frac{\\pi}{2} \\right)"  # bare answer kept as is
+    assert [p.answer for p in problems] == [r["answer"] for r in rows]
+
+
+def test_gsm8k_thousands_separator_removed(tmp_path: Path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": "work\n#### 1,234"}) + "\n\n")
+    (p,) = load_problems(path)
+    assert p.answer == "1234"
+
+
+def test_missing_field_error_names_field(tmp_path: Path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"question": "q", "solution": "s"}) + "\n")
+    with pytest.raises(KeyError, match="'answer'"):
+        load_problems(path)
+
+
+def test_unsupported_suffix(tmp_path: Path):
+    path = tmp_path / "d.csv"
+    path.write_text("question,answer\nq,1\n")
+    with pytest.raises(ValueError, match="'.csv'"):
+        load_problems(path)
+
+
+def test_missing_file(tmp_path: Path):
+    with pytest.raises(FileNotFoundError):
+        load_problems(tmp_path / "nope.jsonl")
+
+
+def test_parquet_round_trip(tmp_path: Path):
+    pl = pytest.importorskip("polars")
+    path = tmp_path / "d.parquet"
+    pl.DataFrame(
+        {"problem": ["2+2?", "half of 1?"], "answer": ["4", "\\frac{1}{2}"], "level": [1, 2]}
+    ).write_parquet(path)
+    problems = load_problems(path, question_field="problem")
+    assert [(p.text, p.answer) for p in problems] == [("2+2?", "4"), ("half of 1?", "\\frac{1}{2}")]
+    assert problems[1].prompt_id == prompt_id_of("half of 1?")

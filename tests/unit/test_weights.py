@@ -1,0 +1,110 @@
+"""Published weights: round trip, tied tensors, hash check, pruning, no temporary folder left."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.weights import WEIGHTS_FILE, WeightsError, load_verified, publish, sha256_file
+
+
+def _state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(3, 4, generator=g),
+        "a.bias": torch.randn(3, generator=g),
+        "b.weight": torch.randn(2, 3, generator=g),
+    }
+
+
+def test_round_trip_equal_tensors(tmp_path: Path):
+    state = _state()
+    pub = publish(state, tmp_path, version=12, keep=3)
+    assert pub.version == 12
+    assert pub.uri == str((tmp_path / "v000012").resolve())
+    assert pub.sha256 == sha256_file(tmp_path / "v000012" / WEIGHTS_FILE)
+    assert pub.dtype == "float32"
+    loaded = load_verified(pub.uri, pub.sha256)
+    assert set(loaded) == set(state)
+    for name, t in state.items():
+        torch.testing.assert_close(loaded[name], t, atol=0, rtol=0)
+
+
+def test_mixed_dtype_name(tmp_path: Path):
+    pub = publish({"x": torch.zeros(2), "y": torch.zeros(2, dtype=torch.bfloat16)}, tmp_path, 0, 1)
+    assert pub.dtype == "mixed"
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 3)
+        self.head = torch.nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_tied_tensors_stored_once_and_load(tmp_path: Path):
+    torch.manual_seed(0)
+    src = _Tied()
+    pub = publish(src.state_dict(), tmp_path, version=1, keep=1)
+    loaded = load_verified(pub.uri, pub.sha256)
+    assert set(loaded) == {"embed.weight"}  # the first name of the shared storage is kept
+    dst = _Tied()
+    missing, unexpected = dst.load_state_dict(loaded, strict=False)
+    assert missing == ["head.weight"] and unexpected == []
+    torch.testing.assert_close(dst.head.weight, src.embed.weight, atol=0, rtol=0)
+    assert dst.head.weight.data_ptr() == dst.embed.weight.data_ptr()  # still tied after loading
+
+
+def test_views_of_one_storage_are_all_kept(tmp_path: Path):
+    fused = torch.arange(6.0)
+    state = {"q": fused[:3], "k": fused[3:]}  # different tensors, same storage (fused qkv style)
+    pub = publish(state, tmp_path, version=1, keep=1)
+    loaded = load_verified(pub.uri, pub.sha256)
+    assert set(loaded) == {"q", "k"}
+    torch.testing.assert_close(loaded["k"], torch.tensor([3.0, 4.0, 5.0]), atol=0, rtol=0)
+
+
+def test_sha_mismatch_raises(tmp_path: Path):
+    pub = publish(_state(), tmp_path, version=1, keep=1)
+    with pytest.raises(WeightsError, match="sha256 mismatch"):
+        load_verified(pub.uri, "0" * 64)
+
+
+def test_tampered_file_raises(tmp_path: Path):
+    pub = publish(_state(), tmp_path, version=1, keep=1)
+    path = Path(pub.uri) / WEIGHTS_FILE
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="sha256 mismatch"):
+        load_verified(pub.uri, pub.sha256)
+
+
+def test_missing_folder_raises(tmp_path: Path):
+    with pytest.raises(WeightsError, match="not found"):
+        load_verified(str(tmp_path / "v000099"), "0" * 64)
+
+
+def test_pruning_keeps_newest(tmp_path: Path):
+    for v in (1, 2, 9, 10, 11):
+        publish(_state(), tmp_path, version=v, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v000010", "v000011"]
+
+
+def test_republishing_a_version_replaces_it(tmp_path: Path):
+    publish({"x": torch.zeros(2)}, tmp_path, version=3, keep=2)
+    pub = publish({"x": torch.ones(2)}, tmp_path, version=3, keep=2)
+    torch.testing.assert_close(load_verified(pub.uri, pub.sha256)["x"], torch.ones(2), atol=0, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v000003"]
+
+
+def test_no_tmp_folder_left_behind(tmp_path: Path):
+    tmp_path.joinpath(".v000002.tmp").mkdir()  # left by a crashed earlier attempt at v2
+    publish(_state(), tmp_path, version=1, keep=5)
+    publish(_state(), tmp_path, version=2, keep=5)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["v000001", "v000002"]
+    assert not any(".tmp" in p.name for p in tmp_path.rglob("*"))
