@@ -183,7 +183,7 @@ class LearnerConfig(_Strict):
     """Training steps in the run (one per consumed batch of `groups_per_step` groups)."""
     max_staleness: int = Field(2, ge=0, le=1000)
     """Groups whose behaviour policy is more than this many versions behind are dropped; tickets
-    are issued only while in-flight work stays within (max_staleness + 1) x groups_per_step."""
+    are issued only while in-flight work stays within max(1, max_staleness) x groups_per_step."""
     advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
     lr: float = Field(1e-4, gt=0, le=1.0)
     weight_decay: float = Field(0.0, ge=0, le=1.0)

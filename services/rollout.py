@@ -52,6 +52,31 @@ def group_columns(samples: list[Sample], ticket: dict, version: int, temperature
     }
 
 
+class PolicyFollower:
+    """Tracks the newest PolicyUpdate on the `policy` topic and loads it into an engine."""
+
+    def __init__(self, policies: Consumer) -> None:
+        self._policies = policies
+        self.latest: dict | None = None
+
+    def refresh(self, engine) -> None:
+        """Load the newest announced weights if newer than the engine's (hash checked first)."""
+        for d in self._policies.poll(timeout_ms=0):
+            i = int(np.argmax(d.columns["version"]))
+            if self.latest is None or int(d.columns["version"][i]) > self.latest["version"]:
+                self.latest = {k: d.columns[k][i] for k in ("version", "uri", "sha256")}
+                self.latest["version"] = int(self.latest["version"])
+        if self.latest is None or self.latest["version"] <= engine.version:
+            return
+        try:
+            t0 = time.monotonic()
+            engine.load_weights(load_verified(self.latest["uri"], self.latest["sha256"]),
+                                self.latest["version"])
+            log.debug("loaded policy v%d in %.3fs", engine.version, time.monotonic() - t0)
+        except WeightsError as e:
+            log.warning("skipping policy v%d: %s", self.latest["version"], e)
+
+
 def run(cfg: RunConfig, worker_index: int = 0) -> None:
     stop = StopFlag()
     rc = cfg.rollout
@@ -66,28 +91,19 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
                        client_id=f"{cfg.name}-rollout-{wid}", deadletter=producer)
     policies = Consumer(cfg.kafka, cfg.name, ["policy"], group_id=None,
                         client_id=f"{cfg.name}-rollout-policy-{wid}", deadletter=None)
+    follower = PolicyFollower(policies)
     progress = JsonlWriter(cfg.workdir / "progress" / f"rollout-{worker_index}.jsonl")
     out_topic = topic_name(cfg.name, "trajectories")
-    latest: dict | None = None
     groups = tokens = 0
     log.info("rollout %s ready: engine=%s G=%d", wid, rc.engine, rc.group_size)
     try:
         while not stop:
-            for d in policies.poll(timeout_ms=0):
-                for i in range(len(d.columns["version"])):
-                    if latest is None or int(d.columns["version"][i]) > latest["version"]:
-                        latest = {k: d.columns[k][i] for k in ("version", "uri", "sha256")}
-            if latest is not None and int(latest["version"]) > engine.version:
-                try:
-                    t0 = time.monotonic()
-                    engine.load_weights(load_verified(latest["uri"], latest["sha256"]), int(latest["version"]))
-                    log.info("loaded policy v%d in %.2fs", engine.version, time.monotonic() - t0)
-                except WeightsError as e:
-                    log.warning("skipping policy v%d: %s", latest["version"], e)
-                    latest = None
             deliveries = tickets.poll(timeout_ms=rc.poll_timeout_ms, max_records=rc.max_prompts_per_batch)
             if not deliveries:
                 continue
+            # Take the newest announced policy just before generating, so samples are as fresh
+            # as possible; weights never change during a generate call.
+            follower.refresh(engine)
             batch = concat([d.columns for d in deliveries])
             n = len(batch["ticket_id"])
             t0 = time.monotonic()
