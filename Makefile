@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine (see README):
+#   make demo   create .venv if missing, install, run the whole loop on the embedded default
+#   make test   create .venv if missing, install, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rlstream-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test install bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The CPU install path: torch pinned to the 2.13 CPU wheel *first*, so that the package's
+	# `torch>=2.4` is already satisfied and pip never pulls a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/rlstream demo
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/transport.py
+
+clean:
+	rm -rf runs .pytest_cache

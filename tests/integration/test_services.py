@@ -1,0 +1,161 @@
+"""The real services as subprocesses over the real broker: rollout -> reward -> learner.
+
+Checks that groups flow end to end, that every consumer group's committed offsets account exactly
+for what it processed, that policy versions reach the rollout, and that a corrupt message put in
+the middle of the stream is dead-lettered while the services keep going.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from pipeline.transport import Consumer, Producer, ensure_topics, topic_name
+from schemas import TRAJECTORY
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS, GROUPS_PER_STEP, G = 3, 4, 4
+
+
+def _overrides(run: str, workdir: Path, cache: Path, bootstrap: str) -> list[str]:
+    sets = {
+        "name": f'"{run}"',
+        "workdir": f'"{workdir}"',
+        "cache_dir": f'"{cache}"',
+        "kafka.bootstrap_servers": f'"{bootstrap}"',
+        "kafka.session_timeout_ms": "2000",
+        "task.train_pool": "32",
+        "model.warmstart.steps": "20",
+        "model.warmstart.hidden_size": "32",
+        "model.warmstart.layers": "2",
+        "model.warmstart.heads": "2",
+        "model.warmstart.kv_heads": "1",
+        "model.warmstart.intermediate_size": "64",
+        "rollout.group_size": str(G),
+        "rollout.max_prompts_per_batch": "4",
+        "learner.groups_per_step": str(GROUPS_PER_STEP),
+        "learner.total_steps": str(STEPS),
+        "learner.max_staleness": "1",
+    }
+    return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+
+def _committed(bootstrap: str, group: str, topic: str) -> int:
+    """Sum over the topic's partitions of the group's committed offsets."""
+    probe = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        parts = probe.partitions_for_topic(topic) or set()
+        return sum(probe.committed(TopicPartition(topic, p)) or 0 for p in parts)
+    finally:
+        probe.close()
+
+
+def _count(kafka_cfg, run: str, topic: str) -> int:
+    """Messages in a topic, counted by reading it (Tansu's "latest" offset is not reliable)."""
+    c = Consumer(kafka_cfg, run, [topic], group_id=None, client_id="counter", deadletter=None)
+    n, idle = 0, 0
+    while idle < 3:
+        got = c.poll(timeout_ms=300)
+        n += len(got)
+        idle = 0 if got else idle + 1
+    dropped = c.stats["dropped"]
+    c.close()
+    return n + dropped
+
+
+def _wait(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_groups_flow_through_the_services_with_offsets_committed(broker, kafka_cfg, run_name, tmp_path):
+    cache = tmp_path / "cache"
+    sets = _overrides(run_name, tmp_path / "run", cache, broker.bootstrap)
+    cli = [sys.executable, "-m", "services.cli"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # Build the (tiny) warm-start once, before the services race for it.
+    subprocess.run(cli + ["warmstart"] + sets, check=True, cwd=REPO, env=env, capture_output=True)
+    ensure_topics(kafka_cfg, run_name)
+
+    # A corrupt message in the middle of the trajectory stream: garbage bytes with valid headers.
+    p = Producer(kafka_cfg, "test")
+    p.send_raw(topic_name(run_name, "trajectories"), b"\x00not arrow",
+               [("schema", TRAJECTORY.name.encode()), ("schema_version", b"1")], key=b"x")
+    p.flush()
+    p.close()
+
+    logs = {name: open(tmp_path / f"{name}.log", "wb") for name in ("learner", "reward", "rollout")}
+    procs = {name: subprocess.Popen(cli + [name] + sets, cwd=REPO, env=env, stdout=logs[name],
+                                    stderr=subprocess.STDOUT) for name in logs}
+    try:
+        try:
+            procs["learner"].wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            pass
+        for name, proc in procs.items():
+            code = proc.poll()
+            assert code in (None, 0), f"{name} exited {code}:\n{(tmp_path / f'{name}.log').read_text()[-3000:]}"
+        assert procs["learner"].returncode == 0, "learner did not finish:\n" + (tmp_path / "learner.log").read_text()[-3000:]
+
+        # Rollout and reward drain what the learner issued, then their commits cover everything.
+        n_tickets = _count(kafka_cfg, run_name, "prompts")
+        _wait(lambda: _committed(broker.bootstrap, f"{run_name}.rollout", topic_name(run_name, "prompts")) == n_tickets,
+              60, "rollout to commit every ticket")
+        n_traj = _count(kafka_cfg, run_name, "trajectories")
+        assert n_traj == n_tickets + 1  # one group per ticket, plus the corrupt message
+        _wait(lambda: _committed(broker.bootstrap, f"{run_name}.reward", topic_name(run_name, "trajectories")) == n_traj,
+              60, "reward to commit every trajectory message")
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs.values():
+            proc.wait(timeout=30)
+
+    progress = [json.loads(line) for line in (tmp_path / "run" / "progress" / "learner.jsonl").read_text().splitlines()]
+    last = progress[-1]
+    assert last["step"] == STEPS and last["version"] == STEPS
+    # The learner committed exactly the groups it trained on or dropped (one group per message).
+    trained_or_dropped = STEPS * GROUPS_PER_STEP + last["dropped"]
+    assert _committed(broker.bootstrap, f"{run_name}.learner", topic_name(run_name, "scored")) == trained_or_dropped
+    assert _count(kafka_cfg, run_name, "scored") == n_tickets
+    assert _count(kafka_cfg, run_name, "policy") == STEPS
+
+    # Rollout stamped later groups with newer policy versions it loaded from the policy topic.
+    c = Consumer(kafka_cfg, run_name, ["scored"], group_id=None, client_id="check", deadletter=None)
+    versions, statuses, sizes = [], [], []
+    for _ in range(10):
+        for d in c.poll(timeout_ms=300):
+            versions += list(d.columns["policy_version"])
+            statuses += list(d.columns["verify_status"])
+            sizes.append(len(d.columns["traj_id"]))
+    c.close()
+    assert set(sizes) == {G}
+    assert max(versions) >= 1, "rollout never loaded a published policy"
+    assert set(statuses) <= {"correct", "wrong", "no_answer", "error", "timeout"}
+
+    # The corrupt message is in the dead-letter topic, with its reason and raw bytes.
+    c = Consumer(kafka_cfg, run_name, ["deadletter"], group_id=None, client_id="dlq", deadletter=None)
+    dead = [d for _ in range(5) for d in c.poll(timeout_ms=300)]
+    c.close()
+    assert len(dead) == 1
+    row = dead[0].columns
+    assert row["source_topic"][0] == topic_name(run_name, "trajectories")
+    assert row["reason"][0].startswith("undecodable")
+    assert row["payload"][0] == b"\x00not arrow"
+    published = sorted((tmp_path / "run" / "policies").glob("v*"))
+    assert [p.name for p in published] == [f"v{v:06d}" for v in range(STEPS - 2, STEPS + 1)] or len(published) == 3
+    assert np.isfinite(last["loss"])

@@ -1,0 +1,94 @@
+"""Config with teeth: every shipped config parses, and bad input fails naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, KafkaConfig, RunConfig, load_config
+
+CONFIGS = sorted((Path(__file__).parents[2] / "infra" / "configs").glob("*.toml"))
+
+
+def test_there_are_shipped_configs():
+    assert CONFIGS, "infra/configs/*.toml is empty"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses(path: Path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "run.toml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"learner\.lrr: Extra inputs are not permitted"):
+        load_config(_write(tmp_path, "[learner]\nlrr = 1e-4\n"))
+
+
+def test_out_of_bounds_value_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"learner\.lr: Input should be greater than 0"):
+        load_config(_write(tmp_path, "[learner]\nlr = -1.0\n"))
+
+
+def test_wrong_literal_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"learner\.advantage"):
+        load_config(_write(tmp_path, '[learner]\nadvantage = "ppo"\n'))
+
+
+def test_task_kind_selects_the_variant(tmp_path):
+    with pytest.raises(ConfigError, match=r"task\.file\.train_path: Field required"):
+        load_config(_write(tmp_path, '[task]\nkind = "file"\n[model]\npath = "/x"\n'))
+
+
+def test_default_model_needs_the_arithmetic_task(tmp_path):
+    text = '[task]\nkind = "file"\ntrain_path = "t.jsonl"\n'
+    with pytest.raises(ConfigError, match="model.path is required"):
+        load_config(_write(tmp_path, text))
+
+
+def test_not_toml(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(_write(tmp_path, "[learner\n"))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_overrides_use_toml_values(tmp_path):
+    cfg = load_config(_write(tmp_path, "[learner]\nlr = 1e-4\n"),
+                      ["learner.lr=5e-5", 'kafka.bootstrap_servers="127.0.0.1:1"', "name=other"])
+    assert cfg.learner.lr == 5e-5
+    assert cfg.kafka.bootstrap_servers == "127.0.0.1:1"
+    assert cfg.name == "other"
+
+
+def test_bad_override_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(_write(tmp_path, ""), ["learner.lr"])
+    with pytest.raises(ConfigError, match=r"learner\.total_steps"):
+        load_config(_write(tmp_path, ""), ["learner.total_steps=0"])
+
+
+def test_heartbeat_must_be_below_a_third_of_the_session():
+    with pytest.raises(ValueError, match="heartbeat_interval_ms"):
+        KafkaConfig(session_timeout_ms=2000, heartbeat_interval_ms=1000)
+
+
+def test_sasl_needs_a_mechanism():
+    with pytest.raises(ValueError, match="sasl_mechanism"):
+        KafkaConfig(security_protocol="SASL_SSL")
+
+
+def test_configs_are_frozen():
+    cfg = RunConfig()
+    with pytest.raises(Exception):
+        cfg.learner.lr = 1.0  # type: ignore[misc]
