@@ -9,6 +9,7 @@ is lost when the process stops.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
@@ -25,6 +26,12 @@ from kafka import KafkaAdminClient
 log = logging.getLogger(__name__)
 
 _LOG_TAIL_BYTES = 4000
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a child before exec (Linux): get SIGTERM when the parent process dies."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def tansu_binary() -> Path:
@@ -87,7 +94,12 @@ class Broker:
             self.storage,
         ]
         self._log = open(self.log_path, "ab") if self.log_path is not None else tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # Own session: a Ctrl-C in the terminal reaches the services, which then still have a
+        # broker to flush to and leave their groups; the owner stops the broker last. The kernel
+        # sends SIGTERM if the owner dies first, so a killed launcher leaves no broker behind.
+        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True,
+                                      preexec_fn=die_with_parent)
         log.info("started tansu pid %d on %s (storage %s)", self._proc.pid, self.bootstrap, self.storage)
         deadline = time.monotonic() + timeout_s
         while True:

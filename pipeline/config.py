@@ -66,7 +66,7 @@ class ArithmeticTaskConfig(_Strict):
     """The synthetic arithmetic task (the embedded default): integer answers, a difficulty knob."""
 
     kind: Literal["arithmetic"] = "arithmetic"
-    difficulty_weights: list[float] = Field(default=[0.15, 0.35, 0.3, 0.2, 0.0], min_length=5,
+    difficulty_weights: list[float] = Field(default=[0.15, 0.3, 0.35, 0.2, 0.0], min_length=5,
                                             max_length=5)
     """Sampling weight of difficulty levels 1..5 (see `pipeline.tasks.DIFFICULTY_LEVELS`)."""
     ops: str = Field("+-", pattern=r"^[+\-]{1,2}$")
@@ -98,11 +98,13 @@ class FileTaskConfig(_Strict):
     eval_path: Path | None = None
     """Held-out prompts; null means no before/after evaluation."""
     question_field: str = "question"
+    """Field holding the prompt text (MATH-500: `problem`)."""
     answer_field: str = "answer"
     """Reference answer field; a GSM8K `#### N` tail is extracted automatically."""
     limit: int | None = Field(None, ge=1)
     """Use only the first `limit` rows of each file; null means all."""
     eval_size: int = Field(400, ge=1)
+    """Held-out problems used for before/after evaluation."""
 
 
 TaskConfig = Annotated[ArithmeticTaskConfig | FileTaskConfig, Field(discriminator="kind")]
@@ -112,20 +114,28 @@ class WarmstartConfig(_Strict):
     """The tiny Qwen2 default policy and its supervised warm-start (cached by a hash of this)."""
 
     hidden_size: int = Field(128, ge=16, le=4096)
+    """Model width."""
     layers: int = Field(4, ge=1, le=64)
+    """Transformer blocks."""
     heads: int = Field(4, ge=1, le=64)
+    """Attention heads."""
     kv_heads: int = Field(2, ge=1, le=64)
+    """Key/value heads (grouped-query attention)."""
     intermediate_size: int = Field(384, ge=16)
+    """MLP width."""
     steps: int = Field(600, ge=1, le=1_000_000)
     """Supervised steps; fixed steps (not seconds) so the result is machine-independent."""
     batch_size: int = Field(128, ge=1, le=65_536)
+    """Problems per supervised step."""
     lr: float = Field(3e-3, gt=0, le=1.0)
-    label_noise: float = Field(0.3, ge=0.0, lt=1.0)
+    """Peak AdamW learning rate (linear warm-up, cosine decay)."""
+    label_noise: float = Field(0.2, ge=0.0, lt=1.0)
     """Fraction of warm-start examples whose target answer is replaced by a near miss (the right
     answer plus a random non-zero offset in [-10, 10]). Real SFT corpora contain wrong solutions;
     this makes the warm-started policy put that much probability on plausible wrong answers, which
     reward-driven RL must learn to remove (see README, "The default task")."""
     seed: int = 0
+    """Seed of the initial weights, the problem stream and the label noise."""
 
     @model_validator(mode="after")
     def _heads_divide(self) -> WarmstartConfig:
@@ -150,12 +160,14 @@ class RolloutConfig(_Strict):
     """Generation engine (vLLM arrives with its own issue)."""
     group_size: int = Field(8, ge=2, le=1024)
     """Samples per prompt (G); a group needs at least two samples to have a variance."""
-    max_new_tokens: int = Field(8, ge=1, le=65_536)
+    max_new_tokens: int = Field(6, ge=1, le=65_536)
+    """Longest completion; a sample that reaches it ends with finish_reason `length`."""
     temperature: float = Field(1.0, gt=0.0, le=2.0)
     """Sampling temperature of every prompt (ERPO's per-prompt table comes with its own issue)."""
     max_prompts_per_batch: int = Field(16, ge=1, le=4096)
     """Most prompt tickets generated in one engine call."""
     poll_timeout_ms: int = Field(200, ge=1, le=60_000)
+    """Longest wait for new messages per poll."""
     torch_threads: int = Field(1, ge=1, le=256)
     """Intra-op threads of the engine (services share the machine's cores)."""
     seed: int = 0
@@ -172,12 +184,13 @@ class RewardConfig(_Strict):
     max_chars: int = Field(4000, ge=1)
     """Longest completion the verifier looks at."""
     poll_timeout_ms: int = Field(200, ge=1, le=60_000)
+    """Longest wait for new messages per poll."""
 
 
 class LearnerConfig(_Strict):
     """The learner: pacing, advantages, loss, optimiser, weight publication."""
 
-    groups_per_step: int = Field(8, ge=1, le=65_536)
+    groups_per_step: int = Field(16, ge=1, le=65_536)
     """Scored groups consumed per optimiser step."""
     total_steps: int = Field(100, ge=1)
     """Training steps in the run (one per consumed batch of `groups_per_step` groups)."""
@@ -186,10 +199,15 @@ class LearnerConfig(_Strict):
     are issued only while in-flight work stays within max(1, max_staleness) x groups_per_step."""
     advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
     lr: float = Field(1e-4, gt=0, le=1.0)
+    """AdamW learning rate after warm-up."""
     weight_decay: float = Field(0.0, ge=0, le=1.0)
+    """AdamW weight decay."""
     grad_clip: float = Field(1.0, gt=0)
+    """Gradient-norm clip per update."""
     eps_low: float = Field(0.2, gt=0, lt=1)
+    """PPO clip below: ratio >= 1 - eps_low."""
     eps_high: float = Field(0.28, gt=0, le=10)
+    """PPO clip above: ratio <= 1 + eps_high (clip-higher, as in DAPO)."""
     tis_cap: float = Field(2.0, ge=1.0)
     """Cap C of the truncated importance weight min(pi_prox / mu, C)."""
     aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
@@ -203,6 +221,7 @@ class LearnerConfig(_Strict):
     warmup_steps: int = Field(10, ge=0)
     """Linear learning-rate warm-up; Adam's first steps are sign-like and jolt a small model."""
     poll_timeout_ms: int = Field(200, ge=1, le=60_000)
+    """Longest wait for new messages per poll."""
     torch_threads: int = Field(1, ge=1, le=256)
     """Intra-op threads of the learner."""
 
@@ -212,6 +231,7 @@ class EvalConfig(_Strict):
     reward of `samples` samples per problem at `temperature`, what RL optimises)."""
 
     temperature: float = Field(1.0, gt=0, le=2.0)
+    """Sampling temperature of the sampled pass@1."""
     samples: int = Field(4, ge=1, le=64)
     """Samples per problem for sampled pass@1."""
 
@@ -220,7 +240,9 @@ class DemoConfig(_Strict):
     """The one-machine launcher (`rlstream demo`)."""
 
     rollout_workers: int = Field(1, ge=1, le=64)
+    """Rollout processes (one consumer group)."""
     reward_workers: int = Field(1, ge=1, le=64)
+    """Reward processes (one consumer group)."""
     progress_every_s: float = Field(5.0, gt=0)
     """Seconds between progress lines."""
 
@@ -235,6 +257,7 @@ class RunConfig(_Strict):
     cache_dir: Path = Path(".cache/rlstream")
     """Shared across runs: the warm-started default model, keyed by a hash of its settings."""
     seed: int = 0
+    """Seed of the prompt order, the learner and the held-out set (the warm-start has its own)."""
     kafka: KafkaConfig = KafkaConfig()
     task: TaskConfig = ArithmeticTaskConfig()
     model: ModelConfig = ModelConfig()

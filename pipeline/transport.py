@@ -205,9 +205,10 @@ class Producer:
             topic, first = failures[0]
             raise TransportError(f"{len(failures)} sends failed; first to {topic}: {first!r}") from first
 
-    def close(self) -> None:
-        """Flush pending sends and close the client."""
-        self._producer.close()
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Flush pending sends (at most `timeout_s`, so an unreachable broker cannot hang a
+        shutting-down service) and close the client."""
+        self._producer.close(timeout=timeout_s)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ kernel if the launcher itself dies (PR_SET_PDEATHSIG), so nothing is left runnin
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -20,14 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from infra.broker import Broker, die_with_parent
 from pipeline.config import RunConfig
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
 
 def _last_json(path: Path) -> dict | None:
     try:
@@ -58,7 +51,7 @@ class Children:
         log = open(self.run_dir / "logs" / f"{name}.log", "wb")
         env = dict(os.environ, RLSTREAM_WORKER=name, PYTHONUNBUFFERED="1")
         self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            preexec_fn=_die_with_parent)
+                                            preexec_fn=die_with_parent)
 
     def failed(self) -> tuple[str, int] | None:
         for name, p in self.procs.items():
@@ -97,7 +90,6 @@ def _progress_line(run_dir: Path, cfg: RunConfig, t0: float) -> str:
 
 
 def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
-    from infra.broker import Broker
     from pipeline.engine import TorchEngine
     from pipeline.evaluate import evaluate
     from pipeline.model import load_policy
@@ -126,15 +118,18 @@ def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
           f"{before.sampled_accuracy:.3f} (T={ev.temperature}, {ev.samples} samples), greedy "
           f"{before.greedy_accuracy:.3f}", flush=True)
 
-    broker = Broker(log_path=run_dir / "logs" / "broker.log").start()
+    broker = Broker(log_path=run_dir / "logs" / "broker.log")
     children = Children(run_dir)
     interrupted = False
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, on_signal)
+    # Explicit for SIGINT too: a launcher started with SIGINT ignored (e.g. in the background of
+    # a script) must still stop its children on Ctrl-C.
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        broker.start()
         sets = list(overrides) + [f'kafka.bootstrap_servers="{broker.bootstrap}"',
                                   f'workdir="{run_dir}"', f'model.path="{policy_path}"']
         child_cfg = cfg.model_copy(update={"workdir": run_dir})
@@ -174,7 +169,8 @@ def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
     finally:
         children.stop()
         broker.stop()
-        signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         if interrupted:
             print("all stopped", file=sys.stderr)
 
