@@ -16,8 +16,9 @@ from pipeline.tasks import (
     prompt_id_of,
 )
 
-GSM8K = Path("/work/shared/data/gsm8k/test.jsonl")
-MATH500 = Path("/work/shared/data/math500/test.jsonl")
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared beside the checkout
+GSM8K = DATA / "gsm8k" / "test.jsonl"
+MATH500 = DATA / "math500" / "test.jsonl"
 ALL_LEVELS = {d: 1.0 for d in DIFFICULTY_LEVELS}
 
 
