@@ -165,7 +165,8 @@ def run(cfg: RunConfig) -> None:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=(0.9, 0.99), weight_decay=lc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, lc.warmup_steps)))
-    tickets = TicketSource(train_problems(cfg), cfg.seed)
+    problems = train_problems(cfg)
+    tickets = TicketSource(problems, cfg.seed)
     wid = worker_id()
     producer = Producer(cfg.kafka, client_id=f"{cfg.name}-learner-{wid}")
     consumer = Consumer(cfg.kafka, cfg.name, ["scored"], group_id=f"{cfg.name}.learner",
@@ -180,7 +181,7 @@ def run(cfg: RunConfig) -> None:
     version = step = 0
     lags: list[int] = []
     t_start = time.monotonic()
-    log.info("learner ready: %d prompts, capacity %d groups in flight", len(tickets._problems), capacity)
+    log.info("learner ready: %d prompts, capacity %d groups in flight", len(problems), capacity)
 
     def announce(step: int) -> None:
         pub = publish(model.state_dict(), cfg.workdir / "policies", version, lc.keep_policies)
