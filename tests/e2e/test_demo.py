@@ -4,11 +4,12 @@ The demo warm-starts the tiny model (cached in .cache/rlstream), evaluates it on
 problems, runs broker + learner + reward + rollout as processes, and evaluates again. We assert on
 sampled pass@1 (4 samples per problem at T=1), the quantity GRPO optimises.
 
-Margin: over 3 seeds of the full demo (300 steps) the gain was +7.6 to +8.3 points, and the
-before-value is fixed (same warm-start, same held-out set, same eval seed), so run-to-run spread
-of the gain is about 1 point; the standard error of one evaluation (1,600 samples) is ~1.2 points.
-This shortened run (200 steps) gains about 6 points; we require +3 points, more than twice the
-evaluation's standard error and well below the measured gain.
+Margin, from measured spread (2-core CPU, 300 steps): seed 0 three times gave +7.8, +7.6, +7.7
+points; seeds 1 and 2 gave +5.9 and +7.6. One evaluation (400 problems x 4 samples) has a standard
+error of about 1.2 points. We require +3 points: more than twice that error, and about half the
+smallest gain seen. A run shortened to 200 steps gained only +4.6 points (too close to the margin
+to be a reliable test), so this test shortens nothing but the progress output: it is the demo as
+shipped, about 4 minutes here with the warm-start cached, 6 without.
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ MARGIN = 0.03
 
 def test_demo_learns(tmp_path: Path):
     cmd = [sys.executable, "-m", "services.cli", "demo",
-           "--set", f'workdir="{tmp_path}"', "--set", "learner.total_steps=200",
-           "--set", "demo.progress_every_s=15"]
+           "--set", f'workdir="{tmp_path}"', "--set", "demo.progress_every_s=30"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500,
                           env=dict(os.environ, PYTHONUNBUFFERED="1"))
     out = proc.stdout + proc.stderr
