@@ -29,7 +29,7 @@ from kafka import (
     OffsetAndMetadata,
     TopicPartition,
 )
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
 
 from pipeline.config import KafkaConfig
@@ -175,6 +175,7 @@ class Producer:
 
     def __init__(self, cfg: KafkaConfig, client_id: str) -> None:
         self._producer = KafkaProducer(client_id=client_id, **client_kwargs(cfg, "producer"))
+        self._flush_timeout_s = cfg.request_timeout_ms / 1000
         self._failures: list[tuple[str, BaseException]] = []
         self.stats: dict[str, int] = {}
         """Messages handed to the client, per full topic name (failures surface in `flush`)."""
@@ -198,8 +199,12 @@ class Producer:
         self._failures.append((topic, exc))
 
     def flush(self, timeout: float | None = None) -> None:
-        """Block until every send completed; `TransportError` if any failed since the last flush."""
-        self._producer.flush(timeout)
+        """Block until every send completed; `TransportError` if any failed since the last flush
+        or the broker did not acknowledge within `timeout` (default: the request timeout)."""
+        try:
+            self._producer.flush(self._flush_timeout_s if timeout is None else timeout)
+        except KafkaTimeoutError as e:
+            raise TransportError(f"sends not acknowledged in time: {e}") from e
         if self._failures:
             failures, self._failures = self._failures, []
             topic, first = failures[0]

@@ -27,16 +27,28 @@ def setup_logging(service: str, level: str = "INFO") -> None:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT so a service finishes its current batch and exits cleanly."""
+    """Set by SIGTERM/SIGINT so a service finishes its current batch and exits cleanly.
 
-    def __init__(self) -> None:
+    A clean exit needs the broker (to flush and leave the group); if it is gone too, the process
+    would wait on it, so the first signal also arms a hard exit after `grace_s` seconds, and a
+    second signal exits at once.
+    """
+
+    def __init__(self, grace_s: float = 20.0) -> None:
         self._event = threading.Event()
+        self._grace_s = grace_s
         signal.signal(signal.SIGTERM, self._set)
         signal.signal(signal.SIGINT, self._set)
 
     def _set(self, signum, frame) -> None:
-        log.info("signal %d: stopping after the current batch", signum)
+        if self._event.is_set():
+            log.warning("second signal %d: exiting now", signum)
+            os._exit(128 + signum)
+        log.info("signal %d: stopping after the current batch (hard exit in %.0fs)", signum, self._grace_s)
         self._event.set()
+        timer = threading.Timer(self._grace_s, os._exit, args=(128 + signum,))
+        timer.daemon = True
+        timer.start()
 
     def __bool__(self) -> bool:
         return self._event.is_set()

@@ -186,6 +186,6 @@ def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
                "rl_s": rl_s, "wall_s": wall, "policy_version": int(version)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"RESULT acc_before={before.sampled_accuracy:.4f} acc_after={after.sampled_accuracy:.4f} "
-          f"greedy_before={before.greedy_accuracy:.4f} greedy_after={after.greedy_accuracy:.4f} "
-          f"wall_s={wall:.0f}", flush=True)
+          f"wall_s={wall:.0f} greedy_before={before.greedy_accuracy:.4f} "
+          f"greedy_after={after.greedy_accuracy:.4f}", flush=True)
     return 0
