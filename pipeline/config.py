@@ -162,8 +162,6 @@ class RolloutConfig(_Strict):
     """Samples per prompt (G); a group needs at least two samples to have a variance."""
     max_new_tokens: int = Field(6, ge=1, le=65_536)
     """Longest completion; a sample that reaches it ends with finish_reason `length`."""
-    temperature: float = Field(1.0, gt=0.0, le=2.0)
-    """Sampling temperature of every prompt (ERPO's per-prompt table comes with its own issue)."""
     max_prompts_per_batch: int = Field(16, ge=1, le=4096)
     """Most prompt tickets generated in one engine call."""
     poll_timeout_ms: int = Field(200, ge=1, le=60_000)
@@ -172,6 +170,37 @@ class RolloutConfig(_Strict):
     """Intra-op threads of the engine (services share the machine's cores)."""
     seed: int = 0
     """Sampling seed (each worker adds its index)."""
+
+
+class ErpoConfig(_Strict):
+    """ERPO: per-prompt history and adaptive temperature (see `pipeline.erpo`). The defaults are
+    ours; the paper publishes no values."""
+
+    enabled: bool = True
+    """False runs plain GRPO with everything else equal: every prompt stays at `tau0`, RA is off
+    (the history table is still kept, so residual fractions and reactivations can be compared)."""
+    tau0: float = Field(1.0, ge=0.0, le=2.0)
+    """Base sampling temperature of every prompt."""
+    delta_tau: float = Field(0.1, ge=0.0, le=2.0)
+    """Raise of a prompt's temperature after an all-correct group."""
+    tau_max: float = Field(1.5, ge=0.0, le=2.0)
+    """Highest temperature ERPO sets (further clamped to the engine's [0, 2])."""
+    history: int = Field(4, ge=1, le=1024)
+    """Pass rates kept per prompt."""
+    decay: float = Field(0.0, ge=0.0, le=1.0)
+    """Fraction of the distance to tau0 removed after an informative group (0: temperature stays)."""
+    drop_all_wrong: bool = False
+    """Drop all-wrong groups from the learner's batches (DAPO-style dynamic sampling)."""
+    ra_delta: float = Field(0.1, ge=0.0, le=10.0)
+    """RA: advantage of every sample of an all-correct group is -ra_delta (0 turns RA off)."""
+    snapshot_every: int = Field(10, ge=1)
+    """The reward service snapshots the table with its consumed offsets every this many batches."""
+
+    @model_validator(mode="after")
+    def _tau0_below_max(self) -> ErpoConfig:
+        if self.tau0 > self.tau_max:
+            raise ValueError(f"erpo.tau0={self.tau0} must not exceed erpo.tau_max={self.tau_max}")
+        return self
 
 
 class RewardConfig(_Strict):
@@ -263,6 +292,7 @@ class RunConfig(_Strict):
     model: ModelConfig = ModelConfig()
     rollout: RolloutConfig = RolloutConfig()
     reward: RewardConfig = RewardConfig()
+    erpo: ErpoConfig = ErpoConfig()
     learner: LearnerConfig = LearnerConfig()
     eval: EvalConfig = EvalConfig()
     demo: DemoConfig = DemoConfig()

@@ -583,6 +583,7 @@ def snapshot(table: pl.DataFrame, offsets: Mapping[tuple[str, int], int], path: 
     """
     _check_table(table)
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     payload = json.dumps([[str(t), int(p), int(o)] for (t, p), o in sorted(offsets.items())])
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:

@@ -90,3 +90,13 @@ class JsonlWriter:
 
 def worker_id() -> str:
     return os.environ.get("RLSTREAM_WORKER", f"{os.uname().nodename}-{os.getpid()}")
+
+
+def erpo_rule(cfg: RunConfig):
+    """The ERPO rule of a run's `[erpo]` section (the engine range is [0, 2])."""
+    from pipeline.erpo import ErpoRule
+
+    e = cfg.erpo
+    return ErpoRule(tau0=e.tau0, delta_tau=e.delta_tau, tau_max=e.tau_max, engine_max=2.0,
+                    history=e.history, decay=e.decay, drop_all_wrong=e.drop_all_wrong,
+                    ra_delta=e.ra_delta, enabled=e.enabled)

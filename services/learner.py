@@ -11,7 +11,9 @@ Loop:
 2. Poll scored groups. A group's lag = learner policy version - its behaviour policy version;
    groups with lag > ``max_staleness`` are dropped and counted. Groups already seen (by group id;
    at-least-once delivery) are ignored.
-3. Every ``groups_per_step`` groups: advantages, decoupled PPO loss, optimiser update(s).
+   With ERPO's `drop_all_wrong`, all-wrong groups are filtered out too (counted).
+3. Every ``groups_per_step`` groups: advantages (ERPO's RA: -delta for all-correct groups),
+   decoupled PPO loss, optimiser update(s).
 4. Every ``sync_every`` steps: publish safetensors weights as a new policy version and announce it.
 5. Commit, per partition, only offsets whose groups have all been trained on or dropped.
 """
@@ -29,13 +31,14 @@ import torch
 
 from pipeline.advantages import get_advantage
 from pipeline.config import LearnerConfig, RunConfig
+from pipeline.erpo import ErpoRule, drop_mask, ra_advantages
 from pipeline.engine import pack, scatter_completion, token_logprobs
 from pipeline.losses import PolicyLossInputs, decoupled_ppo_loss, masked_mean
 from pipeline.tasks import Problem, arithmetic_problems, load_problems
 from pipeline.transport import Consumer, Producer, topic_name
 from pipeline.weights import publish
 from schemas import POLICY_UPDATE, PROMPT_TICKET, Columns, concat, take
-from services.common import JsonlWriter, StopFlag, initial_policy_path, set_threads, worker_id
+from services.common import JsonlWriter, StopFlag, erpo_rule, initial_policy_path, set_threads, worker_id
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +90,15 @@ def split_groups(columns: Columns) -> list[Columns]:
     return [take(columns, np.flatnonzero(inverse == g)) for g in order]
 
 
-def train_step(model, opt, sched, groups: list[Columns], lc: LearnerConfig, pad_id: int) -> dict[str, float]:
-    """One training step on a batch of groups: advantages, decoupled PPO, ``mini_batches`` updates."""
+def train_step(model, opt, sched, groups: list[Columns], lc: LearnerConfig, rule: ErpoRule,
+               pad_id: int) -> dict[str, float]:
+    """One training step on a batch of groups: advantages (with ERPO's RA for all-correct groups),
+    decoupled PPO, ``mini_batches`` updates."""
     cols = concat(groups)
     _, group_index = np.unique(cols["group_id"], return_inverse=True)
     rewards = torch.as_tensor(np.asarray(cols["shaped_reward"], dtype=np.float32))
     advantages = get_advantage(lc.advantage)(rewards, torch.as_tensor(group_index))
+    advantages = torch.as_tensor(ra_advantages(np.asarray(cols["group_pass_rate"]), advantages.numpy(), rule))
     n = len(rewards)
     batch = pack([cols["prompt_token_ids"][i] for i in range(n)],
                  [cols["completion_token_ids"][i] for i in range(n)],
@@ -156,6 +162,7 @@ class OffsetTracker:
 def run(cfg: RunConfig) -> None:
     stop = StopFlag()
     lc = cfg.learner
+    rule = erpo_rule(cfg)
     set_threads(lc.torch_threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -177,7 +184,7 @@ def run(cfg: RunConfig) -> None:
     seen: OrderedDict[str, None] = OrderedDict()
     offsets = OffsetTracker()
     ready: list[tuple[Columns, tuple[str, int, int]]] = []
-    issued = received = trained = dropped = duplicates = 0
+    issued = received = trained = dropped = filtered = duplicates = 0
     version = step = 0
     lags: list[int] = []
     t_start = time.monotonic()
@@ -199,7 +206,7 @@ def run(cfg: RunConfig) -> None:
     try:
         while step < lc.total_steps and not stop:
             needed = (lc.total_steps - step) * lc.groups_per_step
-            while issued - trained - dropped < min(capacity, needed):
+            while issued - trained - dropped - filtered < min(capacity, needed):
                 problem, epoch = tickets.next()
                 producer.send(prompts_topic, PROMPT_TICKET, ticket_columns(problem, epoch, version),
                               key=problem.prompt_id.encode())
@@ -221,12 +228,15 @@ def run(cfg: RunConfig) -> None:
                     if lag > lc.max_staleness:
                         dropped += 1
                         continue
+                    if drop_mask(np.asarray(group["group_pass_rate"][:1]), rule)[0]:
+                        filtered += 1  # all-wrong group, DAPO-style dynamic sampling
+                        continue
                     offsets.add(key, 1)
                     ready.append((group, key))
             while len(ready) >= lc.groups_per_step and step < lc.total_steps:
                 batch, ready = ready[: lc.groups_per_step], ready[lc.groups_per_step:]
                 t0 = time.monotonic()
-                metrics = train_step(model, opt, sched, [g for g, _ in batch], lc, tokenizer.pad_token_id)
+                metrics = train_step(model, opt, sched, [g for g, _ in batch], lc, rule, tokenizer.pad_token_id)
                 step += 1
                 if step % lc.sync_every == 0 or step == lc.total_steps:
                     version += 1
@@ -237,7 +247,7 @@ def run(cfg: RunConfig) -> None:
                 consumer.commit_offsets(offsets.committable(consumer.positions()))
                 elapsed = time.monotonic() - t_start
                 progress.write(step=step, version=version, step_s=time.monotonic() - t0,
-                               elapsed_s=elapsed, issued=issued, received=received, dropped=dropped,
+                               elapsed_s=elapsed, issued=issued, received=received, dropped=dropped, filtered=filtered,
                                duplicates=duplicates, lag_mean=float(np.mean(lags)) if lags else 0.0,
                                lag_max=max(lags) if lags else 0, groups_per_s=received / elapsed,
                                **metrics)

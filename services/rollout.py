@@ -1,9 +1,11 @@
 """Rollout producer: prompt tickets in, whole groups of trajectories out.
 
-Loop: take the newest announced policy (between generate calls, never during one), poll a batch of
-tickets from the `prompts` consumer group, generate G samples per ticket, send one Trajectory
-message per group (key = prompt_id), flush (acks), then commit the tickets' offsets. A process that
-dies before the commit leaves its tickets to be re-delivered to another member of the group.
+Loop: poll a batch of tickets from the `prompts` consumer group; take the newest announced policy
+and the latest per-prompt temperatures (ERPO, from the `temperature` topic, read whole by every
+rollout process); generate G samples per ticket, each prompt at its own temperature; send one
+Trajectory message per group (key = prompt_id), flush (acks), then commit the tickets' offsets. A
+process that dies before the commit leaves its tickets to be re-delivered to another member of the
+group. Weights and temperatures never change during a generate call.
 """
 
 from __future__ import annotations
@@ -77,6 +79,29 @@ class PolicyFollower:
             log.warning("skipping policy v%d: %s", self.latest["version"], e)
 
 
+class TemperatureFollower:
+    """The latest temperature of every prompt, from the `temperature` topic (all partitions)."""
+
+    def __init__(self, consumer: Consumer, default: float) -> None:
+        self._consumer = consumer
+        self.default = default
+        self.temperatures: dict[str, float] = {}
+
+    def refresh(self, max_polls: int = 20) -> None:
+        for _ in range(max_polls):
+            deliveries = self._consumer.poll(timeout_ms=0)
+            if not deliveries:
+                return
+            for d in deliveries:
+                self.temperatures.update(zip(d.columns["prompt_id"], d.columns["temperature"].tolist()))
+
+    def lookup(self, prompt_ids) -> list[float]:
+        return [self.temperatures.get(p, self.default) for p in prompt_ids]
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
 def run(cfg: RunConfig, worker_index: int = 0) -> None:
     stop = StopFlag()
     rc = cfg.rollout
@@ -92,6 +117,10 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
     policies = Consumer(cfg.kafka, cfg.name, ["policy"], group_id=None,
                         client_id=f"{cfg.name}-rollout-policy-{wid}", deadletter=None)
     follower = PolicyFollower(policies)
+    temperatures = TemperatureFollower(
+        Consumer(cfg.kafka, cfg.name, ["temperature"], group_id=None,
+                 client_id=f"{cfg.name}-rollout-temperature-{wid}", deadletter=None),
+        default=cfg.erpo.tau0)
     progress = JsonlWriter(cfg.workdir / "progress" / f"rollout-{worker_index}.jsonl")
     out_topic = topic_name(cfg.name, "trajectories")
     groups = tokens = 0
@@ -104,10 +133,12 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
             # Take the newest announced policy just before generating, so samples are as fresh
             # as possible; weights never change during a generate call.
             follower.refresh(engine)
+            temperatures.refresh()
             batch = concat([d.columns for d in deliveries])
             n = len(batch["ticket_id"])
+            temps = temperatures.lookup(batch["prompt_id"])
             t0 = time.monotonic()
-            samples = engine.generate(list(batch["text"]), [rc.temperature] * n, rc.group_size)
+            samples = engine.generate(list(batch["text"]), temps, rc.group_size)
             gen_s = time.monotonic() - t0
             now = time.time()
             by_prompt: list[list[Sample]] = [[] for _ in range(n)]
@@ -115,7 +146,7 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
                 by_prompt[s.prompt_index].append(s)
             for i, group in enumerate(by_prompt):
                 ticket = {k: batch[k][i] for k in ("ticket_id", "prompt_id", "text", "answer")}
-                cols = group_columns(group, ticket, engine.version, rc.temperature, rc.group_size, now)
+                cols = group_columns(group, ticket, engine.version, temps[i], rc.group_size, now)
                 producer.send(out_topic, TRAJECTORY, cols, key=str(ticket["prompt_id"]).encode())
             producer.flush()
             tickets.commit()
@@ -127,6 +158,7 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
     finally:
         tickets.close()
         policies.close()
+        temperatures.close()
         producer.close()
         progress.close()
         log.info("rollout %s stopped after %d groups", wid, groups)
