@@ -61,9 +61,9 @@ class PolicyFollower:
         self._policies = policies
         self.latest: dict | None = None
 
-    def refresh(self, engine) -> None:
+    def refresh(self, engine, timeout_ms: int = 0) -> None:
         """Load the newest announced weights if newer than the engine's (hash checked first)."""
-        for d in self._policies.poll(timeout_ms=0):
+        for d in self._policies.poll(timeout_ms=timeout_ms):
             i = int(np.argmax(d.columns["version"]))
             if self.latest is None or int(d.columns["version"][i]) > self.latest["version"]:
                 self.latest = {k: d.columns[k][i] for k in ("version", "uri", "sha256")}
@@ -87,13 +87,24 @@ class TemperatureFollower:
         self.default = default
         self.temperatures: dict[str, float] = {}
 
-    def refresh(self, max_polls: int = 20) -> None:
+    def refresh(self, timeout_ms: int = 0, max_polls: int = 20) -> int:
+        """Apply what has arrived (waiting up to `timeout_ms` per poll); returns updates read."""
+        n = 0
         for _ in range(max_polls):
-            deliveries = self._consumer.poll(timeout_ms=0)
+            deliveries = self._consumer.poll(timeout_ms=timeout_ms)
             if not deliveries:
-                return
+                break
             for d in deliveries:
                 self.temperatures.update(zip(d.columns["prompt_id"], d.columns["temperature"].tolist()))
+                n += len(d.columns["prompt_id"])
+        return n
+
+    def catch_up(self, idle_ms: int = 500) -> None:
+        """Read the topic up to its current end before the first batch. Tansu's "latest" offset
+        is unreliable, so the end is where polls of `idle_ms` come back empty twice."""
+        empty = 0
+        while empty < 2:
+            empty = 0 if self.refresh(timeout_ms=idle_ms, max_polls=1) else empty + 1
 
     def lookup(self, prompt_ids) -> list[float]:
         return [self.temperatures.get(p, self.default) for p in prompt_ids]
@@ -124,7 +135,11 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
     progress = JsonlWriter(cfg.workdir / "progress" / f"rollout-{worker_index}.jsonl")
     out_topic = topic_name(cfg.name, "trajectories")
     groups = tokens = 0
-    log.info("rollout %s ready: engine=%s G=%d", wid, rc.engine, rc.group_size)
+    # A (re)started rollout first catches up on announced temperatures and weights.
+    temperatures.catch_up()
+    follower.refresh(engine, timeout_ms=500)
+    log.info("rollout %s ready: engine=%s G=%d policy v%d, %d prompt temperatures", wid, rc.engine,
+             rc.group_size, engine.version, len(temperatures.temperatures))
     try:
         while not stop:
             deliveries = tickets.poll(timeout_ms=rc.poll_timeout_ms, max_records=rc.max_prompts_per_batch)
