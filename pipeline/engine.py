@@ -162,7 +162,7 @@ def pack(prompt_ids: Sequence[np.ndarray], completion_ids: Sequence[np.ndarray],
         attn[b, : len(s)] = 1
         # Target at position t is token t+1: completion tokens are targets p-1 .. p+c-2.
         cmask[b, len(p) - 1: len(p) - 1 + len(c)] = 1.0
-    return PackedBatch(ids, attn, cmask, torch.as_tensor(temperatures, dtype=torch.float32))
+    return PackedBatch(ids, attn, cmask, torch.tensor(np.asarray(temperatures, dtype=np.float32)))
 
 
 def token_logprobs(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:

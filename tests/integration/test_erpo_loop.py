@@ -20,7 +20,11 @@ import numpy as np
 import polars as pl
 import pytest
 
+import torch
+
 from pipeline import erpo
+from pipeline.engine import pack, token_logprobs
+from pipeline.model import load_policy
 from pipeline.transport import Consumer, Producer, ensure_topics, topic_name
 from schemas import PROMPT_TICKET, TEMPERATURE_UPDATE, TRAJECTORY, Ragged
 from services.common import erpo_rule
@@ -173,6 +177,14 @@ def test_rollout_samples_each_prompt_at_its_announced_temperature(kafka_cfg, run
     np.testing.assert_array_equal(temps["hot"], np.float32(1.3))  # every sample of the group
     np.testing.assert_array_equal(temps["cold"], np.float32(0.5))
     np.testing.assert_array_equal(temps["new"], np.float32(1.0))  # never announced: tau0
-    # The behaviour log-probs are those of the tempered distribution: colder -> more confident.
-    lp = {d.columns["prompt_id"][0]: float(np.mean(d.columns["behavior_logprobs"].values)) for d in groups}
-    assert lp["cold"] > lp["hot"]
+    # The behaviour log-probs are those of the distribution at the announced temperature.
+    (model_dir,) = cache.glob("warmstart-*")
+    model, tok = load_policy(model_dir)
+    for d in groups:
+        c = d.columns
+        batch = pack([c["prompt_token_ids"][i] for i in range(G)],
+                     [c["completion_token_ids"][i] for i in range(G)], c["temperature"], tok.pad_token_id)
+        with torch.no_grad():
+            lp, _ = token_logprobs(model, batch)
+        recomputed = lp[batch.completion_mask.bool()].numpy()
+        np.testing.assert_allclose(recomputed, c["behavior_logprobs"].values, atol=1e-5, rtol=0)
