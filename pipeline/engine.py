@@ -147,6 +147,11 @@ class PackedBatch:
     completion_mask: torch.Tensor  # [B, T-1] float, 1 where target t+1 is a completion token
     temperatures: torch.Tensor  # [B]
 
+    def select(self, rows: torch.Tensor) -> PackedBatch:
+        """The sub-batch of the given rows."""
+        return PackedBatch(self.input_ids[rows], self.attention_mask[rows],
+                           self.completion_mask[rows], self.temperatures[rows])
+
 
 def pack(prompt_ids: Sequence[np.ndarray], completion_ids: Sequence[np.ndarray],
          temperatures: Sequence[float], pad_id: int) -> PackedBatch:

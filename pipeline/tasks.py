@@ -62,6 +62,19 @@ def _make_problem(rng: np.random.Generator, difficulty: int, ops: str) -> Proble
     return Problem(prompt_id_of(text), text, str(total), difficulty)
 
 
+def _draws(seed: int, difficulties: dict[int, float], ops: str):
+    """Endless problems (either split), each of a difficulty drawn with the given weights."""
+    levels = sorted(difficulties)
+    for d in levels:
+        if d not in DIFFICULTY_LEVELS:
+            raise ValueError(f"unknown difficulty {d}; known: {sorted(DIFFICULTY_LEVELS)}")
+    weights = np.array([difficulties[d] for d in levels], dtype=np.float64)
+    weights /= weights.sum()
+    rng = np.random.default_rng(seed)
+    while True:
+        yield _make_problem(rng, levels[int(rng.choice(len(levels), p=weights))], ops)
+
+
 def arithmetic_problems(
     n: int,
     seed: int,
@@ -73,20 +86,14 @@ def arithmetic_problems(
     """``n`` distinct problems of the given split, difficulty drawn with the given weights."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    levels = sorted(difficulties)
-    for d in levels:
-        if d not in DIFFICULTY_LEVELS:
-            raise ValueError(f"unknown difficulty {d}; known: {sorted(DIFFICULTY_LEVELS)}")
-    weights = np.array([difficulties[d] for d in levels], dtype=np.float64)
-    weights /= weights.sum()
-    rng = np.random.default_rng(seed)
+    draws = _draws(seed, difficulties, ops)
     out: dict[str, Problem] = {}
     attempts = 0
     while len(out) < n:
         attempts += 1
         if attempts > 50 * n + 1000:
             raise ValueError(f"could not draw {n} distinct {split} problems; the task is too small")
-        p = _make_problem(rng, levels[int(rng.choice(len(levels), p=weights))], ops)
+        p = next(draws)
         if is_heldout(p.prompt_id, heldout_per_mille) == (split == "heldout"):
             out.setdefault(p.prompt_id, p)
     return list(out.values())
@@ -95,14 +102,7 @@ def arithmetic_problems(
 def arithmetic_stream(seed: int, difficulties: dict[int, float], ops: str = "+-",
                       heldout_per_mille: int = 100):
     """Endless training problems (held-out ones skipped), for supervised warm-start."""
-    levels = sorted(difficulties)
-    weights = np.array([difficulties[d] for d in levels], dtype=np.float64)
-    weights /= weights.sum()
-    rng = np.random.default_rng(seed)
-    while True:
-        p = _make_problem(rng, levels[int(rng.choice(len(levels), p=weights))], ops)
-        if not is_heldout(p.prompt_id, heldout_per_mille):
-            yield p
+    return (p for p in _draws(seed, difficulties, ops) if not is_heldout(p.prompt_id, heldout_per_mille))
 
 
 _GSM8K_ANSWER = re.compile(r".*####\s*(.+?)\s*$", re.S)  # the text after the last ####

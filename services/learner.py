@@ -110,8 +110,7 @@ def train_step(model, opt, sched, groups: list[Columns], lc: LearnerConfig, rule
     sums: dict[str, float] = defaultdict(float)
     for groups_in_slice in slices:
         rows = torch.as_tensor(np.flatnonzero(np.isin(group_index, groups_in_slice)))
-        sub = type(batch)(batch.input_ids[rows], batch.attention_mask[rows],
-                          batch.completion_mask[rows], batch.temperatures[rows])
+        sub = batch.select(rows)
         logprobs, entropy = token_logprobs(model, sub)
         loss, metrics = decoupled_ppo_loss(
             PolicyLossInputs(logprobs, proximal[rows], behavior[rows], advantages[rows], sub.completion_mask),
