@@ -276,6 +276,20 @@ class DemoConfig(_Strict):
     """Seconds between progress lines."""
 
 
+class MetricsConfig(_Strict):
+    """Prometheus metrics: every service process serves `/metrics` over HTTP and writes a
+    file-based service-discovery target (`<workdir>/metrics/targets/<service>-<worker>.json`,
+    labels run, service, worker) that `infra/prometheus/prometheus.yml` reads."""
+
+    enabled: bool = True
+    """Serve metrics at all."""
+    host: str = "127.0.0.1"
+    """Address to bind; loopback by default (set 0.0.0.0 deliberately to expose it)."""
+    port: int = Field(0, ge=0, le=65535)
+    """Port to bind; 0 = a free port chosen at start-up (the target file says which), so any
+    number of processes can share a host."""
+
+
 class RunConfig(_Strict):
     """One run: every service reads the same file and takes its own section."""
 
@@ -296,6 +310,7 @@ class RunConfig(_Strict):
     learner: LearnerConfig = LearnerConfig()
     eval: EvalConfig = EvalConfig()
     demo: DemoConfig = DemoConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
     def _default_model_needs_arithmetic(self) -> RunConfig:

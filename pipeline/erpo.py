@@ -13,8 +13,12 @@ all-correct group vanishes under group normalisation, so RA acts on the advantag
 sample of an all-correct group the pseudo-negative advantage −δ (:func:`ra_advantages`).
 
 The stateful step is a pure function (STYLE 7): ``update(table, groups, rule, now) -> (table,
-temperature_updates)``; the reward service only stores the table, sends the updates and snapshots
-the table with its consumed offsets (:func:`snapshot`). The clock is injected (STYLE 8).
+temperature_updates)``, with the clock injected (STYLE 8). It is the pure form of
+:meth:`HistoryStore.apply`, which the reward service uses: the same vectorised numpy kernel
+(:func:`_apply_rule`) on owned columns with a hash index, so a batch costs time in its own size,
+not the table's. The service only holds the store, sends the updates and snapshots the table with
+its consumed offsets (:func:`snapshot`). :func:`reference_update` is the same rule as a plain
+per-group loop, the oracle of the property tests and the baseline of ``bench/history.py``.
 
 Rule, applied to each scored group of a prompt with pass rate ``s`` (in row order):
 
@@ -50,6 +54,7 @@ batch. Its fields are the prompt's state after all its groups in the batch.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import uuid
@@ -60,6 +65,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 __all__ = [
     "ErpoRule",
@@ -70,6 +76,7 @@ __all__ = [
     "empty_table",
     "empty_updates",
     "update",
+    "HistoryStore",
     "reference_update",
     "to_dict_table",
     "from_dict_table",
@@ -133,11 +140,11 @@ GROUP_SCHEMA: dict[str, pl.DataType] = {
 
 _TABLE_COLS = list(TABLE_SCHEMA)
 _UPDATE_COLS = list(UPDATE_SCHEMA)
-# Rechunk the table once it is made of more pieces than this (each update appends one).
-_MAX_CHUNKS = 8
 _OFFSETS_KEY = "rlstream.erpo.offsets"
 _SNAPSHOT_VERSION_KEY = "rlstream.erpo.snapshot_version"
 _SNAPSHOT_VERSION = "1"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -239,70 +246,361 @@ def _prepare_groups(groups: pl.DataFrame) -> pl.DataFrame:
 # --------------------------------------------------------------------------------------------
 # Vectorised rule
 
+_NONE = 0
+_CODE = {name: i + 1 for i, name in enumerate(REASONS)}
+_REASON_OF_CODE = np.array([None, *REASONS], dtype=object)
+# Numeric state columns of the table (all but prompt_id and pass_rates), with their numpy dtypes.
+_STATE_DTYPES: dict[str, type] = {
+    "times_seen": np.int32,
+    "all_correct_streak": np.int32,
+    "all_wrong_streak": np.int32,
+    "temperature": np.float32,
+    "last_version": np.int64,
+    "last_update": np.float64,
+    "times_residual": np.int32,
+    "times_reactivated": np.int32,
+    "was_residual": np.bool_,
+}
 
-def _step(rule: ErpoRule, now: float) -> list[pl.Expr]:
-    """Expressions applying one group (columns ``_s``, ``_v``; null = no group this round) to the
-    state rows, all evaluated against the state before the step. The history window is appended
-    once per batch, after the rounds (it does not feed back into the rule)."""
-    s = pl.col("_s").cast(pl.Float64).fill_null(-1.0)
-    has = pl.col("_s").is_not_null()
-    s1, s0 = s == 1.0, s == 0.0
-    mid = (s > 0.0) & (s < 1.0)
-    tau32 = pl.col("temperature")
-    tau = tau32.cast(pl.Float64)
-    was_res = pl.col("was_residual")
+
+def _fresh_values(rule: ErpoRule) -> dict[str, Any]:
+    """Column values of a prompt before its first group (τ₀, zero counters)."""
+    return {name: (np.float32(rule.tau0) if name == "temperature" else 0) for name in _STATE_DTYPES}
+
+
+@dataclass
+class _BatchEffect:
+    """Per distinct prompt of a batch (first-appearance order): its row, τ at the start of the
+    batch, the last reason code of its groups (0 = none), that group's version, whether capped."""
+
+    rows: np.ndarray
+    tau_start: np.ndarray
+    code: np.ndarray
+    decided_at_version: np.ndarray
+    capped: np.ndarray
+
+
+def _batch_layout(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One stable sort of the groups' rows gives ``(distinct_rows, slot, occurrence)``: the
+    distinct rows in order of first appearance, each group's index into them, and how many
+    earlier groups of the batch share its row (0, 1, ...)."""
+    order = np.argsort(rows, kind="stable")
+    sr = rows[order]
+    idx = np.arange(sr.size)
+    starts = np.r_[True, sr[1:] != sr[:-1]] if sr.size else np.zeros(0, bool)
+    run_start = np.maximum.accumulate(np.where(starts, idx, 0))
+    occ = np.empty_like(idx)
+    occ[order] = idx - run_start
+    first = order[starts]  # first group of each distinct row (stable sort: earliest index)
+    by_first = np.argsort(first)
+    rank = np.empty_like(by_first)
+    rank[by_first] = np.arange(by_first.size)
+    slot = np.empty_like(idx)
+    slot[order] = rank[np.cumsum(starts) - 1]
+    return rows[first[by_first]], slot, occ
+
+
+def _apply_rule(
+    cols: dict[str, np.ndarray], rates: np.ndarray, rows: np.ndarray, s: np.ndarray, v: np.ndarray,
+    rule: ErpoRule, now: float,
+) -> _BatchEffect:
+    """Apply scored groups to the state columns **in place**; the rule's only implementation.
+
+    ``cols`` holds the :data:`_STATE_DTYPES` arrays, ``rates`` the history window (float32
+    ``[rows, history]``, right-aligned, NaN = empty); group ``i`` (batch order) has pass rate
+    ``s[i]`` (float32), policy version ``v[i]`` and belongs to row ``rows[i]``.
+
+    Vectorised over groups: round ``r`` holds every prompt's ``r``-th group of the batch, so a
+    round touches each row at most once and is a handful of whole-array numpy operations (gather,
+    compute, scatter). Rounds are few (a prompt rarely has more than two groups in one batch);
+    the Python loop runs over rounds, never over groups.
+    """
+    drows, slot, occ = _batch_layout(rows)
+    m = drows.size
+    effect = _BatchEffect(
+        rows=drows,
+        tau_start=cols["temperature"][drows].copy(),
+        code=np.zeros(m, np.int8),
+        decided_at_version=np.zeros(m, np.int64),
+        capped=np.zeros(m, bool),
+    )
     cap = rule.cap
-    raw = tau + rule.delta_tau
-    if rule.decay > 0:
-        toward = pl.lit(rule.tau0) + (tau - rule.tau0) * (1.0 - rule.decay)
-        core = pl.when(s1).then(raw).when(mid).then(toward).otherwise(tau)
-    else:
-        core = pl.when(s1).then(raw).otherwise(tau)
-    if rule.enabled:
-        new = core.clip(rule.tau_min, cap).cast(pl.Float32)
-        changed = new != tau32
-        reason = (
-            pl.when(~has)
-            .then(pl.lit(None, pl.Utf8))
-            .when(s1)
-            .then(
-                pl.when(raw > cap + CAP_EPS)
-                .then(pl.lit("capped"))
-                .when(changed)
-                .then(pl.lit("all_correct_raise"))
-                .otherwise(pl.lit(None, pl.Utf8))
-            )
-            .when(~changed)
-            .then(pl.lit(None, pl.Utf8))
-            .when(mid & was_res)
-            .then(pl.lit("reactivated"))
-            .when(mid & (core.cast(pl.Float32) != tau32))
-            .then(pl.lit("decay"))
-            .otherwise(pl.lit("clamped"))
+    for r in range(int(occ.max()) + 1 if occ.size else 0):
+        sel = np.flatnonzero(occ == r)
+        rr, sl = rows[sel], slot[sel]
+        s32, vr = s[sel], v[sel]
+        s1, s0 = s32 == 1.0, s32 == 0.0
+        mid = ~s1 & ~s0
+        tau32 = cols["temperature"][rr]
+        tau = tau32.astype(np.float64)
+        was = cols["was_residual"][rr]
+        raw = tau + rule.delta_tau
+        core = np.where(s1, raw, tau)
+        if rule.decay > 0:
+            core = np.where(mid, rule.tau0 + (tau - rule.tau0) * (1.0 - rule.decay), core)
+        if rule.enabled:
+            new = np.clip(core, rule.tau_min, cap).astype(np.float32)
+            changed = new != tau32
+            code = np.select(
+                [s1 & (raw > cap + CAP_EPS), s1 & changed, s1 | ~changed, mid & was, mid & (core.astype(np.float32) != tau32)],
+                [_CODE["capped"], _CODE["all_correct_raise"], _NONE, _CODE["reactivated"], _CODE["decay"]],
+                _CODE["clamped"],
+            ).astype(np.int8)
+            decided = code != _NONE
+            effect.code[sl] = np.where(decided, code, effect.code[sl])
+            effect.decided_at_version[sl] = np.where(decided, vr, effect.decided_at_version[sl])
+            effect.capped[sl] |= code == _CODE["capped"]
+        else:
+            new = np.full(rr.size, rule.tau0, np.float32)
+        cols["times_seen"][rr] += 1
+        cols["all_correct_streak"][rr] = np.where(s1, cols["all_correct_streak"][rr] + 1, 0)
+        cols["all_wrong_streak"][rr] = np.where(s0, cols["all_wrong_streak"][rr] + 1, 0)
+        cols["temperature"][rr] = new
+        cols["last_version"][rr] = vr
+        cols["last_update"][rr] = now
+        cols["times_residual"][rr] += s1
+        cols["times_reactivated"][rr] += mid & was
+        cols["was_residual"][rr] = s1
+        window = rates[rr]
+        rates[rr] = np.concatenate([window[:, 1:], s32[:, None]], axis=1)
+    return effect
+
+
+def _rates_to_matrix(pass_rates: pl.Series, history: int) -> np.ndarray:
+    """List column -> float32 ``[n, history]``, the last ``history`` values right-aligned, NaN-padded."""
+    arr = pass_rates.list.tail(history).to_arrow()
+    lens = np.diff(np.asarray(arr.offsets, dtype=np.int64))
+    flat = np.asarray(arr.flatten(), dtype=np.float32)
+    out = np.full((len(arr), history), np.nan, np.float32)
+    row = np.repeat(np.arange(len(arr)), lens)
+    pos = np.arange(flat.size) - np.repeat(np.cumsum(lens) - lens, lens)
+    out[row, history - lens[row] + pos] = flat
+    return out
+
+
+def _matrix_to_rates(rates: np.ndarray) -> pl.Series:
+    """Inverse of :func:`_rates_to_matrix` (NaN = empty; pass rates are never NaN)."""
+    keep = ~np.isnan(rates)
+    offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int64)
+    lists = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(rates[keep], pa.float32()))
+    return pl.Series("pass_rates", lists, dtype=pl.List(pl.Float32))
+
+
+class HistoryStore:
+    """The ERPO table as owned numpy columns with a hash index; :meth:`apply` updates it in place.
+
+    This is what the reward service holds: applying 10,000 groups to a table of a million prompts
+    touches only their rows (a few milliseconds), where a pure function on a DataFrame must copy
+    the table each time. :func:`update` is the pure form of the same operation.
+
+    Index: a sorted array of 64-bit hashes of ``prompt_id`` (Polars ``Series.hash``, seeded) with
+    the row of each, plus a small sorted *tail* for prompts added since the last merge, so adding
+    prompts does not rewrite the big index each batch. Lookups are ``searchsorted`` on both, and
+    every hit is verified against the stored id: a hash collision (two ids, one hash) is detected,
+    the index is rebuilt under another seed, and the lookup is retried. Row order is insertion
+    order; :meth:`to_frame` gives the table as a DataFrame in :data:`TABLE_SCHEMA`.
+    """
+
+    #: The tail is merged into the main index once it holds more than max(this, index size / 16).
+    TAIL_MAX = 65_536
+
+    def __init__(self, rule: ErpoRule, table: pl.DataFrame | None = None) -> None:
+        table = empty_table() if table is None else table
+        _check_table(table)
+        nulls = {c: n for c, n in zip(table.columns, table.null_count().row(0)) if n}
+        if nulls:
+            raise ValueError(f"ERPO table has null values in {nulls}")
+        self.rule = rule
+        self._n = table.height
+        self._ids = table["prompt_id"].rechunk()
+        cap = max(1024, self._n)
+        self._cols = {}
+        for name, dtype in _STATE_DTYPES.items():
+            col = np.zeros(cap, dtype)
+            col[: self._n] = table[name].to_numpy()
+            self._cols[name] = col
+        self._rates = np.full((cap, rule.history), np.nan, np.float32)
+        self._rates[: self._n] = _rates_to_matrix(table["pass_rates"], rule.history)
+        self._seed = 0
+        self._reindex()
+
+    def __len__(self) -> int:
+        return self._n
+
+    # -- index ------------------------------------------------------------------------------
+
+    def _hash(self, ids: pl.Series) -> np.ndarray:
+        return ids.hash(seed=self._seed).to_numpy()
+
+    def _reindex(self) -> None:
+        """Rebuild the index from the ids; on a hash collision, move to the next seed."""
+        while True:
+            keys = self._hash(self._ids)
+            order = np.argsort(keys, kind="stable")
+            sk = keys[order]
+            same = np.flatnonzero(sk[1:] == sk[:-1])
+            if same.size:
+                a, b = self._ids.gather(order[same]), self._ids.gather(order[same + 1])
+                dup = a.filter(a == b)
+                if dup.len():
+                    raise ValueError(f"ERPO table has duplicate prompt_id(s), e.g. {dup[0]!r}")
+                self._seed += 1
+                log.info("ERPO index: hash collision at seed %d, reindexing", self._seed - 1)
+                continue
+            self._keys, self._key_rows = sk, order.astype(np.int64)
+            self._tail_keys = np.empty(0, np.uint64)
+            self._tail_rows = np.empty(0, np.int64)
+            return
+
+    @staticmethod
+    def _probe(keys: np.ndarray, key_rows: np.ndarray, q_sorted: np.ndarray) -> np.ndarray:
+        """Row of each key of ``q_sorted`` (ascending) in a sorted index, -1 if absent. Sorted
+        queries sweep a large index several times faster than random probes."""
+        if keys.size == 0:
+            return np.full(q_sorted.size, -1, np.int64)
+        pos = np.minimum(np.searchsorted(keys, q_sorted), keys.size - 1)
+        return np.where(keys[pos] == q_sorted, key_rows[pos], -1)
+
+    def _lookup(self, ids: pl.Series, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(rows, hit, same)``: the indexed row of each id (-1 if absent), whether it has one,
+        and for each hit whether the stored id is the same (False = hash collision)."""
+        order = np.argsort(q)
+        qs = q[order]
+        found = self._probe(self._keys, self._key_rows, qs)
+        if self._tail_keys.size:
+            found = np.where(found >= 0, found, self._probe(self._tail_keys, self._tail_rows, qs))
+        rows = np.empty_like(found)
+        rows[order] = found
+        hit = rows >= 0
+        same = np.ones(0, bool)
+        if hit.any():
+            same = (self._ids.gather(rows[hit]) == ids.filter(pl.Series(hit))).to_numpy()
+        return rows, hit, same
+
+    def _rows_for(self, ids: pl.Series) -> np.ndarray:
+        """Row of each id, adding unknown ids as fresh rows (in order of first appearance).
+
+        Every index hit is checked against the stored id, and distinct new ids must have
+        distinct hashes; if either fails (a 64-bit hash collision), the index is rebuilt under
+        the next seed and the lookup retried.
+        """
+        while True:
+            q = self._hash(ids)
+            rows, hit, same = self._lookup(ids, q)
+            ok = bool(same.all())
+            miss = np.flatnonzero(~hit)
+            if ok and miss.size:
+                uq, first, inv = np.unique(q[miss], return_index=True, return_inverse=True)
+                inv = inv.reshape(-1)
+                miss_ids = ids.gather(miss)
+                ok = bool((miss_ids.gather(first[inv]) == miss_ids).all())
+                if ok:
+                    by_first = np.argsort(first, kind="stable")
+                    rank = np.empty_like(by_first)
+                    rank[by_first] = np.arange(by_first.size)
+                    rows[miss] = self._add(miss_ids.gather(first[by_first]), uq[by_first])[rank[inv]]
+            if ok:
+                return rows
+            self._seed += 1
+            self._reindex()
+
+    def _add(self, ids: pl.Series, q: np.ndarray) -> np.ndarray:
+        """Append distinct new ids (hashes ``q``, none in the index) as fresh rows; their rows."""
+        n, k = self._n, ids.len()
+        if n + k > self._rates.shape[0]:
+            self._grow(n + k)
+        for name, value in _fresh_values(self.rule).items():
+            self._cols[name][n : n + k] = value
+        self._rates[n : n + k] = np.nan
+        self._ids = self._ids.append(ids) if n else ids.clone()
+        if self._ids.n_chunks() > 16:
+            self._ids = self._ids.rechunk()
+        self._n = n + k
+        rows = np.arange(n, n + k, dtype=np.int64)
+        order = np.argsort(q, kind="stable")
+        pos = np.searchsorted(self._tail_keys, q[order])
+        self._tail_keys = np.insert(self._tail_keys, pos, q[order])
+        self._tail_rows = np.insert(self._tail_rows, pos, rows[order])
+        if self._tail_keys.size > max(self.TAIL_MAX, self._keys.size // 16):
+            pos = np.searchsorted(self._keys, self._tail_keys)
+            self._keys = np.insert(self._keys, pos, self._tail_keys)
+            self._key_rows = np.insert(self._key_rows, pos, self._tail_rows)
+            self._tail_keys, self._tail_rows = self._tail_keys[:0], self._tail_rows[:0]
+        return rows
+
+    def _grow(self, need: int) -> None:
+        cap = max(need, int(self._rates.shape[0] * 1.5))
+        for name, col in self._cols.items():
+            grown = np.zeros(cap, col.dtype)
+            grown[: self._n] = col[: self._n]
+            self._cols[name] = grown
+        rates = np.full((cap, self.rule.history), np.nan, np.float32)
+        rates[: self._n] = self._rates[: self._n]
+        self._rates = rates
+
+    # -- API --------------------------------------------------------------------------------
+
+    def apply(self, groups: pl.DataFrame, now: float) -> pl.DataFrame:
+        """Apply a batch of scored groups in place; returns the temperature updates.
+
+        ``groups`` as for :func:`update` (validated before anything changes). Several groups of
+        one prompt are applied in row order.
+        """
+        g = _prepare_groups(groups)
+        if g.height == 0:
+            return empty_updates()
+        ids = g["prompt_id"]
+        rows = self._rows_for(ids)
+        effect = _apply_rule(
+            self._cols, self._rates, rows, g["pass_rate"].to_numpy(), g["policy_version"].to_numpy(),
+            self.rule, float(now),
         )
-    else:
-        new = pl.lit(rule.tau0, pl.Float32)
-        reason = pl.lit(None, pl.Utf8)
-    return [
-        pl.when(has).then(pl.col("times_seen") + 1).otherwise(pl.col("times_seen")).alias("times_seen"),
-        pl.when(has)
-        .then(pl.when(s1).then(pl.col("all_correct_streak") + 1).otherwise(0))
-        .otherwise(pl.col("all_correct_streak"))
-        .cast(pl.Int32)
-        .alias("all_correct_streak"),
-        pl.when(has)
-        .then(pl.when(s0).then(pl.col("all_wrong_streak") + 1).otherwise(0))
-        .otherwise(pl.col("all_wrong_streak"))
-        .cast(pl.Int32)
-        .alias("all_wrong_streak"),
-        pl.when(has).then(new).otherwise(tau32).alias("temperature"),
-        pl.when(has).then(pl.col("_v")).otherwise(pl.col("last_version")).alias("last_version"),
-        pl.when(has).then(pl.lit(float(now))).otherwise(pl.col("last_update")).alias("last_update"),
-        (pl.col("times_residual") + s1.cast(pl.Int32)).alias("times_residual"),
-        (pl.col("times_reactivated") + (mid & was_res).cast(pl.Int32)).alias("times_reactivated"),
-        pl.when(has).then(s1).otherwise(was_res).alias("was_residual"),
-        reason.alias("_step_reason"),
-    ]
+        if not self.rule.enabled:
+            return empty_updates()
+        temp = self._cols["temperature"][effect.rows]
+        emit = (temp != effect.tau_start) | effect.capped
+        r = effect.rows[emit]
+        window = self._rates[r].astype(np.float64)
+        mean = np.nansum(window, axis=1) / np.sum(~np.isnan(window), axis=1)
+        return pl.DataFrame(
+            {
+                "prompt_id": self._ids.gather(r),
+                "temperature": temp[emit],
+                "reason": _REASON_OF_CODE[effect.code[emit]],
+                "times_seen": self._cols["times_seen"][r],
+                "mean_pass_rate": mean.astype(np.float32),
+                "all_correct_streak": self._cols["all_correct_streak"][r],
+                "decided_at_version": effect.decided_at_version[emit],
+                "decided_at": np.full(r.size, float(now)),
+            },
+            schema=UPDATE_SCHEMA,
+        )
+
+    def temperatures(self, prompt_ids: Sequence[str] | np.ndarray | pl.Series) -> np.ndarray:
+        """Float32 temperature per id, aligned with ``prompt_ids``; τ₀ for unknown ids (and for
+        every id when the rule is disabled)."""
+        ids = pl.Series("prompt_id", prompt_ids, dtype=pl.Utf8)
+        out = np.full(ids.len(), self.rule.tau0, np.float32)
+        if not self.rule.enabled or self._n == 0 or ids.len() == 0:
+            return out
+        rows, hit, same = self._lookup(ids, self._hash(ids))
+        hit[hit] = same  # a hit whose stored id differs (a hash collision) is not this prompt
+        out[hit] = self._cols["temperature"][rows[hit]]
+        return out
+
+    def column(self, name: str) -> np.ndarray:
+        """A read-only view of one state column (for metrics)."""
+        view = self._cols[name][: self._n].view()
+        view.flags.writeable = False
+        return view
+
+    def to_frame(self) -> pl.DataFrame:
+        """The table as a DataFrame in :data:`TABLE_SCHEMA` (a copy; insertion order)."""
+        n = self._n
+        data: dict[str, Any] = {"prompt_id": self._ids.rechunk()}
+        data.update({name: self._cols[name][:n].copy() for name in _STATE_DTYPES})
+        data["pass_rates"] = _matrix_to_rates(self._rates[:n])
+        return pl.DataFrame(data).select(_TABLE_COLS).cast(TABLE_SCHEMA)  # type: ignore[arg-type]
 
 
 def update(
@@ -312,110 +610,19 @@ def update(
 
     ``groups`` has one row per scored group: ``prompt_id``, ``pass_rate`` (in [0, 1], compared
     after a cast to Float32), ``policy_version``. Several groups of one prompt are applied in row
-    order. Returns ``(new_table, updates)`` with ``updates`` in :data:`UPDATE_SCHEMA`, one row
-    per prompt whose temperature changed or was capped in this batch, in order of first
-    appearance in ``groups`` (see the module docstring for reasons).
+    order. Returns ``(new_table, updates)``: the table with the batch applied (existing rows in
+    their order, new prompts appended in order of first appearance) and ``updates`` in
+    :data:`UPDATE_SCHEMA`, one row per prompt whose temperature changed or was capped in this
+    batch, in order of first appearance in ``groups`` (see the module docstring for reasons).
 
-    How it is vectorised, with no per-row Python loop:
-
-    1. Rounds: round 0 holds each prompt's first group of the batch (``is_first_distinct``);
-       the repeats get their occurrence index ``int_range(len).over(prompt_id)`` and form
-       rounds 1, 2, ... (only computed when there are repeats).
-    2. The rows of the touched prompts are taken out of the table with one hash probe
-       (``is_in``), a gather and a filter, and left-joined to the round-0 groups; new prompts
-       get default values (τ₀). This small *state* frame (one row per distinct prompt of the
-       batch) is all the rule works on; the rest of the table is only filtered.
-    3. Round r is one left join of the state with the round-r groups followed by one
-       ``with_columns`` of the rule's expressions (:func:`_step`), which leave rows without a
-       round-r group unchanged. Rounds are few in practice (a prompt rarely has more than one
-       or two groups in one batch); the Python loop runs over rounds, never over rows. The
-       history window is appended once, with all of a prompt's batch pass rates in row order.
-    4. The new table is the untouched rows followed by the state rows, without copying the
-       untouched rows again (row order changes and carries no meaning); it is rechunked when
-       it has grown too many pieces.
+    The pure form of :meth:`HistoryStore.apply` (same code, on a copy of the table): O(table)
+    per call, for tests, notebooks and small tables. A long-running service holds a
+    :class:`HistoryStore`.
     """
-    _check_table(table)
-    g = _prepare_groups(groups).rename({"pass_rate": "_s", "policy_version": "_v"})
-    if g.height == 0:
-        return table, empty_updates()
-    # Round 0 = each prompt's first group of the batch; later rounds only exist for repeats.
-    first = g["prompt_id"].is_first_distinct()
-    later: list[pl.DataFrame] = []
-    if first.all():
-        g0 = g
-    else:
-        g0 = g.filter(first)
-        dups = g.filter(~first).with_columns(pl.int_range(pl.len(), dtype=pl.UInt32).over("prompt_id").alias("_round"))
-        by_round = dups.partition_by("_round", as_dict=True, include_key=False, maintain_order=True)
-        later = [by_round[(r,)] for r in range(len(by_round))]
-    ids = g0["prompt_id"]
-
-    # Touched rows out of the table: one hash probe of the big key column, a gather, a filter.
-    if table.height:
-        mask = table["prompt_id"].is_in(ids.implode())
-        idx = mask.arg_true()
-        old = table.gather(idx) if _n_chunks(table) == 1 else table.filter(mask)
-        rest = table.filter(~mask) if idx.len() else table
-    else:
-        old, rest = table, table
-
-    # The batch's pass rates of each prompt, in row order, appended to its history once.
-    if later:
-        batch_rates = g.group_by("prompt_id", maintain_order=True).agg(pl.col("_s").alias("_rates"))
-    else:
-        batch_rates = g0.select("prompt_id", pl.col("_s").reshape((-1, 1)).arr.to_list().alias("_rates"))
-
-    step = _step(rule, now)
-    # One state row per distinct prompt of the batch, with its round-0 group; new prompts (no
-    # row in the table) get the defaults: τ₀, empty history, zero counters.
-    state = g0.join(old, on="prompt_id", how="left", maintain_order="left").with_columns(
-        pl.col("times_seen", "all_correct_streak", "all_wrong_streak", "times_residual", "times_reactivated").fill_null(0),
-        pl.col("pass_rates").fill_null(pl.lit([], pl.List(pl.Float32))),
-        pl.col("temperature").fill_null(pl.lit(rule.tau0, pl.Float32)),
-        pl.col("was_residual").fill_null(False),
-        pl.col("temperature").fill_null(pl.lit(rule.tau0, pl.Float32)).alias("_tau_start"),
-        pl.lit(None, pl.Utf8).alias("_reason"),
-        pl.lit(None, pl.Int64).alias("_dv"),
-        pl.lit(False).alias("_capped"),
-    )
-    for r in range(1 + len(later)):
-        if r:
-            state = state.join(later[r - 1], on="prompt_id", how="left", maintain_order="left")
-        state = (
-            state.with_columns(step)
-            .with_columns(
-                pl.coalesce("_step_reason", "_reason").alias("_reason"),
-                pl.when(pl.col("_step_reason").is_not_null()).then(pl.col("_v")).otherwise(pl.col("_dv")).alias("_dv"),
-                (pl.col("_capped") | (pl.col("_step_reason") == "capped").fill_null(False)).alias("_capped"),
-            )
-            .drop("_s", "_v", "_step_reason")
-        )
-    if later:
-        state = state.join(batch_rates, on="prompt_id", how="left", maintain_order="left")
-    else:
-        state = state.with_columns(batch_rates["_rates"])
-    state = state.with_columns(pl.col("pass_rates").list.concat("_rates").list.tail(rule.history))
-
-    new_table = pl.concat([rest, state.select(_TABLE_COLS)], how="vertical", rechunk=False)
-    if _n_chunks(new_table) > _MAX_CHUNKS:
-        new_table = new_table.rechunk()
-    if not rule.enabled:
-        return new_table, empty_updates()
-    updates = state.filter((pl.col("temperature") != pl.col("_tau_start")) | pl.col("_capped")).select(
-        "prompt_id",
-        "temperature",
-        pl.col("_reason").alias("reason"),
-        "times_seen",
-        pl.col("pass_rates").list.mean().cast(pl.Float32).alias("mean_pass_rate"),
-        "all_correct_streak",
-        pl.col("_dv").alias("decided_at_version"),
-        pl.lit(float(now), pl.Float64).alias("decided_at"),
-    )
-    return new_table, updates
-
-
-def _n_chunks(df: pl.DataFrame) -> int:
-    return max(df.n_chunks("all")) if df.width else 0
+    _prepare_groups(groups)  # validate before paying for the copy
+    store = HistoryStore(rule, table)
+    updates = store.apply(groups, now)
+    return store.to_frame(), updates
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,13 +3,18 @@
 Loop: poll whole groups from the `trajectories` consumer group, verify every completion against its
 reference answer in the math-verify process pool (a verifier error or timeout is its own
 `verify_status`, never a silent 0), score the groups (pass rate, residual kind), apply the batch to
-the ERPO prompt-history table (one pure, vectorised update), send one ScoredTrajectory message per
-group and one TemperatureUpdate per changed prompt (key = prompt_id), flush, snapshot the table
-with the consumed offsets every `erpo.snapshot_every` batches, then commit.
+the ERPO prompt-history table (`erpo.HistoryStore`, one vectorised update per batch), send one
+ScoredTrajectory message per group and one TemperatureUpdate per changed prompt (key =
+prompt_id), flush, snapshot the table with the consumed offsets every `erpo.snapshot_every` batches, then commit.
 
 On start the service loads the snapshot and seeks to its offsets, so the batches after it are
 applied to the table exactly once more (their scored groups are sent again; the learner ignores
 group ids it has seen).
+
+Metrics (Prometheus, see `services.metrics`): verdicts by status, verification and ERPO update
+latency, groups by residual kind and the residual fractions of the latest batch, reactivations,
+temperature updates by reason, table size, prompts whose latest group was residual, and the
+distribution of the table's temperatures (a gauge histogram).
 """
 
 from __future__ import annotations
@@ -21,15 +26,59 @@ from collections import Counter
 import numpy as np
 import polars as pl
 
+from prometheus_client import REGISTRY, Gauge, Histogram
+from prometheus_client import Counter as PromCounter
+from prometheus_client.core import GaugeHistogramMetricFamily
+
 from pipeline import erpo
 from pipeline.config import RunConfig
 from pipeline.scoring import RESIDUAL_ALL_CORRECT, RESIDUAL_ALL_WRONG, score
 from pipeline.transport import Consumer, Producer, topic_name
 from pipeline.verifier import VerifierPool
 from schemas import SCORED_TRAJECTORY, TEMPERATURE_UPDATE, Columns
+from services import metrics
 from services.common import JsonlWriter, StopFlag, erpo_rule, worker_id
 
 log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+VERDICTS = PromCounter("rlstream_reward_verdicts_total", "Verified completions by status.", ["status"])
+VERIFY_SECONDS = Histogram("rlstream_reward_verify_seconds", "Verification time of one batch.",
+                           buckets=LATENCY_BUCKETS)
+GROUPS = PromCounter("rlstream_erpo_groups_total",
+                     "Scored groups by residual kind (all_correct, all_wrong, informative).", ["kind"])
+RESIDUAL_FRACTION = Gauge("rlstream_erpo_residual_fraction",
+                          "Fraction of the latest batch's groups that were residual, by kind.", ["kind"])
+RESIDUAL_PROMPTS = Gauge("rlstream_erpo_residual_prompts",
+                         "Prompts whose latest group was residual, by kind.", ["kind"])
+REACTIVATIONS = PromCounter("rlstream_erpo_reactivations_total",
+                            "Informative groups right after an all-correct group of the same prompt.")
+TEMP_UPDATES = PromCounter("rlstream_erpo_temperature_updates_total",
+                           "Temperature updates sent, by reason.", ["reason"])
+TABLE_PROMPTS = Gauge("rlstream_erpo_table_prompts", "Prompts in the ERPO history table.")
+UPDATE_SECONDS = Histogram("rlstream_erpo_update_seconds", "Time to apply one batch to the ERPO table.",
+                           buckets=LATENCY_BUCKETS)
+TEMPERATURE_BUCKETS = (0.5, 0.75, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0)
+
+
+class TemperatureDistribution:
+    """`rlstream_erpo_prompt_temperature`: a gauge histogram of the table's temperatures (how
+    many prompts currently sit at or below each bound), refreshed by the service loop."""
+
+    def __init__(self) -> None:
+        self._buckets: list[tuple[str, float]] = []
+        self._sum = 0.0
+
+    def refresh(self, temperatures: np.ndarray) -> None:
+        counts = np.searchsorted(np.sort(temperatures), TEMPERATURE_BUCKETS, side="right")
+        self._buckets = [(str(b), float(c)) for b, c in zip(TEMPERATURE_BUCKETS, counts)]
+        self._buckets.append(("+Inf", float(temperatures.size)))
+        self._sum = float(temperatures.sum(dtype=np.float64))
+
+    def collect(self):
+        yield GaugeHistogramMetricFamily("rlstream_erpo_prompt_temperature",
+                                         "Prompts of the ERPO table by current temperature.",
+                                         buckets=self._buckets or [("+Inf", 0.0)], gsum_value=self._sum)
 
 
 def group_rows(scored: list[Columns]) -> pl.DataFrame:
@@ -60,10 +109,15 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
     consumer = Consumer(cfg.kafka, cfg.name, ["trajectories"], group_id=f"{cfg.name}.reward",
                         client_id=f"{cfg.name}-reward-{wid}", deadletter=producer)
     snapshot_path = cfg.workdir / "erpo" / f"table-{worker_index}.parquet"
-    table, offsets = erpo.load_snapshot(snapshot_path)
+    snap, offsets = erpo.load_snapshot(snapshot_path)
+    store = erpo.HistoryStore(rule, snap)
     if offsets:
         consumer.seek(offsets)
-        log.info("resumed ERPO table of %d prompts from %s at %s", table.height, snapshot_path, offsets)
+        log.info("resumed ERPO table of %d prompts from %s at %s", len(store), snapshot_path, offsets)
+    metrics.serve(cfg, "reward", str(worker_index))
+    distribution = TemperatureDistribution()
+    REGISTRY.register(distribution)
+    reactivated = int(store.column("times_reactivated").sum())
     progress = JsonlWriter(cfg.workdir / "progress" / f"reward-{worker_index}.jsonl")
     scored_topic, temp_topic = topic_name(cfg.name, "scored"), topic_name(cfg.name, "temperature")
     statuses: Counter[str] = Counter()
@@ -86,10 +140,14 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
                     verdicts = pool.verify(list(zip(cols["completion_text"], cols["answer"])))
                     scored.append(score(cols, verdicts))
                     statuses.update(v.status.value for v in verdicts)
+                    for v in verdicts:
+                        VERDICTS.labels(v.status.value).inc()
                 t_erpo = time.monotonic()
+                VERIFY_SECONDS.observe(t_erpo - t0)
                 batch_groups = group_rows(scored)
-                table, updates = erpo.update(table, batch_groups, rule, time.time())
-                erpo_ms = (time.monotonic() - t_erpo) * 1000
+                updates = store.apply(batch_groups, time.time())
+                erpo_s = time.monotonic() - t_erpo
+                UPDATE_SECONDS.observe(erpo_s)
                 for d, cols in zip(deliveries, scored):
                     producer.send(scored_topic, SCORED_TRAJECTORY, cols, key=d.key)
                 for i in range(updates.height):
@@ -98,25 +156,39 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
                 producer.flush()
                 batches += 1
                 if batches % cfg.erpo.snapshot_every == 0:
-                    erpo.snapshot(table, consumer.positions(), snapshot_path)
+                    erpo.snapshot(store.to_frame(), consumer.positions(), snapshot_path)
                 consumer.commit()
                 in_batch = False
                 groups += batch_groups.height
                 temp_updates += updates.height
                 rates = batch_groups["pass_rate"].to_numpy()
-                residual.update({RESIDUAL_ALL_CORRECT: int((rates >= 1).sum()),
-                                 RESIDUAL_ALL_WRONG: int((rates <= 0).sum())})
-                progress.write(groups=groups, batch_s=time.monotonic() - t0, erpo_update_ms=erpo_ms,
+                kinds = {RESIDUAL_ALL_CORRECT: int((rates >= 1).sum()), RESIDUAL_ALL_WRONG: int((rates <= 0).sum())}
+                kinds["informative"] = rates.size - kinds[RESIDUAL_ALL_CORRECT] - kinds[RESIDUAL_ALL_WRONG]
+                residual.update(kinds)
+                for kind, n in kinds.items():
+                    GROUPS.labels(kind).inc(n)
+                    RESIDUAL_FRACTION.labels(kind).set(n / rates.size)
+                for reason, n in updates["reason"].value_counts().iter_rows():
+                    TEMP_UPDATES.labels(reason).inc(n)
+                now_reactivated = int(store.column("times_reactivated").sum())
+                REACTIVATIONS.inc(now_reactivated - reactivated)
+                reactivated = now_reactivated
+                temps = store.column("temperature")
+                TABLE_PROMPTS.set(len(store))
+                RESIDUAL_PROMPTS.labels(RESIDUAL_ALL_CORRECT).set(int(store.column("was_residual").sum()))
+                RESIDUAL_PROMPTS.labels(RESIDUAL_ALL_WRONG).set(int((store.column("all_wrong_streak") > 0).sum()))
+                distribution.refresh(temps)
+                progress.write(groups=groups, batch_s=time.monotonic() - t0, erpo_update_ms=erpo_s * 1000,
                                statuses=dict(statuses), deadlettered=consumer.stats["deadlettered"],
                                all_correct_groups=residual[RESIDUAL_ALL_CORRECT],
                                all_wrong_groups=residual[RESIDUAL_ALL_WRONG],
-                               temperature_updates=temp_updates, table_prompts=table.height,
-                               reactivations=int(table["times_reactivated"].sum()),
-                               mean_temperature=float(table["temperature"].mean() or 0.0),
-                               max_temperature=float(table["temperature"].max() or 0.0))
+                               temperature_updates=temp_updates, table_prompts=len(store),
+                               reactivations=reactivated,
+                               mean_temperature=float(temps.mean()) if temps.size else 0.0,
+                               max_temperature=float(temps.max()) if temps.size else 0.0)
         finally:
             if batches and not in_batch:  # never record offsets past results not yet sent
-                erpo.snapshot(table, consumer.positions(), snapshot_path)
+                erpo.snapshot(store.to_frame(), consumer.positions(), snapshot_path)
             consumer.close()
             producer.close()
             progress.close()

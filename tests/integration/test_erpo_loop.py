@@ -8,11 +8,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -80,6 +82,14 @@ def _wait_for(kafka_cfg, run: str, topic: str, n: int, timeout_s: float = 60) ->
             raise AssertionError(f"{topic}: {len(got)} messages, expected {n}")
 
 
+def scrape(workdir: Path, name: str) -> dict[str, float]:
+    """Samples of the process whose Prometheus target file is ``<name>.json``, by series."""
+    target = json.loads((workdir / "metrics" / "targets" / f"{name}.json").read_text())
+    text = urllib.request.urlopen(f"http://{target[0]['targets'][0]}/metrics", timeout=10).read().decode()
+    return {series: float(value) for series, value in
+            (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))}
+
+
 def _start(service: str, sets: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "services.cli", service] + sets, cwd=REPO,
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT,
@@ -112,6 +122,7 @@ def test_reward_raises_temperatures_and_resumes_from_its_snapshot(kafka_cfg, run
         reward = _start("reward", sets, log)
         _wait_for(kafka_cfg, run_name, "scored", len(stream))
         time.sleep(1.0)
+        exported = scrape(tmp_path, "reward-0")
     finally:
         reward.send_signal(signal.SIGTERM)
         reward.wait(30)
@@ -136,6 +147,15 @@ def test_reward_raises_temperatures_and_resumes_from_its_snapshot(kafka_cfg, run
     assert {round(t, 4) for t in easy} <= {1.1, 1.2, 1.3, 1.4}
     reasons = {d.columns["reason"][0] for d in updates}
     assert reasons <= set(erpo.REASONS)
+
+    # The restarted process's metrics: the resumed table and the groups it saw itself.
+    assert exported["rlstream_erpo_table_prompts"] == 2
+    assert exported['rlstream_erpo_prompt_temperature_bucket{le="+Inf"}'] == 2
+    assert exported['rlstream_erpo_prompt_temperature_bucket{le="1.0"}'] == 1  # "mixed" stays at 1.0
+    assert exported['rlstream_erpo_residual_prompts{kind="all_correct"}'] == 1
+    assert exported['rlstream_erpo_groups_total{kind="all_correct"}'] >= 1
+    assert exported['rlstream_process_info{run="%s",service="reward",worker="0"}' % run_name] == 1
+    assert exported["rlstream_erpo_update_seconds_count"] >= 1
 
 
 def test_rollout_samples_each_prompt_at_its_announced_temperature(kafka_cfg, run_name, tmp_path):

@@ -17,6 +17,7 @@ from pipeline.erpo import (
     TABLE_SCHEMA,
     UPDATE_SCHEMA,
     ErpoRule,
+    HistoryStore,
     drop_mask,
     empty_table,
     from_dict_table,
@@ -320,3 +321,75 @@ def test_load_snapshot_rejects_foreign_parquet(tmp_path) -> None:
     pl.DataFrame({"x": [1]}).write_parquet(path)
     with pytest.raises(ValueError, match="not an ERPO snapshot"):
         load_snapshot(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# HistoryStore: the in-place form the reward service holds
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rule=rules, start=group_rows, batches=st.lists(group_rows, min_size=1, max_size=4))
+def test_store_matches_reference_loop_from_an_existing_table(rule, start, batches) -> None:
+    """A store built from a table with history, fed chained batches, equals the dict loop; its
+    tail is merged into the main index on the way (TAIL_MAX = 2)."""
+    ref, _ = reference_update({}, start, rule, 1.0)
+    store = HistoryStore(rule, from_dict_table(ref))
+    store.TAIL_MAX = 2
+    for i, rows in enumerate(batches):
+        ups = store.apply(batch(*rows) if rows else batch(), 10.0 + i)
+        ref, ref_ups = reference_update(ref, rows, rule, 10.0 + i)
+        assert _sorted(store.to_frame()) == _sorted(from_dict_table(ref))
+        assert ups.to_dicts() == pl.DataFrame(ref_ups, schema=UPDATE_SCHEMA).to_dicts()
+    assert len(store) == len(ref)
+    ids = POOL + ["never-seen"]
+    want = [ref[p]["temperature"] if p in ref and rule.enabled else rule.tau0 for p in ids]
+    np.testing.assert_array_equal(store.temperatures(ids), np.array(want, np.float32))
+
+
+def test_store_survives_hash_collisions(monkeypatch) -> None:
+    """Under seed 0 every id hashes to the same key: the store must notice (stored id differs,
+    or two new ids share a key), move to another seed and give the loop's result."""
+    real = HistoryStore._hash
+
+    def weak(self, ids):
+        return np.zeros(ids.len(), np.uint64) if self._seed == 0 else real(self, ids)
+
+    monkeypatch.setattr(HistoryStore, "_hash", weak)
+    rule = ErpoRule()
+    store = HistoryStore(rule)
+    rows = [("a", 1.0, 1), ("b", 0.5, 1), ("a", 1.0, 2), ("c", 0.0, 2)]
+    store.apply(batch(*rows), 5.0)
+    ref, _ = reference_update({}, rows, rule, 5.0)
+    assert store._seed >= 1
+    assert _sorted(store.to_frame()) == _sorted(from_dict_table(ref))
+    # a table loaded under the weak hash is re-indexed too, and lookups find the right rows
+    again = HistoryStore(rule, store.to_frame())
+    assert again._seed >= 1
+    np.testing.assert_array_equal(again.temperatures(["a", "b", "zz"]), np.array([1.2, 1.0, 1.0], np.float32))
+    # one indexed prompt, then a new id with the same key: the hit's stored id differs
+    one = HistoryStore(rule, from_dict_table({"a": ref["a"]}))
+    assert one._seed == 0
+    np.testing.assert_array_equal(one.temperatures(["b"]), np.array([1.0], np.float32))  # not a's 1.2
+    one.apply(batch(("b", 1.0, 3)), 6.0)
+    assert one._seed >= 1 and row(one.to_frame(), "b")["times_seen"] == 1
+    assert row(one.to_frame(), "a")["times_seen"] == 2
+
+
+def test_store_rejects_bad_tables_and_groups_without_changing() -> None:
+    table, _ = run(ErpoRule(), batch(("a", 1.0, 1)))
+    with pytest.raises(ValueError, match="duplicate prompt_id"):
+        HistoryStore(ErpoRule(), pl.concat([table, table]))
+    with pytest.raises(ValueError, match="null values"):
+        HistoryStore(ErpoRule(), table.with_columns(pl.lit(None, pl.Int64).alias("last_version")))
+    store = HistoryStore(ErpoRule(), table)
+    before = store.to_frame()
+    with pytest.raises(ValueError, match="outside"):
+        store.apply(batch(("a", 1.0, 2), ("b", 2.0, 2)), 1.0)
+    assert store.to_frame().equals(before)
+
+
+def test_store_history_longer_than_rule_keeps_the_tail() -> None:
+    """A snapshot written with history 4, loaded under history 2, keeps the last two rates."""
+    table, _ = run(ErpoRule(history=4), batch(("a", 0.25, 1), ("a", 0.5, 2), ("a", 0.75, 3)))
+    store = HistoryStore(ErpoRule(history=2), table)
+    assert row(store.to_frame(), "a")["pass_rates"] == approx([0.5, 0.75])
