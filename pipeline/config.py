@@ -253,6 +253,35 @@ class LearnerConfig(_Strict):
     """Longest wait for new messages per poll."""
     torch_threads: int = Field(1, ge=1, le=256)
     """Intra-op threads of the learner."""
+    backend: Literal["deepspeed", "torch"] = "deepspeed"
+    """Training backend: DeepSpeed (`deepspeed_config` picks ZeRO stage and precision), or plain
+    torch AdamW on one process (no compile step; the light fallback)."""
+    deepspeed_config: Path = Path("infra/deepspeed/zero0.json")
+    """DeepSpeed JSON (ZeRO stage, precision); relative paths resolve against the repository."""
+    mis_low: float | None = Field(None, gt=0)
+    """Masked importance sampling: policy-loss tokens with pi_prox / mu below this are masked."""
+    mis_high: float | None = Field(None, gt=0)
+    """Masked importance sampling: tokens with pi_prox / mu above this are masked."""
+    kl: Literal["none", "k3", "rapo"] = "none"
+    """KL term to the frozen initial policy: none, reverse KL (k3), or RAPO's forward KL to the
+    reward-reweighted reference."""
+    kl_coef: float = Field(0.05, ge=0)
+    """Coefficient of the KL term."""
+    rapo_phi_floor: float = Field(0.1, gt=0, le=1)
+    """RAPO's phi(r) = clamp(r, floor, 1): how far a wrong sample's reference is flattened."""
+    checkpoint_every: int = Field(50, ge=1)
+    """Save model, optimiser, counters and consumed offsets every this many steps (and at the
+    end); offsets are committed to the broker only after a checkpoint."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept on disk."""
+    resume: bool = False
+    """Start from the newest checkpoint under `<workdir>/checkpoints` (error if there is none)."""
+
+    @model_validator(mode="after")
+    def _mis_range(self) -> LearnerConfig:
+        if self.mis_low is not None and self.mis_high is not None and self.mis_low >= self.mis_high:
+            raise ValueError(f"learner.mis_low ({self.mis_low}) must be below learner.mis_high ({self.mis_high})")
+        return self
 
 
 class EvalConfig(_Strict):

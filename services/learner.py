@@ -14,33 +14,84 @@ Loop:
    With ERPO's `drop_all_wrong`, all-wrong groups are filtered out too (counted).
 3. Every ``groups_per_step`` groups: advantages (ERPO's RA: -delta for all-correct groups),
    decoupled PPO loss, optimiser update(s).
-4. Every ``sync_every`` steps: publish safetensors weights as a new policy version and announce it.
-5. Commit, per partition, only offsets whose groups have all been trained on or dropped.
+4. Every ``sync_every`` steps: publish safetensors weights (fp32, gathered across ranks) as a new
+   policy version and announce it.
+5. Every ``checkpoint_every`` steps: save model, optimiser and the learner state (counters, ticket
+   position, consumed offsets: per partition only up to the oldest group not yet trained, and
+   the ids of groups already trained) together; only then commit those offsets. ``resume``
+   restores all of it, seeks to the saved offsets and announces the restored weights under a
+   version above any announced before.
+
+The model trains under a backend of `pipeline.trainer` (DeepSpeed by default, or plain torch). With
+several ranks (`deepspeed`/`torchrun` launcher) rank 0 does all of the above and broadcasts each
+batch to the others; every rank trains on its share of the groups.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 import uuid
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.advantages import get_advantage
 from pipeline.config import LearnerConfig, RunConfig
 from pipeline.erpo import ErpoRule, drop_mask, ra_advantages
 from pipeline.engine import pack, scatter_completion, token_logprobs
-from pipeline.losses import PolicyLossInputs, decoupled_ppo_loss, masked_mean
+from pipeline.losses import (
+    PolicyLossInputs,
+    decoupled_ppo_loss,
+    kl_penalty,
+    masked_mean,
+    phi_clamp,
+    reference_token_logprobs,
+)
 from pipeline.tasks import Problem, arithmetic_problems, load_problems
 from pipeline.transport import Consumer, Producer, topic_name
+from pipeline.trainer import Trainer, lr_at, make_trainer
 from pipeline.weights import publish
-from schemas import POLICY_UPDATE, PROMPT_TICKET, Columns, concat, take
+from schemas import (
+    POLICY_UPDATE,
+    PROMPT_TICKET,
+    SCORED_TRAJECTORY,
+    Columns,
+    concat,
+    decode,
+    encode,
+    headers_for,
+    take,
+)
 from services.common import JsonlWriter, StopFlag, erpo_rule, initial_policy_path, set_threads, worker_id
+from services.metrics import serve
 
 log = logging.getLogger(__name__)
+
+LEARNER_STATE = "learner.json"
+STEP_SECONDS = Histogram("rlstream_learner_step_seconds", "Wall time of one training step.",
+                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+STEP = Gauge("rlstream_learner_step", "Training steps done.")
+VERSION = Gauge("rlstream_learner_policy_version", "Newest policy version published.")
+TOKENS = Counter("rlstream_learner_tokens_total", "Completion tokens trained on.")
+TICKETS = Counter("rlstream_learner_tickets_total", "Prompt tickets issued.")
+IN_FLIGHT = Gauge("rlstream_learner_groups_in_flight", "Tickets issued and not yet trained or dropped.")
+GROUPS = Counter("rlstream_learner_groups_total",
+                 "Scored groups by fate (trained, dropped_stale, dropped_all_wrong, duplicate).", ["fate"])
+LAG = Histogram("rlstream_learner_staleness_versions",
+                "Policy-version lag of each scored group on arrival (learner - behaviour).",
+                buckets=(0, 1, 2, 3, 4, 6, 8, 16))
+LOSS_PARTS = Gauge("rlstream_learner_loss", "Latest step's loss and its parts.", ["part"])
+POLICY_STATS = Gauge("rlstream_learner_policy_stat",
+                     "Latest step's clip fraction and importance-weight statistics.", ["stat"])
+CHECKPOINT_SECONDS = Histogram("rlstream_learner_checkpoint_seconds", "Time to write a checkpoint.",
+                               buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 
 
 def train_problems(cfg: RunConfig) -> list[Problem]:
@@ -62,6 +113,16 @@ class TicketSource:
         self._seed = seed
         self.epoch = -1
         self._order: list[int] = []
+
+    @property
+    def left(self) -> int:
+        """Tickets left in the current epoch."""
+        return len(self._order)
+
+    def restore(self, epoch: int, left: int) -> None:
+        """Continue as if `epoch` had been drawn down to its last `left` tickets."""
+        order = list(np.random.default_rng(self._seed + epoch).permutation(len(self._problems)))
+        self.epoch, self._order = epoch, order[:left]
 
     def next(self) -> tuple[Problem, int]:
         if not self._order:
@@ -90,10 +151,13 @@ def split_groups(columns: Columns) -> list[Columns]:
     return [take(columns, np.flatnonzero(inverse == g)) for g in order]
 
 
-def train_step(model, opt, sched, groups: list[Columns], lc: LearnerConfig, rule: ErpoRule,
-               pad_id: int) -> dict[str, float]:
+def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list[Columns], lc: LearnerConfig,
+               rule: ErpoRule, pad_id: int, rng: np.random.Generator) -> dict[str, float]:
     """One training step on a batch of groups: advantages (with ERPO's RA for all-correct groups),
-    decoupled PPO, ``mini_batches`` updates."""
+    decoupled PPO (+ the KL term of ``lc.kl`` to ``ref_model``), ``mini_batches`` updates.
+
+    The groups are shuffled into mini-batches by ``rng``; with several ranks each rank trains on
+    every ``world_size``-th group of each mini-batch (the gradients are averaged across ranks)."""
     cols = concat(groups)
     _, group_index = np.unique(cols["group_id"], return_inverse=True)
     rewards = torch.as_tensor(np.asarray(cols["shaped_reward"], dtype=np.float32))
@@ -105,32 +169,44 @@ def train_step(model, opt, sched, groups: list[Columns], lc: LearnerConfig, rule
                  np.asarray(cols["temperature"], dtype=np.float32), pad_id)
     behavior = scatter_completion(cols["behavior_logprobs"].values, batch.completion_mask)
     with torch.no_grad():
-        proximal, _ = token_logprobs(model, batch)
-    slices = np.array_split(np.random.permutation(int(group_index.max()) + 1), lc.mini_batches)
+        proximal, _ = token_logprobs(trainer.model, batch)
+        kl_target = None
+        if lc.kl != "none":
+            assert ref_model is not None
+            ref_logits = ref_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+            phi = phi_clamp(rewards, lc.rapo_phi_floor) if lc.kl == "rapo" else None
+            ref_lp, ref_hat = reference_token_logprobs(ref_logits, batch.input_ids[:, 1:], batch.temperatures, phi)
+            kl_target = ref_hat if lc.kl == "rapo" else ref_lp
+            del ref_logits
+    slices = np.array_split(rng.permutation(int(group_index.max()) + 1), lc.mini_batches)
     sums: dict[str, float] = defaultdict(float)
     for groups_in_slice in slices:
-        rows = torch.as_tensor(np.flatnonzero(np.isin(group_index, groups_in_slice)))
+        mine = groups_in_slice[trainer.rank :: trainer.world_size]
+        rows = torch.as_tensor(np.flatnonzero(np.isin(group_index, mine)))
         sub = batch.select(rows)
-        logprobs, entropy = token_logprobs(model, sub)
+        logprobs, entropy = token_logprobs(trainer.model, sub)
         loss, metrics = decoupled_ppo_loss(
             PolicyLossInputs(logprobs, proximal[rows], behavior[rows], advantages[rows], sub.completion_mask),
-            eps_low=lc.eps_low, eps_high=lc.eps_high, tis_cap=lc.tis_cap, aggregation=lc.aggregation)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), lc.grad_clip)
-        opt.step()
-        sched.step()
+            eps_low=lc.eps_low, eps_high=lc.eps_high, tis_cap=lc.tis_cap, aggregation=lc.aggregation,
+            mis_low=lc.mis_low, mis_high=lc.mis_high)
+        metrics["pg_loss"] = float(loss.detach())
+        if kl_target is not None:
+            kl_loss, kl_metrics = kl_penalty(lc.kl, logprobs, kl_target[rows], sub.completion_mask, lc.aggregation)
+            loss = loss + lc.kl_coef * kl_loss
+            metrics.update(kl_metrics)
+        grad_norm = trainer.step(loss)
         for k, v in metrics.items():
             sums[k] += v / lc.mini_batches
-        sums["loss"] += float(loss) / lc.mini_batches
+        sums["loss"] += float(loss.detach()) / lc.mini_batches
         sums["entropy"] += float(masked_mean(entropy.detach(), sub.completion_mask)) / lc.mini_batches
-        sums["grad_norm"] += float(grad_norm) / lc.mini_batches
+        sums["grad_norm"] += grad_norm / lc.mini_batches
     rates = np.asarray(cols["group_pass_rate"])
     sums["reward"] = float(rewards.mean())
     sums["all_correct_frac"] = float(np.mean(rates >= 1.0))
     sums["all_wrong_frac"] = float(np.mean(rates <= 0.0))
     sums["completion_len"] = float(batch.completion_mask.sum() / n)
-    sums["lr"] = float(sched.get_last_lr()[0])
+    sums["tokens"] = float(batch.completion_mask.sum())
+    sums["lr"] = lr_at(trainer.updates - 1, lc.lr, lc.warmup_steps)
     return dict(sums)
 
 
@@ -158,42 +234,179 @@ class OffsetTracker:
         return out
 
 
+class BatchChannel:
+    """Rank 0 hands every training batch to the other ranks: Arrow IPC bytes broadcast as a
+    uint8 tensor (never pickle), preceded by a header (byte count, stop flag)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.world_size = trainer.world_size
+
+    def send(self, groups: list[Columns] | None) -> None:
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        payload = encode(SCORED_TRAJECTORY, concat(groups)) if groups else b""
+        dist.broadcast(torch.tensor([len(payload), int(groups is None)], dtype=torch.int64), src=0)
+        if payload:
+            dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0)
+
+    def recv(self) -> list[Columns] | None:
+        import torch.distributed as dist
+
+        header = torch.zeros(2, dtype=torch.int64)
+        dist.broadcast(header, src=0)
+        if int(header[1]):
+            return None
+        buf = torch.empty(int(header[0]), dtype=torch.uint8)
+        dist.broadcast(buf, src=0)
+        _, cols = decode(SCORED_TRAJECTORY, buf.numpy().tobytes(), headers_for(SCORED_TRAJECTORY))
+        return split_groups(cols)
+
+
+@dataclass
+class LearnerState:
+    """Everything besides model and optimiser that a checkpoint must restore."""
+
+    step: int = 0
+    version: int = 0
+    issued: int = 0
+    received: int = 0
+    trained: int = 0
+    dropped: int = 0
+    filtered: int = 0
+    duplicates: int = 0
+    ticket_epoch: int = -1
+    tickets_left: int = 0
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    seen: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        d = {k: v for k, v in self.__dict__.items() if k != "offsets"}
+        d["offsets"] = [[t, p, o] for (t, p), o in sorted(self.offsets.items())]
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> LearnerState:
+        d = json.loads(text)
+        d["offsets"] = {(str(t), int(p)): int(o) for t, p, o in d["offsets"]}
+        return cls(**d)
+
+
+def checkpoint_root(cfg: RunConfig) -> Path:
+    return cfg.workdir / "checkpoints"
+
+
+def latest_checkpoint(cfg: RunConfig) -> Path | None:
+    """The newest complete checkpoint (a `step-*` folder with its learner.json), or None."""
+    done = [p for p in checkpoint_root(cfg).glob("step-*") if (p / LEARNER_STATE).exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+
+def save_checkpoint(cfg: RunConfig, trainer: Trainer, state: LearnerState) -> Path:
+    """Model, optimiser and learner state together, written to a temporary folder and renamed,
+    so a crash leaves the previous checkpoint intact. A collective: every rank calls it."""
+    root = checkpoint_root(cfg)
+    final, tmp = root / f"step-{state.step:08d}", root / f".step-{state.step:08d}.tmp"
+    if trainer.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    trainer.barrier()
+    trainer.save(tmp / "trainer")
+    trainer.barrier()
+    if trainer.rank == 0:
+        (tmp / LEARNER_STATE).write_text(state.to_json())
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        done = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+        for old in done[: -cfg.learner.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    trainer.barrier()
+    return final
+
+
+def newest_published_version(cfg: RunConfig) -> int:
+    versions = [int(p.name[1:]) for p in (cfg.workdir / "policies").glob("v[0-9]*") if p.is_dir()]
+    return max(versions, default=0)
+
+
 def run(cfg: RunConfig) -> None:
-    stop = StopFlag()
     lc = cfg.learner
     rule = erpo_rule(cfg)
     set_threads(lc.torch_threads)
     torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
     from pipeline.model import load_policy
 
     model, tokenizer = load_policy(initial_policy_path(cfg))
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=(0.9, 0.99), weight_decay=lc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, lc.warmup_steps)))
-    problems = train_problems(cfg)
-    tickets = TicketSource(problems, cfg.seed)
+    ref_model = None
+    if lc.kl != "none":
+        ref_model, _ = load_policy(initial_policy_path(cfg))
+        ref_model.eval().requires_grad_(False)
+    trainer = make_trainer(model, lc)
+    if lc.groups_per_step < lc.mini_batches * trainer.world_size:
+        raise ValueError(f"learner.groups_per_step ({lc.groups_per_step}) must be at least mini_batches x ranks "
+                         f"({lc.mini_batches} x {trainer.world_size}) so every rank gets a group in every update")
+    state = LearnerState()
+    if lc.resume:
+        ckpt = latest_checkpoint(cfg)
+        if ckpt is None:
+            raise FileNotFoundError(f"learner.resume is set but {checkpoint_root(cfg)} holds no checkpoint")
+        trainer.load(ckpt / "trainer")
+        state = LearnerState.from_json((ckpt / LEARNER_STATE).read_text())
+        log.info("resumed from %s: step %d, policy v%d", ckpt, state.step, state.version)
+    channel = BatchChannel(trainer)
+
+    def learn(groups: list[Columns]) -> dict[str, float]:
+        """Train on one batch and publish/checkpoint when due; the same on every rank."""
+        rng = np.random.default_rng([cfg.seed, state.step])  # mini-batch order: a function of the step
+        metrics = train_step(trainer, ref_model, groups, lc, rule, tokenizer.pad_token_id, rng)
+        state.step += 1
+        return metrics
+
+    if trainer.rank != 0:
+        while (groups := channel.recv()) is not None:
+            learn(groups)
+            if state.step % lc.sync_every == 0 or state.step == lc.total_steps:
+                trainer.full_state_dict()  # a collective under ZeRO-3; rank 0 publishes it
+            if state.step % lc.checkpoint_every == 0 or state.step == lc.total_steps:
+                save_checkpoint(cfg, trainer, state)
+        return
+    _lead(cfg, trainer, state, learn, channel)
+
+
+def _lead(cfg: RunConfig, trainer: Trainer, state: LearnerState, learn, channel: BatchChannel) -> None:
+    """Rank 0: tickets, consumption, staleness, publication, checkpoints, commits."""
+    stop = StopFlag()
+    lc = cfg.learner
+    rule = erpo_rule(cfg)
+    tickets = TicketSource(train_problems(cfg), cfg.seed)
+    if state.ticket_epoch >= 0:
+        tickets.restore(state.ticket_epoch, state.tickets_left)
     wid = worker_id()
     producer = Producer(cfg.kafka, client_id=f"{cfg.name}-learner-{wid}")
     consumer = Consumer(cfg.kafka, cfg.name, ["scored"], group_id=f"{cfg.name}.learner",
                         client_id=f"{cfg.name}-learner-{wid}", deadletter=producer)
+    if state.offsets:
+        consumer.seek(state.offsets)
+    metrics_address = serve(cfg, "learner", "0")
     progress = JsonlWriter(cfg.workdir / "progress" / "learner.jsonl")
     prompts_topic, policy_topic = topic_name(cfg.name, "prompts"), topic_name(cfg.name, "policy")
     capacity = max(1, lc.max_staleness) * lc.groups_per_step
-    seen: OrderedDict[str, None] = OrderedDict()
+    seen: OrderedDict[str, None] = OrderedDict((g, None) for g in state.seen)
     offsets = OffsetTracker()
     ready: list[tuple[Columns, tuple[str, int, int]]] = []
-    issued = received = trained = dropped = filtered = duplicates = 0
-    version = step = 0
     lags: list[int] = []
     t_start = time.monotonic()
-    log.info("learner ready: %d prompts, capacity %d groups in flight", len(problems), capacity)
+    log.info("learner ready: %d ranks, %s backend, capacity %d groups in flight, metrics %s",
+             trainer.world_size, lc.backend, capacity, metrics_address)
 
-    def announce(step: int) -> None:
-        pub = publish(model.state_dict(), cfg.workdir / "policies", version, lc.keep_policies)
+    def announce() -> None:
+        weights = trainer.full_state_dict()
+        pub = publish(weights, cfg.workdir / "policies", state.version, lc.keep_policies)
         producer.send(policy_topic, POLICY_UPDATE, {
             "version": np.array([pub.version], dtype=np.int64),
-            "step": np.array([step], dtype=np.int64),
+            "step": np.array([state.step], dtype=np.int64),
             "uri": np.array([pub.uri], dtype=object),
             "sha256": np.array([pub.sha256], dtype=object),
             "dtype": np.array([pub.dtype], dtype=object),
@@ -202,59 +415,100 @@ def run(cfg: RunConfig) -> None:
         producer.flush()
         (cfg.workdir / "final_policy.txt").write_text(f"{pub.version} {pub.sha256} {pub.uri}\n")
 
+    def checkpoint() -> None:
+        state.offsets = offsets.committable(consumer.positions())
+        state.ticket_epoch, state.tickets_left = tickets.epoch, tickets.left
+        trained_ids = set(seen) - {str(g["group_id"][0]) for g, _ in ready}
+        state.seen = [g for g in seen if g in trained_ids]
+        t0 = time.monotonic()
+        path = save_checkpoint(cfg, trainer, state)
+        consumer.commit_offsets(state.offsets)  # only now: the checkpoint holds what they cover
+        CHECKPOINT_SECONDS.observe(time.monotonic() - t0)
+        log.info("checkpoint %s (%.1fs)", path, time.monotonic() - t0)
+
+    if lc.resume:
+        # Versions must keep rising past anything announced before the restart, and rollouts
+        # should sample from the restored weights at once.
+        state.version = max(state.version, newest_published_version(cfg)) + 1
+        announce()
     try:
-        while step < lc.total_steps and not stop:
-            needed = (lc.total_steps - step) * lc.groups_per_step
-            while issued - trained - dropped - filtered < min(capacity, needed):
+        while state.step < lc.total_steps and not stop:
+            needed = (lc.total_steps - state.step) * lc.groups_per_step
+            while state.issued - state.trained - state.dropped - state.filtered < min(capacity, needed):
                 problem, epoch = tickets.next()
-                producer.send(prompts_topic, PROMPT_TICKET, ticket_columns(problem, epoch, version),
+                producer.send(prompts_topic, PROMPT_TICKET, ticket_columns(problem, epoch, state.version),
                               key=problem.prompt_id.encode())
-                issued += 1
+                state.issued += 1
+                TICKETS.inc()
             producer.flush()
             for d in consumer.poll(timeout_ms=lc.poll_timeout_ms):
                 key = (d.topic, d.partition, d.offset)
                 for group in split_groups(d.columns):
                     gid = str(group["group_id"][0])
                     if gid in seen:
-                        duplicates += 1
+                        state.duplicates += 1
+                        GROUPS.labels("duplicate").inc()
                         continue
                     seen[gid] = None
                     if len(seen) > 100_000:
                         seen.popitem(last=False)
-                    received += 1
-                    lag = version - int(group["policy_version"].min())
+                    state.received += 1
+                    lag = state.version - int(group["policy_version"].min())
                     lags.append(lag)
+                    LAG.observe(max(lag, 0))
                     if lag > lc.max_staleness:
-                        dropped += 1
+                        state.dropped += 1
+                        GROUPS.labels("dropped_stale").inc()
                         continue
                     if drop_mask(np.asarray(group["group_pass_rate"][:1]), rule)[0]:
-                        filtered += 1  # all-wrong group, DAPO-style dynamic sampling
+                        state.filtered += 1  # all-wrong group, DAPO-style dynamic sampling
+                        GROUPS.labels("dropped_all_wrong").inc()
                         continue
                     offsets.add(key, 1)
                     ready.append((group, key))
-            while len(ready) >= lc.groups_per_step and step < lc.total_steps:
+            IN_FLIGHT.set(state.issued - state.trained - state.dropped - state.filtered)
+            while len(ready) >= lc.groups_per_step and state.step < lc.total_steps:
                 batch, ready = ready[: lc.groups_per_step], ready[lc.groups_per_step:]
                 t0 = time.monotonic()
-                metrics = train_step(model, opt, sched, [g for g, _ in batch], lc, rule, tokenizer.pad_token_id)
-                step += 1
-                if step % lc.sync_every == 0 or step == lc.total_steps:
-                    version += 1
-                    announce(step)
-                trained += len(batch)
+                groups = [g for g, _ in batch]
+                channel.send(groups)
+                metrics = learn(groups)
+                step_s = time.monotonic() - t0
+                state.trained += len(batch)
+                GROUPS.labels("trained").inc(len(batch))
                 for _, key in batch:
                     offsets.done(key)
-                consumer.commit_offsets(offsets.committable(consumer.positions()))
+                if state.step % lc.sync_every == 0 or state.step == lc.total_steps:
+                    state.version += 1
+                    announce()
+                if state.step % lc.checkpoint_every == 0 or state.step == lc.total_steps:
+                    checkpoint()
+                observe_step(state, metrics, step_s)
                 elapsed = time.monotonic() - t_start
-                progress.write(step=step, version=version, step_s=time.monotonic() - t0,
-                               elapsed_s=elapsed, issued=issued, received=received, dropped=dropped, filtered=filtered,
-                               duplicates=duplicates, lag_mean=float(np.mean(lags)) if lags else 0.0,
-                               lag_max=max(lags) if lags else 0, groups_per_s=received / elapsed,
+                progress.write(step=state.step, version=state.version, step_s=step_s,
+                               elapsed_s=elapsed, issued=state.issued, received=state.received,
+                               dropped=state.dropped, filtered=state.filtered, duplicates=state.duplicates,
+                               lag_mean=float(np.mean(lags)) if lags else 0.0,
+                               lag_max=max(lags) if lags else 0, groups_per_s=state.received / elapsed,
                                **metrics)
                 lags.clear()
-                log.info("step %d v%d reward=%.3f loss=%.4f dropped=%d", step, version,
-                         metrics["reward"], metrics["loss"], dropped)
+                log.info("step %d v%d reward=%.3f loss=%.4f dropped=%d", state.step, state.version,
+                         metrics["reward"], metrics["loss"], state.dropped)
     finally:
+        channel.send(None)
         consumer.close()
         producer.close()
         progress.close()
-        log.info("learner stopped at step %d (policy v%d)", step, version)
+        log.info("learner stopped at step %d (policy v%d)", state.step, state.version)
+
+
+def observe_step(state: LearnerState, metrics: dict[str, float], step_s: float) -> None:
+    STEP_SECONDS.observe(step_s)
+    STEP.set(state.step)
+    VERSION.set(state.version)
+    TOKENS.inc(metrics["tokens"])
+    for name in ("loss", "pg_loss", "kl", "entropy", "reward", "grad_norm", "lr"):
+        if name in metrics:
+            LOSS_PARTS.labels(name).set(metrics[name])
+    for name in ("clip_frac", "is_weight_mean", "is_weight_max", "is_truncated_frac", "is_masked_frac"):
+        POLICY_STATS.labels(name).set(metrics[name])

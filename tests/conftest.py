@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from collections.abc import Iterator
 
 import pytest
@@ -29,3 +30,8 @@ def kafka_cfg(broker: Broker) -> KafkaConfig:
 def run_name() -> str:
     """A unique run prefix, so tests never share topics or consumer groups."""
     return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -73,6 +74,12 @@ def _count(kafka_cfg, run: str, topic: str) -> int:
     return n + dropped
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _wait(predicate, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -81,10 +88,17 @@ def _wait(predicate, timeout_s: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def test_groups_flow_through_the_services_with_offsets_committed(broker, kafka_cfg, run_name, tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2], ids=["learner-1-rank-zero2", "learner-2-ranks-zero3"])
+def test_groups_flow_through_the_services_with_offsets_committed(broker, kafka_cfg, run_name, tmp_path, ranks):
+    """One learner process under DeepSpeed ZeRO-2, or two ranks under ZeRO-3 started by torchrun
+    (rank 0 consumes and broadcasts, both train, published weights are gathered)."""
     cache = tmp_path / "cache"
     sets = _overrides(run_name, tmp_path / "run", cache, broker.bootstrap)
+    sets += ["--set", f'learner.deepspeed_config="infra/deepspeed/zero{2 if ranks == 1 else 3}.json"',
+             "--set", "learner.checkpoint_every=2"]
     cli = [sys.executable, "-m", "services.cli"]
+    launch = {"learner": cli if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                 str(ranks), "--master_port", str(_free_port()), "-m", "services.cli"]}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # Build the (tiny) warm-start once, before the services race for it.
     subprocess.run(cli + ["warmstart"] + sets, check=True, cwd=REPO, env=env, capture_output=True)
@@ -98,7 +112,7 @@ def test_groups_flow_through_the_services_with_offsets_committed(broker, kafka_c
     p.close()
 
     logs = {name: open(tmp_path / f"{name}.log", "wb") for name in ("learner", "reward", "rollout")}
-    procs = {name: subprocess.Popen(cli + [name] + sets, cwd=REPO, env=env, stdout=logs[name],
+    procs = {name: subprocess.Popen(launch.get(name, cli) + [name] + sets, cwd=REPO, env=env, stdout=logs[name],
                                     stderr=subprocess.STDOUT) for name in logs}
     try:
         try:
@@ -156,6 +170,14 @@ def test_groups_flow_through_the_services_with_offsets_committed(broker, kafka_c
     assert row["source_topic"][0] == topic_name(run_name, "trajectories")
     assert row["reason"][0].startswith("undecodable")
     assert row["payload"][0] == b"\x00not arrow"
+    # Checkpoints at steps 2 and 3 (the end); the last holds exactly the committed offsets.
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-00000002", "step-00000003"]
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "step-00000003" / "learner.json").read_text())
+    assert saved["step"] == STEPS and saved["version"] == STEPS and saved["trained"] == STEPS * GROUPS_PER_STEP
+    assert sum(o for _, _, o in saved["offsets"]) == trained_or_dropped
+    if ranks == 2:
+        assert "2 ranks" in (tmp_path / "learner.log").read_text()
     published = sorted((tmp_path / "run" / "policies").glob("v*"))
     assert [p.name for p in published] == [f"v{v:06d}" for v in range(STEPS - 2, STEPS + 1)] or len(published) == 3
     assert np.isfinite(last["loss"])

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import PolicyLossInputs, decoupled_ppo_loss
+from pipeline.losses import (
+    PolicyLossInputs,
+    decoupled_ppo_loss,
+    kl_penalty,
+    phi_clamp,
+    rapo_kl,
+    reference_token_logprobs,
+)
 
 L2, L3, LH = math.log(2.0), math.log(3.0), math.log(0.5)
 
@@ -141,7 +148,7 @@ def test_metrics_keys_and_values():
     beh = [[-1.0 - L3, -2.0, -20.0]]
     loss, m = decoupled_ppo_loss(_inputs(lp, prox, beh, [1.0], [[1, 1, 0]]))
     assert set(m) == {
-        "clip_frac", "is_weight_mean", "is_weight_max", "is_truncated_frac", "ratio_mean",
+        "clip_frac", "is_weight_mean", "is_weight_max", "is_truncated_frac", "is_masked_frac", "ratio_mean",
         "approx_kl_behavior",
     }
     assert all(type(v) is float for v in m.values())
@@ -154,3 +161,101 @@ def test_metrics_keys_and_values():
     assert m["ratio_mean"] == pytest.approx(1.25, abs=1e-6)  # (1.5 + 1) / 2
     # mean(log mu - log pi) = ((-1 - log 3) - (-1 + log 1.5) + 0) / 2 = -(log 3 + log 1.5) / 2
     assert m["approx_kl_behavior"] == pytest.approx(-(L3 + math.log(1.5)) / 2, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# MIS masking
+
+
+def test_mis_masks_tokens_outside_the_weight_range():
+    # w_raw = exp(prox - behav) = [3, 1, 1/4]; with [0.5, 2] only the middle token is kept.
+    prox = [[L3, 0.0, -math.log(4.0)]]
+    inp = _inputs(prox, prox, [[0.0, 0.0, 0.0]], [1.0], [[1, 1, 1]])
+    loss, m = decoupled_ppo_loss(inp, tis_cap=10.0, mis_low=0.5, mis_high=2.0)
+    # ratio = 1, A = 1: per-token -w * keep = [0, -1, 0]; token mean over 3 tokens = -1/3
+    torch.testing.assert_close(loss, torch.tensor(-1.0 / 3.0, dtype=torch.float64), atol=1e-9, rtol=0)
+    assert m["is_masked_frac"] == pytest.approx(2.0 / 3.0)
+    torch.testing.assert_close(_grad(inp, loss), torch.tensor([[0.0, -1.0 / 3.0, 0.0]], dtype=torch.float64))
+    _, m = decoupled_ppo_loss(inp, tis_cap=10.0)
+    assert m["is_masked_frac"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# KL terms: k3 and RAPO
+
+
+def test_k3_values_and_gradient():
+    # x = log pi_ref - log pi_theta = [ln 2, -ln 2]:
+    # K = e^x - x - 1 = [2 - 0.6931472 - 1, 0.5 + 0.6931472 - 1] = [0.3068528, 0.1931472]
+    inp = _inputs([[0.0, 0.0]], [[0.0, 0.0]], [[0.0, 0.0]], [0.0], [[1, 1]])
+    ref = torch.tensor([[L2, LH]], dtype=torch.float64)
+    loss, m = kl_penalty("k3", inp.logprobs, ref, inp.mask)
+    torch.testing.assert_close(loss, torch.tensor((0.3068528194 + 0.1931471806) / 2, dtype=torch.float64))
+    # dK/dlog pi_theta = 1 - e^x = [-1, 0.5], over 2 tokens
+    torch.testing.assert_close(_grad(inp, loss), torch.tensor([[-0.5, 0.25]], dtype=torch.float64))
+    assert m["kl"] == pytest.approx(0.25)
+
+
+def test_rapo_penalty_zero_at_the_reweighted_reference_positive_elsewhere():
+    lp = torch.tensor([[-1.2, -0.3, -2.0]], dtype=torch.float64)
+    torch.testing.assert_close(rapo_kl(lp, lp), torch.zeros_like(lp))
+    # log w = [ln 2, -ln 2, 0]: K = w ln w - w + 1 = [2 ln 2 - 1, 1 - 0.5 - 0.5 ln 2, 0]
+    per_token = rapo_kl(lp, lp + torch.tensor([[L2, LH, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(per_token, torch.tensor([[0.3862943611, 0.1534264097, 0.0]], dtype=torch.float64))
+
+
+def test_rapo_gradient_sign_per_token():
+    inp = _inputs([[0.0, 0.0]], [[0.0, 0.0]], [[0.0, 0.0]], [0.0], [[1, 1]])
+    hat = torch.tensor([[L2, LH]], dtype=torch.float64)
+    loss, _ = kl_penalty("rapo", inp.logprobs, hat, inp.mask)
+    torch.testing.assert_close(loss, torch.tensor((0.3862943611 + 0.1534264097) / 2, dtype=torch.float64))
+    # dK/dlog pi = -w ln w = [-2 ln 2, 0.5 ln 2], over 2 tokens: w > 1 is pushed up, w < 1 down
+    torch.testing.assert_close(_grad(inp, loss), torch.tensor([[-L2, 0.25 * L2]], dtype=torch.float64))
+
+
+def test_reweighted_reference_on_three_tokens():
+    # z = log [1, 2, 3]. Row 0: tau = 1, phi = 0.5: pi_hat ∝ pi_ref^0.5 = [1, √2, √3] / 4.1462644
+    # = [0.2411809, 0.3410813, 0.4177378]. Row 1: tau = 2, phi = 1: softmax(z / 2), the same.
+    z = torch.log(torch.tensor([1.0, 2.0, 3.0])).expand(2, 3, 3).clone()
+    targets = torch.tensor([[0, 1, 2], [2, 1, 0]])
+    lp, hat = reference_token_logprobs(z, targets, torch.tensor([1.0, 2.0]), torch.tensor([0.5, 1.0]), chunk=2)
+    want_hat = torch.tensor([[0.2411809, 0.3410813, 0.4177378], [0.4177378, 0.3410813, 0.2411809]]).log()
+    torch.testing.assert_close(hat, want_hat, atol=1e-6, rtol=0)
+    want_lp = torch.stack([torch.tensor([1 / 6, 2 / 6, 3 / 6]).log(), want_hat[1]])
+    torch.testing.assert_close(lp, want_lp, atol=1e-6, rtol=0)
+    lp_only, none = reference_token_logprobs(z, targets, torch.tensor([1.0, 2.0]))
+    assert none is None
+    torch.testing.assert_close(lp_only, lp)
+    with pytest.raises(ValueError, match="phi floor"):
+        phi_clamp(torch.tensor([0.0]), 0.0)
+    torch.testing.assert_close(phi_clamp(torch.tensor([0.0, 0.4, 1.0]), 0.1), torch.tensor([0.1, 0.4, 1.0]))
+
+
+def test_rapo_gradient_moves_policy_toward_reweighted_reference():
+    """3-token vocabulary: minimise the expected per-token penalty sum_y pi(y) K(y) (the sampled
+    estimator in expectation, samples' probabilities held fixed) from a uniform policy."""
+    hat = torch.tensor([0.2411809, 0.3410813, 0.4177378], dtype=torch.float64)
+    theta = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+
+    def forward_kl() -> float:
+        p = torch.softmax(theta.detach(), 0)
+        return float((hat * (hat / p).log()).sum())
+
+    kls = [forward_kl()]
+    for i in range(400):
+        logp = torch.log_softmax(theta, 0)
+        loss = (logp.exp().detach() * rapo_kl(logp, hat.log())).sum()
+        (g,) = torch.autograd.grad(loss, theta)
+        if i == 0:  # token 2 is under-weighted by the uniform policy, token 0 over-weighted
+            assert g[2] < 0 < g[0]
+        with torch.no_grad():
+            theta -= 2.0 * g
+        kls.append(forward_kl())
+    assert all(b <= a + 1e-12 for a, b in zip(kls, kls[1:])) and kls[0] > 0.01
+    torch.testing.assert_close(torch.softmax(theta.detach(), 0), hat, atol=1e-4, rtol=0)
+
+
+def test_unknown_kl_term_raises():
+    x = torch.zeros(1, 1)
+    with pytest.raises(ValueError, match="unknown KL term"):
+        kl_penalty("reverse", x, x, x)  # type: ignore[arg-type]

@@ -1,0 +1,230 @@
+"""Training backends of the learner: plain torch, or DeepSpeed (ZeRO stage 0-3), one interface.
+
+A backend owns the trainable model and its optimiser. The learner calls the model through
+:attr:`Trainer.model` (the DeepSpeed engine under DeepSpeed), hands each loss to :meth:`step`,
+asks :meth:`full_state_dict` for the weights it publishes, and saves/loads checkpoints. Both
+backends run AdamW with the same hyper-parameters and the same learning-rate schedule
+(:func:`lr_at`, set on the optimiser before every update, so the schedule is a function of the
+update count and resumes exactly), so a DeepSpeed run in fp32 reproduces the plain loop.
+
+- :class:`TorchTrainer`: one process, ``torch.optim.AdamW``; a checkpoint is one ``torch.save``
+  file of model and optimiser state, loaded back with ``weights_only=True``.
+- :class:`DeepSpeedTrainer`: ``deepspeed.initialize`` with a JSON config from
+  ``infra/deepspeed/`` (ZeRO stage, precision, communication); the optimiser, clipping and batch
+  sizes are filled in from the learner config so one JSON serves every run. Runs on CPU
+  (``DS_ACCELERATOR=cpu``) and GPU, in one process (rank variables set here when no launcher
+  did) or many (``deepspeed``/``torchrun`` launcher). Published weights are the fp32 master
+  weights, gathered across ranks under ZeRO-3 (``safe_get_full_fp32_param``): never the
+  partitioned placeholders, never a bf16 copy that drops small updates.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from pipeline.config import LearnerConfig
+
+TRAINER_FILE = "trainer.pt"
+DS_TAG = "state"
+
+
+def lr_at(update: int, lr: float, warmup_steps: int) -> float:
+    """Learning rate of optimiser update ``update`` (0-based): linear warm-up to ``lr`` over
+    ``warmup_steps`` updates, lr * min(1, (update + 1) / warmup_steps), then constant."""
+    if warmup_steps <= 0:
+        return lr
+    return lr * min(1.0, (update + 1) / warmup_steps)
+
+
+class Trainer(Protocol):
+    model: torch.nn.Module
+    rank: int
+    world_size: int
+    updates: int
+
+    def step(self, loss: torch.Tensor) -> float: ...
+
+    def barrier(self) -> None: ...
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def save(self, path: Path) -> None: ...
+
+    def load(self, path: Path) -> None: ...
+
+
+def _publishable(module: torch.nn.Module, value_of) -> dict[str, torch.Tensor]:
+    """``module.state_dict()``'s keys with each parameter replaced by ``value_of(param)``
+    (buffers as they are), as fp32-faithful CPU tensors; tied parameters share one tensor."""
+    by_name = dict(module.named_parameters(remove_duplicate=False))
+    cache: dict[int, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        param = by_name.get(name)
+        if param is None:
+            out[name] = tensor.detach().cpu().clone()
+            continue
+        if id(param) not in cache:
+            cache[id(param)] = value_of(param).detach().cpu().clone()
+        out[name] = cache[id(param)]
+    return out
+
+
+class TorchTrainer:
+    """Plain torch AdamW on one process."""
+
+    def __init__(self, model: torch.nn.Module, lc: LearnerConfig) -> None:
+        self.model = model
+        self.lc = lc
+        self.rank, self.world_size, self.updates = 0, 1, 0
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr_at(0, lc.lr, lc.warmup_steps),
+                                           betas=(0.9, 0.99), weight_decay=lc.weight_decay)
+
+    def step(self, loss: torch.Tensor) -> float:
+        """Backward, clip, AdamW update; returns the gradient norm before clipping."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.updates, self.lc.lr, self.lc.warmup_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.lc.grad_clip)
+        self.optimizer.step()
+        self.updates += 1
+        return float(norm)
+
+    def barrier(self) -> None:
+        """One process: nothing to wait for."""
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return _publishable(self.model, lambda p: p)
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "updates": self.updates}, path / TRAINER_FILE)
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = int(state["updates"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_single_process_env() -> None:
+    """Rank variables for a DeepSpeed run started without a launcher (one process)."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def deepspeed_config(path: Path, lc: LearnerConfig) -> dict[str, Any]:
+    """The JSON at ``path`` with the learner's optimiser, clipping and batch sizes filled in.
+
+    The JSON decides the ZeRO stage, precision and communication; it must not set ``optimizer``,
+    ``scheduler``, ``gradient_clipping`` or batch sizes, which come from ``[learner]`` (one source
+    of truth; a conflicting value is an error, not silently overridden)."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"DeepSpeed config not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    owned = {"optimizer", "scheduler", "gradient_clipping", "train_batch_size",
+             "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"}
+    clash = sorted(owned & set(cfg))
+    if clash:
+        raise ValueError(f"DeepSpeed config {path} sets {clash}; these come from [learner] in the run config")
+    cfg = copy.deepcopy(cfg)
+    cfg.update({
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": lc.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": lr_at(0, lc.lr, lc.warmup_steps), "betas": [0.9, 0.99], "eps": 1e-8,
+            "weight_decay": lc.weight_decay, "torch_adam": True}},
+    })
+    return cfg
+
+
+class DeepSpeedTrainer:
+    """The model under ``deepspeed.initialize``; see the module docstring."""
+
+    def __init__(self, model: torch.nn.Module, lc: LearnerConfig, config_path: Path) -> None:
+        ensure_single_process_env()
+        import deepspeed
+
+        self.lc = lc
+        self.config = deepspeed_config(config_path, lc)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.config)
+        self.model = self.engine
+        self.rank = self.engine.global_rank
+        self.world_size = self.engine.world_size
+        self.updates = 0
+        self.zero_stage = int(self.engine.zero_optimization_stage())
+
+    def step(self, loss: torch.Tensor) -> float:
+        """Backward, clip and update through the engine; returns the global gradient norm."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.updates, self.lc.lr, self.lc.warmup_steps)
+        self.engine.backward(loss)
+        self.engine.step()
+        self.updates += 1
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else math.nan
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import deepspeed.comm as dist
+
+            dist.barrier()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """fp32 master weights of every parameter (a collective under ZeRO-3: call on all ranks)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        def value_of(p: torch.nn.Parameter) -> torch.Tensor:
+            full = safe_get_full_fp32_param(p)
+            return (full if full is not None else p).float()
+
+        return _publishable(self.engine.module, value_of)
+
+    def save(self, path: Path) -> None:
+        """Model and optimiser state of every rank (a collective: call on all ranks)."""
+        self.engine.save_checkpoint(str(path), tag=DS_TAG, client_state={"updates": self.updates},
+                                    save_latest=False)
+
+    def load(self, path: Path) -> None:
+        loaded, client = self.engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=False)
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
+        self.updates = int(client["updates"])
+
+
+def make_trainer(model: torch.nn.Module, lc: LearnerConfig, repo_root: Path | None = None) -> Trainer:
+    """The backend named by ``learner.backend``; a relative ``learner.deepspeed_config`` is
+    resolved against the repository (where ``infra/deepspeed/`` lives)."""
+    if lc.backend == "torch":
+        return TorchTrainer(model, lc)
+    path = Path(lc.deepspeed_config)
+    if not path.is_absolute() and not path.exists():
+        path = (repo_root or Path(__file__).resolve().parents[1]) / path
+    return DeepSpeedTrainer(model, lc, path)
