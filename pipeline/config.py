@@ -262,9 +262,10 @@ class LearnerConfig(_Strict):
     """Masked importance sampling: policy-loss tokens with pi_prox / mu below this are masked."""
     mis_high: float | None = Field(None, gt=0)
     """Masked importance sampling: tokens with pi_prox / mu above this are masked."""
-    kl: Literal["none", "k3", "rapo"] = "none"
-    """KL term to the frozen initial policy: none, reverse KL (k3), or RAPO's forward KL to the
-    reward-reweighted reference."""
+    kl: Literal["none", "k3", "rapo", "rapo_sampled"] = "none"
+    """KL term to the frozen initial policy: none, reverse KL (k3), RAPO's forward KL to the
+    reward-reweighted reference (exact, over the vocabulary), or its sampled-token estimate
+    (high variance; see `pipeline.losses`)."""
     kl_coef: float = Field(0.05, ge=0)
     """Coefficient of the KL term."""
     rapo_phi_floor: float = Field(0.1, gt=0, le=1)

@@ -170,19 +170,41 @@ def pack(prompt_ids: Sequence[np.ndarray], completion_ids: Sequence[np.ndarray],
     return PackedBatch(ids, attn, cmask, torch.tensor(np.asarray(temperatures, dtype=np.float32)))
 
 
-def token_logprobs(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of the targets at each sequence's temperature, and the entropy.
+def completion_logits(model, batch: PackedBatch) -> torch.Tensor:
+    """Logits ``[N, V]`` at the completion targets only (N = ``completion_mask.sum()``, in
+    row-major order): the decoder runs on the whole sequence, the vocabulary projection only where
+    a completion token is predicted, so no ``[B, T, V]`` tensor is built for prompt positions or
+    padding. ``model`` is a Hugging Face causal LM or a DeepSpeed engine wrapping one."""
+    inner = getattr(model, "module", model)
+    hidden = inner.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    return inner.get_output_embeddings()(hidden[:, :-1][batch.completion_mask.bool()])
 
-    Returns ``(logprobs, entropy)``, both ``[B, T-1]``; positions outside ``completion_mask`` hold
-    values of no meaning and must be masked by the caller.
+
+def token_logprobs(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the completion targets at each sequence's temperature, and the
+    entropy of that tempered distribution.
+
+    Returns ``(logprobs, entropy)``, both ``[B, T-1]`` with zeros outside ``completion_mask``
+    (computed only at completion positions, see :func:`completion_logits`).
     """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    t = batch.temperatures.clamp(min=MIN_TEMPERATURE).view(-1, 1, 1)
-    logp = torch.log_softmax(logits.float() / t, dim=-1)
-    targets = batch.input_ids[:, 1:].unsqueeze(-1)
-    lp = logp.gather(-1, targets).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return lp, entropy
+    lp, ent, _ = token_logprobs_full(model, batch)
+    return lp, ent
+
+
+def token_logprobs_full(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`token_logprobs` plus the tempered log-probabilities over the whole vocabulary at the
+    completion positions, ``[N, V]`` in row-major order (for full-vocabulary terms such as RAPO's
+    forward KL); all three share one graph."""
+    idx = batch.completion_mask.bool()
+    logits = completion_logits(model, batch).float()
+    t = batch.temperatures.clamp(min=MIN_TEMPERATURE).unsqueeze(1).expand_as(idx)[idx].unsqueeze(-1)
+    logp = torch.log_softmax(logits / t, dim=-1)
+    targets = batch.input_ids[:, 1:][idx].unsqueeze(-1)
+    lp = torch.zeros(idx.shape, dtype=logp.dtype, device=logp.device)
+    ent = torch.zeros_like(lp)
+    lp = lp.masked_scatter(idx, logp.gather(-1, targets).squeeze(-1))
+    ent = ent.masked_scatter(idx, -(logp.exp() * logp).sum(-1))
+    return lp, ent, logp
 
 
 def scatter_completion(values: np.ndarray, completion_mask: torch.Tensor) -> torch.Tensor:

@@ -29,14 +29,21 @@ temperature:
   pi_hat_ref(.|s) = softmax(phi(r_i) * log pi_ref(.|s)) over the full vocabulary, with
   phi(r) = clamp(r, eps, 1): a correct sample (r = 1) is held to pi_ref itself, a wrong one to a
   flattened pi_ref, which lets the policy leave the reference's support where it is not rewarded.
-  With w_t = pi_hat_ref(y_t|s) / pi_theta(y_t|s), K_t = w_t log w_t - w_t + 1 >= 0; its mean under
-  y ~ pi_theta is exactly KL(pi_hat_ref || pi_theta). **Our formulation**: the paper's exact phi,
-  coefficient and normalisation are not public in what we could read; it tilts whole sequences,
-  this normalises per position. phi's floor and the coefficient are configuration.
-  dK/dlog pi_theta(y_t) = -w_t log w_t: a token that pi_hat_ref likes more than pi_theta (w > 1)
-  is pushed up, one it likes less is pushed down, so gradient descent moves pi_theta toward
-  pi_hat_ref. log w is clamped to [-LOG_W_CLAMP, LOG_W_CLAMP] so one vanishing probability cannot
-  blow the step up.
+  The penalty is the exact forward KL at each position, K_t = sum_v pi_hat_ref(v) (log pi_hat_ref(v)
+  - log pi_theta(v)) (:func:`rapo_exact_kl`); its gradient with respect to the logits is
+  pi_theta - pi_hat_ref: bounded, and straight toward pi_hat_ref.
+- ``rapo_sampled``: the same KL estimated from the sampled token only, with
+  w_t = pi_hat_ref(y_t|s) / pi_theta(y_t|s) and K_t = w_t log w_t - w_t + 1 >= 0 (:func:`rapo_kl`),
+  whose mean under y ~ pi_theta is the exact value above (so ``rapo`` is its Rao-Blackwellised
+  form). dK/dlog pi_theta(y_t) = -w_t log w_t pushes pi_theta toward pi_hat_ref too, but w is
+  unbounded: on the demo a rare token with w ~ e^6 gave K ~ 400 and a gradient that swamped the
+  policy term (held-out accuracy did not move), hence the exact form as the default. log w is
+  clamped to [-LOG_W_CLAMP, LOG_W_CLAMP].
+
+**Our formulation**: the paper's exact phi, coefficient and normalisation are not public in what we
+could read; it tilts whole sequences, this normalises per position. phi's floor and the
+coefficient are configuration. The exact form costs one more elementwise pass over the
+``[tokens, V]`` log-probabilities the policy term computes anyway (see ``bench/learner.py``).
 
 Neither KL term is importance-weighted for staleness (the samples come from mu, not pi_theta; as in
 verl and OpenRLHF, the KL estimate uses them as they are).
@@ -44,7 +51,6 @@ verl and OpenRLHF, the KL estimate uses them as they are).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -132,36 +138,59 @@ def phi_clamp(rewards: torch.Tensor, eps: float) -> torch.Tensor:
     return rewards.clamp(min=eps, max=1.0)
 
 
+def _per_token(x: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor | None:
+    return None if x is None else torch.broadcast_to(x.to(torch.float32), targets.shape).reshape(-1, 1)
+
+
 def reference_token_logprobs(
     ref_logits: torch.Tensor,
     targets: torch.Tensor,
     temperatures: torch.Tensor,
     phi: torch.Tensor | None = None,
-    chunk: int = 256,
+    chunk: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi_ref(y_t) and, given ``phi`` ([B]), log pi_hat_ref(y_t) of RAPO's reweighted reference.
+    """log pi_ref(y) and, given ``phi``, log pi_hat_ref(y) of RAPO's reweighted reference, at the
+    target tokens only.
 
-    ``ref_logits`` [B, T, V] (no grad), ``targets`` [B, T] token ids, ``temperatures`` [B]. Works
-    ``chunk`` positions at a time, so besides the logits themselves at most a [B, chunk, V]
-    temporary exists: log pi_ref = z/tau - logsumexp(z/tau); log pi_hat_ref(y) =
-    phi * log pi_ref(y) - logsumexp_v(phi * log pi_ref(v)).
+    ``ref_logits`` ``[..., V]`` (no grad), ``targets`` ``[...]`` token ids; ``temperatures`` and
+    ``phi`` broadcast to ``targets`` (per token, or e.g. ``[B, 1]`` per sequence). Works on
+    ``chunk`` positions at a time, so besides the logits at most a ``[chunk, V]`` temporary
+    exists: log pi_ref = z/tau - logsumexp(z/tau); log pi_hat_ref(y) = phi * log pi_ref(y) -
+    logsumexp_v(phi * log pi_ref(v)).
     """
-    if ref_logits.dim() != 3 or targets.shape != ref_logits.shape[:2]:
-        raise ValueError(f"ref_logits {tuple(ref_logits.shape)} must be [B, T, V] with targets [B, T], "
-                         f"got targets {tuple(targets.shape)}")
-    tau = temperatures.to(torch.float32).view(-1, 1, 1)
-    lp_out = torch.empty(targets.shape, dtype=torch.float32, device=ref_logits.device)
-    hat_out = torch.empty_like(lp_out) if phi is not None else None
+    if ref_logits.shape[:-1] != targets.shape:
+        raise ValueError(f"ref_logits {tuple(ref_logits.shape)} must be targets' shape {tuple(targets.shape)} + [V]")
+    flat = ref_logits.reshape(-1, ref_logits.shape[-1])
+    y = targets.reshape(-1, 1)
+    tau, weight = _per_token(temperatures, targets), _per_token(phi, targets)
+    lp_out = torch.empty(y.shape[0], dtype=torch.float32, device=ref_logits.device)
+    hat_out = torch.empty_like(lp_out) if weight is not None else None
     with torch.no_grad():
-        for start in range(0, targets.shape[1], chunk):
+        for start in range(0, y.shape[0], chunk):
             sl = slice(start, start + chunk)
-            logp = torch.log_softmax(ref_logits[:, sl].float() / tau, dim=-1)
-            y = targets[:, sl].unsqueeze(-1)
-            lp_out[:, sl] = logp.gather(-1, y).squeeze(-1)
-            if phi is not None:
-                tilted = logp.mul_(phi.to(torch.float32).view(-1, 1, 1))
-                hat_out[:, sl] = tilted.gather(-1, y).squeeze(-1) - torch.logsumexp(tilted, dim=-1)
-    return lp_out, hat_out
+            logp = torch.log_softmax(flat[sl].float() / tau[sl], dim=-1)
+            lp_out[sl] = logp.gather(-1, y[sl]).squeeze(-1)
+            if weight is not None:
+                tilted = logp.mul_(weight[sl])
+                hat_out[sl] = tilted.gather(-1, y[sl]).squeeze(-1) - torch.logsumexp(tilted, dim=-1)
+    shape = targets.shape
+    return lp_out.reshape(shape), hat_out.reshape(shape) if hat_out is not None else None
+
+
+def reweighted_reference(ref_logits: torch.Tensor, temperatures: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+    """log pi_hat_ref over the full vocabulary, ``[N, V]``: log_softmax(phi * log_softmax(z / tau)),
+    with ``temperatures`` and ``phi`` per position (``[N]``). No grad; computed in place in one
+    ``[N, V]`` buffer (the caller's logits are not modified)."""
+    with torch.no_grad():
+        logp = torch.log_softmax(ref_logits.float() / temperatures.view(-1, 1), dim=-1)
+        return torch.log_softmax(logp.mul_(phi.to(torch.float32).view(-1, 1)), dim=-1)
+
+
+def rapo_exact_kl(logp: torch.Tensor, ref_hat_logp: torch.Tensor) -> torch.Tensor:
+    """Per-position forward KL(pi_hat_ref || pi_theta) = sum_v pi_hat (log pi_hat - log pi_theta);
+    ``logp`` ``[N, V]`` (with grad) and ``ref_hat_logp`` ``[N, V]`` log-probabilities."""
+    hat = ref_hat_logp.detach()
+    return (hat.exp() * (hat - logp)).sum(-1)
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -177,25 +206,11 @@ def rapo_kl(logprobs: torch.Tensor, ref_hat_logprobs: torch.Tensor) -> torch.Ten
     return w * log_w - w + 1.0
 
 
-KL_TERMS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"k3": k3_kl, "rapo": rapo_kl}
-
-
-def kl_penalty(
-    kind: Literal["k3", "rapo"],
-    logprobs: torch.Tensor,
-    target_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    aggregation: Literal["token_mean", "seq_mean"] = "token_mean",
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Aggregated KL term: ``k3`` against log pi_ref, ``rapo`` against log pi_hat_ref."""
-    try:
-        per_token = KL_TERMS[kind](logprobs, target_logprobs)
-    except KeyError:
-        raise ValueError(f"unknown KL term {kind!r}; known: {sorted(KL_TERMS)}") from None
+def kl_term(per_token: torch.Tensor, mask: torch.Tensor,
+            aggregation: Literal["token_mean", "seq_mean"] = "token_mean") -> tuple[torch.Tensor, dict[str, float]]:
+    """Aggregate a per-token KL ``[B, T]`` like the policy term; with its metrics."""
     mask = mask.float()
     value = aggregate(per_token, mask, aggregation)
     with torch.no_grad():
-        n = mask.sum().clamp(min=1.0)
-        metrics = {"kl": float(value), "kl_max": float((per_token * mask).max()) if mask.any() else 0.0,
-                   "log_ratio_ref_mean": float(((target_logprobs - logprobs) * mask).sum() / n)}
+        metrics = {"kl": float(value.detach()), "kl_max": float((per_token * mask).max()) if mask.any() else 0.0}
     return value, metrics

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from prometheus_client import Counter
 from kafka import (
     ConsumerRebalanceListener,
     KafkaAdminClient,
@@ -51,6 +52,18 @@ from schemas import (
 )
 
 log = logging.getLogger(__name__)
+
+# Per logical topic; `outcome` is produced, consumed, deadlettered (undecodable, sent to the
+# dead-letter topic) or dropped (undecodable, consumer without a dead-letter producer).
+MESSAGES = Counter("rlstream_transport_messages_total", "Kafka messages by logical topic and outcome.",
+                   ["topic", "outcome"])
+BYTES = Counter("rlstream_transport_bytes_total", "Kafka message payload bytes by logical topic and direction.",
+                ["topic", "outcome"])
+
+
+def _logical_of(full_topic: str) -> str:
+    """`<run>.<topic>` -> `<topic>` (metric labels stay bounded across runs)."""
+    return full_topic.rsplit(".", 1)[-1]
 
 _MIN_FETCH_MAX_BYTES = 50 * 1024 * 1024  # kafka-python's default fetch_max_bytes
 
@@ -192,6 +205,8 @@ class Producer:
         future = self._producer.send(topic, value=payload, key=key, headers=headers)
         future.add_errback(self._on_error, topic)
         self.stats[topic] = self.stats.get(topic, 0) + 1
+        MESSAGES.labels(_logical_of(topic), "produced").inc()
+        BYTES.labels(_logical_of(topic), "produced").inc(len(payload))
         return future
 
     def _on_error(self, topic: str, exc: BaseException) -> None:
@@ -326,11 +341,13 @@ class Consumer:
             expected = TOPICS[logical].kind
             for rec in records:
                 headers = rec.headers or []
+                BYTES.labels(logical, "consumed").inc(len(rec.value or b""))
                 try:
                     kind, columns = decode(expected, rec.value or b"", headers)
                 except DecodeError as e:
                     self._reject(tp, rec.offset, rec.value or b"", headers, e)
                     bad += 1
+                    MESSAGES.labels(logical, "deadlettered" if self._deadletter is not None else "dropped").inc()
                     continue
                 deliveries.append(
                     Delivery(logical, tp.partition, rec.offset, rec.key, kind, columns, rec.timestamp)
@@ -342,6 +359,8 @@ class Consumer:
         self._positions.update(advanced)
         self.stats["delivered"] += len(deliveries)
         self.stats["deadlettered" if self._deadletter is not None else "dropped"] += bad
+        for d in deliveries:
+            MESSAGES.labels(d.topic, "consumed").inc()
         return deliveries
 
     def _reject(

@@ -45,14 +45,26 @@ from prometheus_client import Counter, Gauge, Histogram
 from pipeline.advantages import get_advantage
 from pipeline.config import LearnerConfig, RunConfig
 from pipeline.erpo import ErpoRule, drop_mask, ra_advantages
-from pipeline.engine import pack, scatter_completion, token_logprobs
+from pipeline.engine import (
+    MIN_TEMPERATURE,
+    PackedBatch,
+    completion_logits,
+    pack,
+    scatter_completion,
+    token_logprobs,
+    token_logprobs_full,
+)
 from pipeline.losses import (
     PolicyLossInputs,
     decoupled_ppo_loss,
-    kl_penalty,
+    k3_kl,
+    kl_term,
     masked_mean,
     phi_clamp,
+    rapo_exact_kl,
+    rapo_kl,
     reference_token_logprobs,
+    reweighted_reference,
 )
 from pipeline.tasks import Problem, arithmetic_problems, load_problems
 from pipeline.transport import Consumer, Producer, topic_name
@@ -169,29 +181,27 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
                  np.asarray(cols["temperature"], dtype=np.float32), pad_id)
     behavior = scatter_completion(cols["behavior_logprobs"].values, batch.completion_mask)
     with torch.no_grad():
-        proximal, _ = token_logprobs(trainer.model, batch)
-        kl_target = None
-        if lc.kl != "none":
-            assert ref_model is not None
-            ref_logits = ref_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-            phi = phi_clamp(rewards, lc.rapo_phi_floor) if lc.kl == "rapo" else None
-            ref_lp, ref_hat = reference_token_logprobs(ref_logits, batch.input_ids[:, 1:], batch.temperatures, phi)
-            kl_target = ref_hat if lc.kl == "rapo" else ref_lp
-            del ref_logits
+        # One update per step: the proximal policy is the current one, taken from the same
+        # forward pass as the gradient (below), so no extra pass is spent on it.
+        proximal = token_logprobs(trainer.model, batch)[0] if lc.mini_batches > 1 else None
+    phi = phi_clamp(rewards, lc.rapo_phi_floor) if lc.kl.startswith("rapo") else None
     slices = np.array_split(rng.permutation(int(group_index.max()) + 1), lc.mini_batches)
     sums: dict[str, float] = defaultdict(float)
     for groups_in_slice in slices:
         mine = groups_in_slice[trainer.rank :: trainer.world_size]
         rows = torch.as_tensor(np.flatnonzero(np.isin(group_index, mine)))
         sub = batch.select(rows)
-        logprobs, entropy = token_logprobs(trainer.model, sub)
+        logprobs, entropy, logp_full = token_logprobs_full(trainer.model, sub)
+        prox = proximal[rows] if proximal is not None else logprobs.detach()
         loss, metrics = decoupled_ppo_loss(
-            PolicyLossInputs(logprobs, proximal[rows], behavior[rows], advantages[rows], sub.completion_mask),
+            PolicyLossInputs(logprobs, prox, behavior[rows], advantages[rows], sub.completion_mask),
             eps_low=lc.eps_low, eps_high=lc.eps_high, tis_cap=lc.tis_cap, aggregation=lc.aggregation,
             mis_low=lc.mis_low, mis_high=lc.mis_high)
         metrics["pg_loss"] = float(loss.detach())
-        if kl_target is not None:
-            kl_loss, kl_metrics = kl_penalty(lc.kl, logprobs, kl_target[rows], sub.completion_mask, lc.aggregation)
+        if lc.kl != "none":
+            per_token = kl_per_token(lc.kl, ref_model, sub, logprobs, logp_full,
+                                     phi[rows] if phi is not None else None)
+            kl_loss, kl_metrics = kl_term(per_token, sub.completion_mask, lc.aggregation)
             loss = loss + lc.kl_coef * kl_loss
             metrics.update(kl_metrics)
         grad_norm = trainer.step(loss)
@@ -208,6 +218,33 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
     sums["tokens"] = float(batch.completion_mask.sum())
     sums["lr"] = lr_at(trainer.updates - 1, lc.lr, lc.warmup_steps)
     return dict(sums)
+
+
+def kl_per_token(kind: str, ref_model: torch.nn.Module, batch: PackedBatch, logprobs: torch.Tensor,
+                 logp_full: torch.Tensor, phi: torch.Tensor | None) -> torch.Tensor:
+    """The KL term ``kind`` per completion token, ``[B, T-1]`` (zeros elsewhere): the frozen
+    reference runs on this mini-batch only, so at most one mini-batch of reference logits exists."""
+    idx = batch.completion_mask.bool()
+    on_tokens = lambda x: x.unsqueeze(1).expand_as(idx)[idx]  # noqa: E731  per sequence [B] -> [N]
+    with torch.no_grad():
+        ref_logits = completion_logits(ref_model, batch)
+        temps = on_tokens(batch.temperatures.clamp(min=MIN_TEMPERATURE))
+        targets = batch.input_ids[:, 1:][idx]
+        if kind == "rapo":
+            ref_hat = reweighted_reference(ref_logits, temps, on_tokens(phi))
+        else:
+            ref_lp, ref_hat_y = reference_token_logprobs(ref_logits, targets, temps,
+                                                         on_tokens(phi) if kind == "rapo_sampled" else None)
+        del ref_logits
+    if kind == "rapo":
+        values = rapo_exact_kl(logp_full, ref_hat)
+    elif kind == "rapo_sampled":
+        values = rapo_kl(logprobs[idx], ref_hat_y)
+    elif kind == "k3":
+        values = k3_kl(logprobs[idx], ref_lp)
+    else:
+        raise ValueError(f"unknown KL term {kind!r}")
+    return torch.zeros(idx.shape, dtype=values.dtype).masked_scatter(idx, values)
 
 
 @dataclass

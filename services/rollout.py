@@ -15,6 +15,7 @@ import time
 import uuid
 
 import numpy as np
+from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.config import RunConfig
 from pipeline.engine import Sample, TorchEngine
@@ -22,8 +23,18 @@ from pipeline.transport import Consumer, Producer, topic_name
 from pipeline.weights import WeightsError, load_verified
 from schemas import TRAJECTORY, Columns, Ragged, concat
 from services.common import JsonlWriter, StopFlag, initial_policy_path, set_threads, worker_id
+from services.metrics import serve
 
 log = logging.getLogger(__name__)
+
+GEN_SECONDS = Histogram("rlstream_rollout_generate_seconds", "Wall time of one generate call (a batch of prompts).",
+                        buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+TOKENS = Counter("rlstream_rollout_tokens_total", "Completion tokens generated.")
+GROUPS = Counter("rlstream_rollout_groups_total", "Groups generated and sent.")
+POLICY_VERSION = Gauge("rlstream_rollout_policy_version", "Policy version the engine samples with.")
+BATCH_PROMPTS = Gauge("rlstream_rollout_batch_prompts", "Prompts in the latest generate call (engine fill).")
+SAMPLE_TEMPERATURE = Histogram("rlstream_rollout_sample_temperature", "Temperature each prompt was sampled at.",
+                               buckets=(0.5, 0.75, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0))
 
 
 def group_columns(samples: list[Sample], ticket: dict, version: int, temperature: float,
@@ -133,6 +144,7 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
                  client_id=f"{cfg.name}-rollout-temperature-{wid}", deadletter=None),
         default=cfg.erpo.tau0)
     progress = JsonlWriter(cfg.workdir / "progress" / f"rollout-{worker_index}.jsonl")
+    serve(cfg, "rollout", str(worker_index))
     out_topic = topic_name(cfg.name, "trajectories")
     groups = tokens = 0
     # A (re)started rollout first catches up on announced temperatures and weights.
@@ -168,6 +180,13 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
             groups += n
             new_tokens = sum(len(s.completion_token_ids) for s in samples)
             tokens += new_tokens
+            GEN_SECONDS.observe(gen_s)
+            TOKENS.inc(new_tokens)
+            GROUPS.inc(n)
+            POLICY_VERSION.set(engine.version)
+            BATCH_PROMPTS.set(n)
+            for t in temps:
+                SAMPLE_TEMPERATURE.observe(t)
             progress.write(groups=groups, tokens=tokens, policy_version=engine.version,
                            batch_groups=n, gen_s=gen_s, tok_per_s=new_tokens / max(gen_s, 1e-9))
     finally:

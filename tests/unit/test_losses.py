@@ -10,10 +10,13 @@ import torch
 from pipeline.losses import (
     PolicyLossInputs,
     decoupled_ppo_loss,
-    kl_penalty,
+    k3_kl,
+    kl_term,
     phi_clamp,
+    rapo_exact_kl,
     rapo_kl,
     reference_token_logprobs,
+    reweighted_reference,
 )
 
 L2, L3, LH = math.log(2.0), math.log(3.0), math.log(0.5)
@@ -189,7 +192,7 @@ def test_k3_values_and_gradient():
     # K = e^x - x - 1 = [2 - 0.6931472 - 1, 0.5 + 0.6931472 - 1] = [0.3068528, 0.1931472]
     inp = _inputs([[0.0, 0.0]], [[0.0, 0.0]], [[0.0, 0.0]], [0.0], [[1, 1]])
     ref = torch.tensor([[L2, LH]], dtype=torch.float64)
-    loss, m = kl_penalty("k3", inp.logprobs, ref, inp.mask)
+    loss, m = kl_term(k3_kl(inp.logprobs, ref), inp.mask)
     torch.testing.assert_close(loss, torch.tensor((0.3068528194 + 0.1931471806) / 2, dtype=torch.float64))
     # dK/dlog pi_theta = 1 - e^x = [-1, 0.5], over 2 tokens
     torch.testing.assert_close(_grad(inp, loss), torch.tensor([[-0.5, 0.25]], dtype=torch.float64))
@@ -207,7 +210,7 @@ def test_rapo_penalty_zero_at_the_reweighted_reference_positive_elsewhere():
 def test_rapo_gradient_sign_per_token():
     inp = _inputs([[0.0, 0.0]], [[0.0, 0.0]], [[0.0, 0.0]], [0.0], [[1, 1]])
     hat = torch.tensor([[L2, LH]], dtype=torch.float64)
-    loss, _ = kl_penalty("rapo", inp.logprobs, hat, inp.mask)
+    loss, _ = kl_term(rapo_kl(inp.logprobs, hat), inp.mask)
     torch.testing.assert_close(loss, torch.tensor((0.3862943611 + 0.1534264097) / 2, dtype=torch.float64))
     # dK/dlog pi = -w ln w = [-2 ln 2, 0.5 ln 2], over 2 tokens: w > 1 is pushed up, w < 1 down
     torch.testing.assert_close(_grad(inp, loss), torch.tensor([[-L2, 0.25 * L2]], dtype=torch.float64))
@@ -218,12 +221,12 @@ def test_reweighted_reference_on_three_tokens():
     # = [0.2411809, 0.3410813, 0.4177378]. Row 1: tau = 2, phi = 1: softmax(z / 2), the same.
     z = torch.log(torch.tensor([1.0, 2.0, 3.0])).expand(2, 3, 3).clone()
     targets = torch.tensor([[0, 1, 2], [2, 1, 0]])
-    lp, hat = reference_token_logprobs(z, targets, torch.tensor([1.0, 2.0]), torch.tensor([0.5, 1.0]), chunk=2)
+    lp, hat = reference_token_logprobs(z, targets, torch.tensor([[1.0], [2.0]]), torch.tensor([[0.5], [1.0]]), chunk=2)
     want_hat = torch.tensor([[0.2411809, 0.3410813, 0.4177378], [0.4177378, 0.3410813, 0.2411809]]).log()
     torch.testing.assert_close(hat, want_hat, atol=1e-6, rtol=0)
     want_lp = torch.stack([torch.tensor([1 / 6, 2 / 6, 3 / 6]).log(), want_hat[1]])
     torch.testing.assert_close(lp, want_lp, atol=1e-6, rtol=0)
-    lp_only, none = reference_token_logprobs(z, targets, torch.tensor([1.0, 2.0]))
+    lp_only, none = reference_token_logprobs(z, targets, torch.tensor([[1.0], [2.0]]))
     assert none is None
     torch.testing.assert_close(lp_only, lp)
     with pytest.raises(ValueError, match="phi floor"):
@@ -255,7 +258,37 @@ def test_rapo_gradient_moves_policy_toward_reweighted_reference():
     torch.testing.assert_close(torch.softmax(theta.detach(), 0), hat, atol=1e-4, rtol=0)
 
 
-def test_unknown_kl_term_raises():
-    x = torch.zeros(1, 1)
-    with pytest.raises(ValueError, match="unknown KL term"):
-        kl_penalty("reverse", x, x, x)  # type: ignore[arg-type]
+HAT = torch.tensor([0.2411809549, 0.3410813774, 0.4177376677], dtype=torch.float64)  # [1, √2, √3] / 4.1462644
+
+
+def test_reweighted_reference_full_vocabulary():
+    z = torch.log(torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]))
+    # row 0: tau 1, phi 0.5 -> pi_ref^0.5 normalised; row 1: tau 2, phi 1 -> softmax(z / 2): both HAT
+    got = reweighted_reference(z, torch.tensor([1.0, 2.0]), torch.tensor([0.5, 1.0]))
+    torch.testing.assert_close(got.exp(), HAT.float().expand(2, 3), atol=1e-6, rtol=0)
+    assert z[0, 0] == 0.0  # the caller's logits are untouched
+
+
+def test_rapo_exact_value_gradient_and_zero_at_target():
+    # KL(HAT || uniform) = sum HAT ln(3 HAT) = 0.0240802 (by hand: -0.0780407 + 0.0078372 + 0.0942837)
+    theta = torch.zeros(1, 3, dtype=torch.float64, requires_grad=True)
+    kl = rapo_exact_kl(torch.log_softmax(theta, -1), HAT.log().unsqueeze(0))
+    torch.testing.assert_close(kl, torch.tensor([0.0240801768], dtype=torch.float64), atol=1e-9, rtol=0)
+    (g,) = torch.autograd.grad(kl.sum(), theta)
+    # d KL / d logits = pi_theta - pi_hat = [1/3 - HAT]
+    torch.testing.assert_close(g, (1 / 3 - HAT).unsqueeze(0), atol=1e-9, rtol=0)
+    at_target = rapo_exact_kl(HAT.log().unsqueeze(0), HAT.log().unsqueeze(0))
+    torch.testing.assert_close(at_target, torch.zeros(1, dtype=torch.float64))
+
+
+def test_rapo_exact_gradient_descent_reaches_the_reweighted_reference():
+    theta = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    kls = []
+    for _ in range(300):
+        kl = rapo_exact_kl(torch.log_softmax(theta, 0), HAT.log())
+        kls.append(float(kl.detach()))
+        (g,) = torch.autograd.grad(kl, theta)
+        with torch.no_grad():
+            theta -= 1.0 * g
+    assert all(b <= a + 1e-15 for a, b in zip(kls, kls[1:])) and kls[-1] < 1e-9, kls[::50]
+    torch.testing.assert_close(torch.softmax(theta.detach(), 0), HAT, atol=1e-5, rtol=0)
