@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rlstream-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean system-deps
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/rlstream demo
 
-test: $(STAMP)
+# Real Prometheus for its integration test (Debian package; installed when we may, else skipped).
+system-deps:
+	@command -v prometheus >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  { apt-get install -y -q prometheus >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q prometheus >/dev/null; }; }; } || \
+	  echo "prometheus is not installed (apt-get install prometheus): its integration test will be skipped"
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

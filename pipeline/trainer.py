@@ -185,10 +185,14 @@ class DeepSpeedTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.updates, self.lc.lr, self.lc.warmup_steps)
         self.engine.backward(loss)
+        local = None
+        if self.zero_stage == 0:  # the engine does not report the norm without ZeRO; grads are whole here
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            local = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
         self.engine.step()
         self.updates += 1
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else math.nan
+        return float(norm) if norm is not None else (local if local is not None else math.nan)
 
     def barrier(self) -> None:
         if self.world_size > 1:

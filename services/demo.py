@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,6 +103,12 @@ def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
     run_dir = (cfg.workdir / time.strftime("%Y%m%d-%H%M%S")).resolve()
     (run_dir / "logs").mkdir(parents=True)
     print(f"rlstream demo: run {cfg.name!r} in {run_dir}", flush=True)
+    if cfg.metrics.enabled:
+        scrape = run_dir / "metrics" / "prometheus.yml"
+        scrape.parent.mkdir()
+        shutil.copy(Path(__file__).resolve().parents[1] / "infra" / "prometheus" / "prometheus.yml", scrape)
+        print(f"metrics: every service serves /metrics; to watch them: prometheus --config.file {scrape} "
+              f"--storage.tsdb.path {scrape.parent / 'tsdb'} (dashboard: infra/grafana/)", flush=True)
 
     policy_path = initial_policy_path(cfg)
     model, tokenizer = load_policy(policy_path)

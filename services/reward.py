@@ -81,6 +81,10 @@ class TemperatureDistribution:
                                          buckets=self._buckets or [("+Inf", 0.0)], gsum_value=self._sum)
 
 
+TEMPERATURES = TemperatureDistribution()
+REGISTRY.register(TEMPERATURES)
+
+
 def group_rows(scored: list[Columns]) -> pl.DataFrame:
     """One row per scored group (prompt_id, pass_rate, policy_version), in arrival order."""
     prompt_ids, rates, versions = [], [], []
@@ -115,8 +119,6 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
         consumer.seek(offsets)
         log.info("resumed ERPO table of %d prompts from %s at %s", len(store), snapshot_path, offsets)
     metrics.serve(cfg, "reward", str(worker_index))
-    distribution = TemperatureDistribution()
-    REGISTRY.register(distribution)
     reactivated = int(store.column("times_reactivated").sum())
     progress = JsonlWriter(cfg.workdir / "progress" / f"reward-{worker_index}.jsonl")
     scored_topic, temp_topic = topic_name(cfg.name, "scored"), topic_name(cfg.name, "temperature")
@@ -177,7 +179,7 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
                 TABLE_PROMPTS.set(len(store))
                 RESIDUAL_PROMPTS.labels(RESIDUAL_ALL_CORRECT).set(int(store.column("was_residual").sum()))
                 RESIDUAL_PROMPTS.labels(RESIDUAL_ALL_WRONG).set(int((store.column("all_wrong_streak") > 0).sum()))
-                distribution.refresh(temps)
+                TEMPERATURES.refresh(temps)
                 progress.write(groups=groups, batch_s=time.monotonic() - t0, erpo_update_ms=erpo_s * 1000,
                                statuses=dict(statuses), deadlettered=consumer.stats["deadlettered"],
                                all_correct_groups=residual[RESIDUAL_ALL_CORRECT],
