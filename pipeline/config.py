@@ -306,6 +306,20 @@ class DemoConfig(_Strict):
     """Seconds between progress lines."""
 
 
+class RecorderConfig(_Strict):
+    """The recorder: every topic into a Parquet lake (see `pipeline.lake`)."""
+
+    lake_dir: Path | None = None
+    """Where the lake goes; null means `<workdir>/lake`."""
+    flush_rows: int = Field(50_000, ge=1)
+    """Write the buffered rows once there are this many."""
+    flush_mb: float = Field(64.0, gt=0)
+    """... or once they take this many MiB in memory (bounds the recorder's memory)."""
+    flush_every_s: float = Field(10.0, gt=0)
+    """... or this long after the last write."""
+    poll_timeout_ms: int = Field(500, ge=1, le=60_000)
+
+
 class MetricsConfig(_Strict):
     """Prometheus metrics: every service process serves `/metrics` over HTTP and writes a
     file-based service-discovery target (`<workdir>/metrics/targets/<service>-<worker>.json`,
@@ -341,6 +355,7 @@ class RunConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     demo: DemoConfig = DemoConfig()
     metrics: MetricsConfig = MetricsConfig()
+    recorder: RecorderConfig = RecorderConfig()
 
     @model_validator(mode="after")
     def _default_model_needs_arithmetic(self) -> RunConfig:

@@ -10,10 +10,12 @@ from schemas.codec import (
     concat,
     decode,
     encode,
+    encode_batch,
     headers_for,
     kind_from_headers,
     num_rows,
     take,
+    to_record_batch,
 )
 from schemas.messages import (
     DEAD_LETTER,
@@ -44,8 +46,10 @@ __all__ = [
     "concat",
     "decode",
     "encode",
+    "encode_batch",
     "headers_for",
     "kind_from_headers",
     "num_rows",
     "take",
+    "to_record_batch",
 ]

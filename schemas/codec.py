@@ -214,6 +214,22 @@ def encode(kind: MessageKind, columns: Columns) -> bytes:
     Raises `SchemaError` (naming the column) for missing or extra columns, unequal lengths,
     values that do not fit the field type, or nulls in non-nullable fields.
     """
+    return encode_batch(kind, to_record_batch(kind, columns))
+
+
+def encode_batch(kind: MessageKind, batch: pa.RecordBatch) -> bytes:
+    """One record batch already in `kind`'s schema -> Arrow IPC stream bytes (e.g. a replayed
+    message read back from the lake)."""
+    if not batch.schema.equals(kind.schema, check_metadata=False):
+        raise SchemaError(f"{kind.name}: record batch schema {batch.schema} differs from {kind.schema}")
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, kind.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def to_record_batch(kind: MessageKind, columns: Columns) -> pa.RecordBatch:
+    """Columns -> one Arrow record batch of `kind`'s schema (validated as for `encode`)."""
     names = kind.schema.names
     missing = [n for n in names if n not in columns]
     extra = [n for n in columns if n not in names]
@@ -226,11 +242,7 @@ def encode(kind: MessageKind, columns: Columns) -> bytes:
         if not field.nullable and arr.null_count:
             raise SchemaError(f"{kind.name}: column {field.name!r} is not nullable but has {arr.null_count} nulls")
         arrays.append(arr)
-    batch = pa.RecordBatch.from_arrays(arrays, schema=kind.schema)
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, kind.schema) as writer:
-        writer.write_batch(batch)
-    return sink.getvalue().to_pybytes()
+    return pa.RecordBatch.from_arrays(arrays, schema=kind.schema)
 
 
 def _header(headers: Sequence[tuple[str, bytes | None]], name: str) -> bytes | None:

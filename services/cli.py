@@ -45,11 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in [("rollout", "rollout producer: tickets -> trajectories"),
                        ("reward", "reward/verification consumer: trajectories -> scored groups"),
-                       ("learner", "learner: scored groups -> weights; paces the run")]:
+                       ("learner", "learner: scored groups -> weights; paces the run"),
+                       ("recorder", "recorder: every topic -> the Parquet lake")]:
         p = sub.add_parser(name, help=text)
         _add_config(p)
         if name != "learner":
             p.add_argument("--worker-index", type=int, default=0)
+
+    p = sub.add_parser("replay", help="re-publish a recorded lake's topic into the topics of the configured run")
+    p.add_argument("lake", type=Path)
+    p.add_argument("--topic", default="scored", help="logical topic to replay (default: scored)")
+    _add_config(p)
+
+    p = sub.add_parser("report", help="HTML report with plots of a recorded lake")
+    p.add_argument("lake", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: <lake>/../report)")
+    p.add_argument("--prompt", default=None, help="also plot the lineage of this prompt id")
+    p.add_argument("--log-level", default="INFO")
 
     p = sub.add_parser("warmstart", help="build (or find cached) the warm-started default model")
     _add_config(p)
@@ -65,6 +77,15 @@ def main(argv: list[str] | None = None) -> None:
         from infra.broker import run_foreground
 
         run_foreground(args.port, args.storage)
+        return
+    if args.command == "report":
+        from services.report import write_report
+
+        try:
+            path = write_report(args.lake, args.out or args.lake.resolve().parent / "report", args.prompt)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"rlstream report: {e}")
+        print(path)
         return
     cfg = _load(args)
     from services.common import setup_logging
@@ -82,6 +103,17 @@ def main(argv: list[str] | None = None) -> None:
         from services import learner
 
         learner.run(cfg)
+    elif args.command == "recorder":
+        from services import recorder
+
+        recorder.run(cfg, args.worker_index)
+    elif args.command == "replay":
+        from services import replay
+
+        try:
+            replay.run(cfg, args.lake, args.topic)
+        except ValueError as e:
+            sys.exit(f"rlstream replay: {e}")
     elif args.command == "warmstart":
         from services.common import initial_policy_path
 

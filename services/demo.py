@@ -149,6 +149,7 @@ def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
             children.start(f"reward-{i}", base + ["reward", "--worker-index", str(i)] + cfg_args)
         for i in range(cfg.demo.rollout_workers):
             children.start(f"rollout-{i}", base + ["rollout", "--worker-index", str(i)] + cfg_args)
+        children.start("recorder", base + ["recorder"] + cfg_args)
         print(f"broker {broker.bootstrap}; services: {', '.join(children.procs)} "
               f"(logs in {run_dir / 'logs'})", flush=True)
         t_rl = time.monotonic()
@@ -169,6 +170,9 @@ def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
             return 1
         print(_progress_line(run_dir, cfg, t_rl), flush=True)
         rl_s = time.monotonic() - t_rl
+        # Producers first, then the recorder, which drains the topics into the lake and exits.
+        children.stop([n for n in children.procs if n != "recorder"])
+        children.stop(["recorder"], timeout_s=120)
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: stopping every service and the broker", file=sys.stderr)
@@ -188,6 +192,10 @@ def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
     print(f"held-out after RL  ({after.problems} problems): sampled pass@1 "
           f"{after.sampled_accuracy:.3f}, greedy {after.greedy_accuracy:.3f} "
           f"(policy v{version}, {rl_s:.0f}s of RL)", flush=True)
+    from services.report import write_report
+
+    report = write_report(run_dir / "lake", run_dir / "report", title=f"rlstream run {cfg.name!r} ({run_dir.name})")
+    print(f"report: {report}", flush=True)
     summary = {"acc_before": before.sampled_accuracy, "acc_after": after.sampled_accuracy,
                "greedy_before": before.greedy_accuracy, "greedy_after": after.greedy_accuracy,
                "rl_s": rl_s, "wall_s": wall, "policy_version": int(version)}

@@ -14,13 +14,17 @@ shipped, about 4 minutes here with the warm-start cached, 6 without.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
+
+from pipeline.lake import read_topic
 
 pytestmark = pytest.mark.e2e
 
@@ -28,7 +32,11 @@ REPO = Path(__file__).resolve().parents[2]
 MARGIN = 0.03
 
 
-def test_demo_learns(tmp_path: Path):
+def _last(path: Path) -> dict:
+    return json.loads(path.read_text().splitlines()[-1])
+
+
+def test_demo_learns_records_its_lake_and_replays(tmp_path: Path, broker):
     cmd = [sys.executable, "-m", "services.cli", "demo",
            "--set", f'workdir="{tmp_path}"', "--set", "demo.progress_every_s=30"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500,
@@ -41,3 +49,32 @@ def test_demo_learns(tmp_path: Path):
     before, after = float(m.group(1)), float(m.group(2))
     assert 0.2 < before < 0.6, f"warm-start accuracy {before} is outside the range the demo is tuned for"
     assert after - before > MARGIN, f"held-out pass@1 went {before:.3f} -> {after:.3f}"
+
+    # The lake holds exactly what flowed: every ticket, trajectory group and scored group.
+    run_dir = Path(re.search(r"in (\S+)\n", proc.stdout).group(1))
+    lake = run_dir / "lake"
+    learner = _last(run_dir / "progress" / "learner.jsonl")
+    scored = read_topic(lake, "scored")
+    groups = scored["group_id"].n_unique()
+    assert read_topic(lake, "prompts").height == learner["issued"]
+    assert read_topic(lake, "trajectories")["group_id"].n_unique() == _last(run_dir / "progress" / "rollout-0.jsonl")["groups"]
+    assert groups == _last(run_dir / "progress" / "reward-0.jsonl")["groups"]
+    assert learner["received"] <= groups and learner["step"] * 16 <= learner["received"]
+    assert read_topic(lake, "policy").height == learner["version"]
+    assert "report: " in proc.stdout and (run_dir / "report" / "index.html").exists()
+    assert (run_dir / "report" / "overview.png").stat().st_size > 10_000
+
+    # Replay the scored groups into a fresh run; a new learner trains offline on the same groups.
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    sets = ["--set", 'name="replayed"', "--set", f'kafka.bootstrap_servers="{broker.bootstrap}"',
+            "--set", "kafka.session_timeout_ms=2000", "--set", f'workdir="{tmp_path / "replayed"}"',
+            "--set", "learner.total_steps=10", "--set", 'learner.backend="torch"']
+    subprocess.run([sys.executable, "-m", "services.cli", "replay", str(lake)] + sets, cwd=REPO, check=True,
+                   env=env, timeout=300)
+    subprocess.run([sys.executable, "-m", "services.cli", "learner"] + sets, cwd=REPO, check=True, env=env,
+                   timeout=600, capture_output=True)
+    replayed = _last(tmp_path / "replayed" / "progress" / "learner.jsonl")
+    assert replayed["step"] == 10 and replayed["duplicates"] == 0
+    saved = json.loads((tmp_path / "replayed" / "checkpoints" / "step-00000010" / "learner.json").read_text())
+    trained = pl.Series(saved["seen"])
+    assert trained.len() >= 10 * 16 and trained.is_in(scored["group_id"].unique().implode()).all()

@@ -1,0 +1,56 @@
+"""`rlstream replay LAKE`: re-publish a recorded run into the topics of a fresh run.
+
+Reads a topic of the lake (default `scored`, what a learner consumes), de-duplicated, in broker
+order (time, then partition and offset), and sends every recorded message again, unchanged, to
+`<run>.<topic>` of the run named in the config (`--set name=...`): the same Arrow bytes, the same
+key (prompt_id), so a learner started on that run trains offline from the logged trajectories. The
+learner's staleness rule still applies (to the recorded behaviour versions against its own) and
+its importance weights use the recorded behaviour log-probs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from pipeline.config import RunConfig
+from pipeline.lake import META_COLUMNS, read_topic
+from pipeline.transport import TOPICS, Producer, ensure_topics, topic_name
+from schemas import encode_batch, headers_for
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: RunConfig, lake: Path, topic: str = "scored") -> int:
+    """Replay ``topic`` of ``lake`` into run ``cfg.name``; returns the number of messages sent."""
+    if topic not in TOPICS:
+        raise ValueError(f"unknown topic {topic!r}; known: {sorted(TOPICS)}")
+    df = read_topic(lake, topic)
+    if df.is_empty():
+        raise ValueError(f"{lake} holds no {topic!r} messages")
+    kind = TOPICS[topic].kind
+    ensure_topics(cfg.kafka, cfg.name)
+    producer = Producer(cfg.kafka, client_id=f"{cfg.name}-replay")
+    dest = topic_name(cfg.name, topic)
+    keyed = "prompt_id" in kind.schema.names
+    messages = df.partition_by(["_partition", "_offset"], maintain_order=True)
+    t0 = last = time.monotonic()
+    try:
+        for i, msg in enumerate(messages, 1):
+            table = msg.drop([*META_COLUMNS, "version"]).to_arrow().select(kind.schema.names).cast(kind.schema)
+            batch = table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], kind.schema)
+            key = str(msg["prompt_id"][0]).encode() if keyed else None
+            producer.send_raw(dest, encode_batch(kind, batch), headers_for(kind), key=key)
+            if time.monotonic() - last >= 5:
+                producer.flush()
+                log.info("replayed %d/%d %s messages into %s", i, len(messages), topic, dest)
+                last = time.monotonic()
+        producer.flush()
+    finally:
+        producer.close()
+    log.info("replayed %d %s messages (%d rows) into %s in %.1fs", len(messages), topic, df.height, dest,
+             time.monotonic() - t0)
+    return len(messages)
