@@ -125,6 +125,7 @@ def main() -> None:
     trl_model = copy.deepcopy(base).train()
     with tempfile.TemporaryDirectory() as tmp:
         trl = make_trl(trl_model, tokenizer, tmp)
+        trl.current_gradient_accumulation_steps = 1  # set by Trainer.training_step in a real loop
         trl_opt = torch.optim.AdamW(trl_model.parameters(), lr=1e-6, betas=(0.9, 0.99), weight_decay=0.0)
         inputs = trl_inputs(groups, tokenizer.pad_token_id)
 

@@ -181,3 +181,41 @@ def test_groups_flow_through_the_services_with_offsets_committed(broker, kafka_c
     published = sorted((tmp_path / "run" / "policies").glob("v*"))
     assert [p.name for p in published] == [f"v{v:06d}" for v in range(STEPS - 2, STEPS + 1)] or len(published) == 3
     assert np.isfinite(last["loss"])
+
+
+def test_learner_resumes_from_its_checkpoint(broker, kafka_cfg, run_name, tmp_path):
+    """A learner that ran 2 steps (checkpoint at 2) is started again with resume: it continues at
+    step 3 from the saved offsets, announces its restored weights under a new version, and the
+    policy versions on the topic keep rising."""
+    sets = _overrides(run_name, tmp_path / "run", tmp_path / "cache", broker.bootstrap)
+    sets += ["--set", 'learner.backend="torch"', "--set", "learner.checkpoint_every=2"]
+    cli = [sys.executable, "-m", "services.cli"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    subprocess.run(cli + ["warmstart"] + sets, check=True, cwd=REPO, env=env, capture_output=True)
+    ensure_topics(kafka_cfg, run_name)
+    logs = {name: open(tmp_path / f"{name}.log", "ab") for name in ("learner", "reward", "rollout")}
+    workers = {name: subprocess.Popen(cli + [name] + sets, cwd=REPO, env=env, stdout=logs[name],
+                                      stderr=subprocess.STDOUT) for name in ("reward", "rollout")}
+    try:
+        for extra in (["--set", "learner.total_steps=2"], ["--set", "learner.total_steps=4", "--set", "learner.resume=true"]):
+            learner = subprocess.run(cli + ["learner"] + sets + extra, cwd=REPO, env=env, stdout=logs["learner"],
+                                     stderr=subprocess.STDOUT, timeout=240)
+            assert learner.returncode == 0, (tmp_path / "learner.log").read_text()[-3000:]
+    finally:
+        for proc in workers.values():
+            proc.terminate()
+        for proc in workers.values():
+            proc.wait(timeout=30)
+    progress = [json.loads(line) for line in (tmp_path / "run" / "progress" / "learner.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in progress] == [1, 2, 3, 4]
+    assert [p["version"] for p in progress] == [1, 2, 4, 5]  # v3 = the restored weights, announced on resume
+    c = Consumer(kafka_cfg, run_name, ["policy"], group_id=None, client_id="check", deadletter=None)
+    versions = [int(d.columns["version"][0]) for _ in range(6) for d in c.poll(timeout_ms=300)]
+    c.close()
+    assert versions == [1, 2, 3, 4, 5]
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000002", "step-00000004"]
+    saved = json.loads((root / "step-00000004" / "learner.json").read_text())
+    assert saved["trained"] == 4 * GROUPS_PER_STEP and saved["step"] == 4
+    committed = _committed(broker.bootstrap, f"{run_name}.learner", topic_name(run_name, "scored"))
+    assert committed == sum(o for _, _, o in saved["offsets"])
