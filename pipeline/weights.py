@@ -72,12 +72,17 @@ def publish(state: dict[str, torch.Tensor], root: Path, version: int, keep: int)
     return PublishedPolicy(version, str(final.resolve()), digest, _dtype_name(flat))
 
 
-def load_verified(uri: str, sha256: str) -> dict[str, torch.Tensor]:
-    """Load the weights of a published folder after checking the announced sha256."""
+def verify_published(uri: str, sha256: str) -> Path:
+    """The weights file of a published folder, after checking the announced sha256."""
     path = Path(uri) / WEIGHTS_FILE
     if not path.exists():
         raise WeightsError(f"announced weights not found: {path} (pruned or never written?)")
     actual = sha256_file(path)
     if actual != sha256:
         raise WeightsError(f"sha256 mismatch for {path}: announced {sha256[:12]}…, file {actual[:12]}…")
-    return load_file(str(path))
+    return path
+
+
+def load_verified(uri: str, sha256: str) -> dict[str, torch.Tensor]:
+    """Load the weights of a published folder after checking the announced sha256."""
+    return load_file(str(verify_published(uri, sha256)))

