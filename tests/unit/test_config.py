@@ -92,3 +92,17 @@ def test_configs_are_frozen():
     cfg = RunConfig()
     with pytest.raises(Exception):
         cfg.learner.lr = 1.0  # type: ignore[misc]
+
+
+def test_rollout_engine_auto_follows_cuda(monkeypatch):
+    import torch
+
+    from pipeline.config import RolloutConfig
+
+    assert RolloutConfig().engine == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert RolloutConfig().resolved_engine() == "torch"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert RolloutConfig().resolved_engine() == "vllm"
+    assert RolloutConfig(engine="torch").resolved_engine() == "torch"
+    assert RolloutConfig(engine="vllm").resolved_engine() == "vllm"
