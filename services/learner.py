@@ -402,6 +402,8 @@ def run(cfg: RunConfig) -> None:
         return metrics
 
     if trainer.rank != 0:
+        if lc.resume:
+            trainer.full_state_dict()  # rank 0 announces the restored weights: a collective under ZeRO-3
         while (groups := channel.recv()) is not None:
             learn(groups)
             if state.step % lc.sync_every == 0 or state.step == lc.total_steps:
