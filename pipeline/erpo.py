@@ -831,11 +831,6 @@ def temperature_lookup(
     table: pl.DataFrame, prompt_ids: Sequence[str] | np.ndarray | pl.Series, rule: ErpoRule = ErpoRule()
 ) -> np.ndarray:
     """Float32 temperature per prompt id, aligned with ``prompt_ids``; tau0 for unknown ids (and
-    for every id when the rule is disabled)."""
-    ids = pl.Series("prompt_id", prompt_ids, dtype=pl.Utf8)
-    if not rule.enabled or table.height == 0:
-        return np.full(ids.len(), rule.tau0, dtype=np.float32)
-    out = ids.to_frame().join(
-        table.select("prompt_id", "temperature"), on="prompt_id", how="left", maintain_order="left"
-    )
-    return out["temperature"].fill_null(rule.tau0).to_numpy().astype(np.float32, copy=False)
+    for every id when the rule is disabled). A one-off lookup on a DataFrame; a service holding a
+    :class:`HistoryStore` calls its :meth:`HistoryStore.temperatures`."""
+    return HistoryStore(rule, table).temperatures(prompt_ids)

@@ -28,7 +28,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import KINDS, Columns, to_record_batch
+from pipeline.transport import TOPICS
+from schemas import Columns, to_record_batch
 
 #: The column holding the policy version of each topic's rows (None: no version, stored as -1).
 VERSION_COLUMN: dict[str, str | None] = {
@@ -62,7 +63,7 @@ class LakeWriter:
 
     def add(self, topic: str, columns: Columns, partition: int, offset: int, timestamp_ms: int) -> None:
         """Buffer one decoded message of logical ``topic`` read at (partition, offset)."""
-        kind = KINDS[_kind_name(topic)]
+        kind = TOPICS[topic].kind
         batch = to_record_batch(kind, columns)
         n = batch.num_rows
         batch = batch.append_column("_partition", pa.array(np.full(n, partition, np.int32)))
@@ -93,12 +94,6 @@ class LakeWriter:
         self._buffers.clear()
         self.buffered_rows = self.buffered_bytes = 0
         return written
-
-
-def _kind_name(topic: str) -> str:
-    from pipeline.transport import TOPICS  # local: transport pulls in kafka
-
-    return TOPICS[topic].kind.name
 
 
 def topics_in(lake: Path) -> list[str]:

@@ -336,6 +336,7 @@ class Consumer:
         deliveries: list[Delivery] = []
         advanced: dict[tuple[str, int], int] = {}
         bad = 0
+        rejected: dict[TopicPartition, int] = {}
         for tp, records in fetched.items():
             logical = self._logical[tp.topic]
             expected = TOPICS[logical].kind
@@ -347,6 +348,7 @@ class Consumer:
                 except DecodeError as e:
                     self._reject(tp, rec.offset, rec.value or b"", headers, e)
                     bad += 1
+                    rejected[tp] = rejected.get(tp, 0) + 1
                     MESSAGES.labels(logical, "deadlettered" if self._deadletter is not None else "dropped").inc()
                     continue
                 deliveries.append(
@@ -359,8 +361,10 @@ class Consumer:
         self._positions.update(advanced)
         self.stats["delivered"] += len(deliveries)
         self.stats["deadlettered" if self._deadletter is not None else "dropped"] += bad
-        for d in deliveries:
-            MESSAGES.labels(d.topic, "consumed").inc()
+        for tp, records in fetched.items():
+            decoded = len(records) - rejected.get(tp, 0)
+            if decoded:
+                MESSAGES.labels(self._logical[tp.topic], "consumed").inc(decoded)
         return deliveries
 
     def _reject(

@@ -96,7 +96,6 @@ def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
     from pipeline.model import load_policy
     from pipeline.tasks import arithmetic_problems, load_problems
     from pipeline.transport import ensure_topics
-    from pipeline.weights import load_verified
     from services.common import initial_policy_path
 
     t_start = time.monotonic()
@@ -186,7 +185,7 @@ def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
             print("all stopped", file=sys.stderr)
 
     version, sha, uri = (run_dir / "final_policy.txt").read_text().split(maxsplit=2)
-    engine.load_weights(load_verified(uri.strip(), sha), int(version))
+    engine.load_published(uri.strip(), sha, int(version))
     after = evaluate(engine, heldout, ev.temperature, ev.samples)
     wall = time.monotonic() - t_start
     print(f"held-out after RL  ({after.problems} problems): sampled pass@1 "

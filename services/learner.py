@@ -50,6 +50,8 @@ from pipeline.engine import (
     PackedBatch,
     completion_logits,
     pack,
+    per_completion_token,
+    place_completion,
     scatter_completion,
     token_logprobs,
     token_logprobs_full,
@@ -224,17 +226,17 @@ def kl_per_token(kind: str, ref_model: torch.nn.Module, batch: PackedBatch, logp
                  logp_full: torch.Tensor, phi: torch.Tensor | None) -> torch.Tensor:
     """The KL term ``kind`` per completion token, ``[B, T-1]`` (zeros elsewhere): the frozen
     reference runs on this mini-batch only, so at most one mini-batch of reference logits exists."""
-    idx = batch.completion_mask.bool()
-    on_tokens = lambda x: x.unsqueeze(1).expand_as(idx)[idx]  # noqa: E731  per sequence [B] -> [N]
+    mask = batch.completion_mask
+    idx = mask.bool()
     with torch.no_grad():
         ref_logits = completion_logits(ref_model, batch)
-        temps = on_tokens(batch.temperatures.clamp(min=MIN_TEMPERATURE))
-        targets = batch.input_ids[:, 1:][idx]
+        temps = per_completion_token(batch.temperatures.clamp(min=MIN_TEMPERATURE), mask)
+        phi_tokens = per_completion_token(phi, mask) if phi is not None else None
         if kind == "rapo":
-            ref_hat = reweighted_reference(ref_logits, temps, on_tokens(phi))
+            ref_hat = reweighted_reference(ref_logits, temps, phi_tokens)
         else:
-            ref_lp, ref_hat_y = reference_token_logprobs(ref_logits, targets, temps,
-                                                         on_tokens(phi) if kind == "rapo_sampled" else None)
+            ref_lp, ref_hat_y = reference_token_logprobs(ref_logits, batch.input_ids[:, 1:][idx], temps,
+                                                         phi_tokens if kind == "rapo_sampled" else None)
         del ref_logits
     if kind == "rapo":
         values = rapo_exact_kl(logp_full, ref_hat)
@@ -244,7 +246,7 @@ def kl_per_token(kind: str, ref_model: torch.nn.Module, batch: PackedBatch, logp
         values = k3_kl(logprobs[idx], ref_lp)
     else:
         raise ValueError(f"unknown KL term {kind!r}")
-    return torch.zeros(idx.shape, dtype=values.dtype).masked_scatter(idx, values)
+    return place_completion(values, mask)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from prometheus_client import Counter, Gauge
 from pipeline.config import RunConfig
 from pipeline.lake import LakeWriter
 from pipeline.transport import TOPICS, Consumer
+from schemas import num_rows
 from services.common import StopFlag, worker_id
 from services.metrics import serve
 
@@ -58,7 +59,7 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
     def take(deliveries) -> None:
         for d in deliveries:
             writer.add(d.topic, d.columns, d.partition, d.offset, d.timestamp_ms)
-            rows_by_topic[d.topic] = rows_by_topic.get(d.topic, 0) + len(next(iter(d.columns.values())))
+            rows_by_topic[d.topic] = rows_by_topic.get(d.topic, 0) + num_rows(d.columns)
         BUFFERED.set(writer.buffered_bytes)
 
     try:

@@ -141,9 +141,10 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
                     cols = d.columns
                     verdicts = pool.verify(list(zip(cols["completion_text"], cols["answer"])))
                     scored.append(score(cols, verdicts))
-                    statuses.update(v.status.value for v in verdicts)
-                    for v in verdicts:
-                        VERDICTS.labels(v.status.value).inc()
+                    batch_statuses = Counter(v.status.value for v in verdicts)
+                    statuses.update(batch_statuses)
+                    for status, n in batch_statuses.items():
+                        VERDICTS.labels(status).inc(n)
                 t_erpo = time.monotonic()
                 VERIFY_SECONDS.observe(t_erpo - t0)
                 batch_groups = group_rows(scored)

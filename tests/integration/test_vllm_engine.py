@@ -81,3 +81,15 @@ def test_reload_matches_the_torch_engine_greedily(engine, policy, tmp_path):
     want = [s.completion_token_ids.tolist() for s in reference.generate(PROMPTS, [0.0] * len(PROMPTS), 1)]
     assert after == want
     assert after != before  # the new weights are really in use
+
+
+def test_load_weights_from_tensors_equals_load_published(engine, policy, tmp_path):
+    model, _ = load_policy(policy)
+    torch.manual_seed(2)
+    state = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    engine.load_weights(state, 8)
+    from_tensors = [s.completion_token_ids.tolist() for s in engine.generate(PROMPTS, [0.0] * len(PROMPTS), 1)]
+    pub = publish(state, tmp_path / "policies", 9, keep=1)
+    engine.load_published(pub.uri, pub.sha256, pub.version)
+    assert engine.version == 9
+    assert [s.completion_token_ids.tolist() for s in engine.generate(PROMPTS, [0.0] * len(PROMPTS), 1)] == from_tensors
