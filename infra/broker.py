@@ -3,7 +3,8 @@
 Tansu speaks the Kafka protocol. Known differences that matter here: a consumer-group join takes
 about half the session timeout, there is no retention or DeleteRecords, and the "latest" offset
 it reports is wrong (see pipeline/transport.py). With the default `memory://` storage everything
-is lost when the process stops.
+is lost when the process stops; with `s3://` storage on a local SeaweedFS (`infra.objectstore`,
+`--durable DIR`) topics, offsets and group commits survive a broker restart.
 """
 
 from __future__ import annotations
@@ -55,12 +56,15 @@ def _free_port() -> int:
 class Broker:
     """A Tansu broker subprocess on 127.0.0.1; use as a context manager or start()/stop()."""
 
-    def __init__(self, port: int | None = None, storage: str = "memory://tansu/", log_path: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, storage: str = "memory://tansu/", log_path: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
         """`port` None picks a free port at start; `log_path` None keeps the broker's output in an
-        anonymous temporary file (shown in start-up errors)."""
+        anonymous temporary file (shown in start-up errors); `env` adds to tansu's environment
+        (the S3 settings of `infra.objectstore.ObjectStore.client_env` for `s3://` storage)."""
         self.port = port
         self.storage = storage
         self.log_path = log_path
+        self.env = env or {}
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -99,7 +103,7 @@ class Broker:
         # sends SIGTERM if the owner dies first, so a killed launcher leaves no broker behind.
         self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, start_new_session=True,
-                                      preexec_fn=die_with_parent)
+                                      env=dict(os.environ, **self.env), preexec_fn=die_with_parent)
         log.info("started tansu pid %d on %s (storage %s)", self._proc.pid, self.bootstrap, self.storage)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -160,6 +164,16 @@ class Broker:
             self._log.close()
             self._log = None
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (fault tests); `start()` again restarts on the same port."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
     def __enter__(self) -> Broker:
         return self.start()
 
@@ -169,8 +183,11 @@ class Broker:
         self.stop()
 
 
-def run_foreground(port: int, storage: str = "memory://tansu/") -> None:
-    """Run a broker until Ctrl-C or SIGTERM, printing its bootstrap address."""
+def run_foreground(port: int, storage: str = "memory://tansu/", durable_dir: Path | None = None) -> None:
+    """Run a broker until Ctrl-C or SIGTERM, printing its bootstrap address. With `durable_dir`,
+    topics live in a local S3 store (SeaweedFS) kept in that folder and survive restarts."""
+    from infra.objectstore import ObjectStore
+
     stopping = False
 
     def on_term(signum: int, frame: FrameType | None) -> None:
@@ -178,10 +195,16 @@ def run_foreground(port: int, storage: str = "memory://tansu/") -> None:
         stopping = True
 
     previous = signal.signal(signal.SIGTERM, on_term)
-    broker = Broker(port=port, storage=storage)
+    store = ObjectStore(durable_dir, log_path=durable_dir / "weed.log") if durable_dir is not None else None
+    broker: Broker | None = None
     try:
+        if store is not None:
+            store.start()
+            storage = store.storage_url
+        broker = Broker(port=port, storage=storage, env=store.client_env() if store else None)
         broker.start()
-        print(f"broker ready: bootstrap {broker.bootstrap} (storage {storage}); Ctrl-C to stop", flush=True)
+        where = f"{storage} in {durable_dir}" if store else storage
+        print(f"broker ready: bootstrap {broker.bootstrap} (storage {where}); Ctrl-C to stop", flush=True)
         while not stopping and broker.running:
             time.sleep(0.2)
         if not stopping:
@@ -189,7 +212,10 @@ def run_foreground(port: int, storage: str = "memory://tansu/") -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        broker.stop()
+        if broker is not None:
+            broker.stop()
+        if store is not None:
+            store.stop()
         signal.signal(signal.SIGTERM, previous)
 
 
@@ -198,10 +224,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rlstream broker", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=9092, help="loopback port to listen on")
     parser.add_argument("--storage", default="memory://tansu/", help="tansu storage engine URL")
+    parser.add_argument("--durable", type=Path, default=None, metavar="DIR",
+                        help="keep topics in a local S3 store (SeaweedFS) in DIR; survives restarts")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO lines narrate every connection
-    run_foreground(args.port, args.storage)
+    run_foreground(args.port, args.storage, args.durable)
 
 
 if __name__ == "__main__":

@@ -222,6 +222,8 @@ class RewardConfig(_Strict):
     """Per-item wall-clock limit; an item over it gets the status `timeout`."""
     max_chars: int = Field(4000, ge=1)
     """Longest completion the verifier looks at."""
+    dedup_window: int = Field(200_000, ge=1)
+    """Ticket ids each reward worker remembers (and snapshots) to skip a ticket's second group."""
     poll_timeout_ms: int = Field(200, ge=1, le=60_000)
     """Longest wait for new messages per poll."""
 
@@ -287,6 +289,9 @@ class LearnerConfig(_Strict):
     """Checkpoints kept on disk."""
     resume: bool = False
     """Start from the newest checkpoint under `<workdir>/checkpoints` (error if there is none)."""
+    drain_timeout_s: float = Field(60.0, ge=0)
+    """After the final step, wait up to this long for the groups of tickets still outstanding, so
+    the ledger gives every issued ticket a fate (`unused`; `unresolved` if none came)."""
 
     @model_validator(mode="after")
     def _mis_range(self) -> LearnerConfig:
@@ -314,6 +319,9 @@ class DemoConfig(_Strict):
     """Reward processes (one consumer group)."""
     progress_every_s: float = Field(5.0, gt=0)
     """Seconds between progress lines."""
+    durable: bool = False
+    """Broker storage in a local S3 store (SeaweedFS `weed mini`, loopback) under the run folder
+    instead of memory: a broker killed and restarted loses nothing (`rlstream demo --durable`)."""
 
 
 class RecorderConfig(_Strict):

@@ -143,6 +143,7 @@ _UPDATE_COLS = list(UPDATE_SCHEMA)
 _OFFSETS_KEY = "rlstream.erpo.offsets"
 _SNAPSHOT_VERSION_KEY = "rlstream.erpo.snapshot_version"
 _SNAPSHOT_VERSION = "1"
+_SEEN_KEY = "rlstream.erpo.seen_tickets"
 
 log = logging.getLogger(__name__)
 
@@ -780,8 +781,10 @@ def drop_mask(pass_rate_per_sample: np.ndarray, rule: ErpoRule) -> np.ndarray:
 # Snapshot and lookup
 
 
-def snapshot(table: pl.DataFrame, offsets: Mapping[tuple[str, int], int], path: str | os.PathLike[str]) -> None:
-    """Write the table to Parquet with the consumed offsets in the file's key-value metadata.
+def snapshot(table: pl.DataFrame, offsets: Mapping[tuple[str, int], int], path: str | os.PathLike[str],
+             seen_tickets: Sequence[str] = ()) -> None:
+    """Write the table to Parquet with the consumed offsets (and the ids of the tickets whose
+    groups were applied, for de-duplication) in the file's key-value metadata.
 
     ``offsets`` maps (topic, partition) to the next offset to consume; it is stored as JSON
     (a list of ``[topic, partition, offset]``). The file is written to a temporary name in the
@@ -795,7 +798,8 @@ def snapshot(table: pl.DataFrame, offsets: Mapping[tuple[str, int], int], path: 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         table.write_parquet(
-            tmp, metadata={_OFFSETS_KEY: payload, _SNAPSHOT_VERSION_KEY: _SNAPSHOT_VERSION}
+            tmp, metadata={_OFFSETS_KEY: payload, _SNAPSHOT_VERSION_KEY: _SNAPSHOT_VERSION,
+                           _SEEN_KEY: json.dumps(list(seen_tickets))}
         )
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -825,6 +829,14 @@ def load_snapshot(path: str | os.PathLike[str]) -> tuple[pl.DataFrame, dict[tupl
     _check_table(table)
     offsets = {(str(t), int(p)): int(o) for t, p, o in json.loads(meta[_OFFSETS_KEY])}
     return table, offsets
+
+
+def snapshot_seen_tickets(path: str | os.PathLike[str]) -> list[str]:
+    """The ticket ids a :func:`snapshot` recorded, oldest first ([] for a missing file)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [str(t) for t in json.loads(pl.read_parquet_metadata(path).get(_SEEN_KEY, "[]"))]
 
 
 def temperature_lookup(

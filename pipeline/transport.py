@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 # dead-letter topic) or dropped (undecodable, consumer without a dead-letter producer).
 MESSAGES = Counter("rlstream_transport_messages_total", "Kafka messages by logical topic and outcome.",
                    ["topic", "outcome"])
+DEAD_LETTERS = Counter("rlstream_transport_dead_letters_total",
+                       "Records or groups sent to the dead-letter topic, by logical source topic and reason code.",
+                       ["topic", "reason"])
 BYTES = Counter("rlstream_transport_bytes_total", "Kafka message payload bytes by logical topic and direction.",
                 ["topic", "outcome"])
 
@@ -374,7 +377,23 @@ class Consumer:
         if self._deadletter is None:
             log.error("dropping undecodable record %s[%d]@%d: %s", tp.topic, tp.partition, offset, reason)
             return
-        log.warning("dead-lettering %s[%d]@%d: %s", tp.topic, tp.partition, offset, reason)
+        self._send_dead_letter(tp.topic, tp.partition, offset, payload, headers, e.reason, reason)
+
+    def dead_letter(self, delivery: Delivery, columns: Columns, code: str, reason: str) -> None:
+        """Send part of a decoded delivery (e.g. one invalid group, re-encoded as its kind) to the
+        dead-letter topic with `reason` (`code` labels the metric). Flushed with the service's
+        next flush, which comes before its commit."""
+        if self._deadletter is None:
+            raise TransportError("this consumer has no dead-letter producer")
+        self._send_dead_letter(topic_name(self._run, delivery.topic), delivery.partition, delivery.offset,
+                               encode(delivery.kind, columns), headers_for(delivery.kind), code, reason)
+        self.stats["deadlettered"] += 1
+
+    def _send_dead_letter(self, full_topic: str, partition: int, offset: int, payload: bytes,
+                          headers: list[tuple[str, bytes]], code: str, reason: str) -> None:
+        assert self._deadletter is not None
+        log.warning("dead-lettering %s[%d]@%d: %s", full_topic, partition, offset, reason[:500])
+        DEAD_LETTERS.labels(_logical_of(full_topic), code).inc()
         raw = dict(headers)
 
         def header(name: str) -> str | None:
@@ -382,8 +401,8 @@ class Consumer:
             return None if value is None else value.decode("utf-8", "replace")
 
         row: Columns = {
-            "source_topic": np.array([tp.topic], dtype=object),
-            "source_partition": np.array([tp.partition], dtype=np.int32),
+            "source_topic": np.array([full_topic], dtype=object),
+            "source_partition": np.array([partition], dtype=np.int32),
             "source_offset": np.array([offset], dtype=np.int64),
             "reason": np.array([reason], dtype=object),
             "schema_header": np.array([header(SCHEMA_HEADER)], dtype=object),

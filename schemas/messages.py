@@ -47,9 +47,11 @@ PROMPT_TICKET = MessageKind(
     doc="One prompt to roll out, issued by the learner (which paces the run); key = prompt_id.",
     schema=pa.schema(
         [
-            # Unique id of this issue of the prompt (uuid4 hex); the same prompt issued twice
-            # gets two tickets.
-            _field("ticket_id", pa.string(), "Unique id of this issue of the prompt (uuid4 hex)."),
+            # Unique id of this issue of the prompt within the run: "e<epoch>-<position>", a
+            # function of the learner's place in its seeded ticket order, so a learner that resumes
+            # from a checkpoint re-issues the same ids and consumers de-duplicate by them.
+            _field("ticket_id", pa.string(),
+                   'Unique id of this issue of the prompt in the run ("e<epoch>-<position in the epoch>").'),
             # Stable id of the prompt in its dataset; key of the ERPO history table.
             _field("prompt_id", pa.string(), "Stable id of the prompt in its dataset."),
             # Prompt text, before the chat template.
@@ -193,7 +195,8 @@ POLICY_UPDATE = MessageKind(
 DEAD_LETTER = MessageKind(
     name="DeadLetter",
     version=1,
-    doc="A consumed message that could not be decoded, kept byte for byte. Any consumer -> operators.",
+    doc="A consumed message that could not be decoded (kept byte for byte), or one invalid group of a decoded "
+        "message (re-encoded as its kind). Any consumer -> operators.",
     schema=pa.schema(
         [
             # Full Kafka topic name the message was read from.
@@ -202,7 +205,8 @@ DEAD_LETTER = MessageKind(
             _field("source_partition", pa.int32(), "Partition it was read from."),
             # Offset it had there.
             _field("source_offset", pa.int64(), "Offset it had there."),
-            # "<decode reason>: <message>", e.g. "unknown_version: ...".
+            # "<decode reason>: <message>", e.g. "unknown_version: ...", or
+            # "invalid_group: <check>: <details>" for a group that decoded but failed a check.
             _field("reason", pa.string(), 'Why it was dead-lettered: "<reason code>: <details>".'),
             # Raw `schema` header; null when the message had none.
             _field(

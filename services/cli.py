@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("broker", help="run an embedded Kafka-compatible broker (Tansu) in the foreground")
     p.add_argument("--port", type=int, default=9092)
     p.add_argument("--storage", default="memory://tansu/", help="Tansu storage engine URL")
+    p.add_argument("--durable", type=Path, default=None, metavar="DIR",
+                   help="keep topics in a local S3 store (SeaweedFS, loopback) in DIR; survives restarts")
 
     for name, text in [("rollout", "rollout producer: tickets -> trajectories"),
                        ("reward", "reward/verification consumer: trajectories -> scored groups"),
@@ -63,11 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="also plot the lineage of this prompt id")
     p.add_argument("--log-level", default="INFO")
 
+    p = sub.add_parser("reconcile", help="account for every ticket of a finished run (lake + learner ledger)")
+    p.add_argument("run_dir", type=Path)
+
     p = sub.add_parser("warmstart", help="build (or find cached) the warm-started default model")
     _add_config(p)
 
     p = sub.add_parser("demo", help="broker + every service on loopback, live progress, before/after accuracy")
     _add_config(p)
+    p.add_argument("--durable", action="store_true",
+                   help="broker storage in a local S3 store (SeaweedFS) under the run folder: a broker "
+                        "restart loses nothing (same as --set demo.durable=true)")
     return parser
 
 
@@ -76,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "broker":
         from infra.broker import run_foreground
 
-        run_foreground(args.port, args.storage)
+        run_foreground(args.port, args.storage, args.durable)
         return
     if args.command == "report":
         from services.report import write_report
@@ -87,6 +95,15 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"rlstream report: {e}")
         print(path)
         return
+    if args.command == "demo" and args.durable:
+        args.overrides = list(args.overrides or []) + ["demo.durable=true"]
+    if args.command == "reconcile":
+        from services.reconcile import main as reconcile_main
+
+        try:
+            sys.exit(reconcile_main(args.run_dir))
+        except FileNotFoundError as e:
+            sys.exit(f"rlstream reconcile: {e}")
     cfg = _load(args)
     from services.common import setup_logging
 

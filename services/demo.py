@@ -124,6 +124,11 @@ def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
           f"{before.sampled_accuracy:.3f} (T={ev.temperature}, {ev.samples} samples), greedy "
           f"{before.greedy_accuracy:.3f}", flush=True)
 
+    store = None
+    if cfg.demo.durable:
+        from infra.objectstore import ObjectStore
+
+        store = ObjectStore(run_dir / "objectstore", log_path=run_dir / "logs" / "objectstore.log")
     broker = Broker(log_path=run_dir / "logs" / "broker.log")
     children = Children(run_dir)
     interrupted = False
@@ -135,6 +140,11 @@ def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
     # a script) must still stop its children on Ctrl-C.
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        if store is not None:
+            store.start()
+            broker.storage, broker.env = store.storage_url, store.client_env()
+            print(f"durable broker storage: {store.storage_url} on SeaweedFS {store.endpoint} "
+                  f"(data in {store.data_dir})", flush=True)
         broker.start()
         sets = list(overrides) + [f'kafka.bootstrap_servers="{broker.bootstrap}"',
                                   f'workdir="{run_dir}"', f'model.path="{policy_path}"']
@@ -179,6 +189,8 @@ def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
     finally:
         children.stop()
         broker.stop()
+        if store is not None:
+            store.stop()
         for sig, handler in old.items():
             signal.signal(sig, handler)
         if interrupted:
@@ -191,7 +203,12 @@ def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
     print(f"held-out after RL  ({after.problems} problems): sampled pass@1 "
           f"{after.sampled_accuracy:.3f}, greedy {after.greedy_accuracy:.3f} "
           f"(policy v{version}, {rl_s:.0f}s of RL)", flush=True)
+    from services.reconcile import reconcile_run, summary_line
     from services.report import write_report
+
+    table, totals = reconcile_run(run_dir)
+    table.write_csv(run_dir / "reconcile.csv")
+    print(summary_line(totals), flush=True)
 
     report = write_report(run_dir / "lake", run_dir / "report", title=f"rlstream run {cfg.name!r} ({run_dir.name})")
     print(f"report: {report}", flush=True)

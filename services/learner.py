@@ -1,26 +1,32 @@
 """Learner: paces the run with prompt tickets, trains on scored groups, publishes weights.
 
 Loop:
-1. Issue tickets while in-flight groups (issued - trained - dropped) stay within
+1. Issue tickets while the tickets outstanding (issued, not yet decided) stay within
    ``max(1, max_staleness) x groups_per_step``, so producers cannot run ahead of what the learner
    can use without exceeding the staleness bound. This is AReaL's capacity rule,
    ``(max_staleness + 1) x batch``, less one version: our rollout picks up new weights between
    generate calls, so its behaviour version trails the learner's by up to one version, and the full
    AReaL budget made about a fifth of all groups arrive one version too stale (measured on the
-   demo: 706 of 5,506 groups dropped).
-2. Poll scored groups. A group's lag = learner policy version - its behaviour policy version;
-   groups with lag > ``max_staleness`` are dropped and counted. Groups already seen (by group id;
-   at-least-once delivery) are ignored.
-   With ERPO's `drop_all_wrong`, all-wrong groups are filtered out too (counted).
+   demo: 706 of 5,506 groups dropped). Ticket ids are a function of the position in the seeded
+   ticket order (`TicketSource`), and the position reached is logged after every flush
+   (`IssueLog`), so a resumed learner knows which tickets are already on the broker.
+2. Poll scored groups and check them (`pipeline.validate`; invalid groups are dead-lettered).
+   Each ticket gets exactly one fate, written to the ledger (`pipeline.ledger`): a second group
+   for a decided ticket (re-delivery, a re-issued ticket, a replayed reward batch) is a
+   ``duplicate`` and ignored. A group's lag = learner policy version - its behaviour policy
+   version; groups with lag > ``max_staleness`` are dropped (``dropped_stale``). With ERPO's
+   `drop_all_wrong`, all-wrong groups are filtered out too.
 3. Every ``groups_per_step`` groups: advantages (ERPO's RA: -delta for all-correct groups),
    decoupled PPO loss, optimiser update(s).
 4. Every ``sync_every`` steps: publish safetensors weights (fp32, gathered across ranks) as a new
    policy version and announce it.
 5. Every ``checkpoint_every`` steps: save model, optimiser and the learner state (counters, ticket
-   position, consumed offsets: per partition only up to the oldest group not yet trained, and
-   the ids of groups already trained) together; only then commit those offsets. ``resume``
-   restores all of it, seeks to the saved offsets and announces the restored weights under a
-   version above any announced before.
+   position, outstanding and decided ticket ids, consumed offsets: per partition only up to the
+   oldest group not yet trained) together; only then commit those offsets. ``resume`` restores
+   all of it, truncates the ledger to the checkpoint, seeks to the saved offsets and announces
+   the restored weights under a version above any announced before.
+6. After the final step, drain: wait (``drain_timeout_s``) for the outstanding tickets' groups
+   and record them as ``unused``, so every issued ticket has a fate.
 
 The model trains under a backend of `pipeline.trainer` (DeepSpeed by default, or plain torch). With
 several ranks (`deepspeed`/`torchrun` launcher) rank 0 does all of the above and broadcasts each
@@ -31,11 +37,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
-import uuid
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +51,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pipeline.advantages import get_advantage
 from pipeline.config import LearnerConfig, RunConfig
 from pipeline.erpo import ErpoRule, drop_mask, ra_advantages
+from pipeline.ledger import Ledger, ledger_path
 from pipeline.engine import (
     MIN_TEMPERATURE,
     PackedBatch,
@@ -71,6 +78,7 @@ from pipeline.losses import (
 from pipeline.tasks import Problem, arithmetic_problems, load_problems
 from pipeline.transport import Consumer, Producer, topic_name
 from pipeline.trainer import Trainer, lr_at, make_trainer
+from pipeline.validate import Limits, check_groups
 from pipeline.weights import publish
 from schemas import (
     POLICY_UPDATE,
@@ -89,6 +97,8 @@ from services.metrics import serve
 log = logging.getLogger(__name__)
 
 LEARNER_STATE = "learner.json"
+SEEN_WINDOW = 200_000
+"""Decided ticket ids remembered for de-duplication (a duplicate arrives within seconds or minutes)."""
 STEP_SECONDS = Histogram("rlstream_learner_step_seconds", "Wall time of one training step.",
                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 STEP = Gauge("rlstream_learner_step", "Training steps done.")
@@ -97,7 +107,8 @@ TOKENS = Counter("rlstream_learner_tokens_total", "Completion tokens trained on.
 TICKETS = Counter("rlstream_learner_tickets_total", "Prompt tickets issued.")
 IN_FLIGHT = Gauge("rlstream_learner_groups_in_flight", "Tickets issued and not yet trained or dropped.")
 GROUPS = Counter("rlstream_learner_groups_total",
-                 "Scored groups by fate (trained, dropped_stale, dropped_all_wrong, duplicate).", ["fate"])
+                 "Scored groups by fate (see pipeline.ledger: trained, dropped_stale, dropped_all_wrong, "
+                 "invalid, duplicate, unused, unresolved).", ["fate"])
 LAG = Histogram("rlstream_learner_staleness_versions",
                 "Policy-version lag of each scored group on arrival (learner - behaviour).",
                 buckets=(0, 1, 2, 3, 4, 6, 8, 16))
@@ -118,36 +129,72 @@ def train_problems(cfg: RunConfig) -> list[Problem]:
 
 
 class TicketSource:
-    """Endless tickets over the prompt pool, reshuffled each epoch (seeded)."""
+    """Endless tickets over the prompt pool, reshuffled each epoch (seeded).
+
+    Position k is the k-th ticket of the run: place ``k % n`` of epoch ``k // n``'s permutation.
+    Its id is a function of k, so a learner that resumes re-issues the same ids, and any consumer
+    can tell which prompt a ticket id must carry."""
 
     def __init__(self, problems: list[Problem], seed: int) -> None:
         if not problems:
             raise ValueError("the training prompt pool is empty")
-        self._problems = problems
+        self.problems = problems
         self._seed = seed
-        self.epoch = -1
-        self._order: list[int] = []
+        self.position = 0
+        """Tickets issued so far (the next ticket's position)."""
+        self._order: tuple[int, np.ndarray] = (-1, np.zeros(0, dtype=np.int64))
 
-    @property
-    def left(self) -> int:
-        """Tickets left in the current epoch."""
-        return len(self._order)
+    def at(self, k: int) -> tuple[Problem, int, str]:
+        """(problem, epoch, ticket id) of position ``k``."""
+        epoch, place = divmod(k, len(self.problems))
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng(self._seed + epoch).permutation(len(self.problems)))
+        return self.problems[int(self._order[1][place])], epoch, f"e{epoch}-{place:06d}"
 
-    def restore(self, epoch: int, left: int) -> None:
-        """Continue as if `epoch` had been drawn down to its last `left` tickets."""
-        order = list(np.random.default_rng(self._seed + epoch).permutation(len(self._problems)))
-        self.epoch, self._order = epoch, order[:left]
+    def position_of(self, ticket_id: str, prompt_id: str) -> int | None:
+        """The position of ``ticket_id`` if it is one of this source's tickets and carries
+        ``prompt_id``; None otherwise (a forged, foreign or corrupted id)."""
+        head, _, tail = ticket_id.partition("-")
+        if not (head[:1] == "e" and head[1:].isdigit() and tail.isdigit()):
+            return None
+        epoch, place = int(head[1:]), int(tail)
+        if place >= len(self.problems):
+            return None
+        k = epoch * len(self.problems) + place
+        return k if self.at(k)[0].prompt_id == prompt_id else None
 
-    def next(self) -> tuple[Problem, int]:
-        if not self._order:
-            self.epoch += 1
-            self._order = list(np.random.default_rng(self._seed + self.epoch).permutation(len(self._problems)))
-        return self._problems[self._order.pop()], self.epoch
+    def next(self) -> tuple[Problem, int, str]:
+        ticket = self.at(self.position)
+        self.position += 1
+        return ticket
 
 
-def ticket_columns(problem: Problem, epoch: int, version: int) -> Columns:
+class IssueLog:
+    """The position up to which tickets are known to be on the broker, rewritten (atomically)
+    after every flush that issued some. A learner that resumes from a checkpoint takes the
+    tickets between the checkpoint's position and this one as outstanding instead of losing
+    track of them; a crash between a flush and this write only means those tickets are issued
+    again under the same ids."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def read(self) -> int:
+        try:
+            return int(json.loads(self.path.read_text())["position"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            return 0
+
+    def write(self, position: int) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"position": position}))
+        os.replace(tmp, self.path)
+
+
+def ticket_columns(problem: Problem, epoch: int, ticket_id: str, version: int) -> Columns:
     return {
-        "ticket_id": np.array([uuid.uuid4().hex], dtype=object),
+        "ticket_id": np.array([ticket_id], dtype=object),
         "prompt_id": np.array([problem.prompt_id], dtype=object),
         "text": np.array([problem.text], dtype=object),
         "answer": np.array([problem.answer], dtype=object),
@@ -309,16 +356,19 @@ class LearnerState:
 
     step: int = 0
     version: int = 0
-    issued: int = 0
     received: int = 0
     trained: int = 0
     dropped: int = 0
     filtered: int = 0
     duplicates: int = 0
-    ticket_epoch: int = -1
-    tickets_left: int = 0
+    invalid: int = 0
+    ticket_position: int = 0
+    """Tickets issued (the ticket source's position)."""
+    outstanding: list[str] = field(default_factory=list)
+    """Tickets issued and not yet decided (groups waiting in the batch included)."""
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     seen: list[str] = field(default_factory=list)
+    """Tickets decided (trained, dropped or invalid), oldest first, at most `SEEN_WINDOW`."""
 
     def to_json(self) -> str:
         d = {k: v for k, v in self.__dict__.items() if k != "offsets"}
@@ -382,6 +432,8 @@ def run(cfg: RunConfig) -> None:
     if lc.kl != "none":
         ref_model, _ = load_policy(initial_policy_path(cfg))
         ref_model.eval().requires_grad_(False)
+    limits = Limits(vocab_size=int(model.config.vocab_size),
+                    max_tokens=getattr(model.config, "max_position_embeddings", None))
     trainer = make_trainer(model, lc)
     if lc.groups_per_step < lc.mini_batches * trainer.world_size:
         raise ValueError(f"learner.groups_per_step ({lc.groups_per_step}) must be at least mini_batches x ranks "
@@ -413,17 +465,30 @@ def run(cfg: RunConfig) -> None:
             if state.step % lc.checkpoint_every == 0 or state.step == lc.total_steps:
                 save_checkpoint(cfg, trainer, state)
         return
-    _lead(cfg, trainer, state, learn, channel)
+    _lead(cfg, trainer, state, learn, channel, limits)
 
 
-def _lead(cfg: RunConfig, trainer: Trainer, state: LearnerState, learn, channel: BatchChannel) -> None:
-    """Rank 0: tickets, consumption, staleness, publication, checkpoints, commits."""
+def _lead(cfg: RunConfig, trainer: Trainer, state: LearnerState, learn, channel: BatchChannel,
+          limits: Limits) -> None:
+    """Rank 0: tickets, consumption, staleness, publication, checkpoints, commits, the ledger."""
     stop = StopFlag()
     lc = cfg.learner
     rule = erpo_rule(cfg)
     tickets = TicketSource(train_problems(cfg), cfg.seed)
-    if state.ticket_epoch >= 0:
-        tickets.restore(state.ticket_epoch, state.tickets_left)
+    limits = replace(limits, known_prompts=frozenset(p.prompt_id for p in tickets.problems))
+    issue_log = IssueLog(cfg.workdir / "ledger" / "issued.json")
+    # The ledger is the history of the surviving run: what happened after the checkpoint is redone.
+    removed = Ledger.truncate(ledger_path(cfg.workdir), state.step)
+    ledger = Ledger(ledger_path(cfg.workdir))
+    outstanding: OrderedDict[str, None] = OrderedDict.fromkeys(state.outstanding)
+    tickets.position = state.ticket_position
+    if lc.resume:
+        # Tickets flushed after the checkpoint are on the broker: wait for them, do not re-issue.
+        for k in range(state.ticket_position, issue_log.read()):
+            outstanding[tickets.at(k)[2]] = None
+        tickets.position = max(state.ticket_position, issue_log.read())
+        log.info("resume: %d ledger rows after step %d removed; %d tickets outstanding (%d issued after the "
+                 "checkpoint)", removed, state.step, len(outstanding), tickets.position - state.ticket_position)
     wid = worker_id()
     producer = Producer(cfg.kafka, client_id=f"{cfg.name}-learner-{wid}")
     consumer = Consumer(cfg.kafka, cfg.name, ["scored"], group_id=f"{cfg.name}.learner",
@@ -434,13 +499,69 @@ def _lead(cfg: RunConfig, trainer: Trainer, state: LearnerState, learn, channel:
     progress = JsonlWriter(cfg.workdir / "progress" / "learner.jsonl")
     prompts_topic, policy_topic = topic_name(cfg.name, "prompts"), topic_name(cfg.name, "policy")
     capacity = max(1, lc.max_staleness) * lc.groups_per_step
-    seen: OrderedDict[str, None] = OrderedDict((g, None) for g in state.seen)
+    seen: OrderedDict[str, None] = OrderedDict.fromkeys(state.seen)
+    queued: set[str] = set()
     offsets = OffsetTracker()
     ready: list[tuple[Columns, tuple[str, int, int]]] = []
     lags: list[int] = []
+    rows: list[dict] = []  # ledger rows not yet written
     t_start = time.monotonic()
     log.info("learner ready: %d ranks, %s backend, capacity %d groups in flight, metrics %s",
              trainer.world_size, lc.backend, capacity, metrics_address)
+
+    def decide(group: Columns, fate: str, reason: str = "", lag: int | None = None) -> None:
+        """Record a ticket's fate (trained at the step just done; others at the next step)."""
+        tid = str(group["ticket_id"][0])
+        if fate != "duplicate":
+            seen[tid] = None
+            if len(seen) > SEEN_WINDOW:
+                seen.popitem(last=False)
+            outstanding.pop(tid, None)
+            queued.discard(tid)
+        GROUPS.labels(fate).inc()
+        rows.append({"step": state.step if fate == "trained" else state.step + 1, "ticket_id": tid,
+                     "group_id": str(group["group_id"][0]), "prompt_id": str(group["prompt_id"][0]),
+                     "fate": fate, "reason": reason, "lag": lag})
+
+    def accept(d, draining: bool) -> None:
+        """Check, de-duplicate and triage the groups of one delivery; queue the trainable ones."""
+        key = (d.topic, d.partition, d.offset)
+        groups, rejected = check_groups(d.columns, limits)
+        for r in rejected:
+            consumer.dead_letter(d, r.columns, r.code, r.reason)
+            if str(r.columns["ticket_id"][0]) in outstanding:
+                state.invalid += 1
+                decide(r.columns, "invalid", r.reason)
+        for group in groups:
+            tid, pid = str(group["ticket_id"][0]), str(group["prompt_id"][0])
+            k = tickets.position_of(tid, pid)
+            if k is None:
+                consumer.dead_letter(d, group, "unknown_ticket",
+                                     f"invalid_group: unknown_ticket: {tid!r} is not a ticket of this run for "
+                                     f"prompt {pid!r}")
+                continue
+            if tid in seen or tid in queued or (tid not in outstanding and k < tickets.position):
+                state.duplicates += 1
+                decide(group, "duplicate", "ticket already decided or queued")
+                continue
+            # An id at or beyond our position was issued by a previous life of this learner after
+            # its last issue-log write: take it, and skip it when the ticket source gets there.
+            state.received += 1
+            lag = state.version - int(group["policy_version"].min())
+            lags.append(lag)
+            LAG.observe(max(lag, 0))
+            if draining:
+                decide(group, "unused", "arrived after the final step", lag)
+            elif lag > lc.max_staleness:
+                state.dropped += 1
+                decide(group, "dropped_stale", f"lag {lag} > max_staleness {lc.max_staleness}", lag)
+            elif drop_mask(np.asarray(group["group_pass_rate"][:1]), rule)[0]:
+                state.filtered += 1  # all-wrong group, DAPO-style dynamic sampling
+                decide(group, "dropped_all_wrong", "all samples wrong (erpo.drop_all_wrong)", lag)
+            else:
+                queued.add(tid)
+                offsets.add(key, 1)
+                ready.append((group, key))
 
     def announce() -> None:
         weights = trainer.full_state_dict()
@@ -457,10 +578,11 @@ def _lead(cfg: RunConfig, trainer: Trainer, state: LearnerState, learn, channel:
         (cfg.workdir / "final_policy.txt").write_text(f"{pub.version} {pub.sha256} {pub.uri}\n")
 
     def checkpoint() -> None:
+        producer.flush()  # dead letters of the records these offsets cover
         state.offsets = offsets.committable(consumer.positions())
-        state.ticket_epoch, state.tickets_left = tickets.epoch, tickets.left
-        trained_ids = set(seen) - {str(g["group_id"][0]) for g, _ in ready}
-        state.seen = [g for g in seen if g in trained_ids]
+        state.ticket_position = tickets.position
+        state.outstanding = list(outstanding)
+        state.seen = list(seen)
         t0 = time.monotonic()
         path = save_checkpoint(cfg, trainer, state)
         consumer.commit_offsets(state.offsets)  # only now: the checkpoint holds what they cover
@@ -475,39 +597,24 @@ def _lead(cfg: RunConfig, trainer: Trainer, state: LearnerState, learn, channel:
     try:
         while state.step < lc.total_steps and not stop:
             needed = (lc.total_steps - state.step) * lc.groups_per_step
-            while state.issued - state.trained - state.dropped - state.filtered < min(capacity, needed):
-                problem, epoch = tickets.next()
-                producer.send(prompts_topic, PROMPT_TICKET, ticket_columns(problem, epoch, state.version),
+            issued = 0
+            while len(outstanding) < min(capacity, needed):
+                problem, epoch, tid = tickets.next()
+                if tid in seen:
+                    continue  # decided already: its group came from a previous life's ticket
+                producer.send(prompts_topic, PROMPT_TICKET, ticket_columns(problem, epoch, tid, state.version),
                               key=problem.prompt_id.encode())
-                state.issued += 1
-                TICKETS.inc()
+                outstanding[tid] = None
+                issued += 1
             producer.flush()
+            if issued:
+                TICKETS.inc(issued)
+                issue_log.write(tickets.position)
             for d in consumer.poll(timeout_ms=lc.poll_timeout_ms):
-                key = (d.topic, d.partition, d.offset)
-                for group in split_groups(d.columns):
-                    gid = str(group["group_id"][0])
-                    if gid in seen:
-                        state.duplicates += 1
-                        GROUPS.labels("duplicate").inc()
-                        continue
-                    seen[gid] = None
-                    if len(seen) > 100_000:
-                        seen.popitem(last=False)
-                    state.received += 1
-                    lag = state.version - int(group["policy_version"].min())
-                    lags.append(lag)
-                    LAG.observe(max(lag, 0))
-                    if lag > lc.max_staleness:
-                        state.dropped += 1
-                        GROUPS.labels("dropped_stale").inc()
-                        continue
-                    if drop_mask(np.asarray(group["group_pass_rate"][:1]), rule)[0]:
-                        state.filtered += 1  # all-wrong group, DAPO-style dynamic sampling
-                        GROUPS.labels("dropped_all_wrong").inc()
-                        continue
-                    offsets.add(key, 1)
-                    ready.append((group, key))
-            IN_FLIGHT.set(state.issued - state.trained - state.dropped - state.filtered)
+                accept(d, draining=False)
+            ledger.write(rows)
+            rows.clear()
+            IN_FLIGHT.set(len(outstanding))
             while len(ready) >= lc.groups_per_step and state.step < lc.total_steps:
                 batch, ready = ready[: lc.groups_per_step], ready[lc.groups_per_step:]
                 t0 = time.monotonic()
@@ -516,9 +623,11 @@ def _lead(cfg: RunConfig, trainer: Trainer, state: LearnerState, learn, channel:
                 metrics = learn(groups)
                 step_s = time.monotonic() - t0
                 state.trained += len(batch)
-                GROUPS.labels("trained").inc(len(batch))
-                for _, key in batch:
+                for group, key in batch:
+                    decide(group, "trained", lag=state.version - int(group["policy_version"].min()))
                     offsets.done(key)
+                ledger.write(rows)
+                rows.clear()
                 if state.step % lc.sync_every == 0 or state.step == lc.total_steps:
                     state.version += 1
                     announce()
@@ -527,20 +636,44 @@ def _lead(cfg: RunConfig, trainer: Trainer, state: LearnerState, learn, channel:
                 observe_step(state, metrics, step_s)
                 elapsed = time.monotonic() - t_start
                 progress.write(step=state.step, version=state.version, step_s=step_s,
-                               elapsed_s=elapsed, issued=state.issued, received=state.received,
+                               elapsed_s=elapsed, issued=tickets.position, received=state.received,
                                dropped=state.dropped, filtered=state.filtered, duplicates=state.duplicates,
+                               invalid=state.invalid, in_flight=len(outstanding),
                                lag_mean=float(np.mean(lags)) if lags else 0.0,
                                lag_max=max(lags) if lags else 0, groups_per_s=state.received / elapsed,
                                **metrics)
                 lags.clear()
                 log.info("step %d v%d reward=%.3f loss=%.4f dropped=%d", state.step, state.version,
                          metrics["reward"], metrics["loss"], state.dropped)
+        if state.step >= lc.total_steps and not stop:
+            drain(lc, consumer, outstanding, ready, accept, decide, stop)
+            ledger.write(rows)
     finally:
         channel.send(None)
         consumer.close()
         producer.close()
         progress.close()
+        ledger.close()
         log.info("learner stopped at step %d (policy v%d)", state.step, state.version)
+
+
+def drain(lc: LearnerConfig, consumer: Consumer, outstanding: OrderedDict[str, None], ready: list, accept,
+          decide, stop: StopFlag) -> None:
+    """After the final step: give every outstanding ticket its fate, so the ledger accounts for all
+    of them. Queued groups and groups arriving within ``lc.drain_timeout_s`` are ``unused``; tickets
+    with no group by then are ``unresolved``."""
+    for group, _ in ready:
+        decide(group, "unused", "the run had all its steps")
+    ready.clear()
+    t0 = time.monotonic()
+    waiting = len(outstanding)
+    while outstanding and time.monotonic() - t0 < lc.drain_timeout_s and not stop:
+        for d in consumer.poll(timeout_ms=lc.poll_timeout_ms):
+            accept(d, draining=True)
+    for tid in list(outstanding):
+        decide({"ticket_id": [tid], "group_id": [""], "prompt_id": [""]}, "unresolved",
+               f"no scored group within learner.drain_timeout_s={lc.drain_timeout_s}")
+    log.info("drained %d outstanding tickets in %.1fs", waiting, time.monotonic() - t0)
 
 
 def observe_step(state: LearnerState, metrics: dict[str, float], step_s: float) -> None:

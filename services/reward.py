@@ -7,9 +7,14 @@ the ERPO prompt-history table (`erpo.HistoryStore`, one vectorised update per ba
 ScoredTrajectory message per group and one TemperatureUpdate per changed prompt (key =
 prompt_id), flush, snapshot the table with the consumed offsets every `erpo.snapshot_every` batches, then commit.
 
+Every group is checked first (`pipeline.validate`): an invalid one goes to the dead-letter topic
+with its reason and the rest of its message goes on. A group whose ticket this worker has already
+scored (a ticket re-delivered to a second rollout, or re-issued by a resumed learner) is skipped,
+so the ERPO table counts each ticket once; the ids are kept with the snapshot.
+
 On start the service loads the snapshot and seeks to its offsets, so the batches after it are
 applied to the table exactly once more (their scored groups are sent again; the learner ignores
-group ids it has seen).
+tickets it has decided).
 
 Metrics (Prometheus, see `services.metrics`): verdicts by status, verification and ERPO update
 latency, groups by residual kind and the residual fractions of the latest batch, reactivations,
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 
 import numpy as np
 import polars as pl
@@ -35,7 +40,8 @@ from pipeline.config import RunConfig
 from pipeline.scoring import RESIDUAL_ALL_CORRECT, RESIDUAL_ALL_WRONG, score
 from pipeline.transport import Consumer, Producer, topic_name
 from pipeline.verifier import VerifierPool
-from schemas import SCORED_TRAJECTORY, TEMPERATURE_UPDATE, Columns
+from pipeline.validate import check_groups
+from schemas import SCORED_TRAJECTORY, TEMPERATURE_UPDATE, Columns, concat
 from services import metrics
 from services.common import JsonlWriter, StopFlag, erpo_rule, worker_id
 
@@ -55,6 +61,9 @@ REACTIVATIONS = PromCounter("rlstream_erpo_reactivations_total",
                             "Informative groups right after an all-correct group of the same prompt.")
 TEMP_UPDATES = PromCounter("rlstream_erpo_temperature_updates_total",
                            "Temperature updates sent, by reason.", ["reason"])
+GROUP_FATES = PromCounter("rlstream_reward_groups_total",
+                          "Trajectory groups received, by fate: scored, duplicate (ticket already scored), "
+                          "invalid (dead-lettered).", ["fate"])
 TABLE_PROMPTS = Gauge("rlstream_erpo_table_prompts", "Prompts in the ERPO history table.")
 UPDATE_SECONDS = Histogram("rlstream_erpo_update_seconds", "Time to apply one batch to the ERPO table.",
                            buckets=LATENCY_BUCKETS)
@@ -118,6 +127,30 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
     if offsets:
         consumer.seek(offsets)
         log.info("resumed ERPO table of %d prompts from %s at %s", len(store), snapshot_path, offsets)
+    # Tickets whose group this worker applied, oldest first: a second group for one of them (a
+    # ticket re-delivered to another rollout, or re-issued by a resumed learner) is not scored
+    # again, so the ERPO table counts every ticket once.
+    seen: OrderedDict[str, None] = OrderedDict.fromkeys(erpo.snapshot_seen_tickets(snapshot_path))
+
+    def admit(d) -> list[Columns]:
+        """The valid groups of a delivery whose ticket is new; invalid ones are dead-lettered."""
+        groups, rejected = check_groups(d.columns)
+        for r in rejected:
+            consumer.dead_letter(d, r.columns, r.code, r.reason)
+            GROUP_FATES.labels("invalid").inc()
+        fresh = []
+        for group in groups:
+            tid = str(group["ticket_id"][0])
+            if tid in seen:
+                GROUP_FATES.labels("duplicate").inc()
+                continue
+            seen[tid] = None
+            if len(seen) > rc.dedup_window:
+                seen.popitem(last=False)
+            GROUP_FATES.labels("scored").inc()
+            fresh.append(group)
+        return fresh
+
     metrics.serve(cfg, "reward", str(worker_index))
     reactivated = int(store.column("times_reactivated").sum())
     progress = JsonlWriter(cfg.workdir / "progress" / f"reward-{worker_index}.jsonl")
@@ -136,22 +169,31 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
                     continue
                 t0 = time.monotonic()
                 in_batch = True
-                scored = []
+                scored, sources = [], []
                 for d in deliveries:
-                    cols = d.columns
+                    fresh = admit(d)
+                    if not fresh:
+                        continue
+                    cols = concat(fresh)
                     verdicts = pool.verify(list(zip(cols["completion_text"], cols["answer"])))
                     scored.append(score(cols, verdicts))
+                    sources.append(d)
                     batch_statuses = Counter(v.status.value for v in verdicts)
                     statuses.update(batch_statuses)
                     for status, n in batch_statuses.items():
                         VERDICTS.labels(status).inc(n)
+                if not scored:  # only duplicates and dead letters
+                    producer.flush()
+                    consumer.commit()
+                    in_batch = False
+                    continue
                 t_erpo = time.monotonic()
                 VERIFY_SECONDS.observe(t_erpo - t0)
                 batch_groups = group_rows(scored)
                 updates = store.apply(batch_groups, time.time())
                 erpo_s = time.monotonic() - t_erpo
                 UPDATE_SECONDS.observe(erpo_s)
-                for d, cols in zip(deliveries, scored):
+                for d, cols in zip(sources, scored):
                     producer.send(scored_topic, SCORED_TRAJECTORY, cols, key=d.key)
                 for i in range(updates.height):
                     producer.send(temp_topic, TEMPERATURE_UPDATE, update_columns(updates, i),
@@ -159,7 +201,7 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
                 producer.flush()
                 batches += 1
                 if batches % cfg.erpo.snapshot_every == 0:
-                    erpo.snapshot(store.to_frame(), consumer.positions(), snapshot_path)
+                    erpo.snapshot(store.to_frame(), consumer.positions(), snapshot_path, list(seen))
                 consumer.commit()
                 in_batch = False
                 groups += batch_groups.height
@@ -191,7 +233,7 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
                                max_temperature=float(temps.max()) if temps.size else 0.0)
         finally:
             if batches and not in_batch:  # never record offsets past results not yet sent
-                erpo.snapshot(store.to_frame(), consumer.positions(), snapshot_path)
+                erpo.snapshot(store.to_frame(), consumer.positions(), snapshot_path, list(seen))
             consumer.close()
             producer.close()
             progress.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import OrderedDict
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
@@ -21,7 +22,7 @@ from pipeline.config import RunConfig
 from pipeline.engine import Sample, TorchEngine
 from pipeline.transport import Consumer, Producer, topic_name
 from pipeline.weights import WeightsError
-from schemas import TRAJECTORY, Columns, Ragged, concat
+from schemas import TRAJECTORY, Columns, Ragged, concat, take
 from services.common import JsonlWriter, StopFlag, initial_policy_path, set_threads, worker_id
 from services.metrics import serve
 
@@ -33,6 +34,9 @@ TOKENS = Counter("rlstream_rollout_tokens_total", "Completion tokens generated."
 GROUPS = Counter("rlstream_rollout_groups_total", "Groups generated and sent.")
 POLICY_VERSION = Gauge("rlstream_rollout_policy_version", "Policy version the engine samples with.")
 BATCH_PROMPTS = Gauge("rlstream_rollout_batch_prompts", "Prompts in the latest generate call (engine fill).")
+SKIPPED = Counter("rlstream_rollout_tickets_skipped_total",
+                  "Tickets not generated again because this process already answered them.")
+DONE_WINDOW = 50_000
 SAMPLE_TEMPERATURE = Histogram("rlstream_rollout_sample_temperature", "Temperature each prompt was sampled at.",
                                buckets=(0.5, 0.75, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0))
 
@@ -154,6 +158,7 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
     serve(cfg, "rollout", str(worker_index))
     out_topic = topic_name(cfg.name, "trajectories")
     groups = tokens = 0
+    done: OrderedDict[str, None] = OrderedDict()  # tickets answered by this process, oldest first
     # A (re)started rollout first catches up on announced temperatures and weights.
     temperatures.catch_up()
     follower.refresh(engine, timeout_ms=500)
@@ -169,6 +174,15 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
             follower.refresh(engine)
             temperatures.refresh()
             batch = concat([d.columns for d in deliveries])
+            fresh = np.array([t not in done for t in batch["ticket_id"]], dtype=bool)
+            if not fresh.all():
+                # A ticket this process already answered (its group is on the broker): a copy
+                # re-issued by a resumed learner. The reward service would skip it anyway.
+                SKIPPED.inc(int((~fresh).sum()))
+                batch = take(batch, np.flatnonzero(fresh))
+                if not fresh.any():
+                    tickets.commit()
+                    continue
             n = len(batch["ticket_id"])
             temps = temperatures.lookup(batch["prompt_id"])
             t0 = time.monotonic()
@@ -184,6 +198,10 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
                 producer.send(out_topic, TRAJECTORY, cols, key=str(ticket["prompt_id"]).encode())
             producer.flush()
             tickets.commit()
+            for t in batch["ticket_id"]:
+                done[t] = None
+                if len(done) > DONE_WINDOW:
+                    done.popitem(last=False)
             groups += n
             new_tokens = sum(len(s.completion_token_ids) for s in samples)
             tokens += new_tokens

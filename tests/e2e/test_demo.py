@@ -66,12 +66,15 @@ def test_demo_learns_records_its_lake_and_replays(tmp_path: Path, broker):
     assert read_topic(lake, "policy").height == learner["version"]
     assert "report: " in proc.stdout and (run_dir / "report" / "index.html").exists()
     assert (run_dir / "report" / "overview.png").stat().st_size > 10_000
+    # Every issued ticket has exactly one fate in the learner's ledger; none trained twice.
+    assert re.search(r"^reconcile: .* no violations$", proc.stdout, re.M), proc.stdout[-2000:]
 
     # Replay the scored groups into a fresh run; a new learner trains offline on the same groups.
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     sets = ["--set", 'name="replayed"', "--set", f'kafka.bootstrap_servers="{broker.bootstrap}"',
             "--set", "kafka.session_timeout_ms=2000", "--set", f'workdir="{tmp_path / "replayed"}"',
-            "--set", "learner.total_steps=10", "--set", 'learner.backend="torch"']
+            "--set", "learner.total_steps=10", "--set", 'learner.backend="torch"',
+            "--set", "learner.drain_timeout_s=0"]
     subprocess.run([sys.executable, "-m", "services.cli", "replay", str(lake)] + sets, cwd=REPO, check=True,
                    env=env, timeout=300)
     subprocess.run([sys.executable, "-m", "services.cli", "learner"] + sets, cwd=REPO, check=True, env=env,
@@ -79,5 +82,5 @@ def test_demo_learns_records_its_lake_and_replays(tmp_path: Path, broker):
     replayed = _last(tmp_path / "replayed" / "progress" / "learner.jsonl")
     assert replayed["step"] == 10 and replayed["duplicates"] == 0
     saved = json.loads((tmp_path / "replayed" / "checkpoints" / "step-00000010" / "learner.json").read_text())
-    trained = pl.Series(saved["seen"])
-    assert trained.len() >= 10 * 16 and trained.is_in(scored["group_id"].unique().implode()).all()
+    trained = pl.Series(saved["seen"])  # tickets decided: the replayed run's, trained offline
+    assert trained.len() >= 10 * 16 and trained.is_in(scored["ticket_id"].unique().implode()).all()

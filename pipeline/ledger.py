@@ -1,0 +1,129 @@
+"""The learner's ledger: the fate of every ticket it issued, and the reconciliation of a run.
+
+The learner appends one JSON line per decision to ``<workdir>/ledger/learner.jsonl``:
+
+    {"step": 12, "ticket_id": "e0-00042", "group_id": "…", "prompt_id": "…",
+     "fate": "trained", "reason": "", "lag": 1}
+
+Fates: ``trained``; ``dropped_stale`` (behaviour policy more than ``max_staleness`` versions
+behind); ``dropped_all_wrong`` (ERPO's ``drop_all_wrong``); ``invalid`` (failed a check of
+`pipeline.validate`, dead-lettered); ``duplicate`` (a second group for a ticket already decided;
+ignored); ``unused`` (arrived after the final step, while the learner drained); ``unresolved``
+(no group arrived before the drain timed out).
+
+``step`` is the checkpoint that makes the decision durable: the step that trained the group, or
+for the other fates the next step to complete. A learner that resumes from checkpoint N first
+truncates the ledger to ``step <= N`` (what happened after N is redone), so the ledger is the
+history of the surviving run.
+
+:func:`reconcile` joins the ledger with the recorded lake (tickets issued, groups generated,
+groups scored) and checks the run's accounting: every issued ticket has exactly one final fate,
+no ticket is trained twice, and nothing the learner decided is missing from the lake.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import polars as pl
+
+FINAL_FATES = ("trained", "dropped_stale", "dropped_all_wrong", "invalid", "unused", "unresolved")
+LEDGER_SCHEMA = {"step": pl.Int64, "ticket_id": pl.String, "group_id": pl.String, "prompt_id": pl.String,
+                 "fate": pl.String, "reason": pl.String, "lag": pl.Int64}
+
+
+def ledger_path(workdir: Path) -> Path:
+    return workdir / "ledger" / "learner.jsonl"
+
+
+class Ledger:
+    """Append-only JSON lines, flushed per write call (the learner writes once per poll and step)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a", encoding="utf-8")
+
+    def write(self, rows: list[dict]) -> None:
+        if rows:
+            self._f.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
+            self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    @staticmethod
+    def truncate(path: Path, step: int) -> int:
+        """Keep the rows with ``step <= step`` (atomically); returns how many were removed. A
+        torn last line (crash mid-write) is removed too."""
+        if not path.exists():
+            return 0
+        kept, removed = [], 0
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                keep = json.loads(line)["step"] <= step
+            except (json.JSONDecodeError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line + "\n")
+            else:
+                removed += 1
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+        return removed
+
+
+def read_ledger(path: Path) -> pl.DataFrame:
+    if not path.exists() or path.stat().st_size == 0:
+        return pl.DataFrame(schema=LEDGER_SCHEMA)
+    return pl.read_ndjson(path, schema=LEDGER_SCHEMA)
+
+
+def reconcile(tickets: pl.DataFrame, trajectories: pl.DataFrame, scored: pl.DataFrame,
+              ledger: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
+    """Per issued ticket: copies issued, groups generated and scored, and its ledger fates; plus
+    the run's totals and its violations (each must be 0).
+
+    ``tickets``, ``trajectories`` and ``scored`` are lake rows (``pipeline.lake.read_topic``);
+    only their ``ticket_id`` and ``group_id`` columns are used.
+    """
+    def groups_per_ticket(rows: pl.DataFrame, name: str) -> pl.DataFrame:
+        if rows.height == 0:
+            return pl.DataFrame(schema={"ticket_id": pl.String, name: pl.UInt32})
+        return rows.group_by("ticket_id").agg(pl.col("group_id").n_unique().alias(name))
+
+    final = ledger.filter(pl.col("fate").is_in(FINAL_FATES))
+    fates = final.group_by("ticket_id").agg(pl.len().alias("fates"), pl.col("fate").first().alias("fate"),
+                                            (pl.col("fate") == "trained").sum().alias("trained"))
+    dups = ledger.filter(pl.col("fate") == "duplicate").group_by("ticket_id").agg(pl.len().alias("duplicates_ignored"))
+    issued = tickets.group_by("ticket_id").agg(pl.len().alias("issued_copies"))
+    table = (issued.join(groups_per_ticket(trajectories, "generated"), on="ticket_id", how="left")
+             .join(groups_per_ticket(scored, "scored"), on="ticket_id", how="left")
+             .join(fates, on="ticket_id", how="left")
+             .join(dups, on="ticket_id", how="left")
+             .with_columns(pl.col("generated", "scored", "fates", "trained", "duplicates_ignored").fill_null(0),
+                           pl.col("fate").fill_null("(none)"))
+             .sort("ticket_id"))
+    by_fate = table.group_by("fate").len()
+    totals = {f"fate_{f}": int(n) for f, n in by_fate.iter_rows()}
+    totals.update(
+        tickets=table.height,
+        reissued_copies=int((table["issued_copies"] - 1).sum()),
+        generated_more_than_once=int((table["generated"] > 1).sum()),
+        scored_more_than_once=int((table["scored"] > 1).sum()),
+        duplicates_ignored=int(table["duplicates_ignored"].sum()),
+        # Violations:
+        trained_twice=int((table["trained"] > 1).sum()),
+        several_fates=int((table["fates"] > 1).sum()),
+        no_fate=int((table["fates"] == 0).sum()),
+        fate_without_ticket=int(final.join(issued, on="ticket_id", how="anti").height),
+        unresolved=int((table["fate"] == "unresolved").sum()),
+    )
+    return table, totals
+
+
+VIOLATIONS = ("trained_twice", "several_fates", "no_fate", "fate_without_ticket", "unresolved")
+"""Totals of :func:`reconcile` that must be zero: nothing counted twice, nothing silently lost."""

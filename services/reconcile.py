@@ -1,0 +1,45 @@
+"""`rlstream reconcile RUN_DIR`: account for every ticket of a finished run.
+
+Joins the recorded lake (`<run>/lake`: tickets issued, groups generated, groups scored) with the
+learner's ledger (`<run>/ledger/learner.jsonl`) through `pipeline.ledger.reconcile`, prints the
+totals (fates, re-issues, duplicates caught) and the violations, which must all be zero: a ticket
+trained twice, with several fates, with none, or a fate for a ticket the lake never saw. Writes the
+per-ticket table to `<run>/reconcile.csv`. Exit status 1 if any violation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from pipeline.lake import read_topic
+from pipeline.ledger import VIOLATIONS, ledger_path, read_ledger, reconcile
+
+
+def reconcile_run(run_dir: Path) -> tuple[pl.DataFrame, dict[str, int]]:
+    lake = run_dir / "lake"
+    if not (lake / "topic=prompts").exists():
+        raise FileNotFoundError(f"{lake} holds no recorded tickets (was the recorder running?)")
+    ledger = ledger_path(run_dir)
+    if not ledger.exists():
+        raise FileNotFoundError(f"{ledger} does not exist (is {run_dir} a learner's workdir?)")
+    return reconcile(read_topic(lake, "prompts"), read_topic(lake, "trajectories"), read_topic(lake, "scored"),
+                     read_ledger(ledger))
+
+
+def summary_line(totals: dict[str, int]) -> str:
+    fates = ", ".join(f"{k[5:]} {v}" for k, v in sorted(totals.items()) if k.startswith("fate_"))
+    violations = sum(totals[k] for k in VIOLATIONS)
+    return (f"reconcile: {totals['tickets']} tickets: {fates}; re-issued copies {totals['reissued_copies']}, "
+            f"duplicate groups ignored {totals['duplicates_ignored']}; "
+            + ("no violations" if violations == 0 else
+               "VIOLATIONS " + ", ".join(f"{k} {totals[k]}" for k in VIOLATIONS if totals[k])))
+
+
+def main(run_dir: Path) -> int:
+    table, totals = reconcile_run(run_dir)
+    table.write_csv(run_dir / "reconcile.csv")
+    print(summary_line(totals))
+    print(f"per-ticket table: {run_dir / 'reconcile.csv'}")
+    return 1 if any(totals[k] for k in VIOLATIONS) else 0

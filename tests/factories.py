@@ -1,0 +1,54 @@
+"""Valid wire rows for tests: a trajectory group and its scored form, built to pass every check of
+`pipeline.validate`, so a test can break exactly one thing."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+
+from schemas import Columns, Ragged
+
+
+def _s(values) -> np.ndarray:
+    return np.array(list(values), dtype=object)
+
+
+def trajectory_group(ticket_id: str = "e0-000000", prompt_id: str = "p0", size: int = 4, version: int = 0,
+                     completions: list[list[int]] | None = None, answer: str = "3",
+                     texts: list[str] | None = None, temperature: float = 1.0) -> Columns:
+    """One group of `size` samples of a valid Trajectory message."""
+    completions = completions if completions is not None else [[7, 2]] * size
+    texts = texts if texts is not None else ["3"] * size
+    gid = uuid.uuid4().hex
+    return {
+        "traj_id": _s(uuid.uuid4().hex for _ in range(size)),
+        "group_id": _s([gid] * size),
+        "ticket_id": _s([ticket_id] * size),
+        "prompt_id": _s([prompt_id] * size),
+        "sample_idx": np.arange(size, dtype=np.int32),
+        "group_size": np.full(size, size, dtype=np.int32),
+        "policy_version": np.full(size, version, dtype=np.int64),
+        "temperature": np.full(size, temperature, dtype=np.float32),
+        "prompt_text": _s(["1+2="] * size),
+        "prompt_token_ids": Ragged.from_list([[1, 5, 14, 6]] * size, np.int32),
+        "completion_token_ids": Ragged.from_list(completions, np.int32),
+        "behavior_logprobs": Ragged.from_list([[-0.5] * len(c) for c in completions], np.float32),
+        "completion_text": _s(texts),
+        "finish_reason": _s(["stop"] * size),
+        "answer": _s([answer] * size),
+        "created_at": np.full(size, 1.7e9, dtype=np.float64),
+    }
+
+
+def scored_group(rewards: list[float], **kwargs) -> Columns:
+    """A valid ScoredTrajectory group with these rewards (one per sample)."""
+    cols = trajectory_group(size=len(rewards), **kwargs)
+    r = np.asarray(rewards, dtype=np.float32)
+    rate = float(r.mean())
+    residual = "all_correct" if rate >= 1 else "all_wrong" if rate <= 0 else "none"
+    n = len(r)
+    cols.update(reward=r, verify_status=_s("correct" if x else "wrong" for x in r),
+                group_pass_rate=np.full(n, rate, dtype=np.float32), residual=_s([residual] * n),
+                shaped_reward=r.copy(), scored_at=np.full(n, 1.7e9, dtype=np.float64))
+    return cols

@@ -1,0 +1,89 @@
+"""Semantic checks of decoded groups: each broken field gets its own reason, good groups pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from factories import scored_group, trajectory_group
+from pipeline.validate import Limits, check_groups
+from schemas import Ragged, concat
+
+
+def _codes(cols, limits: Limits = Limits()) -> list[str]:
+    good, rejected = check_groups(cols, limits)
+    return [r.code for r in rejected]
+
+
+def test_valid_groups_pass_in_order():
+    a, b = trajectory_group("e0-000001", "p1"), scored_group([1, 0, 0], ticket_id="e0-000002", prompt_id="p2")
+    good, rejected = check_groups(a)
+    assert rejected == [] and len(good) == 1
+    good, rejected = check_groups(b, Limits(vocab_size=20, max_tokens=16, known_prompts=frozenset({"p2"})))
+    assert rejected == [] and len(good) == 1
+    # two groups in one message, interleaved rows
+    c = concat([trajectory_group("e0-000003", "p3", size=2), trajectory_group("e0-000004", "p4", size=2)])
+    order = np.array([0, 2, 1, 3])
+    c = {k: (Ragged.from_list([v[i] for i in order], v.values.dtype) if isinstance(v, Ragged) else v[order])
+         for k, v in c.items()}
+    good, rejected = check_groups(c)
+    assert [g["ticket_id"][0] for g in good] == ["e0-000003", "e0-000004"] and not rejected
+    assert all(len(g["traj_id"]) == 2 for g in good)
+
+
+def _with(cols, name, value):
+    cols = dict(cols)
+    cols[name] = value
+    return cols
+
+
+@pytest.mark.parametrize("field, value, code", [
+    ("ticket_id", np.array(["", "", "", ""], dtype=object), "missing_id"),
+    ("behavior_logprobs", Ragged.from_list([[-0.5, -0.1], [-0.5], [-0.5, -0.5], [-0.5, -0.5]], np.float32),
+     "logprob_count"),
+    ("behavior_logprobs", Ragged.from_list([[-0.5, np.nan]] + [[-0.5, -0.5]] * 3, np.float32), "nonfinite_logprob"),
+    ("behavior_logprobs", Ragged.from_list([[-0.5, -np.inf]] + [[-0.5, -0.5]] * 3, np.float32), "nonfinite_logprob"),
+    ("behavior_logprobs", Ragged.from_list([[0.5, -0.5]] + [[-0.5, -0.5]] * 3, np.float32), "positive_logprob"),
+    ("prompt_token_ids", Ragged.from_list([[]] + [[1, 2]] * 3, np.int32), "empty_prompt"),
+    ("completion_token_ids", Ragged.from_list([[7, -1]] + [[7, 2]] * 3, np.int32), "token_out_of_vocab"),
+    ("temperature", np.full(4, np.nan, dtype=np.float32), "bad_temperature"),
+    ("temperature", np.full(4, 3.0, dtype=np.float32), "bad_temperature"),
+    ("finish_reason", np.array(["stop", "eos", "stop", "stop"], dtype=object), "bad_finish_reason"),
+    ("policy_version", np.full(4, -1, dtype=np.int64), "bad_policy_version"),
+    ("sample_idx", np.array([0, 1, 1, 3], dtype=np.int32), "incomplete_group"),
+    ("group_size", np.full(4, 8, dtype=np.int32), "incomplete_group"),
+    ("prompt_id", np.array(["p0", "p0", "p1", "p0"], dtype=object), "inconsistent_group"),
+])
+def test_each_problem_has_its_reason(field, value, code):
+    assert _codes(_with(trajectory_group(), field, value)) == [code]
+
+
+def test_limits_vocabulary_length_and_prompt_pool():
+    big = trajectory_group(completions=[[7, 2], [7, 25], [7, 2], [7, 2]])
+    assert _codes(big) == []
+    assert _codes(big, Limits(vocab_size=20)) == ["token_out_of_vocab"]
+    assert _codes(trajectory_group(), Limits(max_tokens=5)) == ["too_long"]  # 4 prompt + 2 completion
+    assert _codes(trajectory_group(prompt_id="zz"), Limits(known_prompts=frozenset({"p0"}))) == ["unknown_prompt"]
+
+
+def test_empty_completion_is_valid():
+    # an empty completion is a legitimate sample (the verifier says no_answer), not bad input
+    assert _codes(trajectory_group(completions=[[], [7], [7, 2], []])) == []
+
+
+def test_scored_checks():
+    g = scored_group([1, 0, 1, 1])
+    assert _codes(_with(g, "reward", np.array([1, 0.5, 1, 1], dtype=np.float32))) == ["bad_reward"]
+    assert _codes(_with(g, "group_pass_rate", np.full(4, 0.5, dtype=np.float32))) == ["bad_pass_rate"]
+    assert _codes(_with(g, "shaped_reward", np.array([1, np.inf, 1, 1], dtype=np.float32))) == ["bad_reward"]
+    assert _codes(_with(g, "verify_status", np.array(["correct", "maybe", "correct", "correct"], dtype=object))) \
+        == ["bad_verify_status"]
+
+
+def test_one_bad_group_does_not_take_the_others():
+    bad = trajectory_group("e0-000009", "p9")
+    bad = _with(bad, "behavior_logprobs", Ragged.from_list([[np.nan, -1]] * 4, np.float32))
+    good, rejected = check_groups(concat([trajectory_group("e0-000001"), bad, trajectory_group("e0-000002")]))
+    assert [g["ticket_id"][0] for g in good] == ["e0-000001", "e0-000002"]
+    assert len(rejected) == 1 and rejected[0].columns["ticket_id"][0] == "e0-000009"
+    assert rejected[0].reason.startswith("invalid_group: nonfinite_logprob: sample_idx 0")
