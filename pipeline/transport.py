@@ -30,7 +30,7 @@ from kafka import (
     OffsetAndMetadata,
     TopicPartition,
 )
-from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
 
 from pipeline.config import KafkaConfig
@@ -60,6 +60,8 @@ MESSAGES = Counter("rlstream_transport_messages_total", "Kafka messages by logic
 DEAD_LETTERS = Counter("rlstream_transport_dead_letters_total",
                        "Records or groups sent to the dead-letter topic, by logical source topic and reason code.",
                        ["topic", "reason"])
+OUTAGES = Counter("rlstream_transport_broker_errors_total",
+                  "Retriable broker errors ridden out (broker down or restarting), by operation.", ["op"])
 BYTES = Counter("rlstream_transport_bytes_total", "Kafka message payload bytes by logical topic and direction.",
                 ["topic", "outcome"])
 
@@ -335,7 +337,16 @@ class Consumer:
         """Decoded records, in offset order per partition; undecodable ones are dead-lettered
         (and the dead-letter producer flushed) before this returns. If that flush fails, the
         error propagates and `positions()` does not advance past this poll's records."""
-        fetched = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        try:
+            fetched = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except KafkaError as e:
+            if not e.retriable:
+                raise
+            # The broker is down or restarting: deliver nothing, keep positions, try again later.
+            OUTAGES.labels("poll").inc()
+            log.warning("poll failed (%r); retrying", e)
+            time.sleep(min(timeout_ms / 1000, 1.0))
+            return []
         deliveries: list[Delivery] = []
         advanced: dict[tuple[str, int], int] = {}
         bad = 0
@@ -426,13 +437,22 @@ class Consumer:
         """Commit explicit next offsets, keyed by (logical topic, partition)."""
         if self._group_id is None:
             raise TransportError("commit needs a consumer group (this consumer has group_id=None)")
-        if offsets:
+        if not offsets:
+            return
+        try:
             self._consumer.commit(
                 {
                     TopicPartition(topic_name(self._run, t), p): OffsetAndMetadata(o, "", -1)
                     for (t, p), o in offsets.items()
                 }
             )
+        except KafkaError as e:
+            if not e.retriable:
+                raise
+            # Safe to skip: the results are flushed, so a later commit covers these offsets and a
+            # re-delivery before it is de-duplicated downstream.
+            OUTAGES.labels("commit").inc()
+            log.warning("commit failed (%r); the next commit will cover these offsets", e)
 
     def seek(self, offsets: dict[tuple[str, int], int]) -> None:
         """Continue from these next offsets (e.g. restored from a snapshot). In a group, partitions

@@ -5,7 +5,8 @@ reference answer in the math-verify process pool (a verifier error or timeout is
 `verify_status`, never a silent 0), score the groups (pass rate, residual kind), apply the batch to
 the ERPO prompt-history table (`erpo.HistoryStore`, one vectorised update per batch), send one
 ScoredTrajectory message per group and one TemperatureUpdate per changed prompt (key =
-prompt_id), flush, snapshot the table with the consumed offsets every `erpo.snapshot_every` batches, then commit.
+prompt_id), flush; every `erpo.snapshot_every` batches snapshot the table with the consumed offsets, then
+commit those offsets (commits never run ahead of the snapshot).
 
 Every group is checked first (`pipeline.validate`): an invalid one goes to the dead-letter topic
 with its reason and the rest of its message goes on. A group whose ticket this worker has already
@@ -151,6 +152,14 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
             fresh.append(group)
         return fresh
 
+    def save() -> None:
+        """Snapshot the table with the offsets it covers, then commit exactly those offsets: the
+        group's commits never run ahead of a snapshot, so a worker that restarts (or takes over
+        partitions) without one re-reads from where the table it has stops."""
+        positions = consumer.positions()
+        erpo.snapshot(store.to_frame(), positions, snapshot_path, list(seen))
+        consumer.commit_offsets(positions)
+
     metrics.serve(cfg, "reward", str(worker_index))
     reactivated = int(store.column("times_reactivated").sum())
     progress = JsonlWriter(cfg.workdir / "progress" / f"reward-{worker_index}.jsonl")
@@ -184,7 +193,6 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
                         VERDICTS.labels(status).inc(n)
                 if not scored:  # only duplicates and dead letters
                     producer.flush()
-                    consumer.commit()
                     in_batch = False
                     continue
                 t_erpo = time.monotonic()
@@ -201,8 +209,7 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
                 producer.flush()
                 batches += 1
                 if batches % cfg.erpo.snapshot_every == 0:
-                    erpo.snapshot(store.to_frame(), consumer.positions(), snapshot_path, list(seen))
-                consumer.commit()
+                    save()
                 in_batch = False
                 groups += batch_groups.height
                 temp_updates += updates.height
@@ -233,7 +240,7 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
                                max_temperature=float(temps.max()) if temps.size else 0.0)
         finally:
             if batches and not in_batch:  # never record offsets past results not yet sent
-                erpo.snapshot(store.to_frame(), consumer.positions(), snapshot_path, list(seen))
+                save()
             consumer.close()
             producer.close()
             progress.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-COLUMNS = ["killed", "at_step", "restarts", "tickets", "fate_trained", "fate_dropped_stale", "fate_unused",
+COLUMNS = ["killed", "at_step", "also_crashed", "tickets", "fate_trained", "fate_dropped_stale", "fate_unused",
            "reissued_copies", "generated_more_than_once", "duplicates_ignored", "trained_twice", "several_fates",
            "no_fate", "unresolved", "wall_s"]
 
