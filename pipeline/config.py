@@ -49,6 +49,14 @@ class KafkaConfig(_Strict):
     """SASL user name; null when SASL is not used."""
     sasl_password: str | None = None
     """SASL password; null when SASL is not used."""
+    ssl_cafile: Path | None = None
+    """CA bundle that signs the brokers' certificates (SSL / SASL_SSL); null uses the system's."""
+    ssl_certfile: Path | None = None
+    """Client certificate (PEM) for mutual TLS; null when the brokers do not ask for one."""
+    ssl_keyfile: Path | None = None
+    """Private key (PEM) of `ssl_certfile`."""
+    ssl_check_hostname: bool = True
+    """Verify that the broker's certificate matches its host name."""
 
     @model_validator(mode="after")
     def _heartbeat_below_session(self) -> KafkaConfig:

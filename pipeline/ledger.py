@@ -119,11 +119,11 @@ def reconcile(tickets: pl.DataFrame, trajectories: pl.DataFrame, scored: pl.Data
         trained_twice=int((table["trained"] > 1).sum()),
         several_fates=int((table["fates"] > 1).sum()),
         no_fate=int((table["fates"] == 0).sum()),
-        fate_without_ticket=int(final.join(issued, on="ticket_id", how="anti").height),
+        ledger_without_ticket=int(final.join(issued, on="ticket_id", how="anti").height),
         unresolved=int((table["fate"] == "unresolved").sum()),
     )
     return table, totals
 
 
-VIOLATIONS = ("trained_twice", "several_fates", "no_fate", "fate_without_ticket", "unresolved")
+VIOLATIONS = ("trained_twice", "several_fates", "no_fate", "ledger_without_ticket", "unresolved")
 """Totals of :func:`reconcile` that must be zero: nothing counted twice, nothing silently lost."""

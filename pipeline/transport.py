@@ -108,6 +108,7 @@ def client_kwargs(cfg: KafkaConfig, role: Literal["admin", "producer", "consumer
     kwargs: dict[str, Any] = {
         "bootstrap_servers": cfg.bootstrap_servers.split(","),
         "request_timeout_ms": cfg.request_timeout_ms,
+        "bootstrap_timeout_ms": cfg.request_timeout_ms,
         "security_protocol": cfg.security_protocol,
     }
     if cfg.sasl_mechanism is not None:
@@ -116,6 +117,11 @@ def client_kwargs(cfg: KafkaConfig, role: Literal["admin", "producer", "consumer
         kwargs["sasl_plain_username"] = cfg.sasl_username
     if cfg.sasl_password is not None:
         kwargs["sasl_plain_password"] = cfg.sasl_password
+    if cfg.security_protocol in ("SSL", "SASL_SSL"):
+        kwargs["ssl_check_hostname"] = cfg.ssl_check_hostname
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(cfg, name) is not None:
+                kwargs[name] = str(getattr(cfg, name))
     if role == "producer":
         kwargs |= {
             "acks": {"all": "all", "1": 1, "0": 0}[cfg.acks],

@@ -106,3 +106,19 @@ def test_rollout_engine_auto_follows_cuda(monkeypatch):
     assert RolloutConfig().resolved_engine() == "vllm"
     assert RolloutConfig(engine="torch").resolved_engine() == "torch"
     assert RolloutConfig(engine="vllm").resolved_engine() == "vllm"
+
+
+def test_security_settings_pass_through_to_every_client():
+    from pipeline.transport import client_kwargs
+
+    cfg = KafkaConfig(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username="alice",
+                      sasl_password="s3cret", ssl_cafile="/etc/ca.pem", ssl_certfile="/etc/me.pem",
+                      ssl_keyfile="/etc/me.key", ssl_check_hostname=False)
+    for role in ("admin", "producer", "consumer"):
+        kw = client_kwargs(cfg, role)
+        assert kw["security_protocol"] == "SASL_SSL" and kw["sasl_mechanism"] == "SCRAM-SHA-512"
+        assert (kw["sasl_plain_username"], kw["sasl_plain_password"]) == ("alice", "s3cret")
+        assert (kw["ssl_cafile"], kw["ssl_certfile"], kw["ssl_keyfile"]) == ("/etc/ca.pem", "/etc/me.pem", "/etc/me.key")
+        assert kw["ssl_check_hostname"] is False
+    plain = client_kwargs(KafkaConfig(), "producer")
+    assert plain["security_protocol"] == "PLAINTEXT" and not any(k.startswith(("ssl_", "sasl_")) for k in plain)

@@ -33,12 +33,12 @@ def test_reconcile_counts_and_violations():
     assert totals["duplicates_ignored"] == 1
     assert totals["fate_trained"] == 2 and totals["fate_dropped_stale"] == 1
     assert totals["no_fate"] == 1 and totals["fate_(none)"] == 1  # d: silently lost
-    assert totals["trained_twice"] == totals["several_fates"] == totals["fate_without_ticket"] == 0
+    assert totals["trained_twice"] == totals["several_fates"] == totals["ledger_without_ticket"] == 0
     assert table.filter(pl.col("ticket_id") == "d")["fate"].to_list() == ["(none)"]
 
     twice = _ledger([(1, "a", "trained"), (2, "a", "trained"), (3, "z", "trained")])
     _, totals = reconcile(tickets, traj, scored, twice)
-    assert totals["trained_twice"] == 1 and totals["several_fates"] == 1 and totals["fate_without_ticket"] == 1
+    assert totals["trained_twice"] == 1 and totals["several_fates"] == 1 and totals["ledger_without_ticket"] == 1
 
 
 def test_ledger_truncate_keeps_the_surviving_history(tmp_path):
