@@ -97,8 +97,10 @@ from services.metrics import serve
 log = logging.getLogger(__name__)
 
 LEARNER_STATE = "learner.json"
-SEEN_WINDOW = 200_000
-"""Decided ticket ids remembered for de-duplication (a duplicate arrives within seconds or minutes)."""
+SEEN_WINDOW = 20_000
+"""Decided ticket ids remembered. A ticket before the issue position that is not outstanding is
+decided whether remembered or not; the window is for tickets adopted ahead of the position (at
+most about a capacity's worth) and for logs and checkpoints."""
 STEP_SECONDS = Histogram("rlstream_learner_step_seconds", "Wall time of one training step.",
                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 STEP = Gauge("rlstream_learner_step", "Training steps done.")

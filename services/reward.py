@@ -193,6 +193,9 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
                         VERDICTS.labels(status).inc(n)
                 if not scored:  # only duplicates and dead letters
                     producer.flush()
+                    batches += 1
+                    if batches % cfg.erpo.snapshot_every == 0:
+                        save()
                     in_batch = False
                     continue
                 t_erpo = time.monotonic()
