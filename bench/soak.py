@@ -87,7 +87,15 @@ def main() -> None:
     ap.add_argument("--every", type=float, default=10)
     ap.add_argument("--workdir", type=Path, default=REPO / "runs" / "soak")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--replot", type=Path, default=None, metavar="CSV",
+                    help="only redraw the table and plot from a saved soak-memory.csv")
     args = ap.parse_args()
+    if args.replot is not None:
+        import polars as pl
+
+        df = pl.read_csv(args.replot)
+        report(list(df.iter_rows()), args, steps_done=-1, write_csv=False)
+        return
     steps = int(args.minutes * 60 / 0.2)  # more than the demo can do in that time
     cmd = [sys.executable, "-m", "services.cli", "demo", "--set", f'workdir="{args.workdir}"',
            "--set", f"learner.total_steps={steps}", "--set", "demo.progress_every_s=60"]
@@ -122,12 +130,14 @@ def main() -> None:
     report(samples, args, steps_done)
 
 
-def report(samples: list[tuple[float, str, int]], args, steps_done: int) -> None:
+def report(samples: list[tuple[float, str, int]], args, steps_done: int, write_csv: bool = True) -> None:
     import polars as pl
 
     df = pl.DataFrame(samples, schema={"minute": pl.Float64, "process": pl.String, "rss": pl.Int64}, orient="row")
-    df.write_csv(args.workdir / "soak-memory.csv")
-    # Processes that lived through the whole run (verifier workers that were restarted do not).
+    if write_csv:
+        df.write_csv(args.workdir / "soak-memory.csv")
+    # Processes that lived through the whole run (not the one-off compiler of DeepSpeed's first
+    # start, nor a verifier worker that was replaced).
     end = df["minute"].max()
     rows = []
     for (name,), g in df.group_by("process", maintain_order=True):
@@ -142,7 +152,7 @@ def report(samples: list[tuple[float, str, int]], args, steps_done: int) -> None
     print(f"{'process':<14} {'after warm-up':>14} {'end':>10} {'peak':>10} {'growth':>8}")
     for name, base, last, peak, growth in rows:
         print(f"{name:<14} {base:>11.0f} MB {last:>7.0f} MB {peak:>7.0f} MB {growth:>7.1f}%")
-    plot(df, args)
+    plot(df.filter(pl.col("process").is_in([r[0] for r in rows])), args)
     worst = rows[0] if rows else ("none", 0, 0, 0, 0.0)
     print(f"RESULT minutes={end:.1f} processes={len(rows)} max_growth_pct={worst[4]:.1f} worst={worst[0]} "
           f"steps={steps_done}")
@@ -157,7 +167,7 @@ def plot(df, args) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for (name,), g in df.group_by("process", maintain_order=True):
-        if g.height > 3:
+        if g.height > 1:
             ax.plot(g["minute"].to_numpy(), (g["rss"] / 2**20).to_numpy(), label=name)
     ax.axvline(args.warmup, color="grey", ls="--", lw=1)
     ax.text(args.warmup, ax.get_ylim()[1] * 0.95, " warm-up", color="grey", fontsize=8)
