@@ -163,7 +163,6 @@ def plot(df, args) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import polars as pl
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for (name,), g in df.group_by("process", maintain_order=True):

@@ -47,6 +47,19 @@ def tansu_binary() -> Path:
     return path
 
 
+def terminate(proc: subprocess.Popen | None, grace_s: float) -> None:
+    """SIGTERM a child, wait up to `grace_s`, then SIGKILL it. No-op for None or an exited child."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        log.warning("pid %d ignored SIGTERM for %.0fs; killing", proc.pid, grace_s)
+        proc.kill()
+        proc.wait()
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -152,17 +165,8 @@ class Broker:
     def stop(self) -> None:
         """SIGTERM, up to 5 s grace, then SIGKILL. Idempotent."""
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                log.warning("tansu pid %d ignored SIGTERM; killing", proc.pid)
-                proc.kill()
-                proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        terminate(proc, 5)
+        self._close_log()
 
     def kill(self) -> None:
         """SIGKILL, as a crash would (fault tests); `start()` again restarts on the same port."""
@@ -170,6 +174,9 @@ class Broker:
         if proc is not None:
             proc.kill()
             proc.wait()
+        self._close_log()
+
+    def _close_log(self) -> None:
         if self._log is not None:
             self._log.close()
             self._log = None

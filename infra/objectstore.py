@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO
 
-from infra.broker import die_with_parent
+from infra.broker import die_with_parent, terminate
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class ObjectStore:
         self.port = ports["s3.port"]
         cmd = [str(weed_binary()), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-bucket={self.bucket}", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-               f"-metricsIp=127.0.0.1"] + [f"-{flag}={port}" for flag, port in ports.items()]
+               "-metricsIp=127.0.0.1"] + [f"-{flag}={port}" for flag, port in ports.items()]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         self._log = open(self.log_path, "ab") if self.log_path is not None else open(os.devnull, "wb")
         self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -125,13 +125,7 @@ class ObjectStore:
     def stop(self) -> None:
         """SIGTERM, up to 10 s grace, then SIGKILL. Idempotent."""
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc, 10)
         if self._log is not None:
             self._log.close()
             self._log = None

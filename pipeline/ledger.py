@@ -39,19 +39,26 @@ def ledger_path(workdir: Path) -> Path:
 
 
 class Ledger:
-    """Append-only JSON lines, flushed per write call (the learner writes once per poll and step)."""
+    """Append-only JSON lines: rows are buffered by `add` and written by `flush` (the learner
+    flushes once per poll and once per step)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(path, "a", encoding="utf-8")
+        self._pending: list[dict] = []
 
-    def write(self, rows: list[dict]) -> None:
-        if rows:
-            self._f.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
+    def add(self, row: dict) -> None:
+        self._pending.append(row)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._f.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in self._pending))
             self._f.flush()
+            self._pending.clear()
 
     def close(self) -> None:
+        self.flush()
         self._f.close()
 
     @staticmethod

@@ -59,11 +59,9 @@ def _row_problems(cols: Columns, limits: Limits) -> list[tuple[str, np.ndarray, 
     c_len, lp_len, p_len = completion.lengths(), logprobs.lengths(), prompt.lengths()
     checks: list[tuple[str, np.ndarray, str]] = []
 
-    def empty(name: str) -> np.ndarray:
-        return np.fromiter((not s for s in cols[name]), dtype=bool, count=n)
-
-    checks.append(("missing_id", empty("traj_id") | empty("group_id") | empty("ticket_id") | empty("prompt_id"),
-                   "traj_id, group_id, ticket_id and prompt_id must be non-empty"))
+    ids = ("traj_id", "group_id", "ticket_id", "prompt_id")
+    empty = ~np.logical_and.reduce([cols[name].astype(bool) for name in ids])  # "" is falsy
+    checks.append(("missing_id", empty, "traj_id, group_id, ticket_id and prompt_id must be non-empty"))
     checks.append(("logprob_count", c_len != lp_len, "one behaviour log-prob per completion token"))
     row_of_lp = np.repeat(np.arange(n), lp_len)
     lp = np.asarray(logprobs.values, dtype=np.float64)

@@ -203,12 +203,10 @@ def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
     print(f"held-out after RL  ({after.problems} problems): sampled pass@1 "
           f"{after.sampled_accuracy:.3f}, greedy {after.greedy_accuracy:.3f} "
           f"(policy v{version}, {rl_s:.0f}s of RL)", flush=True)
-    from services.reconcile import reconcile_run, summary_line
+    from services.reconcile import summary_line, write_reconciliation
     from services.report import write_report
 
-    table, totals = reconcile_run(run_dir)
-    table.write_csv(run_dir / "reconcile.csv")
-    print(summary_line(totals), flush=True)
+    print(summary_line(write_reconciliation(run_dir)), flush=True)
 
     report = write_report(run_dir / "lake", run_dir / "report", title=f"rlstream run {cfg.name!r} ({run_dir.name})")
     print(f"report: {report}", flush=True)

@@ -35,6 +35,7 @@ batch to the others; every rank trains on its share of the groups.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -144,14 +145,14 @@ class TicketSource:
         self._seed = seed
         self.position = 0
         """Tickets issued so far (the next ticket's position)."""
-        self._order: tuple[int, np.ndarray] = (-1, np.zeros(0, dtype=np.int64))
+        # Arrivals straddle an epoch boundary while issuing moves on: keep a few epochs' orders.
+        self._order = functools.lru_cache(maxsize=4)(
+            lambda epoch: np.random.default_rng(self._seed + epoch).permutation(len(self.problems)))
 
     def at(self, k: int) -> tuple[Problem, int, str]:
         """(problem, epoch, ticket id) of position ``k``."""
         epoch, place = divmod(k, len(self.problems))
-        if self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng(self._seed + epoch).permutation(len(self.problems)))
-        return self.problems[int(self._order[1][place])], epoch, f"e{epoch}-{place:06d}"
+        return self.problems[int(self._order(epoch)[place])], epoch, f"e{epoch}-{place:06d}"
 
     def position_of(self, ticket_id: str, prompt_id: str) -> int | None:
         """The position of ``ticket_id`` if it is one of this source's tickets and carries
@@ -486,9 +487,10 @@ def _lead(cfg: RunConfig, trainer: Trainer, state: LearnerState, learn, channel:
     tickets.position = state.ticket_position
     if lc.resume:
         # Tickets flushed after the checkpoint are on the broker: wait for them, do not re-issue.
-        for k in range(state.ticket_position, issue_log.read()):
+        logged = issue_log.read()
+        for k in range(state.ticket_position, logged):
             outstanding[tickets.at(k)[2]] = None
-        tickets.position = max(state.ticket_position, issue_log.read())
+        tickets.position = max(state.ticket_position, logged)
         log.info("resume: %d ledger rows after step %d removed; %d tickets outstanding (%d issued after the "
                  "checkpoint)", removed, state.step, len(outstanding), tickets.position - state.ticket_position)
     wid = worker_id()
@@ -506,7 +508,6 @@ def _lead(cfg: RunConfig, trainer: Trainer, state: LearnerState, learn, channel:
     offsets = OffsetTracker()
     ready: list[tuple[Columns, tuple[str, int, int]]] = []
     lags: list[int] = []
-    rows: list[dict] = []  # ledger rows not yet written
     t_start = time.monotonic()
     log.info("learner ready: %d ranks, %s backend, capacity %d groups in flight, metrics %s",
              trainer.world_size, lc.backend, capacity, metrics_address)
@@ -521,7 +522,7 @@ def _lead(cfg: RunConfig, trainer: Trainer, state: LearnerState, learn, channel:
             outstanding.pop(tid, None)
             queued.discard(tid)
         GROUPS.labels(fate).inc()
-        rows.append({"step": state.step if fate == "trained" else state.step + 1, "ticket_id": tid,
+        ledger.add({"step": state.step if fate == "trained" else state.step + 1, "ticket_id": tid,
                      "group_id": str(group["group_id"][0]), "prompt_id": str(group["prompt_id"][0]),
                      "fate": fate, "reason": reason, "lag": lag})
 
@@ -614,8 +615,7 @@ def _lead(cfg: RunConfig, trainer: Trainer, state: LearnerState, learn, channel:
                 issue_log.write(tickets.position)
             for d in consumer.poll(timeout_ms=lc.poll_timeout_ms):
                 accept(d, draining=False)
-            ledger.write(rows)
-            rows.clear()
+            ledger.flush()
             IN_FLIGHT.set(len(outstanding))
             while len(ready) >= lc.groups_per_step and state.step < lc.total_steps:
                 batch, ready = ready[: lc.groups_per_step], ready[lc.groups_per_step:]
@@ -628,8 +628,7 @@ def _lead(cfg: RunConfig, trainer: Trainer, state: LearnerState, learn, channel:
                 for group, key in batch:
                     decide(group, "trained", lag=state.version - int(group["policy_version"].min()))
                     offsets.done(key)
-                ledger.write(rows)
-                rows.clear()
+                ledger.flush()
                 if state.step % lc.sync_every == 0 or state.step == lc.total_steps:
                     state.version += 1
                     announce()
@@ -649,7 +648,6 @@ def _lead(cfg: RunConfig, trainer: Trainer, state: LearnerState, learn, channel:
                          metrics["reward"], metrics["loss"], state.dropped)
         if state.step >= lc.total_steps and not stop:
             drain(lc, consumer, outstanding, ready, accept, decide, stop)
-            ledger.write(rows)
     finally:
         channel.send(None)
         consumer.close()

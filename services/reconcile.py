@@ -37,9 +37,15 @@ def summary_line(totals: dict[str, int]) -> str:
                "VIOLATIONS " + ", ".join(f"{k} {totals[k]}" for k in VIOLATIONS if totals[k])))
 
 
-def main(run_dir: Path) -> int:
+def write_reconciliation(run_dir: Path) -> dict[str, int]:
+    """Reconcile the run, write the per-ticket table to `<run>/reconcile.csv`, return the totals."""
     table, totals = reconcile_run(run_dir)
     table.write_csv(run_dir / "reconcile.csv")
+    return totals
+
+
+def main(run_dir: Path) -> int:
+    totals = write_reconciliation(run_dir)
     print(summary_line(totals))
     print(f"per-ticket table: {run_dir / 'reconcile.csv'}")
     return 1 if any(totals[k] for k in VIOLATIONS) else 0

@@ -191,29 +191,25 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
                     statuses.update(batch_statuses)
                     for status, n in batch_statuses.items():
                         VERDICTS.labels(status).inc(n)
-                if not scored:  # only duplicates and dead letters
-                    producer.flush()
-                    batches += 1
-                    if batches % cfg.erpo.snapshot_every == 0:
-                        save()
-                    in_batch = False
-                    continue
-                t_erpo = time.monotonic()
-                VERIFY_SECONDS.observe(t_erpo - t0)
-                batch_groups = group_rows(scored)
-                updates = store.apply(batch_groups, time.time())
-                erpo_s = time.monotonic() - t_erpo
-                UPDATE_SECONDS.observe(erpo_s)
-                for d, cols in zip(sources, scored):
-                    producer.send(scored_topic, SCORED_TRAJECTORY, cols, key=d.key)
-                for i in range(updates.height):
-                    producer.send(temp_topic, TEMPERATURE_UPDATE, update_columns(updates, i),
-                                  key=str(updates["prompt_id"][i]).encode())
-                producer.flush()
+                if scored:
+                    t_erpo = time.monotonic()
+                    VERIFY_SECONDS.observe(t_erpo - t0)
+                    batch_groups = group_rows(scored)
+                    updates = store.apply(batch_groups, time.time())
+                    erpo_s = time.monotonic() - t_erpo
+                    UPDATE_SECONDS.observe(erpo_s)
+                    for d, cols in zip(sources, scored):
+                        producer.send(scored_topic, SCORED_TRAJECTORY, cols, key=d.key)
+                    for i in range(updates.height):
+                        producer.send(temp_topic, TEMPERATURE_UPDATE, update_columns(updates, i),
+                                      key=str(updates["prompt_id"][i]).encode())
+                producer.flush()  # scored groups, temperatures and dead letters
                 batches += 1
                 if batches % cfg.erpo.snapshot_every == 0:
                     save()
                 in_batch = False
+                if not scored:  # only duplicates and dead letters
+                    continue
                 groups += batch_groups.height
                 temp_updates += updates.height
                 rates = batch_groups["pass_rate"].to_numpy()

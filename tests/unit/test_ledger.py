@@ -44,8 +44,9 @@ def test_reconcile_counts_and_violations():
 def test_ledger_truncate_keeps_the_surviving_history(tmp_path):
     path = tmp_path / "ledger.jsonl"
     led = Ledger(path)
-    led.write([{"step": s, "ticket_id": f"t{s}", "group_id": "g", "prompt_id": "p", "fate": "trained",
-                "reason": "", "lag": 0} for s in (1, 2, 3, 4)])
+    for s in (1, 2, 3, 4):
+        led.add({"step": s, "ticket_id": f"t{s}", "group_id": "g", "prompt_id": "p", "fate": "trained",
+                 "reason": "", "lag": 0})
     led.close()
     with open(path, "a") as f:
         f.write('{"step": 5, "ticket_id": "t5", "gro')  # torn by a crash mid-write
