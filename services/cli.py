@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--durable", action="store_true",
                    help="broker storage in a local S3 store (SeaweedFS) under the run folder: a broker "
                         "restart loses nothing (same as --set demo.durable=true)")
+    p.add_argument("--engine", choices=["vllm", "torch"],
+                   help="rollout engine (default vllm; same as --set rollout.engine='\"torch\"'): the torch "
+                        "engine needs no vLLM and starts in a second")
     return parser
 
 
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "demo" and args.durable:
         args.overrides = list(args.overrides or []) + ["demo.durable=true"]
+    if args.command == "demo" and args.engine:
+        args.overrides = list(args.overrides or []) + [f'rollout.engine="{args.engine}"']
     if args.command == "reconcile":
         from services.reconcile import main as reconcile_main
 

@@ -135,12 +135,14 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
 
     policy_path = initial_policy_path(cfg)
     model, tokenizer = load_policy(policy_path)
-    engine_name = rc.resolved_engine()
+    engine_name = rc.engine
     if engine_name == "vllm":
         from pipeline.engine_vllm import VllmEngine
 
         del model
-        engine = VllmEngine(policy_path, tokenizer, rc.max_new_tokens, seed=rc.seed + worker_index, version=0)
+        # In process on CPU, on the `torch_threads` set above (see pipeline/engine_vllm.py).
+        engine = VllmEngine(policy_path, tokenizer, rc.max_new_tokens, seed=rc.seed + worker_index, version=0,
+                            dtype=rc.dtype)
     else:
         engine = TorchEngine(model, tokenizer, rc.max_new_tokens, seed=rc.seed + worker_index, version=0)
     wid = worker_id()

@@ -42,7 +42,9 @@ RESULTS: list[dict] = []
 
 # The reward scenario snapshots rarely, so the restarted worker (no snapshot yet) re-scores every
 # group from the start of the topic: the learner must ignore each of them as a duplicate.
-EXTRA = {"reward": {"erpo.snapshot_every": "1000"}}
+# The rollout scenario kills the default engine, vLLM (in process); the others use the torch engine,
+# which starts in a second.
+EXTRA = {"reward": {"erpo.snapshot_every": "1000"}, "rollout": {"rollout.engine": '"vllm"'}}
 
 
 def _sets(run: str, workdir: Path, cache: Path, bootstrap: str, extra: dict[str, str] | None = None) -> list[str]:
@@ -50,9 +52,10 @@ def _sets(run: str, workdir: Path, cache: Path, bootstrap: str, extra: dict[str,
         "name": f'"{run}"', "workdir": f'"{workdir}"', "cache_dir": f'"{cache}"',
         "kafka.bootstrap_servers": f'"{bootstrap}"', "kafka.session_timeout_ms": "2000",
         "task.train_pool": "64",
-        "model.warmstart.steps": "20", "model.warmstart.hidden_size": "32", "model.warmstart.layers": "2",
-        "model.warmstart.heads": "2", "model.warmstart.kv_heads": "1", "model.warmstart.intermediate_size": "64",
-        "rollout.group_size": str(G), "rollout.max_prompts_per_batch": "4",
+        # head size 32: vLLM's CPU attention needs at least that
+        "model.warmstart.steps": "20", "model.warmstart.hidden_size": "64", "model.warmstart.layers": "2",
+        "model.warmstart.heads": "2", "model.warmstart.kv_heads": "1", "model.warmstart.intermediate_size": "128",
+        "rollout.engine": '"torch"', "rollout.group_size": str(G), "rollout.max_prompts_per_batch": "4",
         "learner.groups_per_step": str(GROUPS_PER_STEP), "learner.total_steps": str(STEPS),
         "learner.max_staleness": "2", "learner.backend": '"torch"', "learner.checkpoint_every": "4",
         "learner.drain_timeout_s": "90", "erpo.snapshot_every": "3",

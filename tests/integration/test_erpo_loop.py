@@ -19,7 +19,6 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pytest
 
 import torch
@@ -41,7 +40,7 @@ G = 4
 def _sets(run: str, workdir: Path, bootstrap: str, extra: dict[str, str] | None = None) -> list[str]:
     sets = {"name": f'"{run}"', "workdir": f'"{workdir}"', "kafka.bootstrap_servers": f'"{bootstrap}"',
             "kafka.session_timeout_ms": "2000", "reward.verifier_workers": "0",
-            "erpo.snapshot_every": "1", **(extra or {})}
+            "erpo.snapshot_every": "1", "rollout.engine": '"torch"', **(extra or {})}
     return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
 
 

