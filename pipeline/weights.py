@@ -44,8 +44,11 @@ def _dtype_name(state: dict[str, torch.Tensor]) -> str:
     return dtypes.pop() if len(dtypes) == 1 else "mixed"
 
 
-def publish(state: dict[str, torch.Tensor], root: Path, version: int, keep: int) -> PublishedPolicy:
-    """Write ``state`` as version ``version`` under ``root`` and prune all but the newest ``keep``."""
+def publish(state: dict[str, torch.Tensor], root: Path, version: int, keep: int,
+            dtype: torch.dtype | None = None) -> PublishedPolicy:
+    """Write ``state`` as version ``version`` under ``root`` and prune all but the newest ``keep``.
+    ``dtype`` casts floating-point tensors (the rollout engine's dtype: bf16 halves the bytes every
+    rollout reads and hashes); None writes them as they are."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"v{version:06d}"
@@ -61,7 +64,8 @@ def publish(state: dict[str, torch.Tensor], root: Path, version: int, keep: int)
         if ident in seen:
             continue
         seen.add(ident)
-        flat[name] = t.detach().contiguous().cpu()
+        t = t.detach().cpu()
+        flat[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
     save_file(flat, str(tmp / WEIGHTS_FILE), metadata={"version": str(version)})
     digest = sha256_file(tmp / WEIGHTS_FILE)
     shutil.rmtree(final, ignore_errors=True)

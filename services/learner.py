@@ -566,9 +566,13 @@ def _lead(cfg: RunConfig, trainer: Trainer, state: LearnerState, learn, channel:
                 offsets.add(key, 1)
                 ready.append((group, key))
 
+    # Weights go out in the rollout engine's dtype: a bf16 vLLM gets bf16 (half the bytes to read
+    # and hash), everything else the fp32 masters.
+    publish_dtype = torch.bfloat16 if cfg.rollout.engine == "vllm" and cfg.rollout.dtype == "bfloat16" else None
+
     def announce() -> None:
         weights = trainer.full_state_dict()
-        pub = publish(weights, cfg.workdir / "policies", state.version, lc.keep_policies)
+        pub = publish(weights, cfg.workdir / "policies", state.version, lc.keep_policies, publish_dtype)
         producer.send(policy_topic, POLICY_UPDATE, {
             "version": np.array([pub.version], dtype=np.int64),
             "step": np.array([state.step], dtype=np.int64),

@@ -93,3 +93,18 @@ def test_load_weights_from_tensors_equals_load_published(engine, policy, tmp_pat
     engine.load_published(pub.uri, pub.sha256, pub.version)
     assert engine.version == 9
     assert [s.completion_token_ids.tolist() for s in engine.generate(PROMPTS, [0.0] * len(PROMPTS), 1)] == from_tensors
+
+
+def test_bf16_published_weights_reload_like_the_torch_engine(engine, policy, tmp_path):
+    """Weights published in bf16 (what the learner sends a bf16 engine) load through the same
+    in-place path; greedy outputs equal the torch engine's on the same bf16-rounded weights."""
+    model, tokenizer = load_policy(policy)
+    torch.manual_seed(3)
+    state = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    pub = publish(state, tmp_path / "policies", 10, keep=1, dtype=torch.bfloat16)
+    assert pub.dtype == "bfloat16"
+    engine.load_published(pub.uri, pub.sha256, pub.version)
+    got = [s.completion_token_ids.tolist() for s in engine.generate(PROMPTS, [0.0] * len(PROMPTS), 1)]
+    reference = TorchEngine(model, tokenizer, max_new_tokens=6)
+    reference.load_published(pub.uri, pub.sha256, 10)
+    assert [s.completion_token_ids.tolist() for s in reference.generate(PROMPTS, [0.0] * len(PROMPTS), 1)] == got

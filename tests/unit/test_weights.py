@@ -37,6 +37,20 @@ def test_mixed_dtype_name(tmp_path: Path):
     assert pub.dtype == "mixed"
 
 
+def test_published_in_the_engines_dtype(tmp_path: Path):
+    state = {**_state(), "steps": torch.tensor([3, 4], dtype=torch.int64)}
+    fp32 = publish(state, tmp_path / "fp32", 1, keep=1)
+    bf16 = publish(state, tmp_path / "bf16", 1, keep=1, dtype=torch.bfloat16)
+    assert bf16.dtype == "mixed"  # floats cast, the integer tensor left alone
+    loaded = load_verified(bf16.uri, bf16.sha256)
+    assert loaded["steps"].dtype == torch.int64 and loaded["steps"].tolist() == [3, 4]
+    for name in _state():
+        assert loaded[name].dtype == torch.bfloat16
+        torch.testing.assert_close(loaded[name], state[name].to(torch.bfloat16), atol=0, rtol=0)
+    size = lambda pub: (Path(pub.uri) / WEIGHTS_FILE).stat().st_size  # noqa: E731
+    assert size(bf16) < size(fp32)
+
+
 class _Tied(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
