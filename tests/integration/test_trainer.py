@@ -7,6 +7,7 @@ All runs use the same tiny Qwen2, the same synthetic scored groups and the learn
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import numpy as np
@@ -16,7 +17,8 @@ import torch
 from pipeline.config import LearnerConfig
 from pipeline.erpo import ErpoRule
 from pipeline.model import build_tiny_qwen2
-from pipeline.trainer import DeepSpeedTrainer, TorchTrainer, deepspeed_config, lr_at, make_trainer
+from pipeline.trainer import (DeepSpeedTrainer, TorchTrainer, deepspeed_config, ensure_extensions_dir, lr_at,
+                              make_trainer)
 from schemas import Ragged
 from services.learner import train_step
 
@@ -117,3 +119,18 @@ def test_deepspeed_config_owns_no_optimiser(tmp_path):
         deepspeed_config(bad, LC)
     with pytest.raises(FileNotFoundError, match="not found"):
         deepspeed_config(tmp_path / "missing.json", LC)
+
+
+def test_extension_builds_are_kept_per_python_environment(monkeypatch):
+    import sys
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    ensure_extensions_dir()
+    here = os.environ["TORCH_EXTENSIONS_DIR"]
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr(sys, "prefix", "/some/other/venv")
+    ensure_extensions_dir()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] != here
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/chosen")
+    ensure_extensions_dir()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/chosen"
