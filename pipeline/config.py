@@ -169,7 +169,7 @@ class RolloutConfig(_Strict):
     the light torch/transformers sampling loop (`pipeline.engine.TorchEngine`), which needs nothing
     beyond torch and starts in a second instead of about 20 s."""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """vLLM's compute dtype (the torch engine always samples in float32). bfloat16 is about 1.7x
+    """vLLM's compute dtype (the torch engine always samples in float32). bfloat16 is about 1.6x
     faster on this CPU (bench/rollout.py) and the usual choice on GPUs; the behaviour log-probs then
     carry bf16 rounding, which the learner's importance ratios see as off-policy noise."""
     group_size: int = Field(8, ge=2, le=1024)

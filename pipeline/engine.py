@@ -60,7 +60,10 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
 
 
 class TorchEngine:
-    """Batched multinomial sampling with a KV cache on a transformers causal LM."""
+    """Batched multinomial sampling with a KV cache on a transformers causal LM.
+
+    Each prompt is prefilled once and its cache copied for its ``n`` samples; a sample that ends
+    (end-of-sequence) leaves the batch, so later steps compute only the rows still generating."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int, seed: int = 0, version: int = 0):
         self.model = model.eval()
@@ -91,48 +94,53 @@ class TorchEngine:
             raise ValueError(f"temperatures must be >= 0, got {min(temperatures)}")
         tok = self.tokenizer
         prompt_ids = encode_prompts(tok, prompts)
-        rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
-        B = len(rows)
+        P, B = len(prompts), len(prompts) * n  # row r is sample r % n of prompt r // n
         width = max(len(p) for p in prompt_ids)
-        ids = torch.full((B, width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((B, width), dtype=torch.long)
-        for r, (i, _) in enumerate(rows):
-            p = prompt_ids[i]
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
-        temps = torch.tensor([temperatures[i] for i, _ in rows], dtype=torch.float32)
+        ids = torch.full((P, width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((P, width), dtype=torch.long)
+        for i, p in enumerate(prompt_ids):  # left-padded, so every prompt ends at the last column
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        # One prefill per prompt; its cache, mask and last logits repeated for the n samples.
+        expand = torch.arange(P).repeat_interleave(n)
+        past = out.past_key_values
+        past.batch_select_indices(expand)
+        logits = out.logits[:, -1, :][expand]
+        mask, step_pos = mask[expand], positions[expand, -1:]
+
+        temps = torch.tensor(temperatures, dtype=torch.float32).repeat_interleave(n)
         greedy = temps == 0
         # Same floor as `token_logprobs`: a greedy token's log-prob is then ~0 in both places.
         safe_t = temps.clamp(min=MIN_TEMPERATURE).unsqueeze(1)
-
         out_tokens = torch.full((B, self.max_new_tokens), tok.pad_token_id, dtype=torch.long)
         out_lp = torch.zeros((B, self.max_new_tokens), dtype=torch.float32)
         lengths = torch.zeros(B, dtype=torch.long)
-        done = torch.zeros(B, dtype=torch.bool)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        past = None
-        step_ids, step_pos = ids, positions
+        live = torch.arange(B)  # rows still generating, in the order of the cache's batch
         for t in range(self.max_new_tokens):
-            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                             past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logp = torch.log_softmax(out.logits[:, -1, :].float() / safe_t, dim=-1)
+            logp = torch.log_softmax(logits.float() / safe_t[live], dim=-1)
             sampled = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(1)
-            nxt = torch.where(greedy, logp.argmax(-1), sampled)
-            nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
-            out_tokens[:, t] = nxt
-            out_lp[:, t] = logp.gather(1, nxt.unsqueeze(1)).squeeze(1)
-            lengths += (~done).long()
-            done |= nxt == tok.eos_token_id
-            if bool(done.all()):
+            nxt = torch.where(greedy[live], logp.argmax(-1), sampled)
+            out_tokens[live, t] = nxt
+            out_lp[live, t] = logp.gather(1, nxt.unsqueeze(1)).squeeze(1)
+            lengths[live] += 1
+            going = nxt != tok.eos_token_id
+            if t + 1 == self.max_new_tokens or not bool(going.any()):
                 break
-            step_ids = nxt.unsqueeze(1)
-            step_pos = step_pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.long)], dim=1)
+            if not bool(going.all()):  # finished samples leave the batch and the cache
+                keep = going.nonzero().squeeze(1)
+                live, nxt, mask, step_pos = live[keep], nxt[keep], mask[keep], step_pos[keep]
+                past.batch_select_indices(keep)
+            step_pos = step_pos + 1
+            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
+            out = self.model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=step_pos,
+                             past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1, :]
 
         samples = []
-        for r, (i, j) in enumerate(rows):
-            L = int(lengths[r])
+        for r in range(B):
+            i, j, L = r // n, r % n, int(lengths[r])
             comp = out_tokens[r, :L].numpy().astype(np.int32)
             stopped = L > 0 and comp[-1] == tok.eos_token_id
             samples.append(Sample(

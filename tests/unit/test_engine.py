@@ -132,3 +132,14 @@ def test_load_weights_mismatched_keys_raise(model, tok):
     with pytest.raises(ValueError, match="missing=\\['model.norm.weight'\\]"):
         engine.load_weights(missing, version=4)
     assert engine.version == 3
+
+
+def test_samples_still_generating_after_others_stopped_keep_exact_logprobs(model, tok):
+    """Finished samples leave the batch and the KV cache; the rows that go on must still sample
+    from their own prompt's cache, at their own temperature."""
+    temps = [1.3, 0.7]
+    samples = TorchEngine(model, tok, max_new_tokens=8, seed=1).generate(PROMPTS[:2], temps, n=16)
+    assert len({len(s.completion_token_ids) for s in samples}) > 3  # rows left at several steps
+    behavior = torch.from_numpy(np.concatenate([s.behavior_logprobs for s in samples]))
+    recomputed = _recomputed(model, tok, samples, [temps[s.prompt_index] for s in samples])
+    torch.testing.assert_close(recomputed, behavior, atol=1e-5, rtol=0)
