@@ -142,7 +142,6 @@ def main() -> None:
         del vllm
 
         if not args.no_mp:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
             vllm = VllmEngine(folder, tokenizer, NEW_TOKENS, seed=0, in_process=False)
             results["vllm_mp"] = timed(vllm, args.reps)
             print(f"vllm_mp    done: {results['vllm_mp'][2]} tokens in {results['vllm_mp'][0]:.2f}s", flush=True)

