@@ -32,6 +32,12 @@ class KafkaConfig(_Strict):
     max_poll_interval_ms: int = Field(600_000, ge=10_000)
     """Longest pause between polls before the group evicts the consumer (a slow learner step
     counts against it)."""
+    poll_stall_timeout_s: float = Field(900.0, ge=0)
+    """A consumer poll that has not returned after this long means the Kafka client is wedged
+    (kafka-python 3.0 was seen hanging in poll forever after a broker restart): the service then
+    exits with status 75 so its supervisor restarts it, which the services survive without loss.
+    0 turns it off. Keep it above the longest group rebalance (on Kafka, up to the rebalance
+    timeout, `max_poll_interval_ms`)."""
     compression: Literal["zstd", "gzip", "lz4", "none"] = "zstd"
     """Producer compression codec."""
     acks: Literal["all", "1", "0"] = "all"

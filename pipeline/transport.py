@@ -16,6 +16,8 @@ group consumers fall back to "earliest", and consumers without a group seek to t
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -276,6 +278,52 @@ class _Rebalance(ConsumerRebalanceListener):
                 self._owner._positions[key] = offset
 
 
+EXIT_WEDGED = 75
+"""Exit status of a service whose Kafka client stopped returning from poll (EX_TEMPFAIL)."""
+
+
+class StallWatchdog:
+    """Calls ``on_stall(seconds)`` from a daemon thread when a call bracketed by `enter`/`leave`
+    has lasted longer than ``stall_s``. A thread cannot be interrupted safely out of a blocked
+    client call, so the consumer's ``on_stall`` ends the process (a crash the services are built
+    to survive) instead of leaving it silent forever."""
+
+    def __init__(self, stall_s: float, on_stall, name: str, check_every_s: float | None = None) -> None:
+        self.stall_s = stall_s
+        self._on_stall = on_stall
+        self._started: float | None = None
+        self._closed = threading.Event()
+        self._every = check_every_s if check_every_s is not None else min(5.0, stall_s / 4)
+        threading.Thread(target=self._watch, name=name, daemon=True).start()
+
+    def enter(self) -> None:
+        self._started = time.monotonic()
+
+    def leave(self) -> None:
+        self._started = None
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _watch(self) -> None:
+        while not self._closed.wait(self._every):
+            started = self._started
+            if started is not None and time.monotonic() - started > self.stall_s:
+                self._on_stall(time.monotonic() - started)
+                return
+
+
+def _exit_wedged(client_id: str, timeout_ms: int):
+    def on_stall(seconds: float) -> None:
+        log.critical("consumer %s: poll(timeout_ms=%d) has not returned for %.0f s; the Kafka client is "
+                     "wedged (kafka.poll_stall_timeout_s). Exiting with status %d for a restart.",
+                     client_id, timeout_ms, seconds, EXIT_WEDGED)
+        for h in logging.getLogger().handlers:
+            h.flush()
+        os._exit(EXIT_WEDGED)
+    return on_stall
+
+
 class Consumer:
     """Reads Arrow messages of a run's logical topics, dead-lettering what does not decode.
 
@@ -315,6 +363,9 @@ class Consumer:
             auto_offset_reset="earliest" if from_beginning else "latest",
             **client_kwargs(cfg, "consumer"),
         )
+        self._client_id = client_id
+        self._stall_s = cfg.poll_stall_timeout_s
+        self._watchdog: StallWatchdog | None = None
         if group_id is not None:
             self._consumer.subscribe(topics=list(self._logical), listener=_Rebalance(self))
             return
@@ -343,6 +394,11 @@ class Consumer:
         """Decoded records, in offset order per partition; undecodable ones are dead-lettered
         (and the dead-letter producer flushed) before this returns. If that flush fails, the
         error propagates and `positions()` does not advance past this poll's records."""
+        if self._stall_s and self._watchdog is None:
+            self._watchdog = StallWatchdog(self._stall_s, _exit_wedged(self._client_id, timeout_ms),
+                                           name=f"poll-watchdog-{self._client_id}")
+        if self._watchdog is not None:
+            self._watchdog.enter()
         try:
             fetched = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         except KafkaError as e:
@@ -353,6 +409,9 @@ class Consumer:
             log.warning("poll failed (%r); retrying", e)
             time.sleep(min(timeout_ms / 1000, 1.0))
             return []
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.leave()
         deliveries: list[Delivery] = []
         advanced: dict[tuple[str, int], int] = {}
         bad = 0
@@ -476,4 +535,6 @@ class Consumer:
 
     def close(self) -> None:
         """Leave the group (without committing) and close the client."""
+        if self._watchdog is not None:
+            self._watchdog.close()
         self._consumer.close(autocommit=False)

@@ -51,6 +51,9 @@ def _sets(run: str, workdir: Path, cache: Path, bootstrap: str, extra: dict[str,
     sets = {
         "name": f'"{run}"', "workdir": f'"{workdir}"', "cache_dir": f'"{cache}"',
         "kafka.bootstrap_servers": f'"{bootstrap}"', "kafka.session_timeout_ms": "2000",
+        # A client wedged in poll after the broker restart (seen once with kafka-python 3.0.12)
+        # exits for the supervisor to restart it, instead of hanging the run.
+        "kafka.poll_stall_timeout_s": "60",
         "task.train_pool": "64",
         # head size 32: vLLM's CPU attention needs at least that
         "model.warmstart.steps": "20", "model.warmstart.hidden_size": "64", "model.warmstart.layers": "2",
