@@ -22,8 +22,9 @@ here on a [256, 768] x [768, 2048] product) over the model's forward FLOPs per t
 engine can exceed it.
 
 Reload: the weights are published with `pipeline.weights.publish` (fp32 safetensors, sha256) and
-loaded in place into the in-process fp32 engine; reported separately: the sha256 check of the file,
-and the in-place reload itself (`collective_rpc("reload_weights")` + prefix-cache reset).
+loaded in place into the in-process fp32 engine with `VllmEngine.load_published`; reported
+separately: the sha256 check of the file (timed on its own, file in the page cache), and the
+in-place reload itself (`load_published` minus that check).
 
 Usage: python bench/rollout.py [--reps 3] [--threads 2] [--no-mp]
 The last line is `RESULT vllm_tok_s=… torch_tok_s=… ratio=… reload_s=… …`.
@@ -117,34 +118,28 @@ def main() -> None:
               f"{NEW_TOKENS} new tokens; {args.threads} threads; fp32 matmul {gflops:.0f} GFLOP/s, "
               f"roofline {roofline:.0f} tokens/s", flush=True)
 
-        results["torch"] = timed(TorchEngine(model, tokenizer, NEW_TOKENS, seed=0), args.reps)
-        print(f"torch      done: {results['torch'][2]} tokens in {results['torch'][0]:.2f}s", flush=True)
+        def measure(name: str, engine) -> None:
+            results[name] = timed(engine, args.reps)
+            print(f"{name:<10} done: {results[name][2]} tokens in {results[name][0]:.2f}s", flush=True)
 
+        measure("torch", TorchEngine(model, tokenizer, NEW_TOKENS, seed=0))
         vllm = VllmEngine(folder, tokenizer, NEW_TOKENS, seed=0, in_process=True)
-        results["vllm"] = timed(vllm, args.reps)
-        print(f"vllm       done: {results['vllm'][2]} tokens in {results['vllm'][0]:.2f}s", flush=True)
+        measure("vllm", vllm)
         state = {k: v + 0.01 for k, v in model.state_dict().items()}
         pub = publish(state, Path(tmp) / "policies", 1, keep=1)
         t0 = time.perf_counter()
         verify_published(pub.uri, pub.sha256)
         verify_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        vllm.llm.collective_rpc("reload_weights", kwargs={"weights_path": pub.uri})
-        vllm.llm.reset_prefix_cache()
-        reload_s = time.perf_counter() - t0
+        vllm.load_published(pub.uri, pub.sha256, 1)  # sha256 check + in-place reload
+        reload_s = time.perf_counter() - t0 - verify_s
         vllm.close()
-        del vllm
-
-        vllm = VllmEngine(folder, tokenizer, NEW_TOKENS, seed=0, dtype="bfloat16", in_process=True)
-        results["vllm_bf16"] = timed(vllm, args.reps)
-        print(f"vllm_bf16  done: {results['vllm_bf16'][2]} tokens in {results['vllm_bf16'][0]:.2f}s", flush=True)
-        vllm.close()
-        del vllm
-
+        variants = [("vllm_bf16", dict(dtype="bfloat16", in_process=True))]
         if not args.no_mp:
-            vllm = VllmEngine(folder, tokenizer, NEW_TOKENS, seed=0, in_process=False)
-            results["vllm_mp"] = timed(vllm, args.reps)
-            print(f"vllm_mp    done: {results['vllm_mp'][2]} tokens in {results['vllm_mp'][0]:.2f}s", flush=True)
+            variants.append(("vllm_mp", dict(in_process=False)))
+        for name, kwargs in variants:
+            vllm = VllmEngine(folder, tokenizer, NEW_TOKENS, seed=0, **kwargs)
+            measure(name, vllm)
             vllm.close()
 
     tok_s = {k: tokens / wall for k, (wall, _, tokens) in results.items()}

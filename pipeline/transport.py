@@ -313,11 +313,11 @@ class StallWatchdog:
                 return
 
 
-def _exit_wedged(client_id: str, timeout_ms: int):
+def _exit_wedged(client_id: str):
     def on_stall(seconds: float) -> None:
-        log.critical("consumer %s: poll(timeout_ms=%d) has not returned for %.0f s; the Kafka client is "
-                     "wedged (kafka.poll_stall_timeout_s). Exiting with status %d for a restart.",
-                     client_id, timeout_ms, seconds, EXIT_WEDGED)
+        log.critical("consumer %s: poll has not returned for %.0f s; the Kafka client is wedged "
+                     "(kafka.poll_stall_timeout_s). Exiting with status %d for a restart.",
+                     client_id, seconds, EXIT_WEDGED)
         for h in logging.getLogger().handlers:
             h.flush()
         os._exit(EXIT_WEDGED)
@@ -363,9 +363,8 @@ class Consumer:
             auto_offset_reset="earliest" if from_beginning else "latest",
             **client_kwargs(cfg, "consumer"),
         )
-        self._client_id = client_id
-        self._stall_s = cfg.poll_stall_timeout_s
-        self._watchdog: StallWatchdog | None = None
+        self._watchdog = StallWatchdog(cfg.poll_stall_timeout_s, _exit_wedged(client_id),
+                                       name=f"poll-watchdog-{client_id}") if cfg.poll_stall_timeout_s else None
         if group_id is not None:
             self._consumer.subscribe(topics=list(self._logical), listener=_Rebalance(self))
             return
@@ -394,9 +393,6 @@ class Consumer:
         """Decoded records, in offset order per partition; undecodable ones are dead-lettered
         (and the dead-letter producer flushed) before this returns. If that flush fails, the
         error propagates and `positions()` does not advance past this poll's records."""
-        if self._stall_s and self._watchdog is None:
-            self._watchdog = StallWatchdog(self._stall_s, _exit_wedged(self._client_id, timeout_ms),
-                                           name=f"poll-watchdog-{self._client_id}")
         if self._watchdog is not None:
             self._watchdog.enter()
         try:
