@@ -6,11 +6,12 @@ being silently ignored. Bounds live on the fields; cross-field rules live in val
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -63,6 +64,13 @@ class KafkaConfig(_Strict):
     """Private key (PEM) of `ssl_certfile`."""
     ssl_check_hostname: bool = True
     """Verify that the broker's certificate matches its host name."""
+    outage_timeout_s: float = Field(300.0, ge=1)
+    """How long a producer waits for the broker to acknowledge its sends (a broker restart or
+    outage) before the service gives up and exits for its supervisor to restart it."""
+    retention_hours: float = Field(168.0, ge=-1)
+    """`retention.ms` of the prompts, trajectories, scored and dead-letter topics when they are
+    created (-1: keep forever). The recorder must read them within it. The temperature and policy
+    topics are compacted instead (the newest value per key is what consumers need)."""
 
     @model_validator(mode="after")
     def _heartbeat_below_session(self) -> KafkaConfig:
@@ -184,6 +192,9 @@ class RolloutConfig(_Strict):
     """Longest completion; a sample that reaches it ends with finish_reason `length`."""
     max_prompts_per_batch: int = Field(16, ge=1, le=4096)
     """Most prompt tickets generated in one engine call."""
+    max_prompt_chars: int = Field(100_000, ge=1)
+    """Longest prompt text a ticket may carry; a longer one is dead-lettered (prompts longer than
+    the model's context allows are refused too, by token count)."""
     poll_timeout_ms: int = Field(200, ge=1, le=60_000)
     """Longest wait for new messages per poll."""
     torch_threads: int = Field(1, ge=1, le=256)
@@ -299,11 +310,32 @@ class LearnerConfig(_Strict):
     end); offsets are committed to the broker only after a checkpoint."""
     keep_checkpoints: int = Field(2, ge=1)
     """Checkpoints kept on disk."""
-    resume: bool = False
-    """Start from the newest checkpoint under `<workdir>/checkpoints` (error if there is none)."""
+    resume: Literal["auto", "require", "fresh"] = "auto"
+    """`auto`: continue from the newest checkpoint under `<workdir>/checkpoints` if there is one
+    (a restarted learner is a resumed learner), else start at step 0. `require`: the same, but an
+    error without a checkpoint. `fresh`: start over at step 0 in the same folder; the previous
+    checkpoints and ledger are moved aside to `<workdir>/previous-<time>/` (it says so), never
+    deleted."""
     drain_timeout_s: float = Field(60.0, ge=0)
     """After the final step, wait up to this long for the groups of tickets still outstanding, so
     the ledger gives every issued ticket a fate (`unused`; `unresolved` if none came)."""
+    lease_floor_s: float = Field(60.0, gt=0)
+    """A ticket whose group has not come back after max(lease_floor_s, lease_p99_factor x the
+    observed p99 ticket-to-group latency) is issued again (same id, attempt + 1): a lost message
+    or a dead worker costs one lease, never the run."""
+    lease_p99_factor: float = Field(3.0, ge=1.0)
+    """Multiple of the observed p99 ticket-to-group latency a lease lasts at least."""
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_bool(cls, value):
+        if value is True:
+            return "require"
+        if value is False:
+            raise ValueError("learner.resume=false is gone: a learner continues from its run's newest checkpoint "
+                             "by default ('auto'); use 'fresh' to start over (the old checkpoints and ledger are "
+                             "moved aside)")
+        return value
 
     @model_validator(mode="after")
     def _mis_range(self) -> LearnerConfig:
@@ -396,17 +428,19 @@ class RunConfig(_Strict):
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Parse a run TOML, apply `section.key=value` overrides (values in TOML syntax), validate.
+    """Parse a run TOML (or the JSON a launcher wrote, `<run>/config.json`), apply
+    `section.key=value` overrides (values in TOML syntax), validate.
 
     Errors name the offending field, e.g. ``learner.lr: Input should be greater than 0``.
     """
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -417,8 +451,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             value = raw  # a bare string
         node = data
         *parents, leaf = key.strip().split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parents[:i + 1])} is a value, not a section")
         node[leaf] = value
     try:
         return RunConfig.model_validate(data)

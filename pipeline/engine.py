@@ -42,6 +42,9 @@ class Sample:
 
 class Engine(Protocol):
     version: int
+    max_prompt_tokens: int
+    """Longest prompt (in tokens, BOS included) whose completion of ``max_new_tokens`` still fits the
+    model's context; the rollout refuses a longer one (alone, not its batch)."""
 
     def generate(self, prompts: Sequence[str], temperatures: Sequence[float], n: int) -> list[Sample]:
         ...
@@ -50,7 +53,11 @@ class Engine(Protocol):
         ...
 
     def load_published(self, uri: str, sha256: str, version: int) -> None:
-        """Load a published weights folder (`pipeline.weights.publish`) after checking its sha256."""
+        """Load a published weights folder (`pipeline.weights.publish`) after checking its hashes."""
+        ...
+
+    def load_files(self, paths: list, version: int) -> None:
+        """Load the safetensors files of a folder `pipeline.weights.verify_published` checked."""
         ...
 
 
@@ -70,6 +77,7 @@ class TorchEngine:
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.version = version
+        self.max_prompt_tokens = int(getattr(model.config, "max_position_embeddings", 1 << 30)) - max_new_tokens
         self.generator = torch.Generator().manual_seed(seed)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
@@ -82,9 +90,14 @@ class TorchEngine:
         self.version = version
 
     def load_published(self, uri: str, sha256: str, version: int) -> None:
-        from pipeline.weights import load_verified
+        from pipeline.weights import verify_published
 
-        self.load_weights(load_verified(uri, sha256), version)
+        self.load_files(verify_published(uri, sha256), version)
+
+    def load_files(self, paths: list, version: int) -> None:
+        from pipeline.weights import load_files
+
+        self.load_weights(load_files(paths), version)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], temperatures: Sequence[float], n: int) -> list[Sample]:

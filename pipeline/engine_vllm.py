@@ -74,6 +74,7 @@ class VllmEngine:
                        distributed_executor_backend="uni" if in_process else None)
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
+        self.max_prompt_tokens = int(self.llm.llm_engine.model_config.max_model_len) - max_new_tokens
         self.seed = seed
         self.version = version
         self._calls = 0
@@ -93,9 +94,12 @@ class VllmEngine:
             self._reload(pub.uri, version)
 
     def load_published(self, uri: str, sha256: str, version: int) -> None:
-        """In-place reload of a published folder, after checking the announced sha256."""
-        verify_published(uri, sha256)
-        self._reload(uri, version)
+        """In-place reload of a published folder, after checking its hashes."""
+        self.load_files(verify_published(uri, sha256), version)
+
+    def load_files(self, paths: list, version: int) -> None:
+        """In-place reload of the folder of verified safetensors files (`verify_published`)."""
+        self._reload(str(Path(paths[0]).parent), version)
 
     def _reload(self, folder: str, version: int) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})

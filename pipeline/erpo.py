@@ -144,6 +144,7 @@ _OFFSETS_KEY = "rlstream.erpo.offsets"
 _SNAPSHOT_VERSION_KEY = "rlstream.erpo.snapshot_version"
 _SNAPSHOT_VERSION = "1"
 _SEEN_KEY = "rlstream.erpo.seen_tickets"
+_SCORED_KEY = "rlstream.erpo.scored_attempts"
 
 log = logging.getLogger(__name__)
 
@@ -782,9 +783,10 @@ def drop_mask(pass_rate_per_sample: np.ndarray, rule: ErpoRule) -> np.ndarray:
 
 
 def snapshot(table: pl.DataFrame, offsets: Mapping[tuple[str, int], int], path: str | os.PathLike[str],
-             seen_tickets: Sequence[str] = ()) -> None:
-    """Write the table to Parquet with the consumed offsets (and the ids of the tickets whose
-    groups were applied, for de-duplication) in the file's key-value metadata.
+             seen_tickets: Sequence[str] = (), scored_attempts: Sequence[str] = ()) -> None:
+    """Write the table to Parquet with the consumed offsets (and, for de-duplication, the ids of
+    the tickets whose groups were applied and the ``<ticket>/<attempt>`` groups scored) in the
+    file's key-value metadata.
 
     ``offsets`` maps (topic, partition) to the next offset to consume; it is stored as JSON
     (a list of ``[topic, partition, offset]``). The file is written to a temporary name in the
@@ -799,7 +801,7 @@ def snapshot(table: pl.DataFrame, offsets: Mapping[tuple[str, int], int], path: 
     try:
         table.write_parquet(
             tmp, metadata={_OFFSETS_KEY: payload, _SNAPSHOT_VERSION_KEY: _SNAPSHOT_VERSION,
-                           _SEEN_KEY: json.dumps(list(seen_tickets))}
+                           _SEEN_KEY: json.dumps(list(seen_tickets)), _SCORED_KEY: json.dumps(list(scored_attempts))}
         )
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -833,10 +835,19 @@ def load_snapshot(path: str | os.PathLike[str]) -> tuple[pl.DataFrame, dict[tupl
 
 def snapshot_seen_tickets(path: str | os.PathLike[str]) -> list[str]:
     """The ticket ids a :func:`snapshot` recorded, oldest first ([] for a missing file)."""
+    return _snapshot_list(path, _SEEN_KEY)
+
+
+def snapshot_scored_attempts(path: str | os.PathLike[str]) -> list[str]:
+    """The ``<ticket>/<attempt>`` groups a :func:`snapshot` recorded, oldest first."""
+    return _snapshot_list(path, _SCORED_KEY)
+
+
+def _snapshot_list(path: str | os.PathLike[str], key: str) -> list[str]:
     path = Path(path)
     if not path.exists():
         return []
-    return [str(t) for t in json.loads(pl.read_parquet_metadata(path).get(_SEEN_KEY, "[]"))]
+    return [str(t) for t in json.loads(pl.read_parquet_metadata(path).get(key, "[]"))]
 
 
 def temperature_lookup(

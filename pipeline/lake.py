@@ -96,6 +96,16 @@ class LakeWriter:
         return written
 
 
+def upgrade(rows: pl.DataFrame, topic: str) -> pl.DataFrame:
+    """Rows recorded under an older schema version, with the columns added since filled in:
+    ``attempt`` 0 (before ticket leases, every group answered a ticket's first issue), a dead
+    letter's ``payload_bytes`` and ``payload_sha256`` (-1 and "" : not recorded)."""
+    names = TOPICS[topic].kind.schema.names
+    fill = {"attempt": pl.lit(0, pl.Int32), "payload_bytes": pl.lit(-1, pl.Int64), "payload_sha256": pl.lit("")}
+    missing = [pl_col.alias(name) for name, pl_col in fill.items() if name in names and name not in rows.columns]
+    return rows.with_columns(missing) if missing else rows
+
+
 def topics_in(lake: Path) -> list[str]:
     return sorted(p.name.split("=", 1)[1] for p in Path(lake).glob("topic=*") if p.is_dir())
 

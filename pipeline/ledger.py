@@ -2,8 +2,11 @@
 
 The learner appends one JSON line per decision to ``<workdir>/ledger/learner.jsonl``:
 
-    {"step": 12, "ticket_id": "e0-00042", "group_id": "…", "prompt_id": "…",
+    {"step": 12, "ticket_id": "e0-00042", "attempt": 0, "group_id": "…", "prompt_id": "…",
      "fate": "trained", "reason": "", "lag": 1}
+
+(``attempt``: which issue of the ticket the group answered; ledgers written before leases have
+none and read as attempt 0.)
 
 Fates: ``trained``; ``dropped_stale`` (behaviour policy more than ``max_staleness`` versions
 behind); ``dropped_all_wrong`` (ERPO's ``drop_all_wrong``); ``invalid`` (failed a check of
@@ -30,8 +33,8 @@ from pathlib import Path
 import polars as pl
 
 FINAL_FATES = ("trained", "dropped_stale", "dropped_all_wrong", "invalid", "unused", "unresolved")
-LEDGER_SCHEMA = {"step": pl.Int64, "ticket_id": pl.String, "group_id": pl.String, "prompt_id": pl.String,
-                 "fate": pl.String, "reason": pl.String, "lag": pl.Int64}
+LEDGER_SCHEMA = {"step": pl.Int64, "ticket_id": pl.String, "attempt": pl.Int64, "group_id": pl.String,
+                 "prompt_id": pl.String, "fate": pl.String, "reason": pl.String, "lag": pl.Int64}
 
 
 def ledger_path(workdir: Path) -> Path:
@@ -86,13 +89,13 @@ class Ledger:
 def read_ledger(path: Path) -> pl.DataFrame:
     if not path.exists() or path.stat().st_size == 0:
         return pl.DataFrame(schema=LEDGER_SCHEMA)
-    return pl.read_ndjson(path, schema=LEDGER_SCHEMA)
+    return pl.read_ndjson(path, schema=LEDGER_SCHEMA).with_columns(pl.col("attempt").fill_null(0))
 
 
 def reconcile(tickets: pl.DataFrame, trajectories: pl.DataFrame, scored: pl.DataFrame,
               ledger: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
-    """Per issued ticket: copies issued, groups generated and scored, and its ledger fates; plus
-    the run's totals and its violations (each must be 0).
+    """Per issued ticket: copies issued, attempts (issues under a new lease), groups generated and
+    scored, and its ledger fates; plus the run's totals and its violations (each must be 0).
 
     ``tickets``, ``trajectories`` and ``scored`` are lake rows (``pipeline.lake.read_topic``);
     only their ``ticket_id`` and ``group_id`` columns are used.
@@ -106,7 +109,10 @@ def reconcile(tickets: pl.DataFrame, trajectories: pl.DataFrame, scored: pl.Data
     fates = final.group_by("ticket_id").agg(pl.len().alias("fates"), pl.col("fate").first().alias("fate"),
                                             (pl.col("fate") == "trained").sum().alias("trained"))
     dups = ledger.filter(pl.col("fate") == "duplicate").group_by("ticket_id").agg(pl.len().alias("duplicates_ignored"))
-    issued = tickets.group_by("ticket_id").agg(pl.len().alias("issued_copies"))
+    if "attempt" not in tickets.columns:  # a lake recorded before leases
+        tickets = tickets.with_columns(pl.lit(0, pl.Int32).alias("attempt"))
+    issued = tickets.group_by("ticket_id").agg(pl.len().alias("issued_copies"),
+                                               (pl.col("attempt").max() + 1).alias("attempts"))
     table = (issued.join(groups_per_ticket(trajectories, "generated"), on="ticket_id", how="left")
              .join(groups_per_ticket(scored, "scored"), on="ticket_id", how="left")
              .join(fates, on="ticket_id", how="left")
@@ -119,6 +125,8 @@ def reconcile(tickets: pl.DataFrame, trajectories: pl.DataFrame, scored: pl.Data
     totals.update(
         tickets=table.height,
         reissued_copies=int((table["issued_copies"] - 1).sum()),
+        tickets_reissued_on_lease=int((table["attempts"] > 1).sum()),
+        lease_attempts=int((table["attempts"] - 1).sum()),
         generated_more_than_once=int((table["generated"] > 1).sum()),
         scored_more_than_once=int((table["scored"] > 1).sum()),
         duplicates_ignored=int(table["duplicates_ignored"].sum()),

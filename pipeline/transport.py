@@ -6,8 +6,20 @@ deliveries, positions and commits; the producer takes full Kafka topic names (se
 
 Delivery is at least once: a consumer commits, per partition, the offset after the last record
 `poll` returned, and the service calls `commit()` only after the results of those records were
-produced and flushed. A record that does not decode goes to the run's `deadletter` topic (flushed
-before `poll` returns) and counts as handled, so one bad message never blocks a partition.
+produced and flushed.
+
+A record that breaks a consumer is data, not a crash (Kafka Streams' "log and continue"): it goes
+to the run's `deadletter` topic with its reason, and the consumer carries on. That covers a record
+the client cannot read at all (a corrupt batch, a compression codec whose library is missing, a
+header key that is not UTF-8: `poll` finds which partition and offset and skips it), bytes that do
+not decode (`schemas.decode`, with full Arrow validation, no empty messages), and, through
+`Consumer.guard`, a decoded record whose values a service rejects or whose processing raises.
+A dead letter keeps the value byte for byte, cut to fit the producer's request size (with the
+whole value's size and sha256).
+
+Partition ownership: a service that keeps state per partition passes `on_assign` (returns the
+offsets to continue from, e.g. those of its restored state) and `on_revoke` (flush that state
+before another member takes the partition), the model of Kafka Streams' state stores.
 
 Tansu (the embedded broker) reports a wrong "latest" offset, so nothing here relies on it:
 group consumers fall back to "earliest", and consumers without a group seek to the beginning.
@@ -15,10 +27,14 @@ group consumers fall back to "earliest", and consumers without a group seek to t
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
+import re
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,7 +48,17 @@ from kafka import (
     OffsetAndMetadata,
     TopicPartition,
 )
-from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.admin import NewTopic
+from kafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    KafkaConfigurationError,
+    KafkaError,
+    KafkaTimeoutError,
+    RebalanceInProgressError,
+    TopicAlreadyExistsError,
+    UnknownMemberIdError,
+)
 from kafka.producer.future import FutureRecordMetadata
 
 from pipeline.config import KafkaConfig
@@ -62,6 +88,9 @@ MESSAGES = Counter("rlstream_transport_messages_total", "Kafka messages by logic
 DEAD_LETTERS = Counter("rlstream_transport_dead_letters_total",
                        "Records or groups sent to the dead-letter topic, by logical source topic and reason code.",
                        ["topic", "reason"])
+REBALANCE_COMMITS = Counter("rlstream_transport_commits_lost_total",
+                            "Commits refused because the group rebalanced meanwhile (the partitions' next owner "
+                            "continues from the last commit or from its restored state).")
 OUTAGES = Counter("rlstream_transport_broker_errors_total",
                   "Retriable broker errors ridden out (broker down or restarting), by operation.", ["op"])
 BYTES = Counter("rlstream_transport_bytes_total", "Kafka message payload bytes by logical topic and direction.",
@@ -87,17 +116,31 @@ class TopicSpec:
     """The only message kind allowed on the topic."""
     partitions: int
     """Default partition count used by `ensure_topics`."""
+    compacted: bool = False
+    """Consumers need only the newest value per key (cleanup.policy=compact); else the topic gets
+    `kafka.retention_hours`."""
 
 
 TOPICS: dict[str, TopicSpec] = {
     "prompts": TopicSpec(PROMPT_TICKET, 4),
     "trajectories": TopicSpec(TRAJECTORY, 4),
     "scored": TopicSpec(SCORED_TRAJECTORY, 4),
-    "temperature": TopicSpec(TEMPERATURE_UPDATE, 4),
-    "policy": TopicSpec(POLICY_UPDATE, 1),
+    "temperature": TopicSpec(TEMPERATURE_UPDATE, 4, compacted=True),
+    "policy": TopicSpec(POLICY_UPDATE, 1, compacted=True),
     "deadletter": TopicSpec(DEAD_LETTER, 1),
 }
 """The six logical topics of a run (see DESIGN.md, "Topics")."""
+
+POLICY_KEY = b"policy"
+"""Key of every PolicyUpdate: one key, so a compacted `policy` topic keeps the newest announcement."""
+
+
+def topic_configs(spec: TopicSpec, cfg: KafkaConfig) -> dict[str, str]:
+    """Kafka topic configs of a logical topic: compaction, or retention from the run config."""
+    if spec.compacted:
+        return {"cleanup.policy": "compact"}
+    hours = cfg.retention_hours
+    return {"cleanup.policy": "delete", "retention.ms": str(-1 if hours < 0 else int(hours * 3_600_000))}
 
 
 def topic_name(run: str, topic: str) -> str:
@@ -131,6 +174,8 @@ def client_kwargs(cfg: KafkaConfig, role: Literal["admin", "producer", "consumer
             "enable_idempotence": cfg.acks == "all",
             "compression_type": None if cfg.compression == "none" else cfg.compression,
             "linger_ms": cfg.linger_ms,
+            # Sends are retried through a broker outage for as long as `flush` waits for them.
+            "delivery_timeout_ms": max(int(cfg.outage_timeout_s * 1000), cfg.request_timeout_ms + cfg.linger_ms),
             "max_request_size": cfg.max_message_bytes,
             "allow_auto_create_topics": False,
         }
@@ -152,8 +197,10 @@ def client_kwargs(cfg: KafkaConfig, role: Literal["admin", "producer", "consumer
 def ensure_topics(cfg: KafkaConfig, run: str, partitions: dict[str, int] | None = None) -> None:
     """Create the run's six topics if missing (idempotent) and wait until metadata shows them.
 
-    `partitions` overrides the default partition count of some logical topics. An existing topic
-    keeps its partition count (a mismatch is logged).
+    `partitions` overrides the default partition count of some logical topics. Topics are created
+    with `topic_configs` (compaction or retention); a broker that refuses topic configs gets the
+    topics without them (logged). An existing topic keeps its partition count (a mismatch is
+    logged).
     """
     counts = {name: spec.partitions for name, spec in TOPICS.items()} | (partitions or {})
     unknown = set(counts) - set(TOPICS)
@@ -161,18 +208,27 @@ def ensure_topics(cfg: KafkaConfig, run: str, partitions: dict[str, int] | None 
         raise ValueError(f"unknown topics {sorted(unknown)}; known: {sorted(TOPICS)}")
     wanted = {topic_name(run, t): n for t, n in counts.items()}
     admin = KafkaAdminClient(client_id=f"{run}-admin", **client_kwargs(cfg, "admin"))
-    try:
-        result = admin.create_topics(
-            {name: {"num_partitions": n, "replication_factor": -1} for name, n in wanted.items()},
-            raise_errors=False,
-        )
-        for topic in result["topics"]:
+
+    def create(with_configs: bool) -> list[dict]:
+        new = [NewTopic(topic_name(run, t), n, -1, topic_configs=topic_configs(TOPICS[t], cfg) if with_configs else {})
+               for t, n in counts.items()]
+        failed = []
+        for topic in admin.create_topics(new, raise_errors=False)["topics"]:
             if topic["error_code"] == TopicAlreadyExistsError.errno:
                 log.debug("topic %s already exists", topic["name"])
             elif topic["error_code"] != 0:
-                raise TransportError(
-                    f"creating topic {topic['name']} failed: error {topic['error_code']} {topic['error_message']}"
-                )
+                failed.append(topic)
+        return failed
+
+    try:
+        failed = create(with_configs=True)
+        if failed:
+            log.warning("the broker refused topic configs (%s); creating the topics without compaction/retention",
+                        failed[0]["error_message"])
+            failed = create(with_configs=False)
+        if failed:
+            raise TransportError(f"creating topic {failed[0]['name']} failed: error {failed[0]['error_code']} "
+                                 f"{failed[0]['error_message']}")
         admin.wait_for_topics(list(wanted), timeout_ms=cfg.request_timeout_ms)
         for topic in admin.describe_topics(list(wanted)):
             if len(topic["partitions"]) != wanted[topic["name"]]:
@@ -201,7 +257,8 @@ class Producer:
 
     def __init__(self, cfg: KafkaConfig, client_id: str) -> None:
         self._producer = KafkaProducer(client_id=client_id, **client_kwargs(cfg, "producer"))
-        self._flush_timeout_s = cfg.request_timeout_ms / 1000
+        self._flush_timeout_s = cfg.outage_timeout_s
+        self.max_message_bytes = cfg.max_message_bytes
         self._failures: list[tuple[str, BaseException]] = []
         self.stats: dict[str, int] = {}
         """Messages handed to the client, per full topic name (failures surface in `flush`)."""
@@ -228,7 +285,8 @@ class Producer:
 
     def flush(self, timeout: float | None = None) -> None:
         """Block until every send completed; `TransportError` if any failed since the last flush
-        or the broker did not acknowledge within `timeout` (default: the request timeout)."""
+        or the broker did not acknowledge within `timeout` (default `kafka.outage_timeout_s`: the
+        client retries through a broker restart meanwhile)."""
         try:
             self._producer.flush(self._flush_timeout_s if timeout is None else timeout)
         except KafkaTimeoutError as e:
@@ -257,25 +315,41 @@ class Delivery:
     columns: Columns
     timestamp_ms: int
     """Producer (create) timestamp of the record."""
+    value: bytes = b""
+    """The record's bytes as received (kept for a dead letter of the whole message; the decoded
+    columns are views of it, so keeping it costs nothing)."""
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+class RecordRejected(Exception):
+    """Raised inside `Consumer.guard` to dead-letter the delivery with a reason code and text."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 class _Rebalance(ConsumerRebalanceListener):
-    """Keeps the consumer's positions to partitions it owns and applies pending seeks."""
+    """Keeps the consumer's positions to partitions it owns and lets the service restore and flush
+    partition state (`on_assign` / `on_revoke`)."""
 
     def __init__(self, owner: Consumer) -> None:
         self._owner = owner
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        for tp in revoked:
-            self._owner._positions.pop(self._owner._logical_key(tp), None)
+        keys = sorted(self._owner._logical_key(tp) for tp in revoked)
+        if self._owner._on_revoke is not None and keys:
+            self._owner._on_revoke(keys)
+        for key in keys:
+            self._owner._positions.pop(key, None)
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        for tp in assigned:
-            key = self._owner._logical_key(tp)
-            offset = self._owner._pending_seeks.pop(key, None)
-            if offset is not None:
-                self._owner._consumer.seek(tp, offset)
-                self._owner._positions[key] = offset
+        keys = sorted(self._owner._logical_key(tp) for tp in assigned)
+        if self._owner._on_assign is None or not keys:
+            return
+        for (t, p), offset in self._owner._on_assign(keys).items():
+            self._owner._consumer.seek(TopicPartition(topic_name(self._owner._run, t), p), offset)
+            self._owner._positions[(t, p)] = offset
 
 
 EXIT_WEDGED = 75
@@ -324,13 +398,19 @@ def _exit_wedged(client_id: str):
     return on_stall
 
 
+PartitionKey = tuple[str, int]
+"""(logical topic, partition)."""
+
+
 class Consumer:
-    """Reads Arrow messages of a run's logical topics, dead-lettering what does not decode.
+    """Reads Arrow messages of a run's logical topics; what cannot be read, decoded or used goes
+    to the dead-letter topic, and consumption goes on.
 
     With a `group_id`: joins the group (partitions shared among members), resumes from the
-    group's committed offsets, or from the earliest offset when there are none. Without one:
-    reads every partition of the topics from the beginning (how each rollout process rebuilds
-    the `temperature` table and finds the latest `policy`); `commit` is then unavailable.
+    group's committed offsets, or from the earliest offset when there are none (or from what
+    `on_assign` returns). Without one: reads every partition of the topics from the beginning (how
+    each rollout process rebuilds the `temperature` table and finds the latest `policy`); `commit`
+    is then unavailable.
     """
 
     def __init__(
@@ -342,21 +422,29 @@ class Consumer:
         client_id: str,
         deadletter: Producer | None,
         from_beginning: bool = True,
+        on_assign: Callable[[list[PartitionKey]], dict[PartitionKey, int]] | None = None,
+        on_revoke: Callable[[list[PartitionKey]], None] | None = None,
     ) -> None:
-        """`deadletter` receives undecodable records; with None they are only logged and counted
-        in `stats["dropped"]`. `from_beginning=False` starts at the broker's end offset (not
-        reliable on Tansu) where there is no committed offset."""
+        """`deadletter` receives what cannot be used; with None it is only logged and counted in
+        `stats["dropped"]` (the recorder: the consumer that owns the record dead-letters it).
+        `from_beginning=False` starts at the broker's end offset (not reliable on Tansu) where
+        there is no committed offset. `on_assign(partitions)` runs when the group gives this member
+        partitions and returns offsets to continue from (e.g. of restored state); `on_revoke`
+        runs before they go to another member (flush their state there)."""
         unknown = [t for t in topics if t not in TOPICS]
         if unknown or not topics:
             raise ValueError(f"unknown or no topics {unknown}; known: {sorted(TOPICS)}")
+        if (on_assign or on_revoke) and group_id is None:
+            raise ValueError("on_assign/on_revoke need a consumer group")
         self._run = run
         self._logical = {topic_name(run, t): t for t in topics}
         self._group_id = group_id
         self._deadletter = deadletter
-        self._positions: dict[tuple[str, int], int] = {}
-        self._pending_seeks: dict[tuple[str, int], int] = {}
+        self._on_assign, self._on_revoke = on_assign, on_revoke
+        self._positions: dict[PartitionKey, int] = {}
+        self._dead_letter_max = max(1024, cfg.max_message_bytes - 64 * 1024)
         self.stats: dict[str, int] = {"delivered": 0, "deadlettered": 0, "dropped": 0}
-        """Records decoded and returned; sent to dead letters; undecodable and not kept."""
+        """Records decoded and returned; sent to dead letters; unusable and not kept."""
         self._consumer = KafkaConsumer(
             client_id=client_id,
             group_id=group_id,
@@ -386,70 +474,110 @@ class Consumer:
                 raise TransportError(f"topics {missing} not found (run ensure_topics first)")
             time.sleep(0.1)
 
-    def _logical_key(self, tp: TopicPartition) -> tuple[str, int]:
+    def _logical_key(self, tp: TopicPartition) -> PartitionKey:
         return self._logical[tp.topic], tp.partition
 
-    def poll(self, timeout_ms: int, max_records: int | None = None) -> list[Delivery]:
-        """Decoded records, in offset order per partition; undecodable ones are dead-lettered
-        (and the dead-letter producer flushed) before this returns. If that flush fails, the
-        error propagates and `positions()` does not advance past this poll's records."""
+    def _fetch(self, timeout_ms: int, max_records: int | None) -> dict[TopicPartition, list]:
+        """kafka-python's poll, riding out broker outages and skipping records it cannot read."""
         if self._watchdog is not None:
             self._watchdog.enter()
         try:
-            fetched = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+            return self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         except KafkaError as e:
-            if not e.retriable:
+            if e.retriable:
+                # The broker is down or restarting: deliver nothing, keep positions, try again later.
+                OUTAGES.labels("poll").inc()
+                log.warning("poll failed (%r); retrying", e)
+                time.sleep(min(timeout_ms / 1000, 1.0))
+                return {}
+            if isinstance(e, KafkaConfigurationError):
                 raise
-            # The broker is down or restarting: deliver nothing, keep positions, try again later.
-            OUTAGES.labels("poll").inc()
-            log.warning("poll failed (%r); retrying", e)
-            time.sleep(min(timeout_ms / 1000, 1.0))
-            return []
+            return self._skip_unreadable(e, max_records)
+        except (ValueError, OSError, EOFError, ArithmeticError, LookupError, TypeError) as e:
+            # Decompression of a hostile batch raises the codec library's own errors.
+            return self._skip_unreadable(e, max_records)
         finally:
             if self._watchdog is not None:
                 self._watchdog.leave()
+
+    def _skip_unreadable(self, error: BaseException, max_records: int | None) -> dict[TopicPartition, list]:
+        """The client raised while reading records (corrupt batch, codec library missing, header
+        key not UTF-8, ...) and would raise again at the same offset forever (and kafka-python 3.0
+        spins if polled there again). Find the partition, dead-letter the offset it is stuck at
+        and seek past it; the next poll goes on."""
+        tp = self._unreadable_partition(error)
+        if tp is None:
+            raise error
+        offset = self._consumer.position(tp)
+        reason = f"unreadable_record: {type(error).__name__}: {error}"
+        MESSAGES.labels(self._logical[tp.topic], "deadlettered" if self._deadletter is not None else "dropped").inc()
+        if self._deadletter is not None:
+            self._send_dead_letter(tp.topic, tp.partition, offset, None, [], "unreadable_record", reason)
+            self._deadletter.flush()
+            self.stats["deadlettered"] += 1
+        else:
+            log.error("skipping unreadable record %s[%d]@%d: %s", tp.topic, tp.partition, offset, reason)
+            self.stats["dropped"] += 1
+        self._consumer.seek(tp, offset + 1)
+        return {}
+
+    def _unreadable_partition(self, error: BaseException) -> TopicPartition | None:
+        """The partition whose records raised: the one kafka-python's fetcher was unpacking (its
+        `_next_partition_records`; kafka-python is pinned to the versions this was tested on), or
+        the one the error names, or the only one assigned."""
+        records = getattr(getattr(self._consumer, "_fetcher", None), "_next_partition_records", None)
+        tp = getattr(records, "topic_partition", None)
+        if tp is None:
+            m = re.search(r"TopicPartition\(topic='([^']*)', partition=(\d+)\)", str(error))
+            tp = TopicPartition(m.group(1), int(m.group(2))) if m else None
+        assigned = self._consumer.assignment()
+        if tp is None and len(assigned) == 1:
+            tp = next(iter(assigned))
+        return tp if tp in assigned else None
+
+    def poll(self, timeout_ms: int, max_records: int | None = None) -> list[Delivery]:
+        """Decoded records, in offset order per partition; what cannot be read or decoded is
+        dead-lettered (and the dead-letter producer flushed) before this returns. If that flush
+        fails, the error propagates and `positions()` does not advance past this poll's records."""
+        fetched = self._fetch(timeout_ms, max_records)
         deliveries: list[Delivery] = []
-        advanced: dict[tuple[str, int], int] = {}
+        advanced: dict[PartitionKey, int] = {}
         bad = 0
-        rejected: dict[TopicPartition, int] = {}
         for tp, records in fetched.items():
             logical = self._logical[tp.topic]
             expected = TOPICS[logical].kind
+            decoded = 0
             for rec in records:
-                headers = rec.headers or []
-                BYTES.labels(logical, "consumed").inc(len(rec.value or b""))
+                value = rec.value or b""
+                headers = tuple(rec.headers or ())
+                BYTES.labels(logical, "consumed").inc(len(value))
                 try:
-                    kind, columns = decode(expected, rec.value or b"", headers)
-                except DecodeError as e:
-                    self._reject(tp, rec.offset, rec.value or b"", headers, e)
+                    kind, columns = decode(expected, value, headers)
+                except Exception as e:  # noqa: BLE001 -- DecodeError, or anything else the bytes provoke
+                    code = e.reason if isinstance(e, DecodeError) else "undecodable"
+                    self._reject(tp, rec.offset, value, headers, code, f"{code}: {e}")
                     bad += 1
-                    rejected[tp] = rejected.get(tp, 0) + 1
                     MESSAGES.labels(logical, "deadlettered" if self._deadletter is not None else "dropped").inc()
                     continue
-                deliveries.append(
-                    Delivery(logical, tp.partition, rec.offset, rec.key, kind, columns, rec.timestamp)
-                )
+                decoded += 1
+                deliveries.append(Delivery(logical, tp.partition, rec.offset, rec.key, kind, columns, rec.timestamp,
+                                           value, headers))
             if records:
                 advanced[(logical, tp.partition)] = records[-1].offset + 1
+            if decoded:
+                MESSAGES.labels(logical, "consumed").inc(decoded)
         if bad and self._deadletter is not None:
             self._deadletter.flush()
         self._positions.update(advanced)
         self.stats["delivered"] += len(deliveries)
         self.stats["deadlettered" if self._deadletter is not None else "dropped"] += bad
-        for tp, records in fetched.items():
-            decoded = len(records) - rejected.get(tp, 0)
-            if decoded:
-                MESSAGES.labels(self._logical[tp.topic], "consumed").inc(decoded)
         return deliveries
 
-    def _reject(
-        self, tp: TopicPartition, offset: int, payload: bytes, headers: list[tuple[str, bytes]], e: DecodeError
-    ) -> None:
-        reason = f"{e.reason}: {e}"
+    def _reject(self, tp: TopicPartition, offset: int, payload: bytes, headers, code: str, reason: str) -> None:
         if self._deadletter is None:
-            log.error("dropping undecodable record %s[%d]@%d: %s", tp.topic, tp.partition, offset, reason)
+            log.error("dropping undecodable record %s[%d]@%d: %s", tp.topic, tp.partition, offset, reason[:500])
             return
-        self._send_dead_letter(tp.topic, tp.partition, offset, payload, headers, e.reason, reason)
+        self._send_dead_letter(tp.topic, tp.partition, offset, payload, headers, code, reason)
 
     def dead_letter(self, delivery: Delivery, columns: Columns, code: str, reason: str) -> None:
         """Send part of a decoded delivery (e.g. one invalid group, re-encoded as its kind) to the
@@ -461,45 +589,81 @@ class Consumer:
                                encode(delivery.kind, columns), headers_for(delivery.kind), code, reason)
         self.stats["deadlettered"] += 1
 
-    def _send_dead_letter(self, full_topic: str, partition: int, offset: int, payload: bytes,
-                          headers: list[tuple[str, bytes]], code: str, reason: str) -> None:
+    def reject(self, delivery: Delivery, code: str, reason: str) -> None:
+        """Dead-letter a whole decoded delivery, byte for byte (with `deadletter=None`: log and
+        count it as dropped; another consumer of the topic owns it)."""
+        if self._deadletter is None:
+            log.error("dropping %s[%d]@%d: %s", delivery.topic, delivery.partition, delivery.offset, reason[:500])
+            self.stats["dropped"] += 1
+            return
+        self._send_dead_letter(topic_name(self._run, delivery.topic), delivery.partition, delivery.offset,
+                               delivery.value, delivery.headers, code, reason)
+        self.stats["deadlettered"] += 1
+
+    @contextlib.contextmanager
+    def guard(self, delivery: Delivery) -> Iterator[None]:
+        """Apply one delivery: `RecordRejected`, or any other exception its processing raises,
+        dead-letters it (whole) and the block is left; the service goes on with the next one.
+        Broker failures (`TransportError`) are not the record's fault and propagate."""
+        try:
+            yield
+        except TransportError:
+            raise
+        except RecordRejected as e:
+            self.reject(delivery, e.code, str(e))
+        except Exception as e:  # noqa: BLE001 -- one record must not end the service
+            log.exception("processing %s[%d]@%d failed", delivery.topic, delivery.partition, delivery.offset)
+            self.reject(delivery, "apply_failed", f"apply_failed: {type(e).__name__}: {e}")
+
+    def _send_dead_letter(self, full_topic: str, partition: int, offset: int, payload: bytes | None,
+                          headers, code: str, reason: str) -> None:
+        """`payload` None: the record could not be read at all."""
         assert self._deadletter is not None
         log.warning("dead-lettering %s[%d]@%d: %s", full_topic, partition, offset, reason[:500])
         DEAD_LETTERS.labels(_logical_of(full_topic), code).inc()
-        raw = dict(headers)
 
         def header(name: str) -> str | None:
-            value = raw.get(name)
-            return None if value is None else value.decode("utf-8", "replace")
+            for key, value in headers:
+                if key == name:
+                    return None if value is None else value.decode("utf-8", "replace")
+            return None
 
+        whole = payload if payload is not None else b""
         row: Columns = {
             "source_topic": np.array([full_topic], dtype=object),
             "source_partition": np.array([partition], dtype=np.int32),
             "source_offset": np.array([offset], dtype=np.int64),
-            "reason": np.array([reason], dtype=object),
+            "reason": np.array([reason[:4000]], dtype=object),
             "schema_header": np.array([header(SCHEMA_HEADER)], dtype=object),
             "schema_version_header": np.array([header(VERSION_HEADER)], dtype=object),
-            "payload": np.array([payload], dtype=object),
+            "payload": np.array([whole[: self._dead_letter_max]], dtype=object),
+            "payload_bytes": np.array([len(whole) if payload is not None else -1], dtype=np.int64),
+            "payload_sha256": np.array([hashlib.sha256(whole).hexdigest() if payload is not None else ""],
+                                       dtype=object),
             "dead_at": np.array([time.time()], dtype=np.float64),
         }
         self._deadletter.send(topic_name(self._run, "deadletter"), DEAD_LETTER, row)
 
-    def positions(self) -> dict[tuple[str, int], int]:
+    def positions(self) -> dict[PartitionKey, int]:
         """(logical topic, partition) -> offset after the last record `poll` returned (or the
         offset `seek` set), for partitions this consumer currently owns: what `commit` commits."""
         return dict(self._positions)
 
-    def commit(self) -> None:
+    def commit(self) -> bool:
         """Commit `positions()` for the group. Call only once the results of the polled records
-        are produced and flushed."""
-        self.commit_offsets(self.positions())
+        are produced and flushed. False if a rebalance refused it (see `commit_offsets`)."""
+        return self.commit_offsets(self.positions())
 
-    def commit_offsets(self, offsets: dict[tuple[str, int], int]) -> None:
-        """Commit explicit next offsets, keyed by (logical topic, partition)."""
+    def commit_offsets(self, offsets: dict[PartitionKey, int]) -> bool:
+        """Commit explicit next offsets, keyed by (logical topic, partition). Returns False if the
+        commit did not happen: the broker was unreachable (a later commit covers these offsets),
+        or the group rebalanced meanwhile, in which case the partitions' next owner continues from
+        the last committed offsets (or from its restored state) and what this member did since
+        is done again and de-duplicated downstream: the commit rolls back, the service goes on."""
         if self._group_id is None:
             raise TransportError("commit needs a consumer group (this consumer has group_id=None)")
         if not offsets:
-            return
+            return True
         try:
             self._consumer.commit(
                 {
@@ -507,6 +671,12 @@ class Consumer:
                     for (t, p), o in offsets.items()
                 }
             )
+            return True
+        except (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError) as e:
+            REBALANCE_COMMITS.inc()
+            log.warning("commit refused by a rebalance (%s); the partitions' next owner continues from the last "
+                        "commit", type(e).__name__)
+            return False
         except KafkaError as e:
             if not e.retriable:
                 raise
@@ -514,20 +684,18 @@ class Consumer:
             # re-delivery before it is de-duplicated downstream.
             OUTAGES.labels("commit").inc()
             log.warning("commit failed (%r); the next commit will cover these offsets", e)
+            return False
 
-    def seek(self, offsets: dict[tuple[str, int], int]) -> None:
-        """Continue from these next offsets (e.g. restored from a snapshot). In a group, partitions
-        not assigned yet are sought when the group assigns them to this consumer."""
+    def seek(self, offsets: dict[PartitionKey, int]) -> None:
+        """Continue these assigned partitions from these next offsets. (A group member restores
+        the partitions it is given through `on_assign`.)"""
         assigned = self._consumer.assignment()
         for (t, p), o in offsets.items():
             tp = TopicPartition(topic_name(self._run, t), p)
-            if tp in assigned:
-                self._consumer.seek(tp, o)
-                self._positions[(t, p)] = o
-            elif self._group_id is not None:
-                self._pending_seeks[(t, p)] = o
-            else:
+            if tp not in assigned:
                 raise ValueError(f"partition {t}[{p}] is not assigned to this consumer")
+            self._consumer.seek(tp, o)
+            self._positions[(t, p)] = o
 
     def close(self) -> None:
         """Leave the group (without committing) and close the client."""

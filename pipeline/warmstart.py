@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pipeline.atomic import file_lock, fsync_dir
 from pipeline.config import ArithmeticTaskConfig, WarmstartConfig
 from pipeline.engine import encode_prompts, pack, token_logprobs
 from pipeline.model import build_char_tokenizer, build_tiny_qwen2, count_parameters
@@ -46,11 +48,21 @@ def _noisy_answers(answers: list[int], noise: float, rng: np.random.Generator) -
 
 def warmstart(cfg: WarmstartConfig, task: ArithmeticTaskConfig, cache_dir: Path,
               progress: Callable[[str], None] | None = None) -> Path:
-    """Return the folder of the warm-started model, training it first if it is not cached."""
+    """Return the folder of the warm-started model, training it first if it is not cached.
+
+    Several runs (or services) may start at once on one cache: the build holds a file lock, so
+    the second waits and then finds the model built; it is published by a rename, so nobody ever
+    reads a half-written folder."""
     out = Path(cache_dir) / f"warmstart-{warmstart_key(cfg, task)}"
     if (out / "model.safetensors").exists():
         return out
-    say = progress or log.info
+    with file_lock(out.with_name(f".{out.name}.lock")):
+        if not (out / "model.safetensors").exists():
+            _build(cfg, task, out, progress or log.info)
+    return out
+
+
+def _build(cfg: WarmstartConfig, task: ArithmeticTaskConfig, out: Path, say: Callable[[str], None]) -> None:
     torch.manual_seed(cfg.seed)
     tokenizer = build_char_tokenizer()
     model = build_tiny_qwen2(len(tokenizer), hidden_size=cfg.hidden_size, layers=cfg.layers,
@@ -85,12 +97,12 @@ def warmstart(cfg: WarmstartConfig, task: ArithmeticTaskConfig, cache_dir: Path,
         if step % max(1, cfg.steps // 10) == 0 or step == cfg.steps:
             say(f"warm-start step {step}/{cfg.steps} loss={loss.item():.4f} "
                 f"elapsed={time.monotonic() - t0:.0f}s")
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "warmstart.json").write_text(json.dumps(
         {"warmstart": cfg.model_dump(mode="json"), "task": task.model_dump(mode="json")}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)  # an incomplete folder from before (no weights file)
     tmp.rename(out)
-    return out
+    fsync_dir(out.parent)

@@ -1,15 +1,31 @@
-"""Policy weights on disk: versioned safetensors folders, published atomically, verified on load.
+"""Policy weights on disk: versioned folders, published atomically, verified before they are read.
 
-The learner writes ``<root>/v000012/model.safetensors`` through a temporary folder and a rename, so
-a reader never sees a half-written version, and announces the folder with the file's sha256. A
-rollout process loads it only if the hash matches. Weights are loaded with safetensors: nothing on
-disk or on the wire is unpickled.
+The learner writes ``<workdir>/policies/v000012/`` through a temporary folder and a rename, so a
+reader never sees a half-written version: ``model.safetensors`` and ``manifest.json``, which lists
+every file of the folder with its size and sha256. The PolicyUpdate announces the folder with the
+sha256 of the manifest. A loader (`verify_published`) accepts a folder only if
+
+- it is exactly ``<root>/v<version, 6 digits>`` of its own run's policy folder, after resolving
+  every symlink (a URI elsewhere is refused: a forged announcement cannot point a rollout at
+  another file on the machine);
+- the folder and everything in it are regular files or the folder itself, never symlinks, FIFOs
+  or devices (a FIFO would block the reader forever), checked with ``lstat`` before anything is
+  opened;
+- the manifest has the announced sha256 and every file its listed size and sha256, and nothing
+  else lies in the folder.
+
+A folder that is gone (pruned after newer versions, or never written) is `PolicyMissing`: the
+caller skips it with a warning. Weights are loaded with safetensors; nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +33,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 WEIGHTS_FILE = "model.safetensors"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "rlstream-policy/1"
+_MAX_MANIFEST_BYTES = 1 << 20
+_FOLDER = re.compile(r"v([0-9]{6,})", re.ASCII)
 
 
 class WeightsError(RuntimeError):
-    """Announced weights are missing or do not match their hash."""
+    """Announced weights are unusable: outside the run's policy folder, not regular files, or not
+    matching their hashes."""
+
+
+class PolicyMissing(WeightsError):
+    """The announced folder does not exist (pruned after newer versions, or never written)."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +53,7 @@ class PublishedPolicy:
     version: int
     uri: str
     sha256: str
+    """sha256 of the folder's manifest.json."""
     dtype: str
 
 
@@ -37,6 +63,10 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def folder_name(version: int) -> str:
+    return f"v{version:06d}"
 
 
 def _dtype_name(state: dict[str, torch.Tensor]) -> str:
@@ -51,8 +81,8 @@ def publish(state: dict[str, torch.Tensor], root: Path, version: int, keep: int,
     rollout reads and hashes); None writes them as they are."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"v{version:06d}"
-    tmp = root / f".v{version:06d}.tmp"
+    final = root / folder_name(version)
+    tmp = root / f".{folder_name(version)}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     # Tied parameters are the same tensor under two names; safetensors refuses them, so store
@@ -67,26 +97,96 @@ def publish(state: dict[str, torch.Tensor], root: Path, version: int, keep: int,
         t = t.detach().cpu()
         flat[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
     save_file(flat, str(tmp / WEIGHTS_FILE), metadata={"version": str(version)})
-    digest = sha256_file(tmp / WEIGHTS_FILE)
+    files = {WEIGHTS_FILE: {"bytes": (tmp / WEIGHTS_FILE).stat().st_size, "sha256": sha256_file(tmp / WEIGHTS_FILE)}}
+    manifest = json.dumps({"format": MANIFEST_FORMAT, "version": version, "files": files}, indent=1).encode()
+    (tmp / MANIFEST).write_bytes(manifest)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     versions = sorted((p for p in root.glob("v[0-9]*") if p.is_dir()), key=lambda p: int(p.name[1:]))
     for old in versions[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return PublishedPolicy(version, str(final.resolve()), digest, _dtype_name(flat))
+    return PublishedPolicy(version, str(final.resolve()), hashlib.sha256(manifest).hexdigest(), _dtype_name(flat))
 
 
-def verify_published(uri: str, sha256: str) -> Path:
-    """The weights file of a published folder, after checking the announced sha256."""
-    path = Path(uri) / WEIGHTS_FILE
-    if not path.exists():
-        raise WeightsError(f"announced weights not found: {path} (pruned or never written?)")
-    actual = sha256_file(path)
+def _regular(path: Path, what: str) -> os.stat_result:
+    """lstat ``path``; WeightsError unless it is a regular file (not a symlink, FIFO or device)."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise WeightsError(f"{what} {path} is not a regular file (mode {stat.filemode(st.st_mode)})")
+    return st
+
+
+def _locate(uri: str, root: Path | None, version: int | None) -> Path:
+    """The announced folder, checked to be ``<root>/v<version>`` itself when ``root`` is given."""
+    folder = Path(uri)
+    if root is not None:
+        if not folder.is_absolute():
+            raise WeightsError(f"policy uri {uri!r} is not an absolute path")
+        root_real = Path(os.path.realpath(root))
+        m = _FOLDER.fullmatch(folder.name)
+        if folder.parent != root_real and Path(os.path.realpath(folder.parent)) != root_real:
+            raise WeightsError(f"policy uri {uri!r} is outside this run's policy folder {root_real}")
+        if m is None or (version is not None and int(m.group(1)) != version):
+            raise WeightsError(f"policy uri {uri!r} is not the folder {folder_name(version or 0)} of "
+                               f"version {version}")
+    try:
+        st = os.lstat(folder)
+    except FileNotFoundError:
+        raise PolicyMissing(f"announced weights not found: {folder} (pruned or never written?)") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise WeightsError(f"policy uri {uri!r} is not a folder (mode {stat.filemode(st.st_mode)})")
+    return folder
+
+
+def verify_published(uri: str, sha256: str, root: Path | None = None, version: int | None = None) -> list[Path]:
+    """The weight files (``*.safetensors``) of a published folder, after every check of the module
+    docstring; ``root`` is the run's policy folder (None skips the location check: a folder the
+    caller made itself). Raises `PolicyMissing` or `WeightsError`."""
+    folder = _locate(uri, root, version)
+    manifest_path = folder / MANIFEST
+    try:
+        st = _regular(manifest_path, "manifest")
+    except FileNotFoundError:
+        raise PolicyMissing(f"announced weights not found: {manifest_path} (pruned or never written?)") from None
+    if st.st_size > _MAX_MANIFEST_BYTES:
+        raise WeightsError(f"{manifest_path} is {st.st_size} bytes; a manifest is at most {_MAX_MANIFEST_BYTES}")
+    raw = manifest_path.read_bytes()
+    actual = hashlib.sha256(raw).hexdigest()
     if actual != sha256:
-        raise WeightsError(f"sha256 mismatch for {path}: announced {sha256[:12]}…, file {actual[:12]}…")
-    return path
+        raise WeightsError(f"sha256 mismatch for {manifest_path}: announced {sha256[:12]}…, file {actual[:12]}…")
+    try:
+        manifest = json.loads(raw)
+        files = {str(name): (int(v["bytes"]), str(v["sha256"])) for name, v in manifest["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise WeightsError(f"{manifest_path} is not a manifest: {e}") from e
+    if manifest.get("format") != MANIFEST_FORMAT or (version is not None and manifest.get("version") != version):
+        raise WeightsError(f"{manifest_path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
+                           f"expected {MANIFEST_FORMAT!r} version {version}")
+    present = set(os.listdir(folder)) - {MANIFEST}
+    if present != set(files):
+        raise WeightsError(f"{folder} holds {sorted(present)[:8]}, its manifest lists {sorted(files)[:8]}")
+    weights = []
+    for name, (size, digest) in sorted(files.items()):
+        path = folder / name
+        if _regular(path, "weights file").st_size != size:
+            raise WeightsError(f"{path} is not {size} bytes as its manifest says")
+        if sha256_file(path) != digest:
+            raise WeightsError(f"sha256 mismatch for {path}: the manifest says {digest[:12]}…")
+        if name.endswith(".safetensors"):
+            weights.append(path)
+    if not weights:
+        raise WeightsError(f"{folder} holds no .safetensors file")
+    return weights
 
 
-def load_verified(uri: str, sha256: str) -> dict[str, torch.Tensor]:
-    """Load the weights of a published folder after checking the announced sha256."""
-    return load_file(str(verify_published(uri, sha256)))
+def load_files(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """Tensors of verified safetensors files (`verify_published`)."""
+    state: dict[str, torch.Tensor] = {}
+    for path in paths:
+        state.update(load_file(str(path)))
+    return state
+
+
+def load_verified(uri: str, sha256: str, root: Path | None = None, version: int | None = None) -> dict[str, torch.Tensor]:
+    """Load the weights of a published folder after `verify_published`."""
+    return load_files(verify_published(uri, sha256, root, version))

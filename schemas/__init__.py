@@ -11,9 +11,11 @@ from schemas.codec import (
     decode,
     encode,
     encode_batch,
+    group_rows,
     headers_for,
     kind_from_headers,
     num_rows,
+    split_groups,
     take,
     to_record_batch,
 )
@@ -47,9 +49,11 @@ __all__ = [
     "decode",
     "encode",
     "encode_batch",
+    "group_rows",
     "headers_for",
     "kind_from_headers",
     "num_rows",
+    "split_groups",
     "take",
     "to_record_batch",
 ]

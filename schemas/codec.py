@@ -38,7 +38,9 @@ class DecodeError(ValueError):
     `reason` is one of: `missing_header`, `unknown_schema`, `wrong_schema` (a known kind, but
     not the one the consumer expected), `unknown_version`, `undecodable` (not an Arrow IPC
     stream of exactly one record batch), `schema_mismatch` (IPC fields differ from the kind's),
-    `unexpected_null` (a null in a non-nullable field).
+    `invalid_arrow` (buffers that fail Arrow's full validation, e.g. list offsets out of range),
+    `unexpected_null` (a null in a non-nullable field), `empty` (no rows: every producer sends at
+    least one).
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -151,6 +153,19 @@ def take(columns: Columns, indices: np.ndarray) -> Columns:
         else:
             out[name] = col[idx]
     return out
+
+
+def group_rows(columns: Columns) -> list[np.ndarray]:
+    """Row indices of each group (rows sharing a ``group_id``), groups in order of first
+    appearance, rows in order."""
+    _, first, inverse = np.unique(columns["group_id"], return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    return [np.flatnonzero(inverse == g) for g in np.argsort(first)]
+
+
+def split_groups(columns: Columns) -> list[Columns]:
+    """The rows of a Trajectory or ScoredTrajectory batch, one Columns per group (see `group_rows`)."""
+    return [take(columns, rows) for rows in group_rows(columns)]
 
 
 def concat(batches: Sequence[Columns]) -> Columns:
@@ -308,6 +323,14 @@ def decode(
             f"{found.name} v{found.version}: IPC schema differs: got "
             f"[{', '.join(f'{f.name}: {f.type}' + ('' if f.nullable else ' not null') for f in batch.schema)}]",
         )
+    try:
+        # Reading an IPC stream checks only its framing: offsets pointing outside their buffers
+        # (which would read foreign memory or crash later) need the full, O(n) validation.
+        batch.validate(full=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise DecodeError("invalid_arrow", f"{found.name}: record batch fails validation: {e}") from e
+    if batch.num_rows == 0:
+        raise DecodeError("empty", f"{found.name}: the record batch has no rows")
     columns: Columns = {}
     for field, arr in zip(found.schema, batch.columns):
         if not field.nullable and arr.null_count:

@@ -43,7 +43,7 @@ def _list_of(type_: pa.DataType) -> pa.DataType:
 
 PROMPT_TICKET = MessageKind(
     name="PromptTicket",
-    version=1,
+    version=2,
     doc="One prompt to roll out, issued by the learner (which paces the run); key = prompt_id.",
     schema=pa.schema(
         [
@@ -52,6 +52,12 @@ PROMPT_TICKET = MessageKind(
             # from a checkpoint re-issues the same ids and consumers de-duplicate by them.
             _field("ticket_id", pa.string(),
                    'Unique id of this issue of the prompt in the run ("e<epoch>-<position in the epoch>").'),
+            # Re-issue number (v2): a ticket whose group has not come back within its lease is issued
+            # again under the same id with attempt + 1; stages de-duplicate their own output by
+            # (ticket_id, attempt) and effects (ERPO's table, training) by ticket_id.
+            _field("attempt", pa.int32(),
+                   "Re-issue number of the ticket, from 0: issued again (same ticket_id) with attempt + 1 "
+                   "when its group did not come back within its lease."),
             # Stable id of the prompt in its dataset; key of the ERPO history table.
             _field("prompt_id", pa.string(), "Stable id of the prompt in its dataset."),
             # Prompt text, before the chat template.
@@ -75,6 +81,8 @@ _TRAJECTORY_FIELDS = [
     _field("group_id", pa.string(), "Id shared by the samples generated together for one ticket."),
     # Ticket this group answers.
     _field("ticket_id", pa.string(), "Ticket this group answers."),
+    # Which issue of the ticket it answers (copied from the ticket; v2).
+    _field("attempt", pa.int32(), "Re-issue number of the ticket this group answers (copied from the ticket)."),
     # Stable prompt id (copied from the ticket).
     _field("prompt_id", pa.string(), "Stable prompt id, copied from the ticket."),
     # Index of this sample in its group, 0 .. group_size-1.
@@ -111,14 +119,14 @@ _TRAJECTORY_FIELDS = [
 
 TRAJECTORY = MessageKind(
     name="Trajectory",
-    version=1,
+    version=2,
     doc="One row per sample; one message holds whole groups. Rollout -> reward; key = prompt_id.",
     schema=pa.schema(_TRAJECTORY_FIELDS),
 )
 
 SCORED_TRAJECTORY = MessageKind(
     name="ScoredTrajectory",
-    version=1,
+    version=2,
     doc="A Trajectory row plus its verification and ERPO shaping. Reward -> learner; key = prompt_id.",
     schema=pa.schema(
         _TRAJECTORY_FIELDS
@@ -173,17 +181,20 @@ TEMPERATURE_UPDATE = MessageKind(
 POLICY_UPDATE = MessageKind(
     name="PolicyUpdate",
     version=1,
-    doc="Announcement of published weights. Learner -> every rollout; no key.",
+    doc="Announcement of published weights. Learner -> every rollout; key = b\"policy\" (one key, so a "
+        "compacted topic keeps the newest announcement).",
     schema=pa.schema(
         [
             # Policy version of these weights (monotone).
             _field("version", pa.int64(), "Policy version of these weights; increases monotonically."),
             # Optimizer step that produced them.
             _field("step", pa.int64(), "Optimizer step that produced them."),
-            # Path or URI of the folder holding the safetensors file(s) and config.
-            _field("uri", pa.string(), "Path or URI of the safetensors folder."),
-            # Hex sha256 of the safetensors file, checked by the loader.
-            _field("sha256", pa.string(), "Hex sha256 of the safetensors file."),
+            # Path of the published folder (`<workdir>/policies/v<version>`); a loader accepts only
+            # that folder of its own run, holding regular files only.
+            _field("uri", pa.string(), "Path of the published folder: <workdir>/policies/v<version, 6 digits>."),
+            # Hex sha256 of the folder's manifest.json, which lists every file with its size and
+            # sha256 (`pipeline.weights`); checked, with every file, by the loader.
+            _field("sha256", pa.string(), "Hex sha256 of the folder's manifest.json (which hashes every file)."),
             # Tensor dtype of the weights, e.g. "bfloat16".
             _field("dtype", pa.string(), 'Tensor dtype of the weights, e.g. "bfloat16".'),
             # Unix time (s) of publication.
@@ -194,9 +205,10 @@ POLICY_UPDATE = MessageKind(
 
 DEAD_LETTER = MessageKind(
     name="DeadLetter",
-    version=1,
-    doc="A consumed message that could not be decoded (kept byte for byte), or one invalid group of a decoded "
-        "message (re-encoded as its kind). Any consumer -> operators.",
+    version=2,
+    doc="A consumed record that could not be read, decoded, validated or applied (its value kept byte for byte, "
+        "cut to fit the producer's request size), or one invalid group of a decoded message (re-encoded as its "
+        "kind). Any consumer -> operators.",
     schema=pa.schema(
         [
             # Full Kafka topic name the message was read from.
@@ -222,8 +234,16 @@ DEAD_LETTER = MessageKind(
                 "Raw `schema_version` header (decoded as UTF-8, invalid bytes replaced); null if absent.",
                 nullable=True,
             ),
-            # The message value, untouched (empty if the record had a null value).
-            _field("payload", pa.binary(), "The message value, byte for byte (empty if it was null)."),
+            # The message value, untouched (empty if the record had a null value or could not be
+            # read at all), cut to its first bytes when the whole would not fit in a request.
+            _field("payload", pa.binary(),
+                   "The message value, byte for byte (empty if null or unreadable); its first bytes only when "
+                   "payload_bytes is larger."),
+            # Size of the whole value; larger than len(payload) when the payload was cut (v2).
+            _field("payload_bytes", pa.int64(),
+                   "Size in bytes of the whole value (-1 if unreadable); larger than the payload when it was cut."),
+            # sha256 of the whole value, so a cut payload can still be matched (v2).
+            _field("payload_sha256", pa.string(), "Hex sha256 of the whole value (empty if unreadable)."),
             # Unix time (s) it was dead-lettered.
             _field("dead_at", pa.float64(), "Unix time (s) it was dead-lettered."),
         ]

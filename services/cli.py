@@ -18,9 +18,13 @@ def shipped_config(name: str = DEFAULT_CONFIG) -> Path:
     return Path(str(resources.files("infra") / "configs" / name))
 
 
-def _add_config(p: argparse.ArgumentParser) -> None:
+def _add_config(p: argparse.ArgumentParser, join: bool = False) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help=f"run TOML (default: the shipped infra/configs/{DEFAULT_CONFIG})")
+    if join:
+        p.add_argument("--run-dir", type=Path, default=None,
+                       help="join a running run: take its resolved config (<run-dir>/config.json, written by "
+                            "`rlstream demo`) instead of --config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, TOML syntax, e.g. --set learner.lr=5e-5 (repeatable)")
     p.add_argument("--log-level", default="INFO")
@@ -29,8 +33,12 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace):
     from pipeline.config import ConfigError, load_config
 
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is not None and args.config is not None:
+        sys.exit("rlstream: give --config or --run-dir, not both")
     try:
-        return load_config(args.config or shipped_config(), args.overrides)
+        return load_config(run_dir / "config.json" if run_dir is not None else args.config or shipped_config(),
+                           args.overrides)
     except ConfigError as e:
         sys.exit(f"rlstream: {e}")
 
@@ -50,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("learner", "learner: scored groups -> weights; paces the run"),
                        ("recorder", "recorder: every topic -> the Parquet lake")]:
         p = sub.add_parser(name, help=text)
-        _add_config(p)
+        _add_config(p, join=True)
         if name != "learner":
             p.add_argument("--worker-index", type=int, default=0)
 
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "demo":
         from services import demo
 
-        sys.exit(demo.run(cfg, args.config or shipped_config(), args.overrides))
+        sys.exit(demo.run(cfg))
 
 
 if __name__ == "__main__":

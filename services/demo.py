@@ -15,13 +15,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from infra.broker import Broker, die_with_parent
 from pipeline.config import RunConfig
+from services.supervisor import GaveUp, Supervisor, tail
 
 def _last_json(path: Path) -> dict | None:
     try:
@@ -32,47 +32,6 @@ def _last_json(path: Path) -> dict | None:
         return json.loads(lines[-1]) if lines else None
     except (FileNotFoundError, json.JSONDecodeError, IndexError):
         return None
-
-
-def _tail(path: Path, n: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except FileNotFoundError:
-        return "(no log)"
-
-
-class Children:
-    """The service subprocesses of a run."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, argv: list[str]) -> None:
-        log = open(self.run_dir / "logs" / f"{name}.log", "wb")
-        env = dict(os.environ, RLSTREAM_WORKER=name, PYTHONUNBUFFERED="1")
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            preexec_fn=die_with_parent)
-
-    def failed(self) -> tuple[str, int] | None:
-        for name, p in self.procs.items():
-            code = p.poll()
-            if code not in (None, 0):
-                return name, code
-        return None
-
-    def stop(self, names: list[str] | None = None, timeout_s: float = 15.0) -> None:
-        procs = [self.procs[n] for n in (names or list(self.procs))]
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for p in procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
 
 def _progress_line(run_dir: Path, cfg: RunConfig, t0: float) -> str:
@@ -90,7 +49,7 @@ def _progress_line(run_dir: Path, cfg: RunConfig, t0: float) -> str:
             f"| {lr['groups_per_s']:.1f} groups/s, {tok / max(el, 1e-9):.0f} tok/s generated")
 
 
-def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
+def run(cfg: RunConfig) -> int:
     from pipeline.engine import TorchEngine
     from pipeline.evaluate import evaluate
     from pipeline.model import load_policy
@@ -130,7 +89,7 @@ def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
 
         store = ObjectStore(run_dir / "objectstore", log_path=run_dir / "logs" / "objectstore.log")
     broker = Broker(log_path=run_dir / "logs" / "broker.log")
-    children = Children(run_dir)
+    sup = Supervisor(run_dir / "logs", preexec_fn=die_with_parent)
     interrupted = False
 
     def on_signal(signum, frame):
@@ -146,48 +105,55 @@ def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
             print(f"durable broker storage: {store.storage_url} on SeaweedFS {store.endpoint} "
                   f"(data in {store.data_dir})", flush=True)
         broker.start()
-        sets = list(overrides) + [f'kafka.bootstrap_servers="{broker.bootstrap}"',
-                                  f'workdir="{run_dir}"', f'model.path="{policy_path}"']
-        child_cfg = cfg.model_copy(update={"workdir": run_dir})
+        child_cfg = cfg.model_copy(update={
+            "workdir": run_dir, "kafka": cfg.kafka.model_copy(update={"bootstrap_servers": broker.bootstrap}),
+            "model": cfg.model.model_copy(update={"path": policy_path})})
+        # The whole resolved config: `rlstream rollout --run-dir <run>` joins this run with it.
         (run_dir / "config.json").write_text(child_cfg.model_dump_json(indent=2))
-        ensure_topics(cfg.kafka.model_copy(update={"bootstrap_servers": broker.bootstrap}), cfg.name)
+        ensure_topics(child_cfg.kafka, cfg.name)
         base = [sys.executable, "-m", "services.cli"]
-        cfg_args = ["--config", str(config_path)] + [a for s in sets for a in ("--set", s)]
-        children.start("learner", base + ["learner"] + cfg_args)
+        cfg_args = ["--run-dir", str(run_dir)]
+        sup.start("learner", base + ["learner"] + cfg_args)
         for i in range(cfg.demo.reward_workers):
-            children.start(f"reward-{i}", base + ["reward", "--worker-index", str(i)] + cfg_args)
+            sup.start(f"reward-{i}", base + ["reward", "--worker-index", str(i)] + cfg_args)
         for i in range(cfg.demo.rollout_workers):
-            children.start(f"rollout-{i}", base + ["rollout", "--worker-index", str(i)] + cfg_args)
-        children.start("recorder", base + ["recorder"] + cfg_args)
-        print(f"broker {broker.bootstrap}; services: {', '.join(children.procs)} "
-              f"(logs in {run_dir / 'logs'})", flush=True)
+            sup.start(f"rollout-{i}", base + ["rollout", "--worker-index", str(i)] + cfg_args)
+        sup.start("recorder", base + ["recorder"] + cfg_args)
+        print(f"broker {broker.bootstrap}; services: {', '.join(sup.children)} (logs in {run_dir / 'logs'}); "
+              f"add a worker: rlstream rollout --run-dir {run_dir} --worker-index 9", flush=True)
         t_rl = time.monotonic()
         last = 0.0
-        while children.procs["learner"].poll() is None:
-            bad = children.failed()
-            if bad:
-                name, code = bad
-                print(f"\n{name} exited with code {code}; last lines of its log:\n"
-                      f"{_tail(run_dir / 'logs' / f'{name}.log')}", file=sys.stderr)
-                return 1
+        while not sup.finished("learner"):
+            if not broker.running:
+                if store is None:
+                    print(f"\nthe broker died and its memory storage with it: the run cannot go on (use --durable "
+                          f"for a broker that survives restarts); last lines of its log:\n"
+                          f"{tail(run_dir / 'logs' / 'broker.log')}", file=sys.stderr)
+                    return 1
+                print("the broker died: restarting it on its durable storage", file=sys.stderr, flush=True)
+                broker.stop()
+                broker.start()
+                sup.restarts["broker"] = sup.restarts.get("broker", 0) + 1
+            for name in sup.tend():
+                print(f"{name} crashed and was restarted (restarts so far: {sup.restarts[name]})", flush=True)
             if time.monotonic() - last >= cfg.demo.progress_every_s:
                 print(_progress_line(run_dir, cfg, t_rl), flush=True)
                 last = time.monotonic()
             time.sleep(0.5)
-        if children.procs["learner"].returncode != 0:
-            print(f"learner failed:\n{_tail(run_dir / 'logs' / 'learner.log')}", file=sys.stderr)
-            return 1
         print(_progress_line(run_dir, cfg, t_rl), flush=True)
         rl_s = time.monotonic() - t_rl
         # Producers first, then the recorder, which drains the topics into the lake and exits.
-        children.stop([n for n in children.procs if n != "recorder"])
-        children.stop(["recorder"], timeout_s=120)
+        sup.stop([n for n in sup.children if n != "recorder"])
+        sup.stop(["recorder"], timeout_s=120)
+    except GaveUp as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: stopping every service and the broker", file=sys.stderr)
         return 130
     finally:
-        children.stop()
+        sup.stop()
         broker.stop()
         if store is not None:
             store.stop()
@@ -212,9 +178,9 @@ def run(cfg: RunConfig, config_path: Path, overrides: list[str]) -> int:
     print(f"report: {report}", flush=True)
     summary = {"acc_before": before.sampled_accuracy, "acc_after": after.sampled_accuracy,
                "greedy_before": before.greedy_accuracy, "greedy_after": after.greedy_accuracy,
-               "rl_s": rl_s, "wall_s": wall, "policy_version": int(version)}
+               "rl_s": rl_s, "wall_s": wall, "policy_version": int(version), "restarts": sup.restarts}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"RESULT acc_before={before.sampled_accuracy:.4f} acc_after={after.sampled_accuracy:.4f} "
           f"wall_s={wall:.0f} greedy_before={before.greedy_accuracy:.4f} "
-          f"greedy_after={after.greedy_accuracy:.4f}", flush=True)
+          f"greedy_after={after.greedy_accuracy:.4f} restarts={sum(sup.restarts.values())}", flush=True)
     return 0

@@ -7,26 +7,30 @@ Loop:
    ``(max_staleness + 1) x batch``, less one version: our rollout picks up new weights between
    generate calls, so its behaviour version trails the learner's by up to one version, and the full
    AReaL budget made about a fifth of all groups arrive one version too stale (measured on the
-   demo: 706 of 5,506 groups dropped). Ticket ids are a function of the position in the seeded
-   ticket order (`TicketSource`), and the position reached is logged after every flush
-   (`IssueLog`), so a resumed learner knows which tickets are already on the broker.
-2. Poll scored groups and check them (`pipeline.validate`; invalid groups are dead-lettered).
-   Each ticket gets exactly one fate, written to the ledger (`pipeline.ledger`): a second group
-   for a decided ticket (re-delivery, a re-issued ticket, a replayed reward batch) is a
-   ``duplicate`` and ignored. A group's lag = learner policy version - its behaviour policy
-   version; groups with lag > ``max_staleness`` are dropped (``dropped_stale``). With ERPO's
-   `drop_all_wrong`, all-wrong groups are filtered out too.
+   demo: 706 of 5,506 groups dropped). Every ticket is under a lease (`pipeline.tickets`): one whose
+   group has not come back in time is issued again, same id, next attempt, so a message the broker
+   lost or a worker that died holding it costs one lease, never the run. The position reached and
+   the attempts are logged after every flush (`IssueLog`), so a resumed learner knows which
+   tickets are already on the broker.
+2. Poll scored groups and check them (`pipeline.validate`; invalid groups, groups of unknown tickets
+   and groups claiming a policy version the learner has not published are dead-lettered; anything
+   else one record provokes dead-letters that record). Each ticket gets exactly one fate, written
+   to the ledger (`pipeline.ledger`): a second group for a decided ticket (re-delivery, a later
+   attempt, a replayed reward batch) is a ``duplicate`` and ignored. A group's lag = learner policy
+   version - its behaviour policy version; groups with lag > ``max_staleness`` are dropped
+   (``dropped_stale``). With ERPO's `drop_all_wrong`, all-wrong groups are filtered out too.
 3. Every ``groups_per_step`` groups: advantages (ERPO's RA: -delta for all-correct groups),
    decoupled PPO loss, optimiser update(s).
 4. Every ``sync_every`` steps: publish safetensors weights (fp32, gathered across ranks) as a new
    policy version and announce it.
 5. Every ``checkpoint_every`` steps: save model, optimiser and the learner state (counters, ticket
-   position, outstanding and decided ticket ids, consumed offsets: per partition only up to the
-   oldest group not yet trained) together; only then commit those offsets. ``resume`` restores
-   all of it, truncates the ledger to the checkpoint, seeks to the saved offsets and announces
-   the restored weights under a version above any announced before.
-6. After the final step, drain: wait (``drain_timeout_s``) for the outstanding tickets' groups
-   and record them as ``unused``, so every issued ticket has a fate.
+   position, outstanding tickets with their attempts, decided ticket ids, consumed offsets: per
+   partition only up to the oldest group not yet trained) together; only then commit those
+   offsets. A learner started on a run folder with a checkpoint resumes from it (``resume =
+   "auto"``): it restores all of it, truncates the ledger to the checkpoint, seeks to the saved
+   offsets and announces the restored weights under a version above any announced before.
+6. After the final step, drain: wait (``drain_timeout_s``, leases still running) for the
+   outstanding tickets' groups and record them as ``unused``, so every issued ticket has a fate.
 
 The model trains under a backend of `pipeline.trainer` (DeepSpeed by default, or plain torch). With
 several ranks (`deepspeed`/`torchrun` launcher) rank 0 does all of the above and broadcasts each
@@ -35,13 +39,11 @@ batch to the others; every rank trains on its share of the groups.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
 import shutil
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -50,6 +52,7 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.advantages import get_advantage
+from pipeline.atomic import fsync_dir, write_atomic
 from pipeline.config import LearnerConfig, RunConfig
 from pipeline.erpo import ErpoRule, drop_mask, ra_advantages
 from pipeline.ledger import Ledger, ledger_path
@@ -76,8 +79,10 @@ from pipeline.losses import (
     reference_token_logprobs,
     reweighted_reference,
 )
+from pipeline.failpoints import failpoint
 from pipeline.tasks import Problem, arithmetic_problems, load_problems
-from pipeline.transport import Consumer, Producer, topic_name
+from pipeline.tickets import IssueLog, Ticket, TicketBook, TicketSource
+from pipeline.transport import POLICY_KEY, Consumer, Delivery, Producer, topic_name
 from pipeline.trainer import Trainer, lr_at, make_trainer
 from pipeline.validate import Limits, check_groups
 from pipeline.weights import publish
@@ -90,7 +95,7 @@ from schemas import (
     decode,
     encode,
     headers_for,
-    take,
+    split_groups,
 )
 from services.common import JsonlWriter, StopFlag, erpo_rule, initial_policy_path, set_threads, worker_id
 from services.metrics import serve
@@ -109,6 +114,9 @@ VERSION = Gauge("rlstream_learner_policy_version", "Newest policy version publis
 TOKENS = Counter("rlstream_learner_tokens_total", "Completion tokens trained on.")
 TICKETS = Counter("rlstream_learner_tickets_total", "Prompt tickets issued.")
 IN_FLIGHT = Gauge("rlstream_learner_groups_in_flight", "Tickets issued and not yet trained or dropped.")
+REISSUED = Counter("rlstream_learner_tickets_reissued_total",
+                   "Tickets issued again (next attempt) because no group came back within their lease.")
+LEASE = Gauge("rlstream_learner_lease_seconds", "Current ticket lease: max(floor, factor x p99 ticket-to-group latency).")
 GROUPS = Counter("rlstream_learner_groups_total",
                  "Scored groups by fate (see pipeline.ledger: trained, dropped_stale, dropped_all_wrong, "
                  "invalid, duplicate, unused, unresolved).", ["fate"])
@@ -131,88 +139,18 @@ def train_problems(cfg: RunConfig) -> list[Problem]:
     return load_problems(t.train_path, t.question_field, t.answer_field, t.limit)
 
 
-class TicketSource:
-    """Endless tickets over the prompt pool, reshuffled each epoch (seeded).
-
-    Position k is the k-th ticket of the run: place ``k % n`` of epoch ``k // n``'s permutation.
-    Its id is a function of k, so a learner that resumes re-issues the same ids, and any consumer
-    can tell which prompt a ticket id must carry."""
-
-    def __init__(self, problems: list[Problem], seed: int) -> None:
-        if not problems:
-            raise ValueError("the training prompt pool is empty")
-        self.problems = problems
-        self._seed = seed
-        self.position = 0
-        """Tickets issued so far (the next ticket's position)."""
-        # Arrivals straddle an epoch boundary while issuing moves on: keep a few epochs' orders.
-        self._order = functools.lru_cache(maxsize=4)(
-            lambda epoch: np.random.default_rng(self._seed + epoch).permutation(len(self.problems)))
-
-    def at(self, k: int) -> tuple[Problem, int, str]:
-        """(problem, epoch, ticket id) of position ``k``."""
-        epoch, place = divmod(k, len(self.problems))
-        return self.problems[int(self._order(epoch)[place])], epoch, f"e{epoch}-{place:06d}"
-
-    def position_of(self, ticket_id: str, prompt_id: str) -> int | None:
-        """The position of ``ticket_id`` if it is one of this source's tickets and carries
-        ``prompt_id``; None otherwise (a forged, foreign or corrupted id)."""
-        head, _, tail = ticket_id.partition("-")
-        if not (head[:1] == "e" and head[1:].isdigit() and tail.isdigit()):
-            return None
-        epoch, place = int(head[1:]), int(tail)
-        if place >= len(self.problems):
-            return None
-        k = epoch * len(self.problems) + place
-        return k if self.at(k)[0].prompt_id == prompt_id else None
-
-    def next(self) -> tuple[Problem, int, str]:
-        ticket = self.at(self.position)
-        self.position += 1
-        return ticket
-
-
-class IssueLog:
-    """The position up to which tickets are known to be on the broker, rewritten (atomically)
-    after every flush that issued some. A learner that resumes from a checkpoint takes the
-    tickets between the checkpoint's position and this one as outstanding instead of losing
-    track of them; a crash between a flush and this write only means those tickets are issued
-    again under the same ids."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def read(self) -> int:
-        try:
-            return int(json.loads(self.path.read_text())["position"])
-        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-            return 0
-
-    def write(self, position: int) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"position": position}))
-        os.replace(tmp, self.path)
-
-
-def ticket_columns(problem: Problem, epoch: int, ticket_id: str, version: int) -> Columns:
+def ticket_columns(ticket: Ticket, version: int) -> Columns:
+    problem = ticket.problem
     return {
-        "ticket_id": np.array([ticket_id], dtype=object),
+        "ticket_id": np.array([ticket.ticket_id], dtype=object),
+        "attempt": np.array([ticket.attempt], dtype=np.int32),
         "prompt_id": np.array([problem.prompt_id], dtype=object),
         "text": np.array([problem.text], dtype=object),
         "answer": np.array([problem.answer], dtype=object),
-        "epoch": np.array([epoch], dtype=np.int32),
+        "epoch": np.array([ticket.epoch], dtype=np.int32),
         "issued_version": np.array([version], dtype=np.int64),
         "issued_at": np.array([time.time()], dtype=np.float64),
     }
-
-
-def split_groups(columns: Columns) -> list[Columns]:
-    """The rows of one message, one Columns per group id (in order of first appearance)."""
-    ids = columns["group_id"]
-    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
-    order = np.argsort(first)
-    return [take(columns, np.flatnonzero(inverse == g)) for g in order]
 
 
 def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list[Columns], lc: LearnerConfig,
@@ -365,10 +303,12 @@ class LearnerState:
     filtered: int = 0
     duplicates: int = 0
     invalid: int = 0
+    reissued: int = 0
+    """Tickets issued again because their lease ran out."""
     ticket_position: int = 0
     """Tickets issued (the ticket source's position)."""
-    outstanding: list[str] = field(default_factory=list)
-    """Tickets issued and not yet decided (groups waiting in the batch included)."""
+    outstanding: dict[str, int] = field(default_factory=dict)
+    """Tickets issued and not yet decided (groups waiting in the batch included), with their attempt."""
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     seen: list[str] = field(default_factory=list)
     """Tickets decided (trained, dropped or invalid), oldest first, at most `SEEN_WINDOW`."""
@@ -382,6 +322,8 @@ class LearnerState:
     def from_json(cls, text: str) -> LearnerState:
         d = json.loads(text)
         d["offsets"] = {(str(t), int(p)): int(o) for t, p, o in d["offsets"]}
+        if isinstance(d.get("outstanding"), list):  # checkpoints before leases: every ticket at attempt 0
+            d["outstanding"] = dict.fromkeys(d["outstanding"], 0)
         return cls(**d)
 
 
@@ -407,9 +349,11 @@ def save_checkpoint(cfg: RunConfig, trainer: Trainer, state: LearnerState) -> Pa
     trainer.save(tmp / "trainer")
     trainer.barrier()
     if trainer.rank == 0:
-        (tmp / LEARNER_STATE).write_text(state.to_json())
+        failpoint("learner.checkpoint")
+        write_atomic(tmp / LEARNER_STATE, state.to_json())
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        fsync_dir(root)
         done = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
         for old in done[: -cfg.learner.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
@@ -420,6 +364,19 @@ def save_checkpoint(cfg: RunConfig, trainer: Trainer, state: LearnerState) -> Pa
 def newest_published_version(cfg: RunConfig) -> int:
     versions = [int(p.name[1:]) for p in (cfg.workdir / "policies").glob("v[0-9]*") if p.is_dir()]
     return max(versions, default=0)
+
+
+def start_fresh(cfg: RunConfig) -> Path | None:
+    """`learner.resume = "fresh"`: move the previous life's checkpoints and ledger aside (never
+    deleted); returns where they went, None if there was nothing."""
+    old = [p for p in (checkpoint_root(cfg), cfg.workdir / "ledger") if p.exists()]
+    if not old:
+        return None
+    aside = cfg.workdir / time.strftime("previous-%Y%m%d-%H%M%S")
+    aside.mkdir(parents=True)
+    for p in old:
+        p.rename(aside / p.name)
+    return aside
 
 
 def run(cfg: RunConfig) -> None:
@@ -442,13 +399,22 @@ def run(cfg: RunConfig) -> None:
         raise ValueError(f"learner.groups_per_step ({lc.groups_per_step}) must be at least mini_batches x ranks "
                          f"({lc.mini_batches} x {trainer.world_size}) so every rank gets a group in every update")
     state = LearnerState()
-    if lc.resume:
-        ckpt = latest_checkpoint(cfg)
-        if ckpt is None:
-            raise FileNotFoundError(f"learner.resume is set but {checkpoint_root(cfg)} holds no checkpoint")
+    ckpt = latest_checkpoint(cfg) if lc.resume != "fresh" else None
+    if lc.resume == "require" and ckpt is None:
+        raise FileNotFoundError(f"learner.resume = 'require' but {checkpoint_root(cfg)} holds no checkpoint")
+    if ckpt is not None:
         trainer.load(ckpt / "trainer")
         state = LearnerState.from_json((ckpt / LEARNER_STATE).read_text())
         log.info("resumed from %s: step %d, policy v%d", ckpt, state.step, state.version)
+    elif lc.resume == "fresh" and trainer.rank == 0:
+        aside = start_fresh(cfg)
+        if aside is not None:
+            log.warning("learner.resume = 'fresh': starting over at step 0; the previous checkpoints and ledger "
+                        "were moved to %s", aside)
+    # Weights announced before (a previous life of this run) are replaced at once by the restored or
+    # initial ones, under a version above any announced so far.
+    announce_first = ckpt is not None or newest_published_version(cfg) > 0
+    trainer.barrier()
     channel = BatchChannel(trainer)
 
     def learn(groups: list[Columns]) -> dict[str, float]:
@@ -459,8 +425,8 @@ def run(cfg: RunConfig) -> None:
         return metrics
 
     if trainer.rank != 0:
-        if lc.resume:
-            trainer.full_state_dict()  # rank 0 announces the restored weights: a collective under ZeRO-3
+        if announce_first:
+            trainer.full_state_dict()  # rank 0 announces these weights: a collective under ZeRO-3
         while (groups := channel.recv()) is not None:
             learn(groups)
             if state.step % lc.sync_every == 0 or state.step == lc.total_steps:
@@ -468,216 +434,238 @@ def run(cfg: RunConfig) -> None:
             if state.step % lc.checkpoint_every == 0 or state.step == lc.total_steps:
                 save_checkpoint(cfg, trainer, state)
         return
-    _lead(cfg, trainer, state, learn, channel, limits)
+    Lead(cfg, trainer, state, learn, channel, limits, resumed=ckpt is not None).run(announce_first)
 
 
-def _lead(cfg: RunConfig, trainer: Trainer, state: LearnerState, learn, channel: BatchChannel,
-          limits: Limits) -> None:
-    """Rank 0: tickets, consumption, staleness, publication, checkpoints, commits, the ledger."""
-    stop = StopFlag()
-    lc = cfg.learner
-    rule = erpo_rule(cfg)
-    tickets = TicketSource(train_problems(cfg), cfg.seed)
-    limits = replace(limits, known_prompts=frozenset(p.prompt_id for p in tickets.problems))
-    issue_log = IssueLog(cfg.workdir / "ledger" / "issued.json")
-    # The ledger is the history of the surviving run: what happened after the checkpoint is redone.
-    removed = Ledger.truncate(ledger_path(cfg.workdir), state.step)
-    ledger = Ledger(ledger_path(cfg.workdir))
-    outstanding: OrderedDict[str, None] = OrderedDict.fromkeys(state.outstanding)
-    tickets.position = state.ticket_position
-    if lc.resume:
-        # Tickets flushed after the checkpoint are on the broker: wait for them, do not re-issue.
-        logged = issue_log.read()
-        for k in range(state.ticket_position, logged):
-            outstanding[tickets.at(k)[2]] = None
-        tickets.position = max(state.ticket_position, logged)
-        log.info("resume: %d ledger rows after step %d removed; %d tickets outstanding (%d issued after the "
-                 "checkpoint)", removed, state.step, len(outstanding), tickets.position - state.ticket_position)
-    wid = worker_id()
-    producer = Producer(cfg.kafka, client_id=f"{cfg.name}-learner-{wid}")
-    consumer = Consumer(cfg.kafka, cfg.name, ["scored"], group_id=f"{cfg.name}.learner",
-                        client_id=f"{cfg.name}-learner-{wid}", deadletter=producer)
-    if state.offsets:
-        consumer.seek(state.offsets)
-    metrics_address = serve(cfg, "learner", "0")
-    progress = JsonlWriter(cfg.workdir / "progress" / "learner.jsonl")
-    prompts_topic, policy_topic = topic_name(cfg.name, "prompts"), topic_name(cfg.name, "policy")
-    capacity = max(1, lc.max_staleness) * lc.groups_per_step
-    seen: OrderedDict[str, None] = OrderedDict.fromkeys(state.seen)
-    queued: set[str] = set()
-    offsets = OffsetTracker()
-    ready: list[tuple[Columns, tuple[str, int, int]]] = []
-    lags: list[int] = []
-    t_start = time.monotonic()
-    log.info("learner ready: %d ranks, %s backend, capacity %d groups in flight, metrics %s",
-             trainer.world_size, lc.backend, capacity, metrics_address)
+class Lead:
+    """Rank 0: tickets and their leases, consumption, staleness, publication, checkpoints, commits,
+    the ledger."""
 
-    def decide(group: Columns, fate: str, reason: str = "", lag: int | None = None) -> None:
+    def __init__(self, cfg: RunConfig, trainer: Trainer, state: LearnerState, learn, channel: BatchChannel,
+                 limits: Limits, resumed: bool) -> None:
+        self.cfg, self.lc, self.trainer, self.state = cfg, cfg.learner, trainer, state
+        self.learn, self.channel = learn, channel
+        self.rule = erpo_rule(cfg)
+        self.stop = StopFlag()
+        self.book = TicketBook(TicketSource(train_problems(cfg), cfg.seed), self.lc.lease_floor_s,
+                               self.lc.lease_p99_factor, decided_window=SEEN_WINDOW)
+        self.limits = replace(limits, known_prompts=frozenset(p.prompt_id for p in self.book.source.problems))
+        self.issue_log = IssueLog(cfg.workdir / "ledger" / "issued.json")
+        # The ledger is the history of the surviving run: what happened after the checkpoint is redone.
+        removed = Ledger.truncate(ledger_path(cfg.workdir), state.step) if resumed else 0
+        self.ledger = Ledger(ledger_path(cfg.workdir))
+        logged, attempts = self.issue_log.read() if resumed else (0, {})
+        after = self.book.restore(state.ticket_position, state.outstanding, state.seen, logged, attempts,
+                                  time.monotonic())
+        if resumed:
+            log.info("resume: %d ledger rows after step %d removed; %d tickets outstanding (%d issued after the "
+                     "checkpoint)", removed, state.step, len(self.book.outstanding), after)
+        wid = worker_id()
+        self.producer = Producer(cfg.kafka, client_id=f"{cfg.name}-learner-{wid}")
+        self.restore_offsets = dict(state.offsets)
+        self.consumer = Consumer(cfg.kafka, cfg.name, ["scored"], group_id=f"{cfg.name}.learner",
+                                 client_id=f"{cfg.name}-learner-{wid}", deadletter=self.producer,
+                                 on_assign=self._on_assign)
+        self.metrics_address = serve(cfg, "learner", "0")
+        self.progress = JsonlWriter(cfg.workdir / "progress" / "learner.jsonl")
+        self.prompts_topic, self.policy_topic = topic_name(cfg.name, "prompts"), topic_name(cfg.name, "policy")
+        self.capacity = max(1, self.lc.max_staleness) * self.lc.groups_per_step
+        self.offsets = OffsetTracker()
+        self.ready: list[tuple[Columns, tuple[str, int, int]]] = []
+        self.lags: list[int] = []
+        # Weights go out in the rollout engine's dtype: a bf16 vLLM gets bf16 (half the bytes to
+        # read and hash), everything else the fp32 masters.
+        self.publish_dtype = (torch.bfloat16 if cfg.rollout.engine == "vllm" and cfg.rollout.dtype == "bfloat16"
+                              else None)
+
+    def _on_assign(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """The checkpoint's offsets, at the first assignment after a (re)start: later assignments
+        continue from the group's commits, which are the checkpoints' offsets."""
+        seeks = {p: self.restore_offsets.pop(p) for p in partitions if p in self.restore_offsets}
+        self.restore_offsets.clear()
+        return seeks
+
+    def decide(self, group: Columns, fate: str, reason: str = "", lag: int | None = None) -> None:
         """Record a ticket's fate (trained at the step just done; others at the next step)."""
         tid = str(group["ticket_id"][0])
         if fate != "duplicate":
-            seen[tid] = None
-            if len(seen) > SEEN_WINDOW:
-                seen.popitem(last=False)
-            outstanding.pop(tid, None)
-            queued.discard(tid)
+            self.book.decide(tid)
         GROUPS.labels(fate).inc()
-        ledger.add({"step": state.step if fate == "trained" else state.step + 1, "ticket_id": tid,
-                     "group_id": str(group["group_id"][0]), "prompt_id": str(group["prompt_id"][0]),
-                     "fate": fate, "reason": reason, "lag": lag})
+        self.ledger.add({"step": self.state.step if fate == "trained" else self.state.step + 1, "ticket_id": tid,
+                         "attempt": int(group["attempt"][0]), "group_id": str(group["group_id"][0]),
+                         "prompt_id": str(group["prompt_id"][0]), "fate": fate, "reason": reason, "lag": lag})
 
-    def accept(d, draining: bool) -> None:
+    def accept(self, d: Delivery, draining: bool) -> None:
         """Check, de-duplicate and triage the groups of one delivery; queue the trainable ones."""
+        state, lc = self.state, self.lc
         key = (d.topic, d.partition, d.offset)
-        groups, rejected = check_groups(d.columns, limits)
+        groups, rejected = check_groups(d.columns, self.limits)
         for r in rejected:
-            consumer.dead_letter(d, r.columns, r.code, r.reason)
-            if str(r.columns["ticket_id"][0]) in outstanding:
+            self.consumer.dead_letter(d, r.columns, r.code, r.reason)
+            if str(r.columns["ticket_id"][0]) in self.book.outstanding:
                 state.invalid += 1
-                decide(r.columns, "invalid", r.reason)
+                self.decide(r.columns, "invalid", r.reason)
         for group in groups:
             tid, pid = str(group["ticket_id"][0]), str(group["prompt_id"][0])
-            k = tickets.position_of(tid, pid)
-            if k is None:
-                consumer.dead_letter(d, group, "unknown_ticket",
-                                     f"invalid_group: unknown_ticket: {tid!r} is not a ticket of this run for "
-                                     f"prompt {pid!r}")
+            version = int(group["policy_version"][0])
+            if version > state.version:
+                self.consumer.dead_letter(d, group, "future_version",
+                                          f"invalid_group: future_version: policy_version {version} is ahead of the "
+                                          f"learner's v{state.version}")
                 continue
-            if tid in seen or tid in queued or (tid not in outstanding and k < tickets.position):
+            verdict = self.book.arrival(tid, pid, int(group["attempt"][0]), time.monotonic())
+            if verdict == "unknown":
+                self.consumer.dead_letter(d, group, "unknown_ticket",
+                                          f"invalid_group: unknown_ticket: {tid!r} is not a ticket of this run for "
+                                          f"prompt {pid!r}")
+                continue
+            if verdict == "duplicate":
                 state.duplicates += 1
-                decide(group, "duplicate", "ticket already decided or queued")
+                self.decide(group, "duplicate", "ticket already decided or queued")
                 continue
-            # An id at or beyond our position was issued by a previous life of this learner after
-            # its last issue-log write: take it, and skip it when the ticket source gets there.
             state.received += 1
-            lag = state.version - int(group["policy_version"].min())
-            lags.append(lag)
-            LAG.observe(max(lag, 0))
+            lag = state.version - version
+            self.lags.append(lag)
+            LAG.observe(lag)
             if draining:
-                decide(group, "unused", "arrived after the final step", lag)
+                self.decide(group, "unused", "arrived after the final step", lag)
             elif lag > lc.max_staleness:
                 state.dropped += 1
-                decide(group, "dropped_stale", f"lag {lag} > max_staleness {lc.max_staleness}", lag)
-            elif drop_mask(np.asarray(group["group_pass_rate"][:1]), rule)[0]:
+                self.decide(group, "dropped_stale", f"lag {lag} > max_staleness {lc.max_staleness}", lag)
+            elif drop_mask(np.asarray(group["group_pass_rate"][:1]), self.rule)[0]:
                 state.filtered += 1  # all-wrong group, DAPO-style dynamic sampling
-                decide(group, "dropped_all_wrong", "all samples wrong (erpo.drop_all_wrong)", lag)
+                self.decide(group, "dropped_all_wrong", "all samples wrong (erpo.drop_all_wrong)", lag)
             else:
-                queued.add(tid)
-                offsets.add(key, 1)
-                ready.append((group, key))
+                self.book.queue(tid)
+                self.offsets.add(key, 1)
+                self.ready.append((group, key))
 
-    # Weights go out in the rollout engine's dtype: a bf16 vLLM gets bf16 (half the bytes to read
-    # and hash), everything else the fp32 masters.
-    publish_dtype = torch.bfloat16 if cfg.rollout.engine == "vllm" and cfg.rollout.dtype == "bfloat16" else None
-
-    def announce() -> None:
-        weights = trainer.full_state_dict()
-        pub = publish(weights, cfg.workdir / "policies", state.version, lc.keep_policies, publish_dtype)
-        producer.send(policy_topic, POLICY_UPDATE, {
+    def announce(self) -> None:
+        state = self.state
+        weights = self.trainer.full_state_dict()
+        pub = publish(weights, self.cfg.workdir / "policies", state.version, self.lc.keep_policies, self.publish_dtype)
+        failpoint("learner.publish")
+        self.producer.send(self.policy_topic, POLICY_UPDATE, {
             "version": np.array([pub.version], dtype=np.int64),
             "step": np.array([state.step], dtype=np.int64),
             "uri": np.array([pub.uri], dtype=object),
             "sha256": np.array([pub.sha256], dtype=object),
             "dtype": np.array([pub.dtype], dtype=object),
             "created_at": np.array([time.time()], dtype=np.float64),
-        })
-        producer.flush()
-        (cfg.workdir / "final_policy.txt").write_text(f"{pub.version} {pub.sha256} {pub.uri}\n")
+        }, key=POLICY_KEY)
+        self.producer.flush()
+        write_atomic(self.cfg.workdir / "final_policy.txt", f"{pub.version} {pub.sha256} {pub.uri}\n")
 
-    def checkpoint() -> None:
-        producer.flush()  # dead letters of the records these offsets cover
-        state.offsets = offsets.committable(consumer.positions())
-        state.ticket_position = tickets.position
-        state.outstanding = list(outstanding)
-        state.seen = list(seen)
+    def checkpoint(self) -> None:
+        state = self.state
+        self.producer.flush()  # dead letters of the records these offsets cover
+        state.offsets = self.offsets.committable(self.consumer.positions())
+        state.ticket_position = self.book.source.position
+        state.outstanding = self.book.attempts()
+        state.seen = list(self.book.decided)
+        state.reissued = self.book.reissued
         t0 = time.monotonic()
-        path = save_checkpoint(cfg, trainer, state)
-        consumer.commit_offsets(state.offsets)  # only now: the checkpoint holds what they cover
+        path = save_checkpoint(self.cfg, self.trainer, state)
+        self.consumer.commit_offsets(state.offsets)  # only now: the checkpoint holds what they cover
         CHECKPOINT_SECONDS.observe(time.monotonic() - t0)
         log.info("checkpoint %s (%.1fs)", path, time.monotonic() - t0)
 
-    if lc.resume:
-        # Versions must keep rising past anything announced before the restart, and rollouts
-        # should sample from the restored weights at once.
-        state.version = max(state.version, newest_published_version(cfg)) + 1
-        announce()
-    try:
-        while state.step < lc.total_steps and not stop:
-            needed = (lc.total_steps - state.step) * lc.groups_per_step
-            issued = 0
-            while len(outstanding) < min(capacity, needed):
-                problem, epoch, tid = tickets.next()
-                if tid in seen:
-                    continue  # decided already: its group came from a previous life's ticket
-                producer.send(prompts_topic, PROMPT_TICKET, ticket_columns(problem, epoch, tid, state.version),
-                              key=problem.prompt_id.encode())
-                outstanding[tid] = None
-                issued += 1
-            producer.flush()
-            if issued:
-                TICKETS.inc(issued)
-                issue_log.write(tickets.position)
-            for d in consumer.poll(timeout_ms=lc.poll_timeout_ms):
-                accept(d, draining=False)
-            ledger.flush()
-            IN_FLIGHT.set(len(outstanding))
-            while len(ready) >= lc.groups_per_step and state.step < lc.total_steps:
-                batch, ready = ready[: lc.groups_per_step], ready[lc.groups_per_step:]
-                t0 = time.monotonic()
-                groups = [g for g, _ in batch]
-                channel.send(groups)
-                metrics = learn(groups)
-                step_s = time.monotonic() - t0
-                state.trained += len(batch)
-                for group, key in batch:
-                    decide(group, "trained", lag=state.version - int(group["policy_version"].min()))
-                    offsets.done(key)
-                ledger.flush()
-                if state.step % lc.sync_every == 0 or state.step == lc.total_steps:
-                    state.version += 1
-                    announce()
-                if state.step % lc.checkpoint_every == 0 or state.step == lc.total_steps:
-                    checkpoint()
-                observe_step(state, metrics, step_s)
-                elapsed = time.monotonic() - t_start
-                progress.write(step=state.step, version=state.version, step_s=step_s,
-                               elapsed_s=elapsed, issued=tickets.position, received=state.received,
-                               dropped=state.dropped, filtered=state.filtered, duplicates=state.duplicates,
-                               invalid=state.invalid, in_flight=len(outstanding),
-                               lag_mean=float(np.mean(lags)) if lags else 0.0,
-                               lag_max=max(lags) if lags else 0, groups_per_s=state.received / elapsed,
-                               **metrics)
-                lags.clear()
-                log.info("step %d v%d reward=%.3f loss=%.4f dropped=%d", state.step, state.version,
-                         metrics["reward"], metrics["loss"], state.dropped)
-        if state.step >= lc.total_steps and not stop:
-            drain(lc, consumer, outstanding, ready, accept, decide, stop)
-    finally:
-        channel.send(None)
-        consumer.close()
-        producer.close()
-        progress.close()
-        ledger.close()
-        log.info("learner stopped at step %d (policy v%d)", state.step, state.version)
+    def send_tickets(self, draining: bool) -> None:
+        """New tickets within the capacity (not while draining), and the next attempt of every
+        ticket whose lease ran out; flushed, then logged."""
+        now = time.monotonic()
+        needed = (self.lc.total_steps - self.state.step) * self.lc.groups_per_step
+        new = [] if draining else self.book.issue(min(self.capacity, needed), now)
+        again = self.book.expired(now)
+        if again:
+            REISSUED.inc(len(again))
+            log.warning("%d tickets had no group after their %.0f s lease; issued again (e.g. %s attempt %d)",
+                        len(again), self.book.lease_s(), again[0].ticket_id, again[0].attempt)
+        for t in new + again:
+            self.producer.send(self.prompts_topic, PROMPT_TICKET, ticket_columns(t, self.state.version),
+                               key=t.problem.prompt_id.encode())
+        self.producer.flush()
+        if new or again:
+            TICKETS.inc(len(new))
+            self.issue_log.write(self.book.source.position, self.book.attempts())
+        LEASE.set(self.book.lease_s())
+        IN_FLIGHT.set(len(self.book.outstanding))
 
+    def train_ready(self, t_start: float) -> None:
+        state, lc = self.state, self.lc
+        while len(self.ready) >= lc.groups_per_step and state.step < lc.total_steps:
+            batch, self.ready = self.ready[: lc.groups_per_step], self.ready[lc.groups_per_step:]
+            t0 = time.monotonic()
+            groups = [g for g, _ in batch]
+            self.channel.send(groups)
+            metrics = self.learn(groups)
+            step_s = time.monotonic() - t0
+            state.trained += len(batch)
+            for group, key in batch:
+                self.decide(group, "trained", lag=state.version - int(group["policy_version"].min()))
+                self.offsets.done(key)
+            self.ledger.flush()
+            if state.step % lc.sync_every == 0 or state.step == lc.total_steps:
+                state.version += 1
+                self.announce()
+            if state.step % lc.checkpoint_every == 0 or state.step == lc.total_steps:
+                self.checkpoint()
+            observe_step(state, metrics, step_s)
+            elapsed = time.monotonic() - t_start
+            lags = self.lags
+            self.progress.write(step=state.step, version=state.version, step_s=step_s,
+                                elapsed_s=elapsed, issued=self.book.source.position, received=state.received,
+                                dropped=state.dropped, filtered=state.filtered, duplicates=state.duplicates,
+                                invalid=state.invalid, reissued=self.book.reissued,
+                                in_flight=len(self.book.outstanding),
+                                lag_mean=float(np.mean(lags)) if lags else 0.0,
+                                lag_max=max(lags) if lags else 0, groups_per_s=state.received / elapsed,
+                                **metrics)
+            lags.clear()
+            log.info("step %d v%d reward=%.3f loss=%.4f dropped=%d", state.step, state.version,
+                     metrics["reward"], metrics["loss"], state.dropped)
 
-def drain(lc: LearnerConfig, consumer: Consumer, outstanding: OrderedDict[str, None], ready: list, accept,
-          decide, stop: StopFlag) -> None:
-    """After the final step: give every outstanding ticket its fate, so the ledger accounts for all
-    of them. Queued groups and groups arriving within ``lc.drain_timeout_s`` are ``unused``; tickets
-    with no group by then are ``unresolved``."""
-    for group, _ in ready:
-        decide(group, "unused", "the run had all its steps")
-    ready.clear()
-    t0 = time.monotonic()
-    waiting = len(outstanding)
-    while outstanding and time.monotonic() - t0 < lc.drain_timeout_s and not stop:
-        for d in consumer.poll(timeout_ms=lc.poll_timeout_ms):
-            accept(d, draining=True)
-    for tid in list(outstanding):
-        decide({"ticket_id": [tid], "group_id": [""], "prompt_id": [""]}, "unresolved",
-               f"no scored group within learner.drain_timeout_s={lc.drain_timeout_s}")
-    log.info("drained %d outstanding tickets in %.1fs", waiting, time.monotonic() - t0)
+    def run(self, announce_first: bool) -> None:
+        state, lc = self.state, self.lc
+        log.info("learner ready: %d ranks, %s backend, capacity %d groups in flight, lease >= %.0f s, metrics %s",
+                 self.trainer.world_size, lc.backend, self.capacity, lc.lease_floor_s, self.metrics_address)
+        if announce_first:
+            # Versions must keep rising past anything announced before, and rollouts should sample
+            # from these weights at once.
+            state.version = max(state.version, newest_published_version(self.cfg)) + 1
+            self.announce()
+        t_start = time.monotonic()
+        drain_until = None
+        try:
+            while not self.stop:
+                draining = state.step >= lc.total_steps
+                if draining and drain_until is None:
+                    for group, _ in self.ready:
+                        self.decide(group, "unused", "the run had all its steps")
+                    self.ready.clear()
+                    drain_until = time.monotonic() + lc.drain_timeout_s
+                    log.info("final step done: draining %d outstanding tickets (up to %.0f s)",
+                             len(self.book.outstanding), lc.drain_timeout_s)
+                if draining and (not self.book.outstanding or time.monotonic() >= drain_until):
+                    break
+                self.send_tickets(draining)
+                for d in self.consumer.poll(timeout_ms=lc.poll_timeout_ms):
+                    with self.consumer.guard(d):
+                        self.accept(d, draining)
+                self.ledger.flush()
+                self.train_ready(t_start)
+            if drain_until is not None:
+                for tid in list(self.book.outstanding):
+                    self.decide({"ticket_id": [tid], "attempt": [self.book.outstanding[tid].attempt],
+                                 "group_id": [""], "prompt_id": [""]}, "unresolved",
+                                f"no scored group within learner.drain_timeout_s={lc.drain_timeout_s}")
+        finally:
+            self.channel.send(None)
+            self.consumer.close()
+            self.producer.close()
+            self.progress.close()
+            self.ledger.close()
+            log.info("learner stopped at step %d (policy v%d)", state.step, state.version)
 
 
 def observe_step(state: LearnerState, metrics: dict[str, float], step_s: float) -> None:

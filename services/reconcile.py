@@ -31,7 +31,8 @@ def reconcile_run(run_dir: Path) -> tuple[pl.DataFrame, dict[str, int]]:
 def summary_line(totals: dict[str, int]) -> str:
     fates = ", ".join(f"{k[5:]} {v}" for k, v in sorted(totals.items()) if k.startswith("fate_"))
     violations = sum(totals[k] for k in VIOLATIONS)
-    return (f"reconcile: {totals['tickets']} tickets: {fates}; re-issued copies {totals['reissued_copies']}, "
+    return (f"reconcile: {totals['tickets']} tickets: {fates}; re-issued copies {totals['reissued_copies']} "
+            f"({totals['tickets_reissued_on_lease']} tickets issued again when their lease ran out), "
             f"duplicate groups ignored {totals['duplicates_ignored']}; "
             + ("no violations" if violations == 0 else
                "VIOLATIONS " + ", ".join(f"{k} {totals[k]}" for k in VIOLATIONS if totals[k])))

@@ -58,8 +58,9 @@ def run(cfg: RunConfig, worker_index: int = 0) -> None:
 
     def take(deliveries) -> None:
         for d in deliveries:
-            writer.add(d.topic, d.columns, d.partition, d.offset, d.timestamp_ms)
-            rows_by_topic[d.topic] = rows_by_topic.get(d.topic, 0) + num_rows(d.columns)
+            with consumer.guard(d):  # never dies on one record (the topic's own consumer dead-letters it)
+                writer.add(d.topic, d.columns, d.partition, d.offset, d.timestamp_ms)
+                rows_by_topic[d.topic] = rows_by_topic.get(d.topic, 0) + num_rows(d.columns)
         BUFFERED.set(writer.buffered_bytes)
 
     try:

@@ -17,8 +17,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.config import RunConfig
-from pipeline.lake import META_COLUMNS, read_topic
-from pipeline.transport import TOPICS, Producer, ensure_topics, topic_name
+from pipeline.lake import META_COLUMNS, read_topic, upgrade
+from pipeline.transport import POLICY_KEY, TOPICS, Producer, ensure_topics, topic_name
 from schemas import encode_batch, headers_for
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ def run(cfg: RunConfig, lake: Path, topic: str = "scored") -> int:
     df = read_topic(lake, topic)
     if df.is_empty():
         raise ValueError(f"{lake} holds no {topic!r} messages")
+    df = upgrade(df, topic)  # a lake recorded under an older schema version
     kind = TOPICS[topic].kind
     ensure_topics(cfg.kafka, cfg.name)
     producer = Producer(cfg.kafka, client_id=f"{cfg.name}-replay")
@@ -42,7 +43,7 @@ def run(cfg: RunConfig, lake: Path, topic: str = "scored") -> int:
         for i, msg in enumerate(messages, 1):
             table = msg.drop([*META_COLUMNS, "version"]).to_arrow().select(kind.schema.names).cast(kind.schema)
             batch = table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], kind.schema)
-            key = str(msg["prompt_id"][0]).encode() if keyed else None
+            key = str(msg["prompt_id"][0]).encode() if keyed else POLICY_KEY if topic == "policy" else None
             producer.send_raw(dest, encode_batch(kind, batch), headers_for(kind), key=key)
             if time.monotonic() - last >= 5:
                 producer.flush()

@@ -3,19 +3,19 @@
 Loop: poll whole groups from the `trajectories` consumer group, verify every completion against its
 reference answer in the math-verify process pool (a verifier error or timeout is its own
 `verify_status`, never a silent 0), score the groups (pass rate, residual kind), apply the batch to
-the ERPO prompt-history table (`erpo.HistoryStore`, one vectorised update per batch), send one
-ScoredTrajectory message per group and one TemperatureUpdate per changed prompt (key =
-prompt_id), flush; every `erpo.snapshot_every` batches snapshot the table with the consumed offsets, then
-commit those offsets (commits never run ahead of the snapshot).
+the ERPO prompt-history table of each group's partition (`pipeline.erpo_partitions`: a worker
+keeps one table per `trajectories` partition it owns, restored from that partition's snapshot when
+the group assigns it and snapshotted when it is revoked, so several workers never split a
+prompt's history), send one ScoredTrajectory message per group and one TemperatureUpdate per
+changed prompt (key = prompt_id), flush; a partition is snapshotted with its offset every
+`erpo.snapshot_every` batches that touched it, then that offset is committed (commits never run
+ahead of a snapshot).
 
 Every group is checked first (`pipeline.validate`): an invalid one goes to the dead-letter topic
-with its reason and the rest of its message goes on. A group whose ticket this worker has already
-scored (a ticket re-delivered to a second rollout, or re-issued by a resumed learner) is skipped,
-so the ERPO table counts each ticket once; the ids are kept with the snapshot.
-
-On start the service loads the snapshot and seeks to its offsets, so the batches after it are
-applied to the table exactly once more (their scored groups are sent again; the learner ignores
-tickets it has decided).
+with its reason and the rest of its message goes on; a record whose processing raises is
+dead-lettered whole. A group whose (ticket, attempt) this partition has scored already is skipped;
+a later attempt of a ticket is scored and sent (its first attempt's group may have been lost) but
+not applied to the table, so ERPO counts every ticket once.
 
 Metrics (Prometheus, see `services.metrics`): verdicts by status, verification and ERPO update
 latency, groups by residual kind and the residual fractions of the latest batch, reactivations,
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 
 import numpy as np
 import polars as pl
@@ -38,11 +38,13 @@ from prometheus_client.core import GaugeHistogramMetricFamily
 
 from pipeline import erpo
 from pipeline.config import RunConfig
+from pipeline.erpo_partitions import PartitionedHistory, legacy_snapshots
+from pipeline.failpoints import failpoint
 from pipeline.scoring import RESIDUAL_ALL_CORRECT, RESIDUAL_ALL_WRONG, score
-from pipeline.transport import Consumer, Producer, topic_name
+from pipeline.transport import Consumer, Delivery, Producer, topic_name
 from pipeline.verifier import VerifierPool
 from pipeline.validate import check_groups
-from schemas import SCORED_TRAJECTORY, TEMPERATURE_UPDATE, Columns, concat
+from schemas import SCORED_TRAJECTORY, TEMPERATURE_UPDATE, Columns, concat, split_groups
 from services import metrics
 from services.common import JsonlWriter, StopFlag, erpo_rule, worker_id
 
@@ -63,8 +65,10 @@ REACTIVATIONS = PromCounter("rlstream_erpo_reactivations_total",
 TEMP_UPDATES = PromCounter("rlstream_erpo_temperature_updates_total",
                            "Temperature updates sent, by reason.", ["reason"])
 GROUP_FATES = PromCounter("rlstream_reward_groups_total",
-                          "Trajectory groups received, by fate: scored, duplicate (ticket already scored), "
-                          "invalid (dead-lettered).", ["fate"])
+                          "Trajectory groups received, by fate: scored (and applied to ERPO's table), resent (a "
+                          "later attempt of a ticket the table counted: scored and sent only), duplicate (this "
+                          "attempt was scored already), invalid (dead-lettered).", ["fate"])
+PARTITIONS = Gauge("rlstream_reward_partitions", "Trajectory partitions (and their ERPO state) this worker owns.")
 TABLE_PROMPTS = Gauge("rlstream_erpo_table_prompts", "Prompts in the ERPO history table.")
 UPDATE_SECONDS = Histogram("rlstream_erpo_update_seconds", "Time to apply one batch to the ERPO table.",
                            buckets=LATENCY_BUCKETS)
@@ -95,17 +99,11 @@ TEMPERATURES = TemperatureDistribution()
 REGISTRY.register(TEMPERATURES)
 
 
-def group_rows(scored: list[Columns]) -> pl.DataFrame:
-    """One row per scored group (prompt_id, pass_rate, policy_version), in arrival order."""
-    prompt_ids, rates, versions = [], [], []
-    for cols in scored:
-        _, first = np.unique(cols["group_id"], return_index=True)
-        first.sort()
-        prompt_ids += list(cols["prompt_id"][first])
-        rates += cols["group_pass_rate"][first].tolist()
-        versions += cols["policy_version"][first].tolist()
-    return pl.DataFrame({"prompt_id": prompt_ids, "pass_rate": rates, "policy_version": versions},
-                        schema=erpo.GROUP_SCHEMA)
+def group_frame(groups: list[Columns]) -> pl.DataFrame:
+    """One row per scored group (prompt_id, pass_rate, policy_version), in order."""
+    return pl.DataFrame({"prompt_id": [str(g["prompt_id"][0]) for g in groups],
+                         "pass_rate": [float(g["group_pass_rate"][0]) for g in groups],
+                         "policy_version": [int(g["policy_version"][0]) for g in groups]}, schema=erpo.GROUP_SCHEMA)
 
 
 def update_columns(updates: pl.DataFrame, row: int) -> Columns:
@@ -114,133 +112,178 @@ def update_columns(updates: pl.DataFrame, row: int) -> Columns:
     return {name: one[name].to_numpy() for name in erpo.UPDATE_SCHEMA}
 
 
-def run(cfg: RunConfig, worker_index: int = 0) -> None:
-    stop = StopFlag()
-    rc = cfg.reward
-    rule = erpo_rule(cfg)
-    wid = worker_id()
-    producer = Producer(cfg.kafka, client_id=f"{cfg.name}-reward-{wid}")
-    consumer = Consumer(cfg.kafka, cfg.name, ["trajectories"], group_id=f"{cfg.name}.reward",
-                        client_id=f"{cfg.name}-reward-{wid}", deadletter=producer)
-    snapshot_path = cfg.workdir / "erpo" / f"table-{worker_index}.parquet"
-    snap, offsets = erpo.load_snapshot(snapshot_path)
-    store = erpo.HistoryStore(rule, snap)
-    if offsets:
-        consumer.seek(offsets)
-        log.info("resumed ERPO table of %d prompts from %s at %s", len(store), snapshot_path, offsets)
-    # Tickets whose group this worker applied, oldest first: a second group for one of them (a
-    # ticket re-delivered to another rollout, or re-issued by a resumed learner) is not scored
-    # again, so the ERPO table counts every ticket once.
-    seen: OrderedDict[str, None] = OrderedDict.fromkeys(erpo.snapshot_seen_tickets(snapshot_path))
+class Reward:
+    """One reward worker: its consumer, its partitions' ERPO state, the verifier pool."""
 
-    def admit(d) -> list[Columns]:
-        """The valid groups of a delivery whose ticket is new; invalid ones are dead-lettered."""
+    def __init__(self, cfg: RunConfig, worker_index: int) -> None:
+        self.cfg, self.rc = cfg, cfg.reward
+        self.rule = erpo_rule(cfg)
+        self.wid, self.worker_index = worker_id(), worker_index
+        root = cfg.workdir / "erpo"
+        for old in legacy_snapshots(root):
+            log.warning("ignoring %s: ERPO state is kept per partition now (trajectories-p<N>.parquet); partitions "
+                        "without a snapshot are rebuilt from the start of their topic partition", old)
+        self.history = PartitionedHistory(self.rule, root, self.rc.dedup_window, cfg.erpo.snapshot_every)
+        self.producer = Producer(cfg.kafka, client_id=f"{cfg.name}-reward-{self.wid}")
+        self.consumer = Consumer(cfg.kafka, cfg.name, ["trajectories"], group_id=f"{cfg.name}.reward",
+                                 client_id=f"{cfg.name}-reward-{self.wid}", deadletter=self.producer,
+                                 on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self.scored_topic = topic_name(cfg.name, "scored")
+        self.temp_topic = topic_name(cfg.name, "temperature")
+        self.progress = JsonlWriter(cfg.workdir / "progress" / f"reward-{worker_index}.jsonl")
+        self.statuses: Counter[str] = Counter()
+        self.residual: Counter[str] = Counter()
+        self.groups = self.temp_updates = self.reactivations = 0
+
+    def _on_assign(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        seeks = {}
+        for topic, p in partitions:
+            seeks[(topic, p)] = self.history.assign(p).position
+        PARTITIONS.set(len(self.history.parts))
+        return seeks
+
+    def _on_revoke(self, partitions: list[tuple[str, int]]) -> None:
+        """Snapshot the partitions before another member takes them, then commit their offsets."""
+        positions = self.consumer.positions()
+        offsets = {}
+        for key in partitions:
+            p = key[1]
+            if p in self.history.parts:
+                offsets[key] = positions.get(key, self.history.parts[p].position)
+                self.history.save(p, offsets[key])
+                self.history.revoke(p)
+        failpoint("reward.revoke")
+        self.consumer.commit_offsets(offsets)
+        PARTITIONS.set(len(self.history.parts))
+
+    def _snapshot(self, partitions: list[int]) -> None:
+        """Snapshot these partitions at their current positions, then commit exactly those offsets."""
+        positions = self.consumer.positions()
+        offsets = {}
+        for p in partitions:
+            key = ("trajectories", p)
+            if p in self.history.parts and key in positions:
+                self.history.save(p, positions[key])
+                offsets[key] = positions[key]
+        self.consumer.commit_offsets(offsets)
+
+    def score_delivery(self, d: Delivery, pool: VerifierPool) -> list[tuple[Columns, bool]]:
+        """The delivery's valid, not yet scored groups, scored, each with whether it goes into the
+        ERPO table (the ticket's first group); invalid groups are dead-lettered."""
         groups, rejected = check_groups(d.columns)
         for r in rejected:
-            consumer.dead_letter(d, r.columns, r.code, r.reason)
+            self.consumer.dead_letter(d, r.columns, r.code, r.reason)
             GROUP_FATES.labels("invalid").inc()
+        state = self.history.parts[d.partition]
         fresh = []
-        for group in groups:
-            tid = str(group["ticket_id"][0])
-            if tid in seen:
+        for g in groups:
+            key = f"{g['ticket_id'][0]}/{int(g['attempt'][0])}"
+            if key in state.scored:
                 GROUP_FATES.labels("duplicate").inc()
-                continue
-            seen[tid] = None
-            if len(seen) > rc.dedup_window:
-                seen.popitem(last=False)
-            GROUP_FATES.labels("scored").inc()
-            fresh.append(group)
-        return fresh
+            else:
+                fresh.append(g)
+        if not fresh:
+            return []
+        cols = concat(fresh)
+        verdicts = pool.verify(list(zip(cols["completion_text"], cols["answer"])))
+        scored = score(cols, verdicts)
+        batch_statuses = Counter(v.status.value for v in verdicts)
+        self.statuses.update(batch_statuses)
+        for status, n in batch_statuses.items():
+            VERDICTS.labels(status).inc(n)
+        out = []
+        for g in split_groups(scored):
+            fate = self.history.classify(d.partition, str(g["ticket_id"][0]), int(g["attempt"][0]))
+            GROUP_FATES.labels("scored" if fate == "apply" else "resent").inc()
+            out.append((g, fate == "apply"))
+        return out
 
-    def save() -> None:
-        """Snapshot the table with the offsets it covers, then commit exactly those offsets: the
-        group's commits never run ahead of a snapshot, so a worker that restarts (or takes over
-        partitions) without one re-reads from where the table it has stops."""
-        positions = consumer.positions()
-        erpo.snapshot(store.to_frame(), positions, snapshot_path, list(seen))
-        consumer.commit_offsets(positions)
+    def step(self, pool: VerifierPool) -> None:
+        deliveries = self.consumer.poll(timeout_ms=self.rc.poll_timeout_ms)
+        if not deliveries:
+            return
+        t0 = time.monotonic()
+        to_send: list[tuple[Delivery, Columns]] = []
+        to_apply: dict[int, list[Columns]] = {}
+        for d in deliveries:
+            with self.consumer.guard(d):
+                for g, apply in self.score_delivery(d, pool):
+                    to_send.append((d, g))
+                    if apply:
+                        to_apply.setdefault(d.partition, []).append(g)
+        t_erpo = time.monotonic()
+        VERIFY_SECONDS.observe(t_erpo - t0)
+        applied = [self.history.apply(p, group_frame(gs), time.time()) for p, gs in to_apply.items()]
+        updates = [u for u, _ in applied]
+        self.reactivations += sum(r for _, r in applied)
+        REACTIVATIONS.inc(sum(r for _, r in applied))
+        erpo_s = time.monotonic() - t_erpo
+        UPDATE_SECONDS.observe(erpo_s)
+        for d, g in to_send:
+            self.producer.send(self.scored_topic, SCORED_TRAJECTORY, g, key=d.key)
+        for u in updates:
+            for i in range(u.height):
+                self.producer.send(self.temp_topic, TEMPERATURE_UPDATE, update_columns(u, i),
+                                   key=str(u["prompt_id"][i]).encode())
+        self.producer.flush()  # scored groups, temperatures and dead letters
+        failpoint("reward.produced")
+        self.history.processed({d.partition for d in deliveries})
+        due = self.history.due()
+        if due:
+            self._snapshot(due)
+        if to_apply:
+            self.observe([g for gs in to_apply.values() for g in gs], updates, time.monotonic() - t0, erpo_s)
 
-    metrics.serve(cfg, "reward", str(worker_index))
-    reactivated = int(store.column("times_reactivated").sum())
-    progress = JsonlWriter(cfg.workdir / "progress" / f"reward-{worker_index}.jsonl")
-    scored_topic, temp_topic = topic_name(cfg.name, "scored"), topic_name(cfg.name, "temperature")
-    statuses: Counter[str] = Counter()
-    residual: Counter[str] = Counter()
-    groups = batches = temp_updates = 0
-    in_batch = False
-    with VerifierPool(rc.verifier_workers, rc.verify_timeout_s, rc.max_chars) as pool:
-        log.info("reward %s ready: %d verifier workers, timeout %.1fs, ERPO %s", wid,
-                 rc.verifier_workers, rc.verify_timeout_s, "on" if rule.enabled else "off")
-        try:
-            while not stop:
-                deliveries = consumer.poll(timeout_ms=rc.poll_timeout_ms)
-                if not deliveries:
-                    continue
-                t0 = time.monotonic()
-                in_batch = True
-                scored, sources = [], []
-                for d in deliveries:
-                    fresh = admit(d)
-                    if not fresh:
-                        continue
-                    cols = concat(fresh)
-                    verdicts = pool.verify(list(zip(cols["completion_text"], cols["answer"])))
-                    scored.append(score(cols, verdicts))
-                    sources.append(d)
-                    batch_statuses = Counter(v.status.value for v in verdicts)
-                    statuses.update(batch_statuses)
-                    for status, n in batch_statuses.items():
-                        VERDICTS.labels(status).inc(n)
-                if scored:
-                    t_erpo = time.monotonic()
-                    VERIFY_SECONDS.observe(t_erpo - t0)
-                    batch_groups = group_rows(scored)
-                    updates = store.apply(batch_groups, time.time())
-                    erpo_s = time.monotonic() - t_erpo
-                    UPDATE_SECONDS.observe(erpo_s)
-                    for d, cols in zip(sources, scored):
-                        producer.send(scored_topic, SCORED_TRAJECTORY, cols, key=d.key)
-                    for i in range(updates.height):
-                        producer.send(temp_topic, TEMPERATURE_UPDATE, update_columns(updates, i),
-                                      key=str(updates["prompt_id"][i]).encode())
-                producer.flush()  # scored groups, temperatures and dead letters
-                batches += 1
-                if batches % cfg.erpo.snapshot_every == 0:
-                    save()
-                in_batch = False
-                if not scored:  # only duplicates and dead letters
-                    continue
-                groups += batch_groups.height
-                temp_updates += updates.height
-                rates = batch_groups["pass_rate"].to_numpy()
-                kinds = {RESIDUAL_ALL_CORRECT: int((rates >= 1).sum()), RESIDUAL_ALL_WRONG: int((rates <= 0).sum())}
-                kinds["informative"] = rates.size - kinds[RESIDUAL_ALL_CORRECT] - kinds[RESIDUAL_ALL_WRONG]
-                residual.update(kinds)
-                for kind, n in kinds.items():
-                    GROUPS.labels(kind).inc(n)
-                    RESIDUAL_FRACTION.labels(kind).set(n / rates.size)
-                for reason, n in updates["reason"].value_counts().iter_rows():
-                    TEMP_UPDATES.labels(reason).inc(n)
-                now_reactivated = int(store.column("times_reactivated").sum())
-                REACTIVATIONS.inc(now_reactivated - reactivated)
-                reactivated = now_reactivated
-                temps = store.column("temperature")
-                TABLE_PROMPTS.set(len(store))
-                RESIDUAL_PROMPTS.labels(RESIDUAL_ALL_CORRECT).set(int(store.column("was_residual").sum()))
-                RESIDUAL_PROMPTS.labels(RESIDUAL_ALL_WRONG).set(int((store.column("all_wrong_streak") > 0).sum()))
-                TEMPERATURES.refresh(temps)
-                progress.write(groups=groups, batch_s=time.monotonic() - t0, erpo_update_ms=erpo_s * 1000,
-                               statuses=dict(statuses), deadlettered=consumer.stats["deadlettered"],
-                               all_correct_groups=residual[RESIDUAL_ALL_CORRECT],
-                               all_wrong_groups=residual[RESIDUAL_ALL_WRONG],
-                               temperature_updates=temp_updates, table_prompts=len(store),
-                               reactivations=reactivated,
-                               mean_temperature=float(temps.mean()) if temps.size else 0.0,
-                               max_temperature=float(temps.max()) if temps.size else 0.0)
-        finally:
-            if batches and not in_batch:  # never record offsets past results not yet sent
-                save()
-            consumer.close()
-            producer.close()
-            progress.close()
-            log.info("reward %s stopped after %d groups; statuses %s", wid, groups, dict(statuses))
+    def observe(self, applied: list[Columns], updates: list, batch_s: float, erpo_s: float) -> None:
+        batch_groups = group_frame(applied)
+        n_updates = sum(u.height for u in updates)
+        self.groups += batch_groups.height
+        self.temp_updates += n_updates
+        rates = batch_groups["pass_rate"].to_numpy()
+        kinds = {RESIDUAL_ALL_CORRECT: int((rates >= 1).sum()), RESIDUAL_ALL_WRONG: int((rates <= 0).sum())}
+        kinds["informative"] = rates.size - kinds[RESIDUAL_ALL_CORRECT] - kinds[RESIDUAL_ALL_WRONG]
+        self.residual.update(kinds)
+        for kind, n in kinds.items():
+            GROUPS.labels(kind).inc(n)
+            RESIDUAL_FRACTION.labels(kind).set(n / rates.size)
+        for u in updates:
+            for reason, n in u["reason"].value_counts().iter_rows():
+                TEMP_UPDATES.labels(reason).inc(n)
+        temps = self.history.column("temperature")
+        TABLE_PROMPTS.set(len(self.history))
+        RESIDUAL_PROMPTS.labels(RESIDUAL_ALL_CORRECT).set(int(self.history.column("was_residual").sum()))
+        RESIDUAL_PROMPTS.labels(RESIDUAL_ALL_WRONG).set(int((self.history.column("all_wrong_streak") > 0).sum()))
+        TEMPERATURES.refresh(temps)
+        self.progress.write(groups=self.groups, batch_s=batch_s, erpo_update_ms=erpo_s * 1000,
+                            statuses=dict(self.statuses), deadlettered=self.consumer.stats["deadlettered"],
+                            all_correct_groups=self.residual[RESIDUAL_ALL_CORRECT],
+                            all_wrong_groups=self.residual[RESIDUAL_ALL_WRONG],
+                            temperature_updates=self.temp_updates, table_prompts=len(self.history),
+                            partitions=sorted(self.history.parts), reactivations=self.reactivations,
+                            mean_temperature=float(temps.mean()) if temps.size else 0.0,
+                            max_temperature=float(temps.max()) if temps.size else 0.0)
+
+    def run(self) -> None:
+        stop = StopFlag()
+        metrics.serve(self.cfg, "reward", str(self.worker_index))
+        rc = self.rc
+        with VerifierPool(rc.verifier_workers, rc.verify_timeout_s, rc.max_chars) as pool:
+            log.info("reward %s ready: %d verifier workers, timeout %.1fs, ERPO %s", self.wid,
+                     rc.verifier_workers, rc.verify_timeout_s, "on" if self.rule.enabled else "off")
+            finished = False
+            try:
+                while not stop:
+                    self.step(pool)
+                finished = True
+            finally:
+                if finished:  # hand every partition back with its state (never past results not sent)
+                    self._snapshot(sorted(self.history.parts))
+                self.consumer.close()
+                self.producer.close()
+                self.progress.close()
+                log.info("reward %s stopped after %d groups; statuses %s", self.wid, self.groups,
+                         dict(self.statuses))
+
+
+def run(cfg: RunConfig, worker_index: int = 0) -> None:
+    Reward(cfg, worker_index).run()

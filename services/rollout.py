@@ -6,6 +6,14 @@ rollout process); generate G samples per ticket, each prompt at its own temperat
 Trajectory message per group (key = prompt_id), flush (acks), then commit the tickets' offsets. A
 process that dies before the commit leaves its tickets to be re-delivered to another member of the
 group. Weights and temperatures never change during a generate call.
+
+Every record is checked where it enters (`pipeline.validate`): a ticket with a malformed id, an
+empty or over-long prompt (longer than the engine's context allows: that ticket is refused, not its
+batch), a temperature that is NaN, negative or above the engine's range, a policy announcement
+whose folder is not this run's own `policies/v<version>` of regular files matching their hashes
+(`pipeline.weights`) goes to the dead-letter topic with its reason, and the loop goes on. A ticket
+attempt this process already answered is skipped ((ticket, attempt): a re-issued ticket's next
+attempt is generated again, since its previous group may have been lost).
 """
 
 from __future__ import annotations
@@ -13,16 +21,19 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.config import RunConfig
-from pipeline.engine import Sample, TorchEngine
-from pipeline.transport import Consumer, Producer, topic_name
-from pipeline.weights import WeightsError
-from schemas import TRAJECTORY, Columns, Ragged, concat, take
+from pipeline.dedupe import BoundedSet
+from pipeline.engine import Sample, TorchEngine, encode_prompts
+from pipeline.failpoints import failpoint
+from pipeline.transport import Consumer, Delivery, Producer, RecordRejected, topic_name
+from pipeline.validate import Limits, check_message
+from pipeline.weights import PolicyMissing, WeightsError, verify_published
+from schemas import POLICY_UPDATE, PROMPT_TICKET, TEMPERATURE_UPDATE, TRAJECTORY, Columns, Ragged
 from services.common import JsonlWriter, StopFlag, initial_policy_path, set_threads, worker_id
 from services.metrics import serve
 
@@ -53,6 +64,7 @@ def group_columns(samples: list[Sample], ticket: dict, version: int, temperature
         "traj_id": np.array([uuid.uuid4().hex for _ in range(n)], dtype=object),
         "group_id": const(uuid.uuid4().hex),
         "ticket_id": const(ticket["ticket_id"]),
+        "attempt": const(ticket["attempt"], np.int32),
         "prompt_id": const(ticket["prompt_id"]),
         "sample_idx": np.array([s.sample_idx for s in samples], dtype=np.int32),
         "group_size": const(group_size, np.int32),
@@ -69,28 +81,50 @@ def group_columns(samples: list[Sample], ticket: dict, version: int, temperature
     }
 
 
-class PolicyFollower:
-    """Tracks the newest PolicyUpdate on the `policy` topic and loads it into an engine."""
+def _check(consumer: Consumer, d: Delivery, limits: Limits = Limits()) -> None:
+    """Raise `RecordRejected` (inside `consumer.guard`) if the message's values are unusable."""
+    problem = check_message(d.kind, d.columns, limits)
+    if problem is not None:
+        raise RecordRejected(problem.code, problem.message_reason)
 
-    def __init__(self, policies: Consumer) -> None:
+
+class PolicyFollower:
+    """Tracks the newest PolicyUpdate on the `policy` topic and loads it into an engine.
+
+    Only a folder of this run (``root``/v<version>) that passes `verify_published` is loaded; an
+    announcement that fails is dead-lettered and the next newest is tried, so a forged "version
+    10^9" cannot stop a rollout from following the learner. A folder that is gone (pruned) is
+    skipped with a warning."""
+
+    def __init__(self, policies: Consumer, root: Path) -> None:
         self._policies = policies
-        self.latest: dict | None = None
+        self._root = root
+        self._pending: list[tuple[int, Delivery]] = []
 
     def refresh(self, engine, timeout_ms: int = 0) -> None:
-        """Load the newest announced weights if newer than the engine's (hash checked first)."""
+        """Load the newest announced weights if newer than the engine's (hashes checked first)."""
         for d in self._policies.poll(timeout_ms=timeout_ms):
-            i = int(np.argmax(d.columns["version"]))
-            if self.latest is None or int(d.columns["version"][i]) > self.latest["version"]:
-                self.latest = {k: d.columns[k][i] for k in ("version", "uri", "sha256")}
-                self.latest["version"] = int(self.latest["version"])
-        if self.latest is None or self.latest["version"] <= engine.version:
-            return
-        try:
-            t0 = time.monotonic()
-            engine.load_published(self.latest["uri"], self.latest["sha256"], self.latest["version"])
-            log.debug("loaded policy v%d in %.3fs", engine.version, time.monotonic() - t0)
-        except WeightsError as e:
-            log.warning("skipping policy v%d: %s", self.latest["version"], e)
+            with self._policies.guard(d):
+                _check(self._policies, d)
+                self._pending.append((int(d.columns["version"][0]), d))
+        self._pending.sort(key=lambda vd: vd[0], reverse=True)
+        while self._pending and self._pending[0][0] > engine.version:
+            version, d = self._pending.pop(0)
+            uri, sha = str(d.columns["uri"][0]), str(d.columns["sha256"][0])
+            try:
+                t0 = time.monotonic()
+                files = verify_published(uri, sha, self._root, version)
+                engine.load_files(files, version)
+                log.debug("loaded policy v%d in %.3fs", version, time.monotonic() - t0)
+                break
+            except PolicyMissing as e:
+                log.warning("skipping policy v%d: %s", version, e)
+            except (WeightsError, OSError, ValueError, RuntimeError) as e:
+                self._policies.reject(d, "bad_weights", f"bad_weights: policy v{version}: {type(e).__name__}: {e}")
+        self._pending = [vd for vd in self._pending if vd[0] > engine.version]
+
+    def close(self) -> None:
+        self._policies.close()
 
 
 class TemperatureFollower:
@@ -109,8 +143,10 @@ class TemperatureFollower:
             if not deliveries:
                 break
             for d in deliveries:
-                self.temperatures.update(zip(d.columns["prompt_id"], d.columns["temperature"].tolist()))
-                n += len(d.columns["prompt_id"])
+                with self._consumer.guard(d):
+                    _check(self._consumer, d)
+                    self.temperatures.update(zip(d.columns["prompt_id"], d.columns["temperature"].tolist()))
+                    n += len(d.columns["prompt_id"])
         return n
 
     def catch_up(self, idle_ms: int = 500) -> None:
@@ -127,99 +163,151 @@ class TemperatureFollower:
         self._consumer.close()
 
 
-def run(cfg: RunConfig, worker_index: int = 0) -> None:
-    stop = StopFlag()
-    rc = cfg.rollout
-    set_threads(rc.torch_threads)
-    from pipeline.model import load_policy
+TICKET_FIELDS = ("ticket_id", "attempt", "prompt_id", "text", "answer")
 
-    policy_path = initial_policy_path(cfg)
-    model, tokenizer = load_policy(policy_path)
-    engine_name = rc.engine
-    if engine_name == "vllm":
-        from pipeline.engine_vllm import VllmEngine
 
-        del model
-        # In process on CPU, on the `torch_threads` set above (see pipeline/engine_vllm.py).
-        engine = VllmEngine(policy_path, tokenizer, rc.max_new_tokens, seed=rc.seed + worker_index, version=0,
-                            dtype=rc.dtype)
-    else:
-        engine = TorchEngine(model, tokenizer, rc.max_new_tokens, seed=rc.seed + worker_index, version=0)
-    wid = worker_id()
-    producer = Producer(cfg.kafka, client_id=f"{cfg.name}-rollout-{wid}")
-    tickets = Consumer(cfg.kafka, cfg.name, ["prompts"], group_id=f"{cfg.name}.rollout",
-                       client_id=f"{cfg.name}-rollout-{wid}", deadletter=producer)
-    policies = Consumer(cfg.kafka, cfg.name, ["policy"], group_id=None,
-                        client_id=f"{cfg.name}-rollout-policy-{wid}", deadletter=None)
-    follower = PolicyFollower(policies)
-    temperatures = TemperatureFollower(
-        Consumer(cfg.kafka, cfg.name, ["temperature"], group_id=None,
-                 client_id=f"{cfg.name}-rollout-temperature-{wid}", deadletter=None),
-        default=cfg.erpo.tau0)
-    progress = JsonlWriter(cfg.workdir / "progress" / f"rollout-{worker_index}.jsonl")
-    serve(cfg, "rollout", str(worker_index))
-    out_topic = topic_name(cfg.name, "trajectories")
-    groups = tokens = 0
-    done: OrderedDict[str, None] = OrderedDict()  # tickets answered by this process, oldest first
-    # A (re)started rollout first catches up on announced temperatures and weights.
-    temperatures.catch_up()
-    follower.refresh(engine, timeout_ms=500)
-    log.info("rollout %s ready: engine=%s G=%d policy v%d, %d prompt temperatures", wid, engine_name,
-             rc.group_size, engine.version, len(temperatures.temperatures))
-    try:
-        while not stop:
-            deliveries = tickets.poll(timeout_ms=rc.poll_timeout_ms, max_records=rc.max_prompts_per_batch)
-            if not deliveries:
+class Rollout:
+    """One rollout worker: its engine, consumers and the tickets it has answered."""
+
+    def __init__(self, cfg: RunConfig, worker_index: int) -> None:
+        rc = self.rc = cfg.rollout
+        self.cfg = cfg
+        self.stop = StopFlag()
+        set_threads(rc.torch_threads)
+        from pipeline.model import load_policy
+
+        policy_path = initial_policy_path(cfg)
+        model, tokenizer = load_policy(policy_path)
+        self.tokenizer = tokenizer
+        if rc.engine == "vllm":
+            from pipeline.engine_vllm import VllmEngine
+
+            del model
+            # In process on CPU, on the `torch_threads` set above (see pipeline/engine_vllm.py).
+            self.engine = VllmEngine(policy_path, tokenizer, rc.max_new_tokens, seed=rc.seed + worker_index,
+                                     version=0, dtype=rc.dtype)
+        else:
+            self.engine = TorchEngine(model, tokenizer, rc.max_new_tokens, seed=rc.seed + worker_index, version=0)
+        self.wid = wid = worker_id()
+        self.producer = Producer(cfg.kafka, client_id=f"{cfg.name}-rollout-{wid}")
+        self.tickets = Consumer(cfg.kafka, cfg.name, ["prompts"], group_id=f"{cfg.name}.rollout",
+                                client_id=f"{cfg.name}-rollout-{wid}", deadletter=self.producer)
+        self.follower = PolicyFollower(
+            Consumer(cfg.kafka, cfg.name, ["policy"], group_id=None, client_id=f"{cfg.name}-rollout-policy-{wid}",
+                     deadletter=self.producer),
+            cfg.workdir / "policies")
+        self.temperatures = TemperatureFollower(
+            Consumer(cfg.kafka, cfg.name, ["temperature"], group_id=None,
+                     client_id=f"{cfg.name}-rollout-temperature-{wid}", deadletter=self.producer),
+            default=cfg.erpo.tau0)
+        self.limits = Limits(max_chars=rc.max_prompt_chars)
+        self.progress = JsonlWriter(cfg.workdir / "progress" / f"rollout-{worker_index}.jsonl")
+        serve(cfg, "rollout", str(worker_index))
+        self.out_topic = topic_name(cfg.name, "trajectories")
+        self.done = BoundedSet(DONE_WINDOW)
+        """(ticket, attempt) answered by this process."""
+        self.groups = self.tokens = 0
+
+    def admit(self, deliveries: list[Delivery]) -> list[tuple[Delivery, dict]]:
+        """The tickets to generate, each with its delivery; bad ones are dead-lettered, attempts
+        answered already skipped."""
+        out = []
+        for d in deliveries:
+            with self.tickets.guard(d):
+                _check(self.tickets, d, self.limits)
+                rows = [{k: d.columns[k][i] for k in TICKET_FIELDS} for i in range(len(d.columns["ticket_id"]))]
+                lengths = [len(ids) for ids in encode_prompts(self.tokenizer, [r["text"] for r in rows])]
+                if max(lengths) > self.engine.max_prompt_tokens:
+                    raise RecordRejected("prompt_too_long",
+                                         f"invalid_message: prompt_too_long: {max(lengths)} prompt tokens; this engine "
+                                         f"takes at most {self.engine.max_prompt_tokens} (context - max_new_tokens)")
+                for r in rows:
+                    if (r["ticket_id"], int(r["attempt"])) in self.done:
+                        # Its group is on the broker already: a copy re-delivered after a rebalance.
+                        SKIPPED.inc()
+                        continue
+                    out.append((d, r))
+        return out
+
+    def generate(self, batch: list[tuple[Delivery, dict]], temps: list[float]) -> list[list[Sample]]:
+        """G samples per ticket, grouped by ticket. If the batch's engine call fails, each ticket
+        is generated alone and the one that fails is dead-lettered (an empty list in its place)."""
+        n = len(batch)
+        by_ticket: list[list[Sample]] = [[] for _ in range(n)]
+        try:
+            samples = self.engine.generate([r["text"] for _, r in batch], temps, self.rc.group_size)
+        except Exception:  # noqa: BLE001 -- find the ticket that breaks the engine
+            log.exception("generate failed on a batch of %d tickets; generating them one by one", n)
+            for i, ((d, r), t) in enumerate(zip(batch, temps)):
+                with self.tickets.guard(d):
+                    by_ticket[i] = self.engine.generate([r["text"]], [t], self.rc.group_size)
+            return by_ticket
+        for s in samples:
+            by_ticket[s.prompt_index].append(s)
+        return by_ticket
+
+    def step(self) -> None:
+        """One poll, generate, produce, commit."""
+        rc = self.rc
+        deliveries = self.tickets.poll(timeout_ms=rc.poll_timeout_ms, max_records=rc.max_prompts_per_batch)
+        if not deliveries:
+            return
+        # Take the newest announced policy just before generating, so samples are as fresh as
+        # possible; weights never change during a generate call.
+        self.follower.refresh(self.engine)
+        self.temperatures.refresh()
+        batch = self.admit(deliveries)
+        if not batch:
+            self.producer.flush()  # dead letters
+            self.tickets.commit()
+            return
+        temps = self.temperatures.lookup([r["prompt_id"] for _, r in batch])
+        t0 = time.monotonic()
+        by_ticket = self.generate(batch, temps)
+        gen_s = time.monotonic() - t0
+        now = time.time()
+        produced, new_tokens = 0, 0
+        for (d, r), t, group in zip(batch, temps, by_ticket):
+            if not group:
                 continue
-            # Take the newest announced policy just before generating, so samples are as fresh
-            # as possible; weights never change during a generate call.
-            follower.refresh(engine)
-            temperatures.refresh()
-            batch = concat([d.columns for d in deliveries])
-            fresh = np.array([t not in done for t in batch["ticket_id"]], dtype=bool)
-            if not fresh.all():
-                # A ticket this process already answered (its group is on the broker): a copy
-                # re-issued by a resumed learner. The reward service would skip it anyway.
-                SKIPPED.inc(int((~fresh).sum()))
-                batch = take(batch, np.flatnonzero(fresh))
-                if not fresh.any():
-                    tickets.commit()
-                    continue
-            n = len(batch["ticket_id"])
-            temps = temperatures.lookup(batch["prompt_id"])
-            t0 = time.monotonic()
-            samples = engine.generate(list(batch["text"]), temps, rc.group_size)
-            gen_s = time.monotonic() - t0
-            now = time.time()
-            by_prompt: list[list[Sample]] = [[] for _ in range(n)]
-            for s in samples:
-                by_prompt[s.prompt_index].append(s)
-            for i, group in enumerate(by_prompt):
-                ticket = {k: batch[k][i] for k in ("ticket_id", "prompt_id", "text", "answer")}
-                cols = group_columns(group, ticket, engine.version, temps[i], rc.group_size, now)
-                producer.send(out_topic, TRAJECTORY, cols, key=str(ticket["prompt_id"]).encode())
-            producer.flush()
-            tickets.commit()
-            for t in batch["ticket_id"]:
-                done[t] = None
-                if len(done) > DONE_WINDOW:
-                    done.popitem(last=False)
-            groups += n
-            new_tokens = sum(len(s.completion_token_ids) for s in samples)
-            tokens += new_tokens
-            GEN_SECONDS.observe(gen_s)
-            TOKENS.inc(new_tokens)
-            GROUPS.inc(n)
-            POLICY_VERSION.set(engine.version)
-            BATCH_PROMPTS.set(n)
-            for t in temps:
-                SAMPLE_TEMPERATURE.observe(t)
-            progress.write(groups=groups, tokens=tokens, policy_version=engine.version,
-                           batch_groups=n, gen_s=gen_s, tok_per_s=new_tokens / max(gen_s, 1e-9))
-    finally:
-        tickets.close()
-        policies.close()
-        temperatures.close()
-        producer.close()
-        progress.close()
-        log.info("rollout %s stopped after %d groups", wid, groups)
+            cols = group_columns(group, r, self.engine.version, t, rc.group_size, now)
+            self.producer.send(self.out_topic, TRAJECTORY, cols, key=str(r["prompt_id"]).encode())
+            produced += 1
+            new_tokens += sum(len(s.completion_token_ids) for s in group)
+        self.producer.flush()
+        failpoint("rollout.produced")
+        self.tickets.commit()
+        for _, r in batch:
+            self.done.add((r["ticket_id"], int(r["attempt"])))
+        self.groups += produced
+        self.tokens += new_tokens
+        GEN_SECONDS.observe(gen_s)
+        TOKENS.inc(new_tokens)
+        GROUPS.inc(produced)
+        POLICY_VERSION.set(self.engine.version)
+        BATCH_PROMPTS.set(len(batch))
+        for t in temps:
+            SAMPLE_TEMPERATURE.observe(t)
+        self.progress.write(groups=self.groups, tokens=self.tokens, policy_version=self.engine.version,
+                            batch_groups=produced, gen_s=gen_s, tok_per_s=new_tokens / max(gen_s, 1e-9))
+
+    def run(self) -> None:
+        # A (re)started rollout first catches up on announced temperatures and weights.
+        self.temperatures.catch_up()
+        self.follower.refresh(self.engine, timeout_ms=500)
+        log.info("rollout %s ready: engine=%s G=%d policy v%d, %d prompt temperatures", self.wid, self.rc.engine,
+                 self.rc.group_size, self.engine.version, len(self.temperatures.temperatures))
+        try:
+            while not self.stop:
+                self.step()
+        finally:
+            self.tickets.close()
+            self.follower.close()
+            self.temperatures.close()
+            self.producer.close()
+            self.progress.close()
+            log.info("rollout %s stopped after %d groups", self.wid, self.groups)
+
+
+def run(cfg: RunConfig, worker_index: int = 0) -> None:
+    Rollout(cfg, worker_index).run()

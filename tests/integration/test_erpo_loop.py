@@ -1,13 +1,15 @@
 """ERPO across processes over the real broker.
 
 - The reward service, fed all-correct groups of one prompt, emits rising temperatures for it.
-- Killed with SIGKILL mid-stream and restarted, it resumes from its Parquet snapshot and ends with
-  the same table as the rule applied once to every group (nothing applied twice, nothing skipped).
+- Killed with SIGKILL mid-stream and restarted, it resumes from its partitions' Parquet snapshots and
+  ends with the same table as the rule applied once to every group (nothing applied twice, nothing
+  skipped).
 - A rollout process samples each prompt at the temperature last announced for it.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -23,7 +25,9 @@ import pytest
 
 import torch
 
+from factories import ticket
 from pipeline import erpo
+from pipeline.erpo_partitions import load_tables
 from pipeline.engine import pack, token_logprobs
 from pipeline.model import load_policy
 from pipeline.transport import Consumer, Producer, ensure_topics, topic_name
@@ -44,12 +48,16 @@ def _sets(run: str, workdir: Path, bootstrap: str, extra: dict[str, str] | None 
     return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
 
 
+_TICKETS = itertools.count()
+
+
 def _group(prompt_id: str, answer: str, completions: list[str], version: int = 0) -> dict:
     n = len(completions)
     obj = lambda v: np.array([v] * n, dtype=object)  # noqa: E731
     return {
         "traj_id": np.array([uuid.uuid4().hex for _ in range(n)], dtype=object),
-        "group_id": obj(uuid.uuid4().hex), "ticket_id": obj(uuid.uuid4().hex), "prompt_id": obj(prompt_id),
+        "group_id": obj(uuid.uuid4().hex), "ticket_id": obj(f"e0-{next(_TICKETS):06d}"),
+        "attempt": np.zeros(n, dtype=np.int32), "prompt_id": obj(prompt_id),
         "sample_idx": np.arange(n, dtype=np.int32), "group_size": np.full(n, n, dtype=np.int32),
         "policy_version": np.full(n, version, dtype=np.int64), "temperature": np.ones(n, dtype=np.float32),
         "prompt_text": obj("1+1="), "prompt_token_ids": Ragged.from_list([[1, 5, 6]] * n, np.int32),
@@ -129,8 +137,8 @@ def test_reward_raises_temperatures_and_resumes_from_its_snapshot(kafka_cfg, run
 
     rule = erpo_rule(RunConfig())
     expected, _ = erpo.reference_update({}, [(p, r, 0) for p, r in stream], rule, now=0.0)
-    table, _ = erpo.load_snapshot(tmp_path / "erpo" / "table-0.parquet")
-    got = erpo.to_dict_table(table)
+    table = load_tables(tmp_path / "erpo")  # one snapshot per partition the prompts fell in
+    got = erpo.to_dict_table(table.drop("partition"))
     assert sorted(got) == ["easy", "mixed"]
     for pid in got:
         for col in ("times_seen", "pass_rates", "all_correct_streak", "times_residual", "times_reactivated"):
@@ -185,13 +193,9 @@ def test_rollout_samples_each_prompt_at_its_announced_temperature(kafka_cfg, run
     rollout = _start("rollout", sets, tmp_path / "rollout.log")
     try:
         time.sleep(1.0)
-        for pid in ("hot", "cold", "new"):
-            producer.send(topic_name(run_name, "prompts"), PROMPT_TICKET, {
-                "ticket_id": np.array([uuid.uuid4().hex], dtype=object), "prompt_id": np.array([pid], dtype=object),
-                "text": np.array(["3+4="], dtype=object), "answer": np.array(["7"], dtype=object),
-                "epoch": np.array([0], dtype=np.int32), "issued_version": np.array([0], dtype=np.int64),
-                "issued_at": np.array([0.0]),
-            }, key=pid.encode())
+        for i, pid in enumerate(("hot", "cold", "new")):
+            producer.send(topic_name(run_name, "prompts"), PROMPT_TICKET,
+                          ticket(f"e0-{i:06d}", pid, text="3+4=", answer="7"), key=pid.encode())
         producer.flush()
         groups = _wait_for(kafka_cfg, run_name, "trajectories", 3, timeout_s=180)
     finally:

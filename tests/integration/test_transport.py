@@ -38,6 +38,7 @@ def trajectories(tag: str, n: int = 2) -> Columns:
         "traj_id": np.array([f"{tag}-{i}" for i in range(n)], dtype=object),
         "group_id": s(f"g-{tag}"),
         "ticket_id": s(f"t-{tag}"),
+        "attempt": np.zeros(n, dtype=np.int32),
         "prompt_id": s(f"p-{tag}"),
         "sample_idx": np.arange(n, dtype=np.int32),
         "group_size": np.full(n, n, dtype=np.int32),
@@ -173,7 +174,7 @@ def test_undecodable_records_go_to_deadletter_and_consumption_continues(kafka_cf
     assert all(r["source_topic"] == topic and r["source_partition"] == partition for r in rows)
     assert rows[0]["reason"].startswith("undecodable: ")
     assert rows[0]["payload"] == garbage
-    assert (rows[0]["schema_header"], rows[0]["schema_version_header"]) == ("Trajectory", "1")
+    assert (rows[0]["schema_header"], rows[0]["schema_version_header"]) == ("Trajectory", str(TRAJECTORY.version))
     assert rows[1]["reason"].startswith("unknown_version: ")
     assert rows[1]["payload"] == good_payload
     assert (rows[1]["schema_header"], rows[1]["schema_version_header"]) == ("Trajectory", "99")
@@ -208,6 +209,8 @@ def test_without_group_every_partition_is_read_from_the_beginning(kafka_cfg: Kaf
 
 @pytest.mark.parametrize("group", [False, True])
 def test_seek_restores_positions(kafka_cfg: KafkaConfig, run_name: str, group: bool) -> None:
+    """Without a group a consumer seeks itself; a group member continues where `on_assign` says
+    (how a service restores partition state) and tells `on_revoke` what it hands back."""
     ensure_topics(kafka_cfg, run_name)
     producer = Producer(kafka_cfg, "test-learner")
     topic = topic_name(run_name, "trajectories")
@@ -217,15 +220,99 @@ def test_seek_restores_positions(kafka_cfg: KafkaConfig, run_name: str, group: b
     partition = producer.send(topic, TRAJECTORY, trajectories("s5", n=1), key=b"k").get(timeout=10).partition
     producer.flush()
 
+    revoked = []
+    hooks = dict(on_assign=lambda parts: {p: 4 for p in parts if p == ("trajectories", partition)},
+                 on_revoke=revoked.extend) if group else {}
     consumer = Consumer(
-        kafka_cfg, run_name, ["trajectories"], f"{run_name}-g" if group else None, "reader", deadletter=None
+        kafka_cfg, run_name, ["trajectories"], f"{run_name}-g" if group else None, "reader", deadletter=None, **hooks
     )
-    consumer.seek({("trajectories", partition): 4})
+    if not group:
+        consumer.seek({("trajectories", partition): 4})
     got = poll_until(consumer, 2)
     assert traj_tags(got) == ["s4-0", "s5-0"]
     assert consumer.positions() == {("trajectories", partition): 6}
     consumer.close()
     producer.close()
+
+
+def test_records_the_client_cannot_read_are_dead_lettered_and_skipped(kafka_cfg: KafkaConfig, run_name: str) -> None:
+    """A corrupt batch, a codec whose library is missing, a header key that is not UTF-8: kafka-python
+    raises at the same offset on every poll. The consumer finds the partition, dead-letters the
+    offset with the reason and goes on; records around them arrive."""
+    from kafka import KafkaProducer
+
+    from hostile import UNREADABLE, send_unreadable
+
+    ensure_topics(kafka_cfg, run_name, partitions={"trajectories": 2})
+    topic = topic_name(run_name, "trajectories")
+    raw = KafkaProducer(bootstrap_servers=kafka_cfg.bootstrap_servers, linger_ms=0)
+    good = encode(TRAJECTORY, trajectories("g", n=1))
+    sent, bad = [], {}
+    for i, kind in enumerate(UNREADABLE):
+        sent.append(raw.send(topic, value=good, key=b"k", headers=headers_for(TRAJECTORY)).get(timeout=10))
+        meta = send_unreadable(raw, topic, kind, good, headers_for(TRAJECTORY), key=b"k")
+        bad[(meta.partition, meta.offset)] = kind
+    sent.append(raw.send(topic, value=good, key=b"other", headers=headers_for(TRAJECTORY)).get(timeout=10))
+    raw.flush()
+    raw.close()
+    dlq = Producer(kafka_cfg, "dlq")
+    consumer = Consumer(kafka_cfg, run_name, ["trajectories"], f"{run_name}-g", "reader", deadletter=dlq)
+    got = poll_until(consumer, len(sent), timeout_s=60)
+    assert sorted((d.partition, d.offset) for d in got) == sorted((m.partition, m.offset) for m in sent)
+    assert consumer.stats["deadlettered"] == len(UNREADABLE)
+    dead = Consumer(kafka_cfg, run_name, ["deadletter"], None, "dlq-reader", deadletter=None)
+    letters = poll_until(dead, len(UNREADABLE))
+    found = {(int(d.columns["source_partition"][0]), int(d.columns["source_offset"][0])): d.columns["reason"][0]
+             for d in letters}
+    assert set(found) == set(bad)
+    assert all(r.startswith("unreadable_record: ") for r in found.values()), found
+    assert all(d.columns["payload_bytes"][0] == -1 for d in letters)
+    for c in (consumer, dead):
+        c.close()
+    dlq.close()
+
+
+def test_a_record_that_breaks_processing_is_dead_lettered_whole_and_cut_to_fit(kafka_cfg: KafkaConfig,
+                                                                               run_name: str) -> None:
+    """`guard`: whatever one record's processing raises sends that record to the dead letters (its
+    bytes cut to fit a request, with the whole size and sha256) and the loop goes on."""
+    import hashlib
+
+    cfg = kafka_cfg.model_copy(update={"max_message_bytes": 300_000})
+    ensure_topics(cfg, run_name)
+    producer = Producer(cfg, "p")
+    topic = topic_name(run_name, "trajectories")
+    big = trajectories("big", n=1)
+    big["completion_text"] = np.array(["x" * 250_000], dtype=object)
+    for cols in (trajectories("a", n=1), big, trajectories("b", n=1)):
+        producer.send(topic, TRAJECTORY, cols, key=b"k")
+    producer.flush()
+    consumer = Consumer(cfg, run_name, ["trajectories"], f"{run_name}-g", "reader", deadletter=producer)
+    seen = []
+    for d in poll_until(consumer, 3):
+        with consumer.guard(d):
+            if d.columns["traj_id"][0] == "big-0":
+                raise ZeroDivisionError("the service's own bug")
+            seen.append(d.columns["traj_id"][0])
+    producer.flush()
+    assert seen == ["a-0", "b-0"]
+    dead = Consumer(cfg, run_name, ["deadletter"], None, "dlq-reader", deadletter=None)
+    [letter] = poll_until(dead, 1)
+    original = [d for d in got_values(cfg, run_name) if len(d) > 200_000][0]
+    row = {k: v[0] for k, v in letter.columns.items()}
+    assert row["reason"].startswith("apply_failed: ZeroDivisionError: the service's own bug")
+    assert row["payload_bytes"] == len(original) > len(row["payload"]) > 0
+    assert row["payload_sha256"] == hashlib.sha256(original).hexdigest() and original.startswith(row["payload"])
+    for c in (consumer, dead):
+        c.close()
+    producer.close()
+
+
+def got_values(cfg: KafkaConfig, run: str) -> list[bytes]:
+    reader = Consumer(cfg, run, ["trajectories"], None, "values", deadletter=None)
+    values = [d.value for d in poll_until(reader, 3)]
+    reader.close()
+    return values
 
 
 def test_producer_refuses_a_kind_on_the_wrong_topic(kafka_cfg: KafkaConfig, run_name: str) -> None:

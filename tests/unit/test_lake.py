@@ -16,7 +16,8 @@ def _policy(version: int) -> dict:
 
 
 def _ticket(i: int, version: int) -> dict:
-    return {"ticket_id": np.array([f"t{i}"], object), "prompt_id": np.array([f"p{i % 3}"], object),
+    return {"ticket_id": np.array([f"t{i}"], object), "attempt": np.array([0], np.int32),
+            "prompt_id": np.array([f"p{i % 3}"], object),
             "text": np.array(["1+1="], object), "answer": np.array(["2"], object), "epoch": np.array([0], np.int32),
             "issued_version": np.array([version], np.int64), "issued_at": np.array([0.0])}
 

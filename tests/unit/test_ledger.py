@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import re
 
 import polars as pl
 
 from pipeline.ledger import LEDGER_SCHEMA, Ledger, read_ledger, reconcile
-from pipeline.tasks import Problem
-from services.learner import IssueLog, TicketSource
 
 
 def _rows(pairs):
@@ -17,7 +14,7 @@ def _rows(pairs):
 
 
 def _ledger(rows):
-    return pl.DataFrame([dict(step=s, ticket_id=t, group_id="g", prompt_id="p", fate=f, reason="", lag=0)
+    return pl.DataFrame([dict(step=s, ticket_id=t, attempt=0, group_id="g", prompt_id="p", fate=f, reason="", lag=0)
                          for s, t, f in rows], schema=LEDGER_SCHEMA)
 
 
@@ -55,21 +52,21 @@ def test_ledger_truncate_keeps_the_surviving_history(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
 
 
-def test_ticket_ids_are_positions_and_reissue_the_same_prompts(tmp_path):
-    problems = [Problem(f"p{i}", f"{i}+0=", str(i)) for i in range(5)]
-    a, b = TicketSource(problems, seed=3), TicketSource(problems, seed=3)
-    first = [a.next() for _ in range(12)]
-    assert all(re.fullmatch(r"e\d+-\d{6}", t) for _, _, t in first)
-    assert len({t for _, _, t in first}) == 12
-    assert sorted(p.prompt_id for p, _, _ in first[:5]) == [f"p{i}" for i in range(5)]  # a permutation
-    assert [e for _, e, _ in first] == [0] * 5 + [1] * 5 + [2] * 2
-    b.position = 7  # a resumed learner picks up at its position: same ids, same prompts
-    assert [b.next() for _ in range(5)] == first[7:12]
-    for k, (p, _, tid) in enumerate(first):
-        assert a.position_of(tid, p.prompt_id) == k
-    assert a.position_of(first[0][2], "p-other") is None  # the id does not carry that prompt
-    assert a.position_of("e0-999999", "p0") is None and a.position_of("garbage", "p0") is None
-    log = IssueLog(tmp_path / "issued.json")
-    assert log.read() == 0
-    log.write(12)
-    assert IssueLog(tmp_path / "issued.json").read() == 12
+def test_reconcile_shows_attempts_and_reads_lakes_from_before_leases():
+    tickets = pl.DataFrame({"ticket_id": ["a", "b", "b", "b"], "attempt": [0, 0, 1, 2], "group_id": [None] * 4})
+    traj = _rows([("a", "ga"), ("b", "gb2")])
+    ledger = _ledger([(1, "a", "trained"), (1, "b", "trained")])
+    table, totals = reconcile(tickets, traj, traj, ledger)
+    assert table.filter(pl.col("ticket_id") == "b")["attempts"].to_list() == [3]
+    assert totals["tickets_reissued_on_lease"] == 1 and totals["lease_attempts"] == 2
+    assert totals["reissued_copies"] == 2
+    # A lake recorded before tickets had attempts: every ticket counts one attempt.
+    _, old = reconcile(tickets.drop("attempt"), traj, traj, ledger)
+    assert old["tickets_reissued_on_lease"] == 0 and old["lease_attempts"] == 0
+
+
+def test_ledgers_before_leases_read_as_attempt_zero(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    path.write_text('{"step":1,"ticket_id":"e0-000001","group_id":"g","prompt_id":"p","fate":"trained",'
+                    '"reason":"","lag":0}\n')
+    assert read_ledger(path)["attempt"].to_list() == [0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -43,6 +45,7 @@ def _trajectory_columns() -> Columns:
         "traj_id": _s("a1" * 16, "b2" * 16, "c3" * 16, "d4" * 16),
         "group_id": _s("g0", "g0", "g1", "g1"),
         "ticket_id": _s("t0", "t0", "t1", "t1"),
+        "attempt": np.array([0, 0, 2, 2], dtype=np.int32),
         "prompt_id": _s("gsm8k-12", "gsm8k-12", "math500-7", "math500-7"),
         "sample_idx": np.array([0, 1, 0, 1], dtype=np.int32),
         "group_size": np.array([2, 2, 2, 2], dtype=np.int32),
@@ -73,6 +76,7 @@ def _scored_columns() -> Columns:
 COLUMNS: dict[str, Columns] = {
     "PromptTicket": {
         "ticket_id": _s("0f" * 16, "1e" * 16),
+        "attempt": np.array([0, 3], dtype=np.int32),
         "prompt_id": _s("gsm8k-12", "math500-7"),
         "text": _s("What is 2+2?", "Résous x² = 4"),
         "answer": _s("4", "\\pm 2"),
@@ -108,6 +112,8 @@ COLUMNS: dict[str, Columns] = {
         "schema_header": _s("Trajectory", None),
         "schema_version_header": _s("1", None),
         "payload": np.array([b"\x00\xffgarbage", b""], dtype=object),
+        "payload_bytes": np.array([9, 1 << 26], dtype=np.int64),
+        "payload_sha256": _s("cd" * 32, "ef" * 32),
         "dead_at": np.array([1.7e9, 1.7e9 + 1], dtype=np.float64),
     },
 }
@@ -161,11 +167,24 @@ def test_round_trip_every_kind(name: str) -> None:
     assert decode(None, payload, headers_for(kind))[0] is kind
 
 
-def test_round_trip_zero_rows() -> None:
+def test_zero_rows_encode_but_do_not_decode() -> None:
+    # No producer sends an empty message; a consumer given one (a PolicyUpdate with no rows once
+    # crashed the rollout on argmax of nothing) rejects it as `empty`.
     cols = take(COLUMNS["Trajectory"], np.array([], dtype=np.int64))
-    _, got = decode(TRAJECTORY, encode(TRAJECTORY, cols), headers_for(TRAJECTORY))
-    assert num_rows(got) == 0
-    assert len(got["completion_token_ids"]) == 0
+    payload = encode(TRAJECTORY, cols)
+    assert _reason(TRAJECTORY, payload, headers_for(TRAJECTORY)) == "empty"
+    empty_policy = take(COLUMNS["PolicyUpdate"], np.array([], dtype=np.int64))
+    assert _reason(POLICY_UPDATE, encode(POLICY_UPDATE, empty_policy), headers_for(POLICY_UPDATE)) == "empty"
+
+
+def test_list_offsets_outside_their_values_are_invalid_arrow() -> None:
+    # Reading an IPC stream checks its framing only: offsets past the values buffer decode and
+    # would read foreign memory later; the full validation rejects them.
+    payload = encode(TRAJECTORY, COLUMNS["Trajectory"])
+    offsets = struct.pack("<5i", 0, 5, 5, 9, 10)  # completion_token_ids: lengths 5, 0, 4, 1
+    assert offsets in payload  # (the log-probs share these offsets: both are forged)
+    forged = payload.replace(offsets, struct.pack("<5i", 0, 5, 5, 9, 10_000))
+    assert _reason(TRAJECTORY, forged, headers_for(TRAJECTORY)) == "invalid_arrow"
 
 
 def test_ragged_rows_are_views_and_lengths() -> None:
@@ -369,6 +388,7 @@ _rows = st.lists(
         st.lists(st.integers(-(2**31), 2**31 - 1), max_size=12),
         st.lists(st.floats(width=32, allow_nan=False), max_size=12),
     ),
+    min_size=1,
     max_size=20,
 )
 

@@ -21,6 +21,7 @@ def _trajectories() -> Columns:
         "traj_id": _s(*(f"t{i}" for i in range(n))),
         "group_id": _s("g0", "g1", "g0", "g1", "g0"),
         "ticket_id": _s("k0", "k1", "k0", "k1", "k0"),
+        "attempt": np.zeros(n, dtype=np.int32),
         "prompt_id": _s("p0", "p1", "p0", "p1", "p0"),
         "sample_idx": np.array([0, 0, 1, 1, 2], dtype=np.int32),
         "group_size": np.array([3, 2, 3, 2, 3], dtype=np.int32),

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from factories import scored_group, trajectory_group
-from pipeline.validate import Limits, check_groups
-from schemas import Ragged, concat
+from factories import policy_update, scored_group, temperature_update, ticket, trajectory_group
+from pipeline.validate import MAX_ATTEMPT, Limits, check_groups, check_message, parse_ticket_id
+from schemas import POLICY_UPDATE, PROMPT_TICKET, TEMPERATURE_UPDATE, Ragged, concat
 
 
 def _codes(cols, limits: Limits = Limits()) -> list[str]:
@@ -87,3 +87,52 @@ def test_one_bad_group_does_not_take_the_others():
     assert [g["ticket_id"][0] for g in good] == ["e0-000001", "e0-000002"]
     assert len(rejected) == 1 and rejected[0].columns["ticket_id"][0] == "e0-000009"
     assert rejected[0].reason.startswith("invalid_group: nonfinite_logprob: sample_idx 0")
+
+
+@pytest.mark.parametrize("field, value, code", [
+    ("ticket_id", "e0-00000\u0663", "bad_id"),  # an Arabic-Indic digit: isdigit() and int() accept it
+    ("ticket_id", "e0-1 ", "bad_id"),
+    ("prompt_id", "p\u00e9", "bad_id"),
+    ("group_id", "G" * 32, "bad_id"),
+])
+def test_ids_follow_their_ascii_grammar(field, value, code):
+    g = trajectory_group()
+    g[field] = np.full(len(g[field]), value, dtype=object)
+    assert _codes(g) == [code]
+
+
+def test_attempts_are_bounded_and_shared_by_the_group():
+    assert _codes(trajectory_group(attempt=MAX_ATTEMPT + 1)) == ["bad_attempt"]
+    g = trajectory_group()
+    g["attempt"] = np.array([0, 0, 1, 0], dtype=np.int32)
+    assert _codes(g) == ["inconsistent_group"]
+
+
+def _message(kind, cols):
+    r = check_message(kind, cols)
+    return None if r is None else r.code
+
+
+def test_whole_messages_are_checked():
+    assert _message(PROMPT_TICKET, ticket()) is None
+    assert _message(PROMPT_TICKET, ticket(ticket_id="e\u0661-000001")) == "bad_id"
+    assert _message(PROMPT_TICKET, ticket(ticket_id="e3-000001", epoch=0)) == "inconsistent_ticket"
+    assert _message(PROMPT_TICKET, ticket(attempt=-1)) == "bad_attempt"
+    assert _message(PROMPT_TICKET, ticket(text="")) == "empty_prompt"
+    assert check_message(PROMPT_TICKET, ticket(text="x" * 11), Limits(max_chars=10)).code == "too_long"
+    assert _message(PROMPT_TICKET, ticket(answer="")) == "missing_answer"
+    assert _message(TEMPERATURE_UPDATE, temperature_update()) is None
+    for bad in (np.nan, np.inf, -0.5, 2.5):
+        assert _message(TEMPERATURE_UPDATE, temperature_update(temperature=bad)) == "bad_temperature"
+    assert _message(TEMPERATURE_UPDATE, temperature_update(reason="because")) == "bad_reason"
+    assert _message(POLICY_UPDATE, policy_update()) is None
+    assert _message(POLICY_UPDATE, policy_update(version=-3)) == "bad_policy_version"
+    assert _message(POLICY_UPDATE, policy_update(sha256="xyz")) == "bad_value"
+    assert _message(POLICY_UPDATE, policy_update(uri="/a\x00b")) == "bad_uri"
+    two = {k: np.concatenate([v, v]) for k, v in policy_update().items()}
+    assert _message(POLICY_UPDATE, two) == "bad_value"
+
+
+def test_parse_ticket_id():
+    assert parse_ticket_id("e12-000034") == (12, 34)
+    assert parse_ticket_id("e1-\u0661") is None and parse_ticket_id(None) is None and parse_ticket_id("e-1") is None

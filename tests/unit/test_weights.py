@@ -7,7 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.weights import WEIGHTS_FILE, WeightsError, load_verified, publish, sha256_file
+import hashlib
+import os
+
+from pipeline.weights import (
+    MANIFEST,
+    WEIGHTS_FILE,
+    PolicyMissing,
+    WeightsError,
+    load_verified,
+    publish,
+    sha256_file,
+    verify_published,
+)
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -24,7 +36,7 @@ def test_round_trip_equal_tensors(tmp_path: Path):
     pub = publish(state, tmp_path, version=12, keep=3)
     assert pub.version == 12
     assert pub.uri == str((tmp_path / "v000012").resolve())
-    assert pub.sha256 == sha256_file(tmp_path / "v000012" / WEIGHTS_FILE)
+    assert pub.sha256 == sha256_file(tmp_path / "v000012" / MANIFEST)  # the manifest hashes every file
     assert pub.dtype == "float32"
     loaded = load_verified(pub.uri, pub.sha256)
     assert set(loaded) == set(state)
@@ -87,6 +99,48 @@ def test_sha_mismatch_raises(tmp_path: Path):
         load_verified(pub.uri, "0" * 64)
 
 
+def test_only_the_runs_own_version_folder_of_regular_files_loads(tmp_path: Path):
+    root = tmp_path / "policies"
+    pub = publish(_state(), root, version=3, keep=2)
+    assert verify_published(pub.uri, pub.sha256, root, 3) == [Path(pub.uri) / WEIGHTS_FILE]
+    # Announced under another version, or pointing outside the run's policy folder: refused.
+    with pytest.raises(WeightsError, match="not the folder"):
+        verify_published(pub.uri, pub.sha256, root, 4)
+    elsewhere = publish(_state(), tmp_path / "other", version=3, keep=1)
+    with pytest.raises(WeightsError, match="outside"):
+        verify_published(elsewhere.uri, elsewhere.sha256, root, 3)
+    with pytest.raises(WeightsError, match="outside"):
+        verify_published(str(root / ".." / "other" / "v000003"), elsewhere.sha256, root, 3)
+    # A symlinked version folder, a symlinked or FIFO file in it: refused before anything is opened.
+    os.symlink(Path(elsewhere.uri), root / "v000005")
+    with pytest.raises(WeightsError, match="not a folder"):
+        verify_published(str(root / "v000005"), elsewhere.sha256, root, 5)
+    evil = publish(_state(), root, version=6, keep=5)
+    os.mkfifo(Path(evil.uri) / "extra.bin")
+    with pytest.raises(WeightsError, match="holds"):
+        verify_published(evil.uri, evil.sha256, root, 6)
+    (Path(evil.uri) / "extra.bin").unlink()
+    weights = Path(evil.uri) / WEIGHTS_FILE
+    weights.rename(Path(evil.uri) / "real.bin")
+    os.symlink(Path(evil.uri) / "real.bin", weights)
+    (Path(evil.uri) / "real.bin").rename(tmp_path / "real.bin")
+    os.symlink(tmp_path / "real.bin", Path(evil.uri) / "real.bin")
+    with pytest.raises(WeightsError):
+        verify_published(evil.uri, evil.sha256, root, 6)
+    # Pruned: a warning for the caller, not an error about the announcement.
+    with pytest.raises(PolicyMissing):
+        verify_published(str(root / "v000001"), pub.sha256, root, 1)
+
+
+def test_every_file_of_the_manifest_is_checked(tmp_path: Path):
+    pub = publish(_state(), tmp_path, version=1, keep=1)
+    manifest = Path(pub.uri) / MANIFEST
+    text = manifest.read_text().replace('"bytes": ', '"bytes": 1')  # a size that lies
+    manifest.write_text(text)
+    with pytest.raises(WeightsError, match="bytes"):
+        load_verified(pub.uri, hashlib.sha256(text.encode()).hexdigest())
+
+
 def test_tampered_file_raises(tmp_path: Path):
     pub = publish(_state(), tmp_path, version=1, keep=1)
     path = Path(pub.uri) / WEIGHTS_FILE
@@ -98,7 +152,7 @@ def test_tampered_file_raises(tmp_path: Path):
 
 
 def test_missing_folder_raises(tmp_path: Path):
-    with pytest.raises(WeightsError, match="not found"):
+    with pytest.raises(PolicyMissing, match="not found"):
         load_verified(str(tmp_path / "v000099"), "0" * 64)
 
 

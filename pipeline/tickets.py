@@ -1,0 +1,229 @@
+"""Prompt tickets: the learner's seeded ticket order, its leases, and its log of what it issued.
+
+The learner paces the run by issuing tickets (one prompt to roll out, key of everything that
+follows from it). This module holds what it knows about them, as plain objects with the clock
+injected (`now` arguments), so the rules are unit-tested without a broker:
+
+- `TicketSource`: endless tickets over the prompt pool, reshuffled each epoch (seeded). The id of
+  position k is a function of k, so a resumed learner re-issues the same ids and any consumer can
+  check which prompt an id must carry.
+- `TicketBook`: the tickets issued and not yet decided, each under a **lease**: a ticket whose
+  group has not come back by its deadline is issued again, same id, ``attempt + 1``. A broker can
+  acknowledge a message and lose it (Tansu on SeaweedFS, killed), a rollout can die holding a
+  batch: without leases the learner would wait forever for that group. The lease is the larger of
+  a floor and a multiple of the observed p99 ticket-to-group latency, so a slow but healthy
+  pipeline is not flooded with re-issues. Stages de-duplicate their own output by (ticket, attempt)
+  and effects by ticket: the learner trains the first complete group of a ticket and records any
+  later one as a duplicate.
+- `IssueLog`: the position reached and the attempts of outstanding tickets, rewritten after every
+  flush that issued some, so a learner resumed from an older checkpoint knows which tickets are
+  already on the broker.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.atomic import write_atomic
+from pipeline.dedupe import BoundedSet
+from pipeline.tasks import Problem
+from pipeline.validate import parse_ticket_id
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """One issue of a prompt."""
+
+    position: int
+    """Place in the run's ticket order."""
+    problem: Problem
+    epoch: int
+    ticket_id: str
+    attempt: int = 0
+
+
+class TicketSource:
+    """Endless tickets over the prompt pool, reshuffled each epoch (seeded).
+
+    Position k is the k-th ticket of the run: place ``k % n`` of epoch ``k // n``'s permutation.
+    Its id is ``e<epoch>-<place, 6+ digits>``."""
+
+    def __init__(self, problems: list[Problem], seed: int) -> None:
+        if not problems:
+            raise ValueError("the training prompt pool is empty")
+        self.problems = problems
+        self._seed = seed
+        self.position = 0
+        """Tickets issued so far (the next ticket's position)."""
+        # Arrivals straddle an epoch boundary while issuing moves on: keep a few epochs' orders.
+        self._order = functools.lru_cache(maxsize=4)(
+            lambda epoch: np.random.default_rng(self._seed + epoch).permutation(len(self.problems)))
+
+    def at(self, k: int, attempt: int = 0) -> Ticket:
+        """The ticket of position ``k``."""
+        epoch, place = divmod(k, len(self.problems))
+        return Ticket(k, self.problems[int(self._order(epoch)[place])], epoch, f"e{epoch}-{place:06d}", attempt)
+
+    def position_of(self, ticket_id: str, prompt_id: str) -> int | None:
+        """The position of ``ticket_id`` if it is one of this source's tickets and carries
+        ``prompt_id``; None otherwise (a forged, foreign or corrupted id)."""
+        parsed = parse_ticket_id(ticket_id)
+        if parsed is None or parsed[1] >= len(self.problems):
+            return None
+        k = parsed[0] * len(self.problems) + parsed[1]
+        return k if self.at(k).problem.prompt_id == prompt_id else None
+
+    def next(self) -> Ticket:
+        ticket = self.at(self.position)
+        self.position += 1
+        return ticket
+
+
+@dataclass
+class Lease:
+    """An outstanding ticket: its current attempt and when that attempt expires."""
+
+    position: int
+    attempt: int
+    issued_at: float
+    deadline: float
+
+
+def lease_seconds(floor_s: float, p99_factor: float, latencies: list[float] | np.ndarray,
+                  min_samples: int = 20) -> float:
+    """How long an issued ticket may go without its group: ``max(floor_s, p99_factor x p99)`` of
+    the observed ticket-to-group latencies (just the floor until ``min_samples`` are known)."""
+    if len(latencies) < min_samples:
+        return floor_s
+    return max(floor_s, p99_factor * float(np.percentile(np.asarray(latencies, dtype=np.float64), 99)))
+
+
+class TicketBook:
+    """The learner's tickets: issued, outstanding under leases, queued for training, decided.
+
+    Arrival verdicts (`arrival`): ``unknown`` (not a ticket of this run for that prompt),
+    ``duplicate`` (decided already, queued already, or behind the issue position and not
+    outstanding), ``new`` (the first group of an outstanding ticket, or of one a previous life of
+    the learner issued beyond the position it logged: adopted, and skipped when issuing gets there).
+    """
+
+    def __init__(self, source: TicketSource, lease_floor_s: float, lease_p99_factor: float,
+                 decided_window: int = 20_000, latency_window: int = 1000) -> None:
+        self.source = source
+        self.lease_floor_s = lease_floor_s
+        self.lease_p99_factor = lease_p99_factor
+        self.outstanding: OrderedDict[str, Lease] = OrderedDict()
+        """Issued, not yet decided (queued groups included), oldest first."""
+        self.queued: set[str] = set()
+        """Tickets whose group waits in the training batch (their leases no longer run)."""
+        self.decided = BoundedSet(decided_window)
+        """Recently decided tickets (trained, dropped, invalid). A ticket behind the issue position
+        that is not outstanding is decided whether remembered or not; the window covers tickets
+        adopted ahead of the position, and logs and checkpoints."""
+        self.latencies: deque[float] = deque(maxlen=latency_window)
+        self.reissued = 0
+        """Re-issues so far (leases that expired)."""
+
+    def lease_s(self) -> float:
+        return lease_seconds(self.lease_floor_s, self.lease_p99_factor, list(self.latencies))
+
+    def issue(self, limit: int, now: float) -> list[Ticket]:
+        """New tickets while fewer than ``limit`` are outstanding."""
+        out = []
+        lease = self.lease_s()
+        while len(self.outstanding) < limit:
+            t = self.source.next()
+            if t.ticket_id in self.decided or t.ticket_id in self.outstanding:
+                continue  # adopted from a previous life of the learner: decided or awaited already
+            self.outstanding[t.ticket_id] = Lease(t.position, 0, now, now + lease)
+            out.append(t)
+        return out
+
+    def expired(self, now: float) -> list[Ticket]:
+        """Outstanding tickets whose lease has run out, as their next attempt (leases renewed)."""
+        out = []
+        lease = self.lease_s()
+        for tid, l in self.outstanding.items():
+            if l.deadline <= now and tid not in self.queued:
+                l.attempt, l.issued_at, l.deadline = l.attempt + 1, now, now + lease
+                out.append(self.source.at(l.position, l.attempt))
+        self.reissued += len(out)
+        return out
+
+    def arrival(self, ticket_id: str, prompt_id: str, attempt: int, now: float) -> str:
+        """``unknown``, ``duplicate`` or ``new`` for a group of ``ticket_id`` (see the class doc).
+        A new group of the current attempt records its ticket-to-group latency."""
+        k = self.source.position_of(ticket_id, prompt_id)
+        if k is None:
+            return "unknown"
+        lease = self.outstanding.get(ticket_id)
+        if ticket_id in self.decided or ticket_id in self.queued or (lease is None and k < self.source.position):
+            return "duplicate"
+        if lease is None:  # adopted: issued by a previous life beyond its logged position
+            self.outstanding[ticket_id] = Lease(k, attempt, now, float("inf"))
+        elif attempt == lease.attempt:
+            self.latencies.append(now - lease.issued_at)
+        return "new"
+
+    def queue(self, ticket_id: str) -> None:
+        self.queued.add(ticket_id)
+
+    def decide(self, ticket_id: str) -> None:
+        self.decided.add(ticket_id)
+        self.outstanding.pop(ticket_id, None)
+        self.queued.discard(ticket_id)
+
+    def attempts(self) -> dict[str, int]:
+        """Outstanding tickets with their current attempt."""
+        return {tid: l.attempt for tid, l in self.outstanding.items()}
+
+    def restore(self, position: int, outstanding: dict[str, int], decided: list[str], logged_position: int,
+                logged_attempts: dict[str, int], now: float) -> int:
+        """Continue a previous life: its position, outstanding tickets (with attempts) and decided
+        ids, plus the tickets it logged as issued after the checkpoint (outstanding too). Every
+        lease restarts now. Returns how many tickets were issued after the checkpoint."""
+        for tid in decided:
+            self.decided.add(tid)
+        outstanding = dict(outstanding)
+        lease = self.lease_s()
+        positions = {self.source.at(k).ticket_id: k for k in range(position, max(position, logged_position))}
+        for tid, k in positions.items():
+            outstanding.setdefault(tid, 0)
+        for tid, attempt in outstanding.items():
+            k = positions.get(tid)
+            if k is None:
+                parsed = parse_ticket_id(tid)
+                if parsed is None:
+                    continue
+                k = parsed[0] * len(self.source.problems) + parsed[1]
+            a = max(attempt, logged_attempts.get(tid, 0))
+            self.outstanding[tid] = Lease(k, a, now, now + lease)
+        self.source.position = max(position, logged_position)
+        return self.source.position - position
+
+
+class IssueLog:
+    """The position up to which tickets are known to be on the broker and the attempts of the
+    outstanding ones, rewritten (atomically) after every flush that issued tickets. A crash
+    between a flush and this write only means those tickets are issued again under the same ids."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> tuple[int, dict[str, int]]:
+        """(position, {ticket id: attempt} of re-issued outstanding tickets); (0, {}) if absent."""
+        try:
+            d = json.loads(self.path.read_text())
+            return int(d["position"]), {str(k): int(v) for k, v in d.get("attempts", {}).items()}
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            return 0, {}
+
+    def write(self, position: int, attempts: dict[str, int]) -> None:
+        write_atomic(self.path, json.dumps({"position": position,
+                                            "attempts": {t: a for t, a in attempts.items() if a}}))
