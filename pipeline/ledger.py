@@ -9,10 +9,12 @@ The learner appends one JSON line per decision to ``<workdir>/ledger/learner.jso
 none and read as attempt 0.)
 
 Fates: ``trained``; ``dropped_stale`` (behaviour policy more than ``max_staleness`` versions
-behind); ``dropped_all_wrong`` (ERPO's ``drop_all_wrong``); ``invalid`` (failed a check of
-`pipeline.validate`, dead-lettered); ``duplicate`` (a second group for a ticket already decided;
+behind); ``dropped_all_wrong`` (ERPO's ``drop_all_wrong``); ``abandoned`` (no valid group within
+``learner.max_attempts`` leases); ``duplicate`` (a second group for a ticket already decided;
 ignored); ``unused`` (arrived after the final step, while the learner drained); ``unresolved``
-(no group arrived before the drain timed out).
+(no group arrived before the drain timed out). (``invalid``, in ledgers written before ticket
+leases: a group that failed a check decided its ticket; now it is dead-lettered and the ticket
+stays outstanding.)
 
 ``step`` is the checkpoint that makes the decision durable: the step that trained the group, or
 for the other fates the next step to complete. A learner that resumes from checkpoint N first
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import polars as pl
 
-FINAL_FATES = ("trained", "dropped_stale", "dropped_all_wrong", "invalid", "unused", "unresolved")
+FINAL_FATES = ("trained", "dropped_stale", "dropped_all_wrong", "abandoned", "invalid", "unused", "unresolved")
 LEDGER_SCHEMA = {"step": pl.Int64, "ticket_id": pl.String, "attempt": pl.Int64, "group_id": pl.String,
                  "prompt_id": pl.String, "fate": pl.String, "reason": pl.String, "lag": pl.Int64}
 
@@ -92,14 +94,32 @@ def read_ledger(path: Path) -> pl.DataFrame:
     return pl.read_ndjson(path, schema=LEDGER_SCHEMA).with_columns(pl.col("attempt").fill_null(0))
 
 
+def without_dead_letters(rows: pl.DataFrame, topic: str, dead_letters: pl.DataFrame | None) -> pl.DataFrame:
+    """Lake rows of logical ``topic`` minus the records a consumer dead-lettered whole (a record
+    that failed to decode or validate was never a ticket, group or score of the run). Groups
+    dead-lettered one by one out of a valid message (reason ``invalid_group: ...``) stay: their
+    message's other groups were used."""
+    if dead_letters is None or dead_letters.is_empty() or rows.is_empty() or "_partition" not in rows.columns:
+        return rows
+    whole = (dead_letters.filter(pl.col("source_topic").str.ends_with(f".{topic}")
+                                 & ~pl.col("reason").str.starts_with("invalid_group:"))
+             .select(pl.col("source_partition").cast(pl.Int32).alias("_partition"),
+                     pl.col("source_offset").cast(pl.Int64).alias("_offset")).unique())
+    return rows.join(whole, on=["_partition", "_offset"], how="anti")
+
+
 def reconcile(tickets: pl.DataFrame, trajectories: pl.DataFrame, scored: pl.DataFrame,
-              ledger: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
+              ledger: pl.DataFrame, dead_letters: pl.DataFrame | None = None) -> tuple[pl.DataFrame, dict[str, int]]:
     """Per issued ticket: copies issued, attempts (issues under a new lease), groups generated and
     scored, and its ledger fates; plus the run's totals and its violations (each must be 0).
 
     ``tickets``, ``trajectories`` and ``scored`` are lake rows (``pipeline.lake.read_topic``);
-    only their ``ticket_id`` and ``group_id`` columns are used.
+    only their ``ticket_id`` and ``group_id`` columns (and ``attempt``) are used. With the lake's
+    ``dead_letters``, records dead-lettered whole are left out (`without_dead_letters`).
     """
+    tickets = without_dead_letters(tickets, "prompts", dead_letters)
+    trajectories = without_dead_letters(trajectories, "trajectories", dead_letters)
+    scored = without_dead_letters(scored, "scored", dead_letters)
     def groups_per_ticket(rows: pl.DataFrame, name: str) -> pl.DataFrame:
         if rows.height == 0:
             return pl.DataFrame(schema={"ticket_id": pl.String, name: pl.UInt32})

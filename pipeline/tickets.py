@@ -114,10 +114,11 @@ class TicketBook:
     """
 
     def __init__(self, source: TicketSource, lease_floor_s: float, lease_p99_factor: float,
-                 decided_window: int = 20_000, latency_window: int = 1000) -> None:
+                 max_attempts: int = 10, decided_window: int = 20_000, latency_window: int = 1000) -> None:
         self.source = source
         self.lease_floor_s = lease_floor_s
         self.lease_p99_factor = lease_p99_factor
+        self.max_attempts = max_attempts
         self.outstanding: OrderedDict[str, Lease] = OrderedDict()
         """Issued, not yet decided (queued groups included), oldest first."""
         self.queued: set[str] = set()
@@ -145,16 +146,21 @@ class TicketBook:
             out.append(t)
         return out
 
-    def expired(self, now: float) -> list[Ticket]:
-        """Outstanding tickets whose lease has run out, as their next attempt (leases renewed)."""
-        out = []
+    def expired(self, now: float) -> tuple[list[Ticket], list[Ticket]]:
+        """Outstanding tickets whose lease has run out: (their next attempts, leases renewed; those
+        that had `max_attempts` already, to be given up: a ticket whose groups never come or
+        never pass the checks must not hold the run forever)."""
+        again, abandoned = [], []
         lease = self.lease_s()
         for tid, l in self.outstanding.items():
             if l.deadline <= now and tid not in self.queued:
+                if l.attempt + 1 >= self.max_attempts:
+                    abandoned.append(self.source.at(l.position, l.attempt))
+                    continue
                 l.attempt, l.issued_at, l.deadline = l.attempt + 1, now, now + lease
-                out.append(self.source.at(l.position, l.attempt))
-        self.reissued += len(out)
-        return out
+                again.append(self.source.at(l.position, l.attempt))
+        self.reissued += len(again)
+        return again, abandoned
 
     def arrival(self, ticket_id: str, prompt_id: str, attempt: int, now: float) -> str:
         """``unknown``, ``duplicate`` or ``new`` for a group of ``ticket_id`` (see the class doc).

@@ -352,6 +352,9 @@ class _Rebalance(ConsumerRebalanceListener):
             self._owner._positions[(t, p)] = offset
 
 
+MAX_SKIPS_PER_POLL = 100
+"""Unreadable records one `Consumer.poll` may skip before it returns (empty) to its caller."""
+
 EXIT_WEDGED = 75
 """Exit status of a service whose Kafka client stopped returning from poll (EX_TEMPFAIL)."""
 
@@ -478,33 +481,38 @@ class Consumer:
         return self._logical[tp.topic], tp.partition
 
     def _fetch(self, timeout_ms: int, max_records: int | None) -> dict[TopicPartition, list]:
-        """kafka-python's poll, riding out broker outages and skipping records it cannot read."""
+        """kafka-python's poll, riding out broker outages and skipping records it cannot read
+        (up to `MAX_SKIPS_PER_POLL` in one call, so a run of them does not cost a poll each)."""
         if self._watchdog is not None:
             self._watchdog.enter()
         try:
-            return self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
-        except KafkaError as e:
-            if e.retriable:
-                # The broker is down or restarting: deliver nothing, keep positions, try again later.
-                OUTAGES.labels("poll").inc()
-                log.warning("poll failed (%r); retrying", e)
-                time.sleep(min(timeout_ms / 1000, 1.0))
-                return {}
-            if isinstance(e, KafkaConfigurationError):
-                raise
-            return self._skip_unreadable(e, max_records)
-        except (ValueError, OSError, EOFError, ArithmeticError, LookupError, TypeError) as e:
-            # Decompression of a hostile batch raises the codec library's own errors.
-            return self._skip_unreadable(e, max_records)
+            for _ in range(MAX_SKIPS_PER_POLL):
+                try:
+                    return self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+                except KafkaError as e:
+                    if e.retriable:
+                        # The broker is down or restarting: deliver nothing, keep positions, try again later.
+                        OUTAGES.labels("poll").inc()
+                        log.warning("poll failed (%r); retrying", e)
+                        time.sleep(min(timeout_ms / 1000, 1.0))
+                        return {}
+                    if isinstance(e, KafkaConfigurationError):
+                        raise
+                    self._skip_unreadable(e)
+                except (ValueError, OSError, EOFError, ArithmeticError, LookupError, TypeError) as e:
+                    # Decompression of a hostile batch raises the codec library's own errors.
+                    self._skip_unreadable(e)
+                timeout_ms = 0
+            return {}
         finally:
             if self._watchdog is not None:
                 self._watchdog.leave()
 
-    def _skip_unreadable(self, error: BaseException, max_records: int | None) -> dict[TopicPartition, list]:
+    def _skip_unreadable(self, error: BaseException) -> None:
         """The client raised while reading records (corrupt batch, codec library missing, header
         key not UTF-8, ...) and would raise again at the same offset forever (and kafka-python 3.0
         spins if polled there again). Find the partition, dead-letter the offset it is stuck at
-        and seek past it; the next poll goes on."""
+        and seek past it."""
         tp = self._unreadable_partition(error)
         if tp is None:
             raise error
@@ -519,7 +527,6 @@ class Consumer:
             log.error("skipping unreadable record %s[%d]@%d: %s", tp.topic, tp.partition, offset, reason)
             self.stats["dropped"] += 1
         self._consumer.seek(tp, offset + 1)
-        return {}
 
     def _unreadable_partition(self, error: BaseException) -> TopicPartition | None:
         """The partition whose records raised: the one kafka-python's fetcher was unpacking (its

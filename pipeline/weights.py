@@ -102,10 +102,27 @@ def publish(state: dict[str, torch.Tensor], root: Path, version: int, keep: int,
     (tmp / MANIFEST).write_bytes(manifest)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    versions = sorted((p for p in root.glob("v[0-9]*") if p.is_dir()), key=lambda p: int(p.name[1:]))
-    for old in versions[:-keep]:
+    for _, old in published_versions(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return PublishedPolicy(version, str(final.resolve()), hashlib.sha256(manifest).hexdigest(), _dtype_name(flat))
+
+
+def published_versions(root: Path) -> list[tuple[int, Path]]:
+    """(version, folder) of every folder `publish` wrote under ``root``, oldest first: real
+    folders (not symlinks) named v<version> whose manifest declares that version. Anything else
+    there (a FIFO, a link, a folder someone made) is neither counted nor pruned."""
+    out = []
+    for p in Path(root).glob("v[0-9]*"):
+        m = _FOLDER.fullmatch(p.name)
+        try:
+            if m is None or not stat.S_ISDIR(os.lstat(p).st_mode) or not stat.S_ISREG(os.lstat(p / MANIFEST).st_mode):
+                continue
+            if json.loads((p / MANIFEST).read_text()).get("version") != int(m.group(1)):
+                continue
+        except (OSError, ValueError, AttributeError):
+            continue
+        out.append((int(m.group(1)), p))
+    return sorted(out)
 
 
 def _regular(path: Path, what: str) -> os.stat_result:

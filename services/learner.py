@@ -85,7 +85,7 @@ from pipeline.tickets import IssueLog, Ticket, TicketBook, TicketSource
 from pipeline.transport import POLICY_KEY, Consumer, Delivery, Producer, topic_name
 from pipeline.trainer import Trainer, lr_at, make_trainer
 from pipeline.validate import Limits, check_groups
-from pipeline.weights import publish
+from pipeline.weights import publish, published_versions
 from schemas import (
     POLICY_UPDATE,
     PROMPT_TICKET,
@@ -119,7 +119,7 @@ REISSUED = Counter("rlstream_learner_tickets_reissued_total",
 LEASE = Gauge("rlstream_learner_lease_seconds", "Current ticket lease: max(floor, factor x p99 ticket-to-group latency).")
 GROUPS = Counter("rlstream_learner_groups_total",
                  "Scored groups by fate (see pipeline.ledger: trained, dropped_stale, dropped_all_wrong, "
-                 "invalid, duplicate, unused, unresolved).", ["fate"])
+                 "abandoned, duplicate, unused, unresolved).", ["fate"])
 LAG = Histogram("rlstream_learner_staleness_versions",
                 "Policy-version lag of each scored group on arrival (learner - behaviour).",
                 buckets=(0, 1, 2, 3, 4, 6, 8, 16))
@@ -303,6 +303,7 @@ class LearnerState:
     filtered: int = 0
     duplicates: int = 0
     invalid: int = 0
+    """Groups dead-lettered by a check (their tickets stay outstanding)."""
     reissued: int = 0
     """Tickets issued again because their lease ran out."""
     ticket_position: int = 0
@@ -311,7 +312,7 @@ class LearnerState:
     """Tickets issued and not yet decided (groups waiting in the batch included), with their attempt."""
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     seen: list[str] = field(default_factory=list)
-    """Tickets decided (trained, dropped or invalid), oldest first, at most `SEEN_WINDOW`."""
+    """Tickets decided (trained, dropped or abandoned), oldest first, at most `SEEN_WINDOW`."""
 
     def to_json(self) -> str:
         d = {k: v for k, v in self.__dict__.items() if k != "offsets"}
@@ -362,8 +363,7 @@ def save_checkpoint(cfg: RunConfig, trainer: Trainer, state: LearnerState) -> Pa
 
 
 def newest_published_version(cfg: RunConfig) -> int:
-    versions = [int(p.name[1:]) for p in (cfg.workdir / "policies").glob("v[0-9]*") if p.is_dir()]
-    return max(versions, default=0)
+    return max((v for v, _ in published_versions(cfg.workdir / "policies")), default=0)
 
 
 def start_fresh(cfg: RunConfig) -> Path | None:
@@ -448,7 +448,7 @@ class Lead:
         self.rule = erpo_rule(cfg)
         self.stop = StopFlag()
         self.book = TicketBook(TicketSource(train_problems(cfg), cfg.seed), self.lc.lease_floor_s,
-                               self.lc.lease_p99_factor, decided_window=SEEN_WINDOW)
+                               self.lc.lease_p99_factor, self.lc.max_attempts, decided_window=SEEN_WINDOW)
         self.limits = replace(limits, known_prompts=frozenset(p.prompt_id for p in self.book.source.problems))
         self.issue_log = IssueLog(cfg.workdir / "ledger" / "issued.json")
         # The ledger is the history of the surviving run: what happened after the checkpoint is redone.
@@ -501,10 +501,10 @@ class Lead:
         key = (d.topic, d.partition, d.offset)
         groups, rejected = check_groups(d.columns, self.limits)
         for r in rejected:
+            # Dead-lettered; the ticket stays outstanding: a valid group (or its next attempt) can
+            # still come, and a group that anyone could forge must not decide a ticket.
             self.consumer.dead_letter(d, r.columns, r.code, r.reason)
-            if str(r.columns["ticket_id"][0]) in self.book.outstanding:
-                state.invalid += 1
-                self.decide(r.columns, "invalid", r.reason)
+            state.invalid += 1
         for group in groups:
             tid, pid = str(group["ticket_id"][0]), str(group["prompt_id"][0])
             version = int(group["policy_version"][0])
@@ -576,7 +576,13 @@ class Lead:
         now = time.monotonic()
         needed = (self.lc.total_steps - self.state.step) * self.lc.groups_per_step
         new = [] if draining else self.book.issue(min(self.capacity, needed), now)
-        again = self.book.expired(now)
+        again, abandoned = self.book.expired(now)
+        for t in abandoned:
+            log.error("ticket %s (prompt %s) given up after %d attempts without a valid group", t.ticket_id,
+                      t.problem.prompt_id, t.attempt + 1)
+            self.decide({"ticket_id": [t.ticket_id], "attempt": [t.attempt], "group_id": [""],
+                         "prompt_id": [t.problem.prompt_id]}, "abandoned",
+                        f"no valid group after {t.attempt + 1} attempts (learner.max_attempts)")
         if again:
             REISSUED.inc(len(again))
             log.warning("%d tickets had no group after their %.0f s lease; issued again (e.g. %s attempt %d)",

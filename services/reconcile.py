@@ -1,7 +1,7 @@
 """`rlstream reconcile RUN_DIR`: account for every ticket of a finished run.
 
-Joins the recorded lake (`<run>/lake`: tickets issued, groups generated, groups scored) with the
-learner's ledger (`<run>/ledger/learner.jsonl`) through `pipeline.ledger.reconcile`, prints the
+Joins the recorded lake (`<run>/lake`: tickets issued, groups generated, groups scored; records
+dead-lettered whole left out) with the learner's ledger (`<run>/ledger/learner.jsonl`) through `pipeline.ledger.reconcile`, prints the
 totals (fates, re-issues, duplicates caught) and the violations, which must all be zero: a ticket
 trained twice, with several fates, with none, or a fate for a ticket the lake never saw. Writes the
 per-ticket table to `<run>/reconcile.csv`. Exit status 1 if any violation.
@@ -25,7 +25,7 @@ def reconcile_run(run_dir: Path) -> tuple[pl.DataFrame, dict[str, int]]:
     if not ledger.exists():
         raise FileNotFoundError(f"{ledger} does not exist (is {run_dir} a learner's workdir?)")
     return reconcile(read_topic(lake, "prompts"), read_topic(lake, "trajectories"), read_topic(lake, "scored"),
-                     read_ledger(ledger))
+                     read_ledger(ledger), read_topic(lake, "deadletter"))
 
 
 def summary_line(totals: dict[str, int]) -> str:

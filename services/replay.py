@@ -1,7 +1,8 @@
 """`rlstream replay LAKE`: re-publish a recorded run into the topics of a fresh run.
 
 Reads a topic of the lake (default `scored`, what a learner consumes), de-duplicated, in broker
-order (time, then partition and offset), and sends every recorded message again, unchanged, to
+order (time, then partition and offset), leaves out the records its consumers dead-lettered whole,
+and sends every other recorded message again, unchanged, to
 `<run>.<topic>` of the run named in the config (`--set name=...`): the same Arrow bytes, the same
 key (prompt_id), so a learner started on that run trains offline from the logged trajectories. The
 learner's staleness rule still applies (to the recorded behaviour versions against its own) and
@@ -18,6 +19,7 @@ import pyarrow as pa
 
 from pipeline.config import RunConfig
 from pipeline.lake import META_COLUMNS, read_topic, upgrade
+from pipeline.ledger import without_dead_letters
 from pipeline.transport import POLICY_KEY, TOPICS, Producer, ensure_topics, topic_name
 from schemas import encode_batch, headers_for
 
@@ -32,6 +34,10 @@ def run(cfg: RunConfig, lake: Path, topic: str = "scored") -> int:
     if df.is_empty():
         raise ValueError(f"{lake} holds no {topic!r} messages")
     df = upgrade(df, topic)  # a lake recorded under an older schema version
+    kept = without_dead_letters(df, topic, read_topic(lake, "deadletter"))
+    if kept.height < df.height:
+        log.info("leaving out %d rows of records a consumer dead-lettered whole", df.height - kept.height)
+    df = kept
     kind = TOPICS[topic].kind
     ensure_topics(cfg.kafka, cfg.name)
     producer = Producer(cfg.kafka, client_id=f"{cfg.name}-replay")

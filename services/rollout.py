@@ -101,12 +101,16 @@ class PolicyFollower:
         self._root = root
         self._pending: list[tuple[int, Delivery]] = []
 
-    def refresh(self, engine, timeout_ms: int = 0) -> None:
+    def refresh(self, engine, timeout_ms: int = 0, max_polls: int = 10) -> None:
         """Load the newest announced weights if newer than the engine's (hashes checked first)."""
-        for d in self._policies.poll(timeout_ms=timeout_ms):
-            with self._policies.guard(d):
-                _check(self._policies, d)
-                self._pending.append((int(d.columns["version"][0]), d))
+        for _ in range(max_polls):
+            deliveries = self._policies.poll(timeout_ms=timeout_ms)
+            if not deliveries:
+                break
+            for d in deliveries:
+                with self._policies.guard(d):
+                    _check(self._policies, d)
+                    self._pending.append((int(d.columns["version"][0]), d))
         self._pending.sort(key=lambda vd: vd[0], reverse=True)
         while self._pending and self._pending[0][0] > engine.version:
             version, d = self._pending.pop(0)

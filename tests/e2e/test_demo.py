@@ -1,4 +1,5 @@
-"""End to end: `rlstream demo` on the embedded default, asserting that the policy learned.
+"""End to end: `rlstream demo` on the embedded default, asserting that the policy learned, while a
+hostile producer writes 10,000 bad records into every topic of the running demo.
 
 The demo warm-starts the tiny model (cached in .cache/rlstream), evaluates it on 400 held-out
 problems, runs broker + learner + reward + rollout as processes, and evaluates again. We assert on
@@ -10,9 +11,20 @@ demo over two sessions gained +7.8, +7.6, +7.7, +5.9 (seed 1), +7.6 (seed 2), +6
 different, and one in fifteen landed far below the rest. One evaluation (400 problems x 4
 samples) has a standard error of about 1.2 points. We require +1 point: the test guards that RL
 through the whole system improves held-out accuracy at all, and fails on a broken pipeline (no
-learning gives 0 +- 1.7) rather than on the spread of a working one. It also reconciles the
-recorded lake with the services' counts and replays the lake into a new learner. About 4 minutes
-here with the warm-start cached, 6 without.
+learning gives 0 +- 1.7) rather than on the spread of a working one.
+
+Meanwhile `tests/hostile.py` writes 10,000 records as a buggy or hostile producer would, into all
+six topics: bytes that are not Arrow, truncated or doubled streams, missing, unknown or non-UTF-8
+headers, another kind's payload, nulls, zero rows, list offsets out of range, batches the Kafka
+client cannot read (bad CRC, snappy/lz4 without their libraries, a header key that is not UTF-8),
+records just under the broker's size limit, and values each consumer must refuse (ticket ids with
+Unicode digits, bad attempts, empty or over-long prompts, NaN/negative/too-high temperatures,
+NaN rewards, unknown tickets, policy versions from the future, weight folders outside the run,
+FIFOs, symlinks, manifests that do not hash). The demo must still end with its RESULT line, no
+service may have died (no supervisor restarts), every hostile record outside the dead-letter
+topic itself must be in the dead-letter topic with a reason, and the reconciliation must be
+clean. The recorded lake is then replayed into a new learner. About 5 minutes here with the
+warm-start cached, 7 without.
 """
 
 from __future__ import annotations
@@ -22,12 +34,17 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
+from pipeline.config import KafkaConfig
 from pipeline.lake import read_topic
+from pipeline.ledger import without_dead_letters
 
 pytestmark = pytest.mark.e2e
 
@@ -39,35 +56,101 @@ def _last(path: Path) -> dict:
     return json.loads(path.read_text().splitlines()[-1])
 
 
-def test_demo_learns_records_its_lake_and_replays(tmp_path: Path, broker):
+HOSTILE_PER_TOPIC = {"prompts": 2000, "trajectories": 3000, "scored": 2000, "temperature": 1500, "policy": 1000,
+                     "deadletter": 500}
+
+
+def _inject(bootstrap: str, run_dir: Path, out: dict) -> None:
+    """The hostile producer (a thread): every topic, interleaved, then two oversized records."""
+    from hostile import Injector, prepare_policy_traps
+
+    prepare_policy_traps(run_dir / "policies")
+    rng = np.random.default_rng(15)
+    injector = Injector(bootstrap, "demo", run_dir / "policies", KafkaConfig().max_message_bytes)
+    order = [t for t, n in HOSTILE_PER_TOPIC.items() for _ in range(n)]
+    rng.shuffle(order)
+    t0 = time.monotonic()
+    try:
+        for i, topic in enumerate(order):
+            injector.one(topic, rng)
+            if i % 200 == 199:
+                injector.flush()
+        for topic in ("prompts", "trajectories"):
+            injector.oversized(topic)
+    finally:
+        injector.close()
+    out["sent"], out["seconds"] = injector.sent, time.monotonic() - t0
+
+
+def test_demo_learns_through_10k_hostile_records_records_its_lake_and_replays(tmp_path: Path, broker):
     cmd = [sys.executable, "-m", "services.cli", "demo",
            "--set", f'workdir="{tmp_path}"', "--set", "demo.progress_every_s=30"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    lines, injected = [], {}
+    injector = None
+    for line in proc.stdout:
+        lines.append(line)
+        m = re.search(r"^broker (\S+); services", line)
+        if m and injector is None:
+            run_dir = Path(re.search(r"in (\S+)\n", lines[0]).group(1))
+            injector = threading.Thread(target=_inject, args=(m.group(1), run_dir, injected), daemon=True)
+            injector.start()
+    assert proc.wait(timeout=1500) == 0, "".join(lines)[-4000:]
+    out = "".join(lines)
     print(out[-3000:])
-    m = re.search(r"^RESULT acc_before=([\d.]+) acc_after=([\d.]+) wall_s=(\d+)", proc.stdout, re.M)
-    assert m, f"no RESULT line in:\n{proc.stdout[-2000:]}"
+    assert injector is not None, "the demo never printed its broker address"
+    injector.join(60)
+    assert "sent" in injected, "the hostile producer did not finish"
+    m = re.search(r"^RESULT acc_before=([\d.]+) acc_after=([\d.]+) wall_s=(\d+)", out, re.M)
+    assert m, f"no RESULT line in:\n{out[-2000:]}"
     before, after = float(m.group(1)), float(m.group(2))
     assert 0.2 < before < 0.6, f"warm-start accuracy {before} is outside the range the demo is tuned for"
     assert after - before > MARGIN, f"held-out pass@1 went {before:.3f} -> {after:.3f}"
+    run_dir = Path(re.search(r"in (\S+)\n", out).group(1))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["restarts"] == {}, f"services died (and were restarted): {summary['restarts']}"
 
-    # The lake holds exactly what flowed: every ticket, trajectory group and scored group.
-    run_dir = Path(re.search(r"in (\S+)\n", proc.stdout).group(1))
+    # Every hostile record outside the dead-letter topic is there now, with a reason.
     lake = run_dir / "lake"
+    dead = read_topic(lake, "deadletter")
+    letters = {(str(t).rsplit(".", 1)[-1], int(p), int(o)): str(r) for t, p, o, r in
+               dead.select("source_topic", "source_partition", "source_offset", "reason").iter_rows()}
+    sent = [s for s in injected["sent"] if s[0] != "deadletter"]
+    missing = [s for s in sent if s[:3] not in letters]
+    reasons: dict[str, int] = {}
+    for s in sent:
+        code = letters.get(s[:3], "MISSING").split(": ")
+        key = code[1] if code[0] in ("invalid_group", "invalid_message") else code[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    classes = {}
+    for s in injected["sent"]:
+        classes[s[3]] = classes.get(s[3], 0) + 1
+    print(f"hostile records: {len(injected['sent'])} in {injected['seconds']:.0f} s, {len(classes)} classes; "
+          f"dead letters by reason: {dict(sorted(reasons.items()))}")
+    assert len(injected["sent"]) >= 10_000 and not missing, f"{len(missing)} hostile records not dead-lettered: " \
+        f"{missing[:10]}"
+    assert all(r.strip() for r in letters.values())
+    cut = dead.filter(pl.col("payload_bytes") > pl.col("payload").bin.size())
+    assert cut.height >= 2, "the oversized records' dead letters were not cut to fit"
+
+    # The lake holds exactly what flowed: every ticket, trajectory group and scored group (and,
+    # left out here, the hostile records, each dead-lettered whole).
+    def used(topic: str) -> pl.DataFrame:
+        return without_dead_letters(read_topic(lake, topic), topic, dead)
+
     learner = _last(run_dir / "progress" / "learner.jsonl")
-    scored = read_topic(lake, "scored")
+    scored = used("scored")
     groups = scored["group_id"].n_unique()
-    assert read_topic(lake, "prompts").height == learner["issued"]
-    assert read_topic(lake, "trajectories")["group_id"].n_unique() == _last(run_dir / "progress" / "rollout-0.jsonl")["groups"]
+    assert used("prompts").filter(pl.col("attempt") == 0).height == learner["issued"]
+    assert used("trajectories")["group_id"].n_unique() == _last(run_dir / "progress" / "rollout-0.jsonl")["groups"]
     assert groups == _last(run_dir / "progress" / "reward-0.jsonl")["groups"]
     assert learner["received"] <= groups and learner["step"] * 16 <= learner["received"]
-    assert read_topic(lake, "policy").height == learner["version"]
-    assert "report: " in proc.stdout and (run_dir / "report" / "index.html").exists()
+    assert used("policy").height == learner["version"]
+    assert "report: " in out and (run_dir / "report" / "index.html").exists()
     assert (run_dir / "report" / "overview.png").stat().st_size > 10_000
     # Every issued ticket has exactly one fate in the learner's ledger; none trained twice.
-    assert re.search(r"^reconcile: .* no violations$", proc.stdout, re.M), proc.stdout[-2000:]
+    assert re.search(r"^reconcile: .* no violations$", out, re.M), out[-2000:]
 
     # Replay the scored groups into a fresh run; a new learner trains offline on the same groups.
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -92,9 +92,9 @@ def test_reward_service_dead_letters_10k_malformed_messages_and_scores_the_rest(
             texts = [["3", "4", "3"], ["x" * 1_000_000, "3", "\\boxed{3}"],
                      ["\\boxed{9^{9^{9^{9^{9^{9}}}}}}", "3", "3"]][len(valid) % 3]
             answer = "\\frac{" * 300 + "1" + "}" * 300 if len(valid) % 5 == 4 else "3"
-            g = trajectory_group(f"v-{i}", f"p{i}", size=3, texts=texts, answer=answer)
+            g = trajectory_group(f"e1-{i:06d}", f"p{i}", size=3, texts=texts, answer=answer)
             producer.send_raw(topic, encode(TRAJECTORY, g), HEADERS, key=f"p{i}".encode())
-            valid.append(f"v-{i}")
+            valid.append(f"e1-{i:06d}")
     producer.flush()
     producer.close()
 

@@ -43,15 +43,16 @@ def test_a_ticket_without_its_group_is_issued_again_under_the_same_id():
     book = TicketBook(TicketSource(_problems(), seed=0), lease_floor_s=10, lease_p99_factor=3)
     issued = book.issue(limit=3, now=0.0)
     assert [t.attempt for t in issued] == [0, 0, 0] and len(book.outstanding) == 3
-    assert book.expired(9.9) == []
+    assert book.expired(9.9) == ([], [])
     a, b, c = issued
     assert book.arrival(a.ticket_id, a.problem.prompt_id, 0, now=5.0) == "new"
     book.queue(a.ticket_id)  # waiting in the batch: no lease any more
-    again = book.expired(10.0)  # b and c had no group within 10 s
+    again, abandoned = book.expired(10.0)  # b and c had no group within 10 s
+    assert abandoned == []
     assert [(t.ticket_id, t.attempt, t.problem) for t in again] == [(b.ticket_id, 1, b.problem),
                                                                     (c.ticket_id, 1, c.problem)]
     assert book.reissued == 2 and book.attempts()[b.ticket_id] == 1
-    assert book.expired(19.9) == [] and [t.attempt for t in book.expired(20.0)] == [2, 2]
+    assert book.expired(19.9) == ([], []) and [t.attempt for t in book.expired(20.0)[0]] == [2, 2]
     # The first attempt's group turns up late: it is the ticket's first group, so it counts; the
     # later attempt's group is then a duplicate, as is a's second group.
     assert book.arrival(b.ticket_id, b.problem.prompt_id, 0, now=21.0) == "new"
@@ -95,3 +96,12 @@ def test_restore_continues_a_previous_life(tmp_path):
     assert book.arrival(source.at(0).ticket_id, source.at(0).problem.prompt_id, 0, 101.0) == "duplicate"
     assert book.arrival(source.at(1).ticket_id, source.at(1).problem.prompt_id, 0, 101.0) == "duplicate"
     assert [t.position for t in book.issue(limit=5, now=101.0)] == [6]
+
+
+def test_a_ticket_is_given_up_after_max_attempts():
+    book = TicketBook(TicketSource(_problems(), seed=0), lease_floor_s=1, lease_p99_factor=3, max_attempts=3)
+    [t] = book.issue(limit=1, now=0.0)
+    assert [x.attempt for x in book.expired(1.0)[0]] == [1]
+    assert [x.attempt for x in book.expired(2.0)[0]] == [2]
+    again, abandoned = book.expired(3.0)  # attempts 0, 1 and 2 all expired
+    assert again == [] and [(x.ticket_id, x.attempt) for x in abandoned] == [(t.ticket_id, 2)]

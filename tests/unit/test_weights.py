@@ -17,6 +17,7 @@ from pipeline.weights import (
     WeightsError,
     load_verified,
     publish,
+    published_versions,
     sha256_file,
     verify_published,
 )
@@ -176,3 +177,14 @@ def test_no_tmp_folder_left_behind(tmp_path: Path):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["v000001", "v000002"]
     assert not any(".tmp" in p.name for p in tmp_path.rglob("*"))
+
+
+def test_only_real_published_folders_are_counted_and_pruned(tmp_path: Path):
+    for v in (1, 2):
+        publish(_state(), tmp_path, version=v, keep=5)
+    os.mkfifo(tmp_path / "v000900")
+    os.symlink("/tmp", tmp_path / "v000901")
+    (tmp_path / "v000902").mkdir()  # no manifest
+    assert [v for v, _ in published_versions(tmp_path)] == [1, 2]
+    publish(_state(), tmp_path, version=3, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v000002", "v000003", "v000900", "v000901", "v000902"]
