@@ -1,13 +1,26 @@
-"""Fault matrix: kill -9 one component mid-run, restart it, then reconcile the run.
+"""Fault matrix: processes killed mid-run, in the windows that matter; the supervisor restarts them;
+the run must account for every ticket.
 
-For each of rollout, reward, learner, recorder, and the broker (durable storage: Tansu on a
-local SeaweedFS S3 store), a small run of the real services is started, the component is killed
-with SIGKILL once the learner has done a third of its steps, and restarted (the learner with
-`learner.resume=true`). A supervisor restarts any service that exits with an error meanwhile,
-as a process manager would (shown in the table as `also_crashed`). When the learner has finished and drained,
-the recorder drains every topic into the lake, and `pipeline.ledger.reconcile` joins the lake
-with the learner's ledger: every issued ticket must have exactly one fate, none trained twice,
-and the learner must have trained exactly `total_steps x groups_per_step` groups.
+Each scenario runs the real services as subprocesses under `services.supervisor.Supervisor` (the
+demo's supervisor: a crashed service is restarted with backoff), lets the learner finish its steps
+and drain, stops the workers, lets the recorder drain every topic into the lake, and reconciles
+the lake with the learner's ledger (`pipeline.ledger.reconcile`): every issued ticket has exactly
+one fate, none is trained twice, and exactly ``STEPS x GROUPS_PER_STEP`` groups were trained. Every
+process killed must have been restarted by the supervisor.
+
+- ``each_service``: one worker per stage (the rollout on vLLM); kill -9 from outside, one after the
+  other: the rollout, the reward worker, the learner, the recorder.
+- ``crash_windows``: two rollout and two reward workers; failpoints (`pipeline.failpoints`) kill
+  processes inside the windows: the learner while writing a checkpoint and between publishing
+  weights and announcing them, a rollout between producing its groups and committing its tickets,
+  a reward worker between producing scored groups and snapshotting, the other reward worker in the
+  middle of a rebalance (state snapshotted, offsets not committed); then that worker is killed -9
+  from outside too. ERPO's state must then equal what one worker rebuilds by replaying the run's
+  scored topic, with no prompt's history split between partitions.
+- ``broker``: Tansu on durable SeaweedFS storage killed -9 and restarted, once after a 45-second
+  outage and then after 2 s (``RLSTREAM_BROKER_RUNS`` runs, 3 by default; 20 for the closing
+  figure). Tansu can acknowledge a produce and lose it when killed; ticket leases re-issue what
+  never came back.
 
 The table is printed at the end of the session (tests/faults/conftest.py).
 """
@@ -16,35 +29,31 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from infra.broker import Broker
 from infra.objectstore import ObjectStore
-from pipeline.config import KafkaConfig
+from pipeline.config import KafkaConfig, RunConfig
+from pipeline.erpo_partitions import load_tables, rebuild_from_scored
+from pipeline.failpoints import DIR_ENV, ENV
 from pipeline.lake import read_topic
 from pipeline.ledger import VIOLATIONS, ledger_path, read_ledger, reconcile
 from pipeline.transport import ensure_topics
+from services.common import erpo_rule
+from services.supervisor import Supervisor
 
 pytestmark = pytest.mark.faults
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, GROUPS_PER_STEP, G = 30, 4, 4
-KILL_AT_STEP = 10
-SERVICES = ("learner", "reward", "rollout", "recorder")
 RESULTS: list[dict] = []
-
-
-# The reward scenario snapshots rarely, so the restarted worker (no snapshot yet) re-scores every
-# group from the start of the topic: the learner must ignore each of them as a duplicate.
-# The rollout scenario kills the default engine, vLLM (in process); the others use the torch engine,
-# which starts in a second.
-EXTRA = {"reward": {"erpo.snapshot_every": "1000"}, "rollout": {"rollout.engine": '"vllm"'}}
+BROKER_RUNS = int(os.environ.get("RLSTREAM_BROKER_RUNS", "3"))
 
 
 def _sets(run: str, workdir: Path, cache: Path, bootstrap: str, extra: dict[str, str] | None = None) -> list[str]:
@@ -61,62 +70,10 @@ def _sets(run: str, workdir: Path, cache: Path, bootstrap: str, extra: dict[str,
         "rollout.engine": '"torch"', "rollout.group_size": str(G), "rollout.max_prompts_per_batch": "4",
         "learner.groups_per_step": str(GROUPS_PER_STEP), "learner.total_steps": str(STEPS),
         "learner.max_staleness": "2", "learner.backend": '"torch"', "learner.checkpoint_every": "4",
-        "learner.drain_timeout_s": "90", "erpo.snapshot_every": "3",
+        "learner.drain_timeout_s": "90", "learner.lease_floor_s": "10", "erpo.snapshot_every": "3",
         "recorder.flush_every_s": "2", "metrics.enabled": "false", **(extra or {}),
     }
     return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-
-
-class Supervisor:
-    """The services of one run as subprocesses; restarts any that exits with an error."""
-
-    def __init__(self, tmp: Path, sets: list[str]) -> None:
-        self.tmp, self.sets = tmp, sets
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.crashed: dict[str, int] = {}
-        """Services restarted by `tend` after exiting with an error (not the deliberate kill)."""
-
-    def start(self, name: str, resume: bool = False) -> None:
-        extra = ["--set", "learner.resume=true"] if resume else []
-        log = open(self.tmp / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "services.cli", name] + self.sets + extra,
-                                            cwd=REPO, env=dict(self.env, RLSTREAM_WORKER=name), stdout=log,
-                                            stderr=subprocess.STDOUT)
-
-    def kill9(self, name: str) -> None:
-        self.procs[name].send_signal(signal.SIGKILL)
-        self.procs[name].wait()
-
-    def restart(self, name: str) -> None:
-        self.start(name, resume=name == "learner" and bool(list((self.tmp / "run" / "checkpoints").glob("step-*"))))
-
-    def tend(self) -> None:
-        """Restart services that died with an error (not a learner that finished)."""
-        for name, p in list(self.procs.items()):
-            if p.poll() not in (None, 0):
-                self.crashed[name] = self.crashed.get(name, 0) + 1
-                self.restart(name)
-
-    def stop(self, name: str, timeout_s: float = 120) -> int:
-        p = self.procs[name]
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-        try:
-            return p.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            return p.wait()
-
-    def log_tail(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text(errors="replace")[-3000:]
-
-
-def _learner_step(workdir: Path) -> int:
-    try:
-        return json.loads((workdir / "progress" / "learner.jsonl").read_text().splitlines()[-1])["step"]
-    except (FileNotFoundError, IndexError, json.JSONDecodeError):
-        return 0
 
 
 @pytest.fixture(scope="module")
@@ -129,67 +86,163 @@ def cache(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("component", ["rollout", "reward", "learner", "recorder", "broker"])
-def test_kill9_restart_reconciles(component, cache, tmp_path, run_name):
-    store = ObjectStore(tmp_path / "objectstore", log_path=tmp_path / "objectstore.log") \
-        if component == "broker" else None
-    if store is not None:
-        store.start()
-    broker = Broker(log_path=tmp_path / "broker.log",
-                    storage=store.storage_url if store else "memory://tansu/", env=store.client_env() if store else None)
-    broker.start()
-    workdir = tmp_path / "run"
-    sup = Supervisor(tmp_path, _sets(run_name, workdir, cache, broker.bootstrap, EXTRA.get(component)))
-    t0 = time.monotonic()
-    try:
-        ensure_topics(KafkaConfig(bootstrap_servers=broker.bootstrap), run_name)
-        for name in SERVICES:
-            sup.start(name)
-        killed_at = None
-        learner = sup.procs["learner"]
-        deadline = time.monotonic() + 600
-        while True:
-            learner = sup.procs["learner"]
-            if learner.poll() == 0:
-                break
-            assert time.monotonic() < deadline, f"run did not finish; learner log:\n{sup.log_tail('learner')}"
-            if killed_at is None and _learner_step(workdir) >= KILL_AT_STEP:
-                killed_at = _learner_step(workdir)
-                if component == "broker":
-                    broker.kill()
-                    time.sleep(2)
-                    broker.start()
-                else:
-                    sup.kill9(component)
-                    time.sleep(1)
-                    sup.restart(component)
-            sup.tend()
-            time.sleep(0.5)
-        assert killed_at is not None, "the learner finished before the kill"
-        for name in ("rollout", "reward"):
-            sup.stop(name)
-        assert sup.stop("recorder") == 0, sup.log_tail("recorder")
-    finally:
-        for name in sup.procs:
-            sup.stop(name, timeout_s=10)
-        broker.stop()
-        if store is not None:
-            store.stop()
+class Run:
+    """One run of the services under the supervisor, on its own broker."""
 
-    lake = workdir / "lake"
-    ledger = read_ledger(ledger_path(workdir))
-    table, totals = reconcile(read_topic(lake, "prompts"), read_topic(lake, "trajectories"),
-                              read_topic(lake, "scored"), ledger)
-    row = {"killed": component, "at_step": killed_at,
-           "also_crashed": ",".join(f"{k}x{v}" for k, v in sup.crashed.items()) or "-",
-           "wall_s": round(time.monotonic() - t0), **totals}
-    RESULTS.append(row)
-    print(json.dumps(row))
-    bad = {k: totals[k] for k in VIOLATIONS if totals[k]}
-    assert not bad, f"{component}: accounting violations {bad}\n{table.filter(table['fates'] != 1)}"
-    assert totals.get("fate_trained", 0) == STEPS * GROUPS_PER_STEP, totals
-    if component == "reward":
-        assert totals["duplicates_ignored"] > 0, "the replayed groups never reached the learner"
-    # Only the final fates of a finished run: nothing left undecided.
-    assert set(ledger["fate"].unique()) <= {"trained", "dropped_stale", "dropped_all_wrong", "invalid",
-                                            "duplicate", "unused"}
+    def __init__(self, tmp: Path, run: str, cache: Path, durable: bool = False, extra: dict | None = None) -> None:
+        self.tmp, self.workdir = tmp, tmp / "run"
+        self.store = ObjectStore(tmp / "objectstore", log_path=tmp / "objectstore.log") if durable else None
+        if self.store is not None:
+            self.store.start()
+        self.broker = Broker(log_path=tmp / "broker.log", storage=self.store.storage_url if durable else "memory://tansu/",
+                             env=self.store.client_env() if durable else None)
+        self.broker.start()
+        self.sets = _sets(run, self.workdir, cache, self.broker.bootstrap, extra)
+        ensure_topics(KafkaConfig(bootstrap_servers=self.broker.bootstrap), run)
+        self.sup = Supervisor(tmp / "logs", cwd=REPO, backoff_s=(1, 2, 4), max_restarts=8)
+        self.t0 = time.monotonic()
+
+    def start(self, name: str, worker_index: int | None = None, env: dict | None = None) -> None:
+        service = name.split("-")[0]
+        argv = [sys.executable, "-m", "services.cli", service] + self.sets
+        if worker_index is not None:
+            argv += ["--worker-index", str(worker_index)]
+        self.sup.start(name, argv, env=env)
+
+    def step(self) -> int:
+        try:
+            return json.loads((self.workdir / "progress" / "learner.jsonl").read_text().splitlines()[-1])["step"]
+        except (FileNotFoundError, IndexError, json.JSONDecodeError):
+            return 0
+
+    def until_done(self, on_step=lambda step: None, timeout_s: float = 600) -> None:
+        """Tend the services until the learner has finished (exit 0); ``on_step`` is called with
+        the learner's step every half second (to kill things)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.sup.finished("learner"):
+            assert time.monotonic() < deadline, f"run did not finish; learner log:\n{self.log('learner')}"
+            on_step(self.step())
+            self.sup.tend()
+            time.sleep(0.5)
+        for name in self.sup.children:
+            if name.startswith(("rollout", "reward")):
+                self.sup.stop([name], timeout_s=60)
+        assert self.sup.stop(["recorder"], timeout_s=120)["recorder"] == 0, self.log("recorder")
+
+    def log(self, name: str) -> str:
+        return (self.tmp / "logs" / f"{name}.log").read_text(errors="replace")[-4000:]
+
+    def close(self) -> None:
+        self.sup.stop(timeout_s=10)
+        self.broker.stop()
+        if self.store is not None:
+            self.store.stop()
+
+    def reconcile(self, scenario: str, **row) -> dict:
+        lake = self.workdir / "lake"
+        ledger = read_ledger(ledger_path(self.workdir))
+        table, totals = reconcile(read_topic(lake, "prompts"), read_topic(lake, "trajectories"),
+                                  read_topic(lake, "scored"), ledger, read_topic(lake, "deadletter"))
+        row = {"scenario": scenario, **row,
+               "restarted": ",".join(f"{k}x{v}" for k, v in sorted(self.sup.restarts.items())) or "-",
+               "wall_s": round(time.monotonic() - self.t0), **totals}
+        RESULTS.append(row)
+        print(json.dumps(row))
+        bad = {k: totals[k] for k in VIOLATIONS if totals[k]}
+        assert not bad, f"{scenario}: accounting violations {bad}\n{table.filter(table['fates'] != 1)}"
+        assert totals.get("fate_trained", 0) == STEPS * GROUPS_PER_STEP, totals
+        # Only the final fates of a finished run: nothing left undecided.
+        assert set(ledger["fate"].unique()) <= {"trained", "dropped_stale", "dropped_all_wrong", "abandoned",
+                                                "duplicate", "unused"}
+        return totals
+
+
+def test_each_service_killed_and_restarted(cache, tmp_path, run_name):
+    # The reward worker snapshots rarely, so after its kill the new one re-scores every group from
+    # the start of the topic: the learner must ignore each of them as a duplicate.
+    run = Run(tmp_path, run_name, cache, extra={"rollout.engine": '"vllm"', "erpo.snapshot_every": "1000"})
+    kills = {5: "rollout-0", 10: "reward-0", 15: "learner", 20: "recorder"}
+    killed: dict[str, int] = {}
+    try:
+        for name in ("learner", "reward-0", "rollout-0", "recorder"):
+            run.start(name, 0 if name[-1].isdigit() else None)
+
+        def on_step(step: int) -> None:
+            for at, name in kills.items():
+                if step >= at and name not in killed:
+                    run.sup.kill(name)  # SIGKILL; the supervisor restarts it
+                    killed[name] = step
+
+        run.until_done(on_step)
+    finally:
+        run.close()
+    assert killed.keys() == set(kills.values()), killed
+    assert all(run.sup.restarts.get(name, 0) >= 1 for name in kills.values()), run.sup.restarts
+    totals = run.reconcile("each_service", killed=",".join(f"{n}@{s}" for n, s in killed.items()))
+    assert totals["duplicates_ignored"] > 0, "the replayed groups never reached the learner"
+
+
+def test_crash_windows_with_two_workers_per_stage(cache, tmp_path, run_name):
+    marks = tmp_path / "failpoints"
+    armed = {"learner": "learner.checkpoint@3,learner.publish@10", "rollout-0": "rollout.produced@8",
+             "reward-0": "reward.produced@10", "reward-1": "reward.revoke@1"}
+    run = Run(tmp_path, run_name, cache)
+    killed_at = None
+    try:
+        for name in ("learner", "reward-0", "reward-1", "rollout-0", "rollout-1", "recorder"):
+            env = {ENV: armed[name], DIR_ENV: str(marks)} if name in armed else {}
+            run.start(name, int(name[-1]) if name[-1].isdigit() else None, env)
+
+        def on_step(step: int) -> None:
+            nonlocal killed_at
+            if step >= 20 and killed_at is None:
+                run.sup.kill("reward-1")
+                killed_at = step
+
+        run.until_done(on_step)
+    finally:
+        run.close()
+    fired = sorted(p.stem for p in marks.glob("*.fired"))
+    assert fired == sorted(p.split("@")[0] for spec in armed.values() for p in spec.split(",")), fired
+    for name in armed:
+        assert run.sup.restarts.get(name, 0) >= 1, (name, run.sup.restarts)
+    assert run.sup.restarts["reward-1"] >= 2  # the revoke window and the kill from outside
+    run.reconcile("crash_windows", killed=f"failpoints {','.join(fired)}; reward-1@{killed_at}")
+
+    # ERPO: the partitions' snapshots (each flushed when its last owner stopped) hold exactly the
+    # table one worker builds from the scored topic, each prompt in one partition only.
+    snapshots = load_tables(run.workdir / "erpo")
+    assert snapshots["prompt_id"].is_unique().all(), "a prompt's history is split between partitions"
+    rule = erpo_rule(RunConfig())
+    rebuilt = rebuild_from_scored(read_topic(run.workdir / "lake", "scored"), rule)
+    cols = ["prompt_id", "times_seen", "pass_rates", "temperature", "all_correct_streak", "times_residual"]
+    got = snapshots.select(cols).sort("prompt_id")
+    want = rebuilt.select(cols).sort("prompt_id")
+    assert got.height == want.height > 0
+    assert got.equals(want), (got.join(want, on="prompt_id", suffix="_rebuilt")
+                              .filter(pl.col("times_seen") != pl.col("times_seen_rebuilt")))
+    print(f"ERPO state: {got.height} prompts over {snapshots['partition'].n_unique()} partitions equal the rebuild "
+          f"({int(got['times_seen'].sum())} groups counted)")
+
+
+@pytest.mark.parametrize("attempt", range(BROKER_RUNS))
+def test_broker_killed_and_restarted_on_durable_storage(cache, tmp_path, run_name, attempt):
+    outage_s = 45 if attempt == 0 else 2
+    run = Run(tmp_path, run_name, cache, durable=True)
+    killed_at = None
+    try:
+        for name in ("learner", "reward-0", "rollout-0", "recorder"):
+            run.start(name, 0 if name[-1].isdigit() else None)
+
+        def on_step(step: int) -> None:
+            nonlocal killed_at
+            if step >= 10 and killed_at is None:
+                killed_at = step
+                run.broker.kill()
+                time.sleep(outage_s)
+                run.broker.start()
+
+        run.until_done(on_step, timeout_s=900)
+    finally:
+        run.close()
+    run.reconcile("broker", killed=f"broker@{killed_at} down {outage_s}s")
