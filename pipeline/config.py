@@ -325,6 +325,11 @@ class LearnerConfig(_Strict):
     or a dead worker costs one lease, never the run."""
     lease_p99_factor: float = Field(3.0, ge=1.0)
     """Multiple of the observed p99 ticket-to-group latency a lease lasts at least."""
+    offline: bool = False
+    """Train on recorded groups (`rlstream replay` into this run's topics) instead of live ones:
+    their behaviour policy versions belong to the recorded run, so they are neither checked
+    against this learner's versions nor dropped as stale (the importance weights still use the
+    recorded behaviour log-probs)."""
     max_attempts: int = Field(10, ge=1, le=1000)
     """A ticket whose lease ran out this many times (no valid group ever came) is given up
     (ledger fate `abandoned`), so one poison prompt cannot hold the run."""

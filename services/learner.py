@@ -508,7 +508,7 @@ class Lead:
         for group in groups:
             tid, pid = str(group["ticket_id"][0]), str(group["prompt_id"][0])
             version = int(group["policy_version"][0])
-            if version > state.version:
+            if version > state.version and not lc.offline:
                 self.consumer.dead_letter(d, group, "future_version",
                                           f"invalid_group: future_version: policy_version {version} is ahead of the "
                                           f"learner's v{state.version}")
@@ -526,10 +526,11 @@ class Lead:
             state.received += 1
             lag = state.version - version
             self.lags.append(lag)
-            LAG.observe(lag)
+            if not lc.offline:
+                LAG.observe(lag)
             if draining:
                 self.decide(group, "unused", "arrived after the final step", lag)
-            elif lag > lc.max_staleness:
+            elif lag > lc.max_staleness and not lc.offline:
                 state.dropped += 1
                 self.decide(group, "dropped_stale", f"lag {lag} > max_staleness {lc.max_staleness}", lag)
             elif drop_mask(np.asarray(group["group_pass_rate"][:1]), self.rule)[0]:

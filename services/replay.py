@@ -4,9 +4,10 @@ Reads a topic of the lake (default `scored`, what a learner consumes), de-duplic
 order (time, then partition and offset), leaves out the records its consumers dead-lettered whole,
 and sends every other recorded message again, unchanged, to
 `<run>.<topic>` of the run named in the config (`--set name=...`): the same Arrow bytes, the same
-key (prompt_id), so a learner started on that run trains offline from the logged trajectories. The
-learner's staleness rule still applies (to the recorded behaviour versions against its own) and
-its importance weights use the recorded behaviour log-probs.
+key (prompt_id), so a learner started on that run with ``learner.offline = true`` trains from the
+logged trajectories: the recorded behaviour versions belong to the recorded run, so they are not
+checked against the learner's own versions, and its importance weights use the recorded behaviour
+log-probs.
 """
 
 from __future__ import annotations

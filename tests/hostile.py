@@ -174,9 +174,11 @@ def _bad_offsets(kind, cols: dict) -> bytes:
     return payload.replace(good, struct.pack("<2i", 0, 1 << 30), 1)
 
 
-def _semantic_breaks(topic: str, rng: np.random.Generator, policy_root: Path) -> dict:
-    """name -> columns that decode but carry a value the topic's consumer must refuse."""
+def _semantic_breaks(topic: str, rng: np.random.Generator, policy_root: Path, prompt_ids: list[str]) -> dict:
+    """name -> columns that decode but carry a value the topic's consumer must refuse
+    (``prompt_ids``: the run's own, so a check that looks past the prompt is reached)."""
     k = int(rng.integers(0, 10**6))
+    real = str(prompt_ids[int(rng.integers(0, len(prompt_ids)))]) if prompt_ids else "p1"
     if topic == "prompts":
         return {"ticket_id_unicode_digit": ticket(f"e0-00000\u0663", "p1"),
                 "ticket_epoch_mismatch": ticket("e3-000001", "p1", epoch=0),
@@ -197,8 +199,8 @@ def _semantic_breaks(topic: str, rng: np.random.Generator, policy_root: Path) ->
                 "scored_pass_rate_wrong": _with(g, group_pass_rate=np.float32(0.9)),
                 "scored_status_unknown": _with(g, verify_status="great"),
                 "scored_ticket_unicode_digit": _with(g, ticket_id="e0-00000\u0663"),
-                "scored_unknown_ticket": scored_group([1, 0], ticket_id="e99-000001", prompt_id="p1"),
-                "scored_future_version": scored_group([1, 0], ticket_id="e0-000001", prompt_id="p1", version=FAR)}
+                "scored_unknown_ticket": scored_group([1, 0], ticket_id="e99-000001", prompt_id=real),
+                "scored_future_version": scored_group([1, 0], ticket_id="e0-000001", prompt_id=real, version=FAR)}
     if topic == "temperature":
         return {"temperature_nan": temperature_update(temperature=np.nan),
                 "temperature_negative": temperature_update(temperature=-1.0),
@@ -245,6 +247,8 @@ class Injector:
     run: str
     policy_root: Path
     max_message_bytes: int
+    prompt_ids: list[str] = field(default_factory=list)
+    """The run's prompt ids (some breaks need a prompt the consumer knows)."""
     sent: list[tuple[str, int, int, str]] = field(default_factory=list)
     """(logical topic, partition, offset, class)."""
 
@@ -288,7 +292,7 @@ class Injector:
             "zero_rows": lambda: (encode(kind, take(cols, np.array([], dtype=np.int64))), hdr),
             "arrow_offsets_out_of_range": lambda: (_bad_offsets(kind, cols), hdr),
         }
-        semantic = _semantic_breaks(topic, rng, self.policy_root)
+        semantic = _semantic_breaks(topic, rng, self.policy_root, self.prompt_ids)
         choice = int(rng.integers(0, len(generic) + len(semantic) + len(UNREADABLE)))
         if choice < len(generic):
             cls = list(generic)[choice]

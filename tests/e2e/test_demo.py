@@ -44,7 +44,6 @@ import pytest
 
 from pipeline.config import KafkaConfig
 from pipeline.lake import read_topic
-from pipeline.ledger import without_dead_letters
 
 pytestmark = pytest.mark.e2e
 
@@ -66,7 +65,12 @@ def _inject(bootstrap: str, run_dir: Path, out: dict) -> None:
 
     prepare_policy_traps(run_dir / "policies")
     rng = np.random.default_rng(15)
-    injector = Injector(bootstrap, "demo", run_dir / "policies", KafkaConfig().max_message_bytes)
+    from pipeline.config import load_config
+    from services.cli import shipped_config
+    from services.learner import train_problems
+
+    prompt_ids = [p.prompt_id for p in train_problems(load_config(shipped_config()))]
+    injector = Injector(bootstrap, "demo", run_dir / "policies", KafkaConfig().max_message_bytes, prompt_ids)
     order = [t for t, n in HOSTILE_PER_TOPIC.items() for _ in range(n)]
     rng.shuffle(order)
     t0 = time.monotonic()
@@ -135,9 +139,13 @@ def test_demo_learns_through_10k_hostile_records_records_its_lake_and_replays(tm
     assert cut.height >= 2, "the oversized records' dead letters were not cut to fit"
 
     # The lake holds exactly what flowed: every ticket, trajectory group and scored group (and,
-    # left out here, the hostile records, each dead-lettered whole).
+    # left out here, the hostile records: each is one message, dead-lettered).
+    hostile = pl.DataFrame([(t, p, o) for t, p, o, _ in injected["sent"]], orient="row",
+                           schema={"topic": pl.String, "_partition": pl.Int32, "_offset": pl.Int64})
+
     def used(topic: str) -> pl.DataFrame:
-        return without_dead_letters(read_topic(lake, topic), topic, dead)
+        return read_topic(lake, topic).join(hostile.filter(pl.col("topic") == topic).drop("topic"),
+                                            on=["_partition", "_offset"], how="anti")
 
     learner = _last(run_dir / "progress" / "learner.jsonl")
     scored = used("scored")
@@ -157,7 +165,7 @@ def test_demo_learns_through_10k_hostile_records_records_its_lake_and_replays(tm
     sets = ["--set", 'name="replayed"', "--set", f'kafka.bootstrap_servers="{broker.bootstrap}"',
             "--set", "kafka.session_timeout_ms=2000", "--set", f'workdir="{tmp_path / "replayed"}"',
             "--set", "learner.total_steps=10", "--set", 'learner.backend="torch"',
-            "--set", "learner.drain_timeout_s=0"]
+            "--set", "learner.drain_timeout_s=0", "--set", "learner.offline=true"]
     subprocess.run([sys.executable, "-m", "services.cli", "replay", str(lake)] + sets, cwd=REPO, check=True,
                    env=env, timeout=300)
     subprocess.run([sys.executable, "-m", "services.cli", "learner"] + sets, cwd=REPO, check=True, env=env,
