@@ -2,7 +2,7 @@
 
 Nothing here touches a model hub. The tokenizer is built with the ``tokenizers`` library from a
 fixed character set and wrapped as a ``PreTrainedTokenizerFast``, so the folder it is saved in loads
-like any Hugging Face checkpoint (transformers, and vLLM in a later engine).
+like any Hugging Face checkpoint (transformers and vLLM).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from infra.broker import Broker, die_with_parent
 from pipeline.config import RunConfig
+from services.metrics import serve
 from services.supervisor import GaveUp, Supervisor, tail
 
 def _last_json(path: Path) -> dict | None:
@@ -110,6 +111,7 @@ def run(cfg: RunConfig) -> int:
             "model": cfg.model.model_copy(update={"path": policy_path})})
         # The whole resolved config: `rlstream rollout --run-dir <run>` joins this run with it.
         (run_dir / "config.json").write_text(child_cfg.model_dump_json(indent=2))
+        serve(child_cfg, "demo", "0")  # the launcher's own metrics: rlstream_supervisor_restarts_total
         ensure_topics(child_cfg.kafka, cfg.name)
         base = [sys.executable, "-m", "services.cli"]
         cfg_args = ["--run-dir", str(run_dir)]

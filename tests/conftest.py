@@ -35,3 +35,16 @@ def run_name() -> str:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+"""GSM8K and MATH-500 as JSONL, in ../shared/data beside the checkout (never fetched from a hub)."""
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data folder; tests that need it skip, saying where it should be, if it is absent."""
+    if not (SHARED_DATA / "gsm8k").is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (GSM8K and MATH-500 JSONL, ../shared/data beside "
+                    "the checkout)")
+    return SHARED_DATA

@@ -49,20 +49,19 @@ def _rejection(payload: bytes, headers) -> str:
     return rejected[0].code
 
 
-SEEN: dict[str, int] = {}
-
-
 @settings(max_examples=10_000, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.integers(min_value=0, max_value=2**63 - 1))
 def test_generated_malformed_messages_are_rejected_with_a_reason(seed):
-    name, payload, headers = malformed(np.random.default_rng(seed))
+    _, payload, headers = malformed(np.random.default_rng(seed))
     _rejection(payload, headers)
-    SEEN[name] = SEEN.get(name, 0) + 1
 
 
-def test_every_mutation_was_exercised():
-    # runs after the property test in file order: each mutation kind came up many times
-    assert len(SEEN) >= 18 and min(SEEN.values()) >= 50, SEEN
+def test_every_mutation_kind_comes_up():
+    seen: dict[str, int] = {}
+    for seed in range(3000):
+        name = malformed(np.random.default_rng(seed))[0]
+        seen[name] = seen.get(name, 0) + 1
+    assert len(seen) >= 18 and min(seen.values()) >= 15, seen
 
 
 header_values = st.one_of(st.none(), st.binary(max_size=12), st.sampled_from([b"Trajectory", b"1", b"2"]))

@@ -14,6 +14,7 @@ import services.learner  # noqa: F401
 import services.metrics  # noqa: F401
 import services.reward  # noqa: F401
 import services.rollout  # noqa: F401
+import services.supervisor  # noqa: F401
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "infra" / "grafana" / "dashboards" / "rlstream.json"
 SUFFIXES = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""],

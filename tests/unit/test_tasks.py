@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -16,9 +15,6 @@ from pipeline.tasks import (
     prompt_id_of,
 )
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared beside the checkout
-GSM8K = DATA / "gsm8k" / "test.jsonl"
-MATH500 = DATA / "math500" / "test.jsonl"
 ALL_LEVELS = {d: 1.0 for d in DIFFICULTY_LEVELS}
 
 
@@ -87,7 +83,8 @@ def test_bad_split_and_difficulty():
         arithmetic_problems(1, seed=0, difficulties={99: 1.0})
 
 
-def test_load_gsm8k_extracts_answer_after_hashes():
+def test_load_gsm8k_extracts_answer_after_hashes(shared_data):
+    GSM8K = shared_data / "gsm8k" / "test.jsonl"
     problems = load_problems(GSM8K, limit=5)
     rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:5]]
     assert [p.answer for p in problems] == ["18", "3", "70000", "540", "20"]
@@ -95,7 +92,8 @@ def test_load_gsm8k_extracts_answer_after_hashes():
     assert problems[0].prompt_id == prompt_id_of(rows[0]["question"])
 
 
-def test_load_math500_problem_field():
+def test_load_math500_problem_field(shared_data):
+    MATH500 = shared_data / "math500" / "test.jsonl"
     problems = load_problems(MATH500, question_field="problem", limit=3)
     rows = [json.loads(line) for line in MATH500.read_text().splitlines()[:3]]
     assert [p.text for p in problems] == [r["problem"] for r in rows]
