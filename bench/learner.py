@@ -3,7 +3,7 @@
 One run, one machine, the same randomly initialised Qwen2 (vocabulary 8,192) and the same batch
 of 16 groups x 8 samples (prompts of 16-24 tokens, completions of 16-48):
 
-* ours: `services.learner.train_step` (GRPO advantages, decoupled PPO with TIS, token-mean, one
+* ours: `pipeline.learn.train_step` (GRPO advantages, decoupled PPO with TIS, token-mean, one
   update; batch packing included) with the plain torch backend, no KL term;
 * trl: `trl.GRPOTrainer.compute_loss` on the same model and batch (left-padded prompts,
   right-padded completions, as TRL lays them out; `loss_type="dapo"`, i.e. token-mean;
@@ -40,7 +40,7 @@ from pipeline.erpo import ErpoRule
 from pipeline.model import build_char_tokenizer, build_tiny_qwen2
 from pipeline.trainer import TorchTrainer
 from schemas import Ragged
-from services.learner import train_step
+from pipeline.learn import train_step
 
 VOCAB, GROUPS, G = 8192, 16, 8
 

@@ -95,6 +95,9 @@ class PartitionedHistory:
     def revoke(self, partition: int) -> None:
         self.parts.pop(partition, None)
 
+    def scored_already(self, partition: int, ticket_id: str, attempt: int) -> bool:
+        return attempt_key(ticket_id, attempt) in self.parts[partition].scored
+
     def classify(self, partition: int, ticket_id: str, attempt: int) -> str:
         """``duplicate`` (this attempt was scored already), ``apply`` (score it, send it and apply it
         to the table: the ticket's first group) or ``send`` (score and send only: a later attempt

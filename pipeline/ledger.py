@@ -17,9 +17,10 @@ leases: a group that failed a check decided its ticket; now it is dead-lettered 
 stays outstanding.)
 
 ``step`` is the checkpoint that makes the decision durable: the step that trained the group, or
-for the other fates the next step to complete. A learner that resumes from checkpoint N first
-truncates the ledger to ``step <= N`` (what happened after N is redone), so the ledger is the
-history of the surviving run.
+for the other fates the next step to complete. A learner that resumes from checkpoint N appends a
+``resumed`` marker at step N: what happened after N is redone, so `read_ledger` leaves out the rows
+of steps after N written before the marker, and the ledger reads as the history of the surviving
+run. The file itself is never rewritten or truncated.
 
 :func:`reconcile` joins the ledger with the recorded lake (tickets issued, groups generated,
 groups scored) and checks the run's accounting: every issued ticket has exactly one final fate,
@@ -29,11 +30,12 @@ no ticket is trained twice, and nothing the learner decided is missing from the 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import polars as pl
 
+RESUMED = "resumed"
+"""Marker row: the run continued from the checkpoint of its step."""
 FINAL_FATES = ("trained", "dropped_stale", "dropped_all_wrong", "abandoned", "invalid", "unused", "unresolved")
 LEDGER_SCHEMA = {"step": pl.Int64, "ticket_id": pl.String, "attempt": pl.Int64, "group_id": pl.String,
                  "prompt_id": pl.String, "fate": pl.String, "reason": pl.String, "lag": pl.Int64}
@@ -44,17 +46,29 @@ def ledger_path(workdir: Path) -> Path:
 
 
 class Ledger:
-    """Append-only JSON lines: rows are buffered by `add` and written by `flush` (the learner
-    flushes once per poll and once per step)."""
+    """Append-only JSON lines, never rewritten: rows are buffered by `add` and written by `flush`
+    (the learner flushes once per poll and once per step). A learner that resumes from checkpoint N
+    appends a ``resumed`` row at step N (`resume`); readers (`read_ledger`) then disregard the rows
+    of steps after N written before it, so the ledger reads as the history of the surviving run
+    while the file keeps everything that happened."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
         self._f = open(path, "a", encoding="utf-8")
+        if torn:  # a crash cut the last line: end it, so the next row starts on its own line
+            self._f.write("\n")
         self._pending: list[dict] = []
 
     def add(self, row: dict) -> None:
         self._pending.append(row)
+
+    def resume(self, step: int, reason: str) -> None:
+        """Mark that the run continues from the checkpoint of ``step``."""
+        self.add({"step": step, "ticket_id": "", "attempt": 0, "group_id": "", "prompt_id": "", "fate": RESUMED,
+                  "reason": reason, "lag": None})
+        self.flush()
 
     def flush(self) -> None:
         if self._pending:
@@ -66,32 +80,26 @@ class Ledger:
         self.flush()
         self._f.close()
 
-    @staticmethod
-    def truncate(path: Path, step: int) -> int:
-        """Keep the rows with ``step <= step`` (atomically); returns how many were removed. A
-        torn last line (crash mid-write) is removed too."""
-        if not path.exists():
-            return 0
-        kept, removed = [], 0
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                keep = json.loads(line)["step"] <= step
-            except (json.JSONDecodeError, KeyError, TypeError):
-                keep = False
-            if keep:
-                kept.append(line + "\n")
-            else:
-                removed += 1
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
-        return removed
-
 
 def read_ledger(path: Path) -> pl.DataFrame:
+    """The ledger as the surviving run's history: rows of steps a later ``resumed`` marker undid are
+    left out, the markers too, and so is a line torn by a crash."""
     if not path.exists() or path.stat().st_size == 0:
         return pl.DataFrame(schema=LEDGER_SCHEMA)
-    return pl.read_ndjson(path, schema=LEDGER_SCHEMA).with_columns(pl.col("attempt").fill_null(0))
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append({k: row.get(k) for k in LEDGER_SCHEMA})
+    df = pl.DataFrame(rows, schema=LEDGER_SCHEMA, orient="row").with_columns(pl.col("attempt").fill_null(0))
+    # Per row, the earliest resume point marked after it (null: none).
+    undone_after = (pl.when(pl.col("fate") == RESUMED).then(pl.col("step")).otherwise(None)
+                    .reverse().cum_min().forward_fill().reverse())
+    return (df.filter((pl.col("step") <= undone_after) | undone_after.is_null())
+            .filter(pl.col("fate") != RESUMED))
 
 
 def without_dead_letters(rows: pl.DataFrame, topic: str, dead_letters: pl.DataFrame | None) -> pl.DataFrame:

@@ -517,15 +517,11 @@ class Consumer:
         if tp is None:
             raise error
         offset = self._consumer.position(tp)
-        reason = f"unreadable_record: {type(error).__name__}: {error}"
         MESSAGES.labels(self._logical[tp.topic], "deadlettered" if self._deadletter is not None else "dropped").inc()
+        self._dead(tp.topic, tp.partition, offset, None, [], "unreadable_record",
+                   f"unreadable_record: {type(error).__name__}: {error}")
         if self._deadletter is not None:
-            self._send_dead_letter(tp.topic, tp.partition, offset, None, [], "unreadable_record", reason)
             self._deadletter.flush()
-            self.stats["deadlettered"] += 1
-        else:
-            log.error("skipping unreadable record %s[%d]@%d: %s", tp.topic, tp.partition, offset, reason)
-            self.stats["dropped"] += 1
         self._consumer.seek(tp, offset + 1)
 
     def _unreadable_partition(self, error: BaseException) -> TopicPartition | None:
@@ -562,9 +558,8 @@ class Consumer:
                     kind, columns = decode(expected, value, headers)
                 except Exception as e:  # noqa: BLE001 -- DecodeError, or anything else the bytes provoke
                     code = e.reason if isinstance(e, DecodeError) else "undecodable"
-                    self._reject(tp, rec.offset, value, headers, code, f"{code}: {e}")
+                    self._dead(tp.topic, tp.partition, rec.offset, value, headers, code, f"{code}: {e}")
                     bad += 1
-                    MESSAGES.labels(logical, "deadlettered" if self._deadletter is not None else "dropped").inc()
                     continue
                 decoded += 1
                 deliveries.append(Delivery(logical, tp.partition, rec.offset, rec.key, kind, columns, rec.timestamp,
@@ -573,18 +568,14 @@ class Consumer:
                 advanced[(logical, tp.partition)] = records[-1].offset + 1
             if decoded:
                 MESSAGES.labels(logical, "consumed").inc(decoded)
+            if len(records) > decoded:
+                MESSAGES.labels(logical, "deadlettered" if self._deadletter is not None else "dropped").inc(
+                    len(records) - decoded)
         if bad and self._deadletter is not None:
             self._deadletter.flush()
         self._positions.update(advanced)
         self.stats["delivered"] += len(deliveries)
-        self.stats["deadlettered" if self._deadletter is not None else "dropped"] += bad
         return deliveries
-
-    def _reject(self, tp: TopicPartition, offset: int, payload: bytes, headers, code: str, reason: str) -> None:
-        if self._deadletter is None:
-            log.error("dropping undecodable record %s[%d]@%d: %s", tp.topic, tp.partition, offset, reason[:500])
-            return
-        self._send_dead_letter(tp.topic, tp.partition, offset, payload, headers, code, reason)
 
     def dead_letter(self, delivery: Delivery, columns: Columns, code: str, reason: str) -> None:
         """Send part of a decoded delivery (e.g. one invalid group, re-encoded as its kind) to the
@@ -592,20 +583,13 @@ class Consumer:
         next flush, which comes before its commit."""
         if self._deadletter is None:
             raise TransportError("this consumer has no dead-letter producer")
-        self._send_dead_letter(topic_name(self._run, delivery.topic), delivery.partition, delivery.offset,
-                               encode(delivery.kind, columns), headers_for(delivery.kind), code, reason)
-        self.stats["deadlettered"] += 1
+        self._dead(topic_name(self._run, delivery.topic), delivery.partition, delivery.offset,
+                   encode(delivery.kind, columns), headers_for(delivery.kind), code, reason)
 
     def reject(self, delivery: Delivery, code: str, reason: str) -> None:
-        """Dead-letter a whole decoded delivery, byte for byte (with `deadletter=None`: log and
-        count it as dropped; another consumer of the topic owns it)."""
-        if self._deadletter is None:
-            log.error("dropping %s[%d]@%d: %s", delivery.topic, delivery.partition, delivery.offset, reason[:500])
-            self.stats["dropped"] += 1
-            return
-        self._send_dead_letter(topic_name(self._run, delivery.topic), delivery.partition, delivery.offset,
-                               delivery.value, delivery.headers, code, reason)
-        self.stats["deadlettered"] += 1
+        """Dead-letter a whole decoded delivery, byte for byte."""
+        self._dead(topic_name(self._run, delivery.topic), delivery.partition, delivery.offset, delivery.value,
+                   delivery.headers, code, reason)
 
     @contextlib.contextmanager
     def guard(self, delivery: Delivery) -> Iterator[None]:
@@ -622,12 +606,18 @@ class Consumer:
             log.exception("processing %s[%d]@%d failed", delivery.topic, delivery.partition, delivery.offset)
             self.reject(delivery, "apply_failed", f"apply_failed: {type(e).__name__}: {e}")
 
-    def _send_dead_letter(self, full_topic: str, partition: int, offset: int, payload: bytes | None,
-                          headers, code: str, reason: str) -> None:
-        """`payload` None: the record could not be read at all."""
-        assert self._deadletter is not None
+    def _dead(self, full_topic: str, partition: int, offset: int, payload: bytes | None, headers, code: str,
+              reason: str) -> None:
+        """Send one record (``payload`` None: it could not be read at all) or part of one to the
+        dead-letter topic. A consumer without a dead-letter producer (the recorder) logs it and
+        counts it as dropped: the topic's own consumer dead-letters it."""
+        if self._deadletter is None:
+            log.error("dropping %s[%d]@%d: %s", full_topic, partition, offset, reason[:500])
+            self.stats["dropped"] += 1
+            return
         log.warning("dead-lettering %s[%d]@%d: %s", full_topic, partition, offset, reason[:500])
         DEAD_LETTERS.labels(_logical_of(full_topic), code).inc()
+        self.stats["deadlettered"] += 1
 
         def header(name: str) -> str | None:
             for key, value in headers:

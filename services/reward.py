@@ -136,35 +136,30 @@ class Reward:
         self.groups = self.temp_updates = self.reactivations = 0
 
     def _on_assign(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
-        seeks = {}
-        for topic, p in partitions:
-            seeks[(topic, p)] = self.history.assign(p).position
+        """Restore each partition's state from its snapshot and continue from the snapshot's offset."""
+        seeks = {key: self.history.assign(key[1]).position for key in partitions}
         PARTITIONS.set(len(self.history.parts))
         return seeks
 
     def _on_revoke(self, partitions: list[tuple[str, int]]) -> None:
-        """Snapshot the partitions before another member takes them, then commit their offsets."""
-        positions = self.consumer.positions()
-        offsets = {}
-        for key in partitions:
-            p = key[1]
-            if p in self.history.parts:
-                offsets[key] = positions.get(key, self.history.parts[p].position)
-                self.history.save(p, offsets[key])
-                self.history.revoke(p)
-        failpoint("reward.revoke")
-        self.consumer.commit_offsets(offsets)
+        """Hand the partitions over: snapshot them before another member takes them."""
+        self._snapshot([p for _, p in partitions], revoke=True)
         PARTITIONS.set(len(self.history.parts))
 
-    def _snapshot(self, partitions: list[int]) -> None:
-        """Snapshot these partitions at their current positions, then commit exactly those offsets."""
+    def _snapshot(self, partitions: list[int], revoke: bool = False) -> None:
+        """Snapshot these partitions at their current positions (every record before them is
+        applied and its results flushed), then commit exactly those offsets."""
         positions = self.consumer.positions()
         offsets = {}
         for p in partitions:
-            key = ("trajectories", p)
-            if p in self.history.parts and key in positions:
-                self.history.save(p, positions[key])
-                offsets[key] = positions[key]
+            if p in self.history.parts:
+                key = ("trajectories", p)
+                offsets[key] = positions.get(key, self.history.parts[p].position)
+                self.history.save(p, offsets[key])
+                if revoke:
+                    self.history.revoke(p)
+        if revoke:
+            failpoint("reward.revoke")
         self.consumer.commit_offsets(offsets)
 
     def score_delivery(self, d: Delivery, pool: VerifierPool) -> list[tuple[Columns, bool]]:
@@ -174,11 +169,9 @@ class Reward:
         for r in rejected:
             self.consumer.dead_letter(d, r.columns, r.code, r.reason)
             GROUP_FATES.labels("invalid").inc()
-        state = self.history.parts[d.partition]
         fresh = []
         for g in groups:
-            key = f"{g['ticket_id'][0]}/{int(g['attempt'][0])}"
-            if key in state.scored:
+            if self.history.scored_already(d.partition, str(g["ticket_id"][0]), int(g["attempt"][0])):
                 GROUP_FATES.labels("duplicate").inc()
             else:
                 fresh.append(g)
@@ -215,8 +208,9 @@ class Reward:
         VERIFY_SECONDS.observe(t_erpo - t0)
         applied = [self.history.apply(p, group_frame(gs), time.time()) for p, gs in to_apply.items()]
         updates = [u for u, _ in applied]
-        self.reactivations += sum(r for _, r in applied)
-        REACTIVATIONS.inc(sum(r for _, r in applied))
+        reactivated = sum(r for _, r in applied)
+        self.reactivations += reactivated
+        REACTIVATIONS.inc(reactivated)
         erpo_s = time.monotonic() - t_erpo
         UPDATE_SECONDS.observe(erpo_s)
         for d, g in to_send:

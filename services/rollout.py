@@ -33,7 +33,7 @@ from pipeline.failpoints import failpoint
 from pipeline.transport import Consumer, Delivery, Producer, RecordRejected, topic_name
 from pipeline.validate import Limits, check_message
 from pipeline.weights import PolicyMissing, WeightsError, verify_published
-from schemas import POLICY_UPDATE, PROMPT_TICKET, TEMPERATURE_UPDATE, TRAJECTORY, Columns, Ragged
+from schemas import TRAJECTORY, Columns, Ragged
 from services.common import JsonlWriter, StopFlag, initial_policy_path, set_threads, worker_id
 from services.metrics import serve
 
@@ -81,11 +81,27 @@ def group_columns(samples: list[Sample], ticket: dict, version: int, temperature
     }
 
 
-def _check(consumer: Consumer, d: Delivery, limits: Limits = Limits()) -> None:
+def _check(d: Delivery, limits: Limits = Limits()) -> None:
     """Raise `RecordRejected` (inside `consumer.guard`) if the message's values are unusable."""
     problem = check_message(d.kind, d.columns, limits)
     if problem is not None:
         raise RecordRejected(problem.code, problem.message_reason)
+
+
+def drain(consumer: Consumer, apply, timeout_ms: int, max_polls: int) -> int:
+    """Poll until nothing more comes (at most ``max_polls`` times); ``apply`` each delivery whose
+    values pass `_check`, dead-lettering any that fail or break ``apply``. Returns the rows applied."""
+    n = 0
+    for _ in range(max_polls):
+        deliveries = consumer.poll(timeout_ms=timeout_ms)
+        if not deliveries:
+            break
+        for d in deliveries:
+            with consumer.guard(d):
+                _check(d)
+                apply(d)
+                n += len(d.columns[d.kind.schema.names[0]])
+    return n
 
 
 class PolicyFollower:
@@ -103,14 +119,7 @@ class PolicyFollower:
 
     def refresh(self, engine, timeout_ms: int = 0, max_polls: int = 10) -> None:
         """Load the newest announced weights if newer than the engine's (hashes checked first)."""
-        for _ in range(max_polls):
-            deliveries = self._policies.poll(timeout_ms=timeout_ms)
-            if not deliveries:
-                break
-            for d in deliveries:
-                with self._policies.guard(d):
-                    _check(self._policies, d)
-                    self._pending.append((int(d.columns["version"][0]), d))
+        drain(self._policies, lambda d: self._pending.append((int(d.columns["version"][0]), d)), timeout_ms, max_polls)
         self._pending.sort(key=lambda vd: vd[0], reverse=True)
         while self._pending and self._pending[0][0] > engine.version:
             version, d = self._pending.pop(0)
@@ -141,17 +150,9 @@ class TemperatureFollower:
 
     def refresh(self, timeout_ms: int = 0, max_polls: int = 20) -> int:
         """Apply what has arrived (waiting up to `timeout_ms` per poll); returns updates read."""
-        n = 0
-        for _ in range(max_polls):
-            deliveries = self._consumer.poll(timeout_ms=timeout_ms)
-            if not deliveries:
-                break
-            for d in deliveries:
-                with self._consumer.guard(d):
-                    _check(self._consumer, d)
-                    self.temperatures.update(zip(d.columns["prompt_id"], d.columns["temperature"].tolist()))
-                    n += len(d.columns["prompt_id"])
-        return n
+        return drain(self._consumer,
+                     lambda d: self.temperatures.update(zip(d.columns["prompt_id"], d.columns["temperature"].tolist())),
+                     timeout_ms, max_polls)
 
     def catch_up(self, idle_ms: int = 500) -> None:
         """Read the topic up to its current end before the first batch. Tansu's "latest" offset
@@ -218,7 +219,7 @@ class Rollout:
         out = []
         for d in deliveries:
             with self.tickets.guard(d):
-                _check(self.tickets, d, self.limits)
+                _check(d, self.limits)
                 rows = [{k: d.columns[k][i] for k in TICKET_FIELDS} for i in range(len(d.columns["ticket_id"]))]
                 lengths = [len(ids) for ids in encode_prompts(self.tokenizer, [r["text"] for r in rows])]
                 if max(lengths) > self.engine.max_prompt_tokens:

@@ -180,7 +180,7 @@ def _semantic_breaks(topic: str, rng: np.random.Generator, policy_root: Path, pr
     k = int(rng.integers(0, 10**6))
     real = str(prompt_ids[int(rng.integers(0, len(prompt_ids)))]) if prompt_ids else "p1"
     if topic == "prompts":
-        return {"ticket_id_unicode_digit": ticket(f"e0-00000\u0663", "p1"),
+        return {"ticket_id_unicode_digit": ticket("e0-00000\u0663", "p1"),
                 "ticket_epoch_mismatch": ticket("e3-000001", "p1", epoch=0),
                 "ticket_attempt_negative": ticket("e0-000001", "p1", attempt=-1),
                 "ticket_attempt_huge": ticket("e0-000001", "p1", attempt=10**6),
@@ -191,7 +191,7 @@ def _semantic_breaks(topic: str, rng: np.random.Generator, policy_root: Path, pr
     if topic == "trajectories":
         name, g = _semantic(rng)
         return {f"group_{name}": g,
-                "group_ticket_unicode_digit": trajectory_group(f"e0-00000\u0663", "p1"),
+                "group_ticket_unicode_digit": trajectory_group("e0-00000\u0663", "p1"),
                 "group_attempt_huge": trajectory_group("e0-000001", "p1", attempt=10**6)}
     if topic == "scored":
         g = scored_group([1, 0, 1, 0], ticket_id=f"e0-{k:06d}", prompt_id=f"p{k}")

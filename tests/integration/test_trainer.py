@@ -20,7 +20,7 @@ from pipeline.model import build_tiny_qwen2
 from pipeline.trainer import (DeepSpeedTrainer, TorchTrainer, deepspeed_config, ensure_extensions_dir, lr_at,
                               make_trainer)
 from schemas import Ragged
-from services.learner import train_step
+from pipeline.learn import train_step
 
 pytestmark = pytest.mark.integration
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import polars as pl
 
 from pipeline.ledger import LEDGER_SCHEMA, Ledger, read_ledger, reconcile
@@ -38,18 +36,29 @@ def test_reconcile_counts_and_violations():
     assert totals["trained_twice"] == 1 and totals["several_fates"] == 1 and totals["ledger_without_ticket"] == 1
 
 
-def test_ledger_truncate_keeps_the_surviving_history(tmp_path):
+def test_a_resumed_ledger_reads_as_the_surviving_run_and_keeps_every_line(tmp_path):
     path = tmp_path / "ledger.jsonl"
     led = Ledger(path)
     for s in (1, 2, 3, 4):
-        led.add({"step": s, "ticket_id": f"t{s}", "group_id": "g", "prompt_id": "p", "fate": "trained",
-                 "reason": "", "lag": 0})
+        led.add({"step": s, "ticket_id": f"t{s}", "attempt": 0, "group_id": "g", "prompt_id": "p",
+                 "fate": "trained", "reason": "", "lag": 0})
     led.close()
     with open(path, "a") as f:
         f.write('{"step": 5, "ticket_id": "t5", "gro')  # torn by a crash mid-write
-    assert Ledger.truncate(path, 2) == 3
-    assert read_ledger(path)["ticket_id"].to_list() == ["t1", "t2"]
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    # The learner restarts from the checkpoint of step 2 and redoes steps 3 and 4.
+    led = Ledger(path)
+    led.resume(2, "restart")
+    led.add({"step": 3, "ticket_id": "t3b", "attempt": 0, "group_id": "g", "prompt_id": "p", "fate": "trained",
+             "reason": "", "lag": 0})
+    led.close()
+    assert read_ledger(path)["ticket_id"].to_list() == ["t1", "t2", "t3b"]
+    lines = path.read_text().splitlines()
+    assert len(lines) == 7 and lines[4].startswith('{"step": 5')  # nothing rewritten or removed
+    # A second restart from step 1 undoes everything after it, the earlier marker included.
+    led = Ledger(path)
+    led.resume(1, "restart")
+    led.close()
+    assert read_ledger(path)["ticket_id"].to_list() == ["t1"]
 
 
 def test_reconcile_shows_attempts_and_reads_lakes_from_before_leases():

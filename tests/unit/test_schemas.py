@@ -11,12 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas import (
-    DEAD_LETTER,
     KINDS,
     POLICY_UPDATE,
     PROMPT_TICKET,
     SCORED_TRAJECTORY,
-    TEMPERATURE_UPDATE,
     TRAJECTORY,
     Columns,
     DecodeError,
@@ -27,7 +25,6 @@ from schemas import (
     decode,
     encode,
     headers_for,
-    num_rows,
     take,
 )
 from schemas.codec import _from_arrow

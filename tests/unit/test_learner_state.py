@@ -1,0 +1,45 @@
+"""The learner's restart rules: what a checkpoint restores, what a fresh start keeps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from services.cli import shipped_config
+from services.learner import LearnerState, start_fresh
+
+
+def test_a_fresh_start_moves_the_previous_life_aside_and_deletes_nothing(tmp_path):
+    cfg = load_config(shipped_config(), [f'workdir="{tmp_path}"', 'learner.resume="fresh"'])
+    assert start_fresh(cfg) is None  # nothing to move
+    (tmp_path / "checkpoints" / "step-00000004").mkdir(parents=True)
+    (tmp_path / "ledger").mkdir()
+    (tmp_path / "ledger" / "learner.jsonl").write_text('{"step": 1}\n')
+    aside = start_fresh(cfg)
+    assert aside.parent == tmp_path and aside.name.startswith("previous-")
+    assert (aside / "checkpoints" / "step-00000004").is_dir()
+    assert (aside / "ledger" / "learner.jsonl").read_text() == '{"step": 1}\n'
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "ledger").exists()
+
+
+def test_resume_settings():
+    assert load_config(shipped_config()).learner.resume == "auto"  # a restart is a resume
+    assert load_config(shipped_config(), ["learner.resume=true"]).learner.resume == "require"
+    with pytest.raises(ConfigError, match="'fresh' to start over"):
+        load_config(shipped_config(), ["learner.resume=false"])
+
+
+def test_checkpoints_from_before_leases_load():
+    old = {"step": 4, "version": 4, "received": 16, "trained": 16, "dropped": 0, "filtered": 0, "duplicates": 0,
+           "invalid": 0, "ticket_position": 20, "outstanding": ["e0-000018", "e0-000019"],
+           "offsets": [["scored", 0, 7]], "seen": ["e0-000000"]}
+    state = LearnerState.from_json(json.dumps(old))
+    assert state.outstanding == {"e0-000018": 0, "e0-000019": 0} and state.offsets == {("scored", 0): 7}
+    assert LearnerState.from_json(state.to_json()) == state
+
+
+def test_an_override_into_a_value_names_it():
+    with pytest.raises(ConfigError, match="seed is a value, not a section"):
+        load_config(shipped_config(), ["seed.x=1"])
