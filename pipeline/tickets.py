@@ -107,15 +107,22 @@ def lease_seconds(floor_s: float, p99_factor: float, latencies: list[float] | np
 class TicketBook:
     """The learner's tickets: issued, outstanding under leases, queued for training, decided.
 
-    Arrival verdicts (`arrival`): ``unknown`` (not a ticket of this run for that prompt),
+    Arrival verdicts (`arrival`): ``unknown`` (not a ticket of this run for that prompt, or one
+    further ahead of the issue position than any life of the learner can have issued),
     ``duplicate`` (decided already, queued already, or behind the issue position and not
     outstanding), ``new`` (the first group of an outstanding ticket, or of one a previous life of
-    the learner issued beyond the position it logged: adopted, and skipped when issuing gets there).
+    the learner issued beyond the position it logged, within `adopt_window`: adopted, and skipped
+    when issuing gets there).
     """
 
     def __init__(self, source: TicketSource, lease_floor_s: float, lease_p99_factor: float,
-                 max_attempts: int = 10, decided_window: int = 20_000, latency_window: int = 1000) -> None:
+                 max_attempts: int = 10, adopt_window: int = 1024, decided_window: int = 20_000,
+                 latency_window: int = 1000) -> None:
         self.source = source
+        self.adopt_window = adopt_window
+        """How far beyond the issue position a previous life of the learner can have issued
+        tickets (it logs its position after every flush, which issues at most the capacity): a
+        group for a ticket further ahead was never issued by this run."""
         self.lease_floor_s = lease_floor_s
         self.lease_p99_factor = lease_p99_factor
         self.max_attempts = max_attempts
@@ -166,7 +173,7 @@ class TicketBook:
         """``unknown``, ``duplicate`` or ``new`` for a group of ``ticket_id`` (see the class doc).
         A new group of the current attempt records its ticket-to-group latency."""
         k = self.source.position_of(ticket_id, prompt_id)
-        if k is None:
+        if k is None or k >= self.source.position + self.adopt_window:
             return "unknown"
         lease = self.outstanding.get(ticket_id)
         if ticket_id in self.decided or ticket_id in self.queued or (lease is None and k < self.source.position):

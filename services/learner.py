@@ -340,8 +340,10 @@ class Lead:
         self.learn, self.channel = learn, channel
         self.rule = erpo_rule(cfg)
         self.stop = StopFlag()
+        self.capacity = max(1, self.lc.max_staleness) * self.lc.groups_per_step
         self.book = TicketBook(TicketSource(train_problems(cfg), cfg.seed), self.lc.lease_floor_s,
-                               self.lc.lease_p99_factor, self.lc.max_attempts, decided_window=SEEN_WINDOW)
+                               self.lc.lease_p99_factor, self.lc.max_attempts, adopt_window=4 * self.capacity,
+                               decided_window=SEEN_WINDOW)
         self.limits = replace(limits, known_prompts=frozenset(p.prompt_id for p in self.book.source.problems))
         self.issue_log = IssueLog(cfg.workdir / "ledger" / "issued.json")
         # The ledger reads as the history of the surviving run: what happened after the checkpoint
@@ -364,7 +366,6 @@ class Lead:
         self.metrics_address = serve(cfg, "learner", "0")
         self.progress = JsonlWriter(cfg.workdir / "progress" / "learner.jsonl")
         self.prompts_topic, self.policy_topic = topic_name(cfg.name, "prompts"), topic_name(cfg.name, "policy")
-        self.capacity = max(1, self.lc.max_staleness) * self.lc.groups_per_step
         self.offsets = OffsetTracker()
         self.ready: list[tuple[Columns, tuple[str, int, int]]] = []
         self.lags: list[int] = []

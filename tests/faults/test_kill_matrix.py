@@ -8,15 +8,11 @@ the lake with the learner's ledger (`pipeline.ledger.reconcile`): every issued t
 one fate, none is trained twice, and exactly ``STEPS x GROUPS_PER_STEP`` groups were trained. Every
 process killed must have been restarted by the supervisor.
 
-- ``each_service``: one worker per stage (the rollout on vLLM); kill -9 from outside, one after the
-  other: the rollout, the reward worker, the learner, the recorder.
-- ``crash_windows``: two rollout and two reward workers; failpoints (`pipeline.failpoints`) kill
-  processes inside the windows: the learner while writing a checkpoint and between publishing
-  weights and announcing them, a rollout between producing its groups and committing its tickets,
-  a reward worker between producing scored groups and snapshotting, the other reward worker in the
-  middle of a rebalance (state snapshotted, offsets not committed); then that worker is killed -9
-  from outside too. ERPO's state must then equal what one worker rebuilds by replaying the run's
-  scored topic, with no prompt's history split between partitions.
+- crash windows: two rollout (one on vLLM) and two reward workers; failpoints
+  (`pipeline.failpoints`) kill every service inside the windows that matter, and kill -9 from
+  outside adds a rollout, the recorder and a reward worker (see the test's docstring). ERPO's state
+  must then equal what one worker rebuilds by replaying the run's scored topic, with no prompt's
+  history split between partitions.
 - ``broker``: Tansu on durable SeaweedFS storage killed -9 and restarted, once after a 45-second
   outage and then after 2 s (``RLSTREAM_BROKER_RUNS`` runs, 3 by default; 20 for the closing
   figure). Tansu can acknowledge a produce and lose it when killed; ticket leases re-issue what
@@ -102,9 +98,10 @@ class Run:
         self.sup = Supervisor(tmp / "logs", cwd=REPO, backoff_s=(1, 2, 4), max_restarts=8)
         self.t0 = time.monotonic()
 
-    def start(self, name: str, worker_index: int | None = None, env: dict | None = None) -> None:
+    def start(self, name: str, worker_index: int | None = None, env: dict | None = None,
+              extra: list[str] | None = None) -> None:
         service = name.split("-")[0]
-        argv = [sys.executable, "-m", "services.cli", service] + self.sets
+        argv = [sys.executable, "-m", "services.cli", service] + self.sets + (extra or [])
         if worker_index is not None:
             argv += ["--worker-index", str(worker_index)]
         self.sup.start(name, argv, env=env)
@@ -157,15 +154,25 @@ class Run:
         return totals
 
 
-def test_each_service_killed_and_restarted(cache, tmp_path, run_name):
-    # The reward worker snapshots rarely, so after its kill the new one re-scores every group from
-    # the start of the topic: the learner must ignore each of them as a duplicate.
-    run = Run(tmp_path, run_name, cache, extra={"rollout.engine": '"vllm"', "erpo.snapshot_every": "1000"})
-    kills = {5: "rollout-0", 10: "reward-0", 15: "learner", 20: "recorder"}
+def test_every_service_killed_in_its_crash_windows_with_two_workers_per_stage(cache, tmp_path, run_name):
+    """Two rollout workers (one on vLLM) and two reward workers. Failpoints kill the learner while
+    it writes a checkpoint and between publishing weights and announcing them, rollout-0 between
+    producing its groups and committing its tickets, reward-0 between producing scored groups and
+    snapshotting, reward-1 in the middle of a rebalance (state snapshotted, offsets not committed);
+    kill -9 from outside takes rollout-1 (vLLM) at step 6, the recorder at step 12 and reward-1
+    again at step 20. The supervisor restarts each; the run must account for every ticket, and
+    ERPO's partition snapshots must equal the table one worker rebuilds from the scored topic."""
+    marks = tmp_path / "failpoints"
+    armed = {"learner": "learner.checkpoint@3,learner.publish@10", "rollout-0": "rollout.produced@8",
+             "reward-0": "reward.produced@10", "reward-1": "reward.revoke@1"}
+    kills = {6: "rollout-1", 12: "recorder", 20: "reward-1"}
+    run = Run(tmp_path, run_name, cache)
     killed: dict[str, int] = {}
     try:
-        for name in ("learner", "reward-0", "rollout-0", "recorder"):
-            run.start(name, 0 if name[-1].isdigit() else None)
+        for name in ("learner", "reward-0", "reward-1", "rollout-0", "rollout-1", "recorder"):
+            env = {ENV: armed[name], DIR_ENV: str(marks)} if name in armed else {}
+            run.start(name, int(name[-1]) if name[-1].isdigit() else None, env,
+                      ["--set", 'rollout.engine="vllm"'] if name == "rollout-1" else [])
 
         def on_step(step: int) -> None:
             for at, name in kills.items():
@@ -176,38 +183,15 @@ def test_each_service_killed_and_restarted(cache, tmp_path, run_name):
         run.until_done(on_step)
     finally:
         run.close()
-    assert killed.keys() == set(kills.values()), killed
-    assert all(run.sup.restarts.get(name, 0) >= 1 for name in kills.values()), run.sup.restarts
-    totals = run.reconcile("each_service", killed=",".join(f"{n}@{s}" for n, s in killed.items()))
-    assert totals["duplicates_ignored"] > 0, "the replayed groups never reached the learner"
-
-
-def test_crash_windows_with_two_workers_per_stage(cache, tmp_path, run_name):
-    marks = tmp_path / "failpoints"
-    armed = {"learner": "learner.checkpoint@3,learner.publish@10", "rollout-0": "rollout.produced@8",
-             "reward-0": "reward.produced@10", "reward-1": "reward.revoke@1"}
-    run = Run(tmp_path, run_name, cache)
-    killed_at = None
-    try:
-        for name in ("learner", "reward-0", "reward-1", "rollout-0", "rollout-1", "recorder"):
-            env = {ENV: armed[name], DIR_ENV: str(marks)} if name in armed else {}
-            run.start(name, int(name[-1]) if name[-1].isdigit() else None, env)
-
-        def on_step(step: int) -> None:
-            nonlocal killed_at
-            if step >= 20 and killed_at is None:
-                run.sup.kill("reward-1")
-                killed_at = step
-
-        run.until_done(on_step)
-    finally:
-        run.close()
     fired = sorted(p.stem for p in marks.glob("*.fired"))
     assert fired == sorted(p.split("@")[0] for spec in armed.values() for p in spec.split(",")), fired
-    for name in armed:
+    assert killed.keys() == set(kills.values()), killed
+    for name in set(armed) | set(kills.values()):
         assert run.sup.restarts.get(name, 0) >= 1, (name, run.sup.restarts)
-    assert run.sup.restarts["reward-1"] >= 2  # the revoke window and the kill from outside
-    run.reconcile("crash_windows", killed=f"failpoints {','.join(fired)}; reward-1@{killed_at}")
+    assert run.sup.restarts["learner"] >= 2 and run.sup.restarts["reward-1"] >= 2, run.sup.restarts
+    totals = run.reconcile("crash windows, 2+2 workers",
+                           killed=f"failpoints {','.join(fired)}; " + ",".join(f"{n}@{s}" for n, s in killed.items()))
+    assert totals["duplicates_ignored"] > 0, "the groups re-scored after reward-0's crash never reached the learner"
 
     # ERPO: the partitions' snapshots (each flushed when its last owner stopped) hold exactly the
     # table one worker builds from the scored topic, each prompt in one partition only.

@@ -66,7 +66,9 @@ def test_a_ticket_without_its_group_is_issued_again_under_the_same_id():
 
 def test_issue_fills_to_the_limit_and_skips_tickets_decided_or_adopted():
     source = TicketSource(_problems(), seed=0)
-    book = TicketBook(source, lease_floor_s=10, lease_p99_factor=3)
+    book = TicketBook(source, lease_floor_s=10, lease_p99_factor=3, adopt_window=4)
+    far = source.at(4)  # a real id with its real prompt, but beyond anything a learner issued
+    assert book.arrival(far.ticket_id, far.problem.prompt_id, 0, now=0.0) == "unknown"
     ahead = source.at(2)  # issued by a previous life beyond the position it logged
     assert book.arrival(ahead.ticket_id, ahead.problem.prompt_id, 0, now=0.0) == "new"
     book.queue(ahead.ticket_id)
