@@ -121,9 +121,7 @@ class Run:
             on_step(self.step())
             self.sup.tend()
             time.sleep(0.5)
-        for name in self.sup.children:
-            if name.startswith(("rollout", "reward")):
-                self.sup.stop([name], timeout_s=60)
+        self.sup.stop([n for n in self.sup.children if n.startswith(("rollout", "reward"))], timeout_s=60)
         assert self.sup.stop(["recorder"], timeout_s=120)["recorder"] == 0, self.log("recorder")
 
     def log(self, name: str) -> str:
