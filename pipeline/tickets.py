@@ -70,13 +70,16 @@ class TicketSource:
         epoch, place = divmod(k, len(self.problems))
         return Ticket(k, self.problems[int(self._order(epoch)[place])], epoch, f"e{epoch}-{place:06d}", attempt)
 
-    def position_of(self, ticket_id: str, prompt_id: str) -> int | None:
-        """The position of ``ticket_id`` if it is one of this source's tickets and carries
-        ``prompt_id``; None otherwise (a forged, foreign or corrupted id)."""
+    def position_of(self, ticket_id: str, prompt_id: str, below: int | None = None) -> int | None:
+        """The position of ``ticket_id`` if it is one of this source's tickets (before position
+        ``below``, if given) and carries ``prompt_id``; None otherwise (a forged, foreign or
+        corrupted id). The bound is checked first, so a flood of far-off ids costs no shuffles."""
         parsed = parse_ticket_id(ticket_id)
         if parsed is None or parsed[1] >= len(self.problems):
             return None
         k = parsed[0] * len(self.problems) + parsed[1]
+        if below is not None and k >= below:
+            return None
         return k if self.at(k).problem.prompt_id == prompt_id else None
 
     def next(self) -> Ticket:
@@ -172,8 +175,8 @@ class TicketBook:
     def arrival(self, ticket_id: str, prompt_id: str, attempt: int, now: float) -> str:
         """``unknown``, ``duplicate`` or ``new`` for a group of ``ticket_id`` (see the class doc).
         A new group of the current attempt records its ticket-to-group latency."""
-        k = self.source.position_of(ticket_id, prompt_id)
-        if k is None or k >= self.source.position + self.adopt_window:
+        k = self.source.position_of(ticket_id, prompt_id, below=self.source.position + self.adopt_window)
+        if k is None:
             return "unknown"
         lease = self.outstanding.get(ticket_id)
         if ticket_id in self.decided or ticket_id in self.queued or (lease is None and k < self.source.position):
