@@ -4,12 +4,14 @@ What counts as correct
     The gold answer and the completion are each parsed by ``math_verify.parse`` with LaTeX and
     plain-expression extraction; ``math_verify.verify(gold, pred)`` decides equality (string
     match, numeric match to 6 decimals, or symbolic equality). Gold answers are normalised first:
-    a GSM8K solution keeps only the text after its last ``####``, and a gold that is not already
-    inside a math environment (``$``, ``\\(``, ``\\[``, ``\\boxed``, ``\\begin``) is wrapped in
-    ``$...$``, because math-verify only parses bare LaTeX reliably inside an environment
-    (bare ``\\sqrt{2}`` parses to nothing, bare ``2\\pi`` to ``2``). Completions are parsed as
-    they are; ``\\boxed{...}`` has top priority, then "final answer is"-style anchors, then the
-    last number or expression in the text (so "42", "#### 42" and "The answer is 42" all work).
+    a GSM8K solution keeps only the text after its last ``####``; escaped dollars (currency,
+    ``\\$18.90``) and LaTeX's negative thin space (``32,\\!348``) are dropped; and a gold that is
+    not already inside math delimiters (``$``, ``\\(``, ``\\[``, ``\\boxed``) is wrapped in
+    ``$...$``, because math-verify only parses bare LaTeX reliably inside them (bare
+    ``\\sqrt{2}`` parses to nothing, bare ``2\\pi`` to ``2``, a bare ``\\begin{pmatrix}`` to its
+    last entry). Completions are parsed as they are, but for escaped dollars; ``\\boxed{...}`` has top priority, then "final answer is"-style anchors, then the
+    last number or expression in the text (so "42", "#### 42" and "The answer is 42" all work; a
+    completion with ``####`` is read after its last one, as GSM8K's answers are).
     ``\\frac{1}{2}`` against gold ``0.5`` is CORRECT (math-verify reads ``$0.5$`` as 1/2).
 
 Statuses
@@ -42,6 +44,7 @@ scores it 0.0 exactly like a wrong answer: here it is ERROR (still reward 0.0, b
 from __future__ import annotations
 
 import importlib
+import re
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import signal
@@ -60,7 +63,8 @@ __all__ = ["VerifyStatus", "Verdict", "verify_one", "VerifierPool", "DEFAULT_MAX
 
 DEFAULT_MAX_CHARS = 4000
 _DETAIL_CHARS = 200
-_MATH_ENV_MARKERS = ("$", "\\(", "\\[", "\\boxed", "\\begin")
+_MATH_DELIMITERS = ("$", "\\(", "\\[", "\\boxed")
+_THOUSANDS = re.compile(r"(?<=\d),\\!\s*(?=\d{3}(?!\d))")
 # Gold: bare LaTeX or expressions, no anchors needed. Completion: \boxed{} wins over anchors.
 _GOLD_CONFIG = (math_verify.LatexExtractionConfig(), math_verify.ExprExtractionConfig())
 _PRED_CONFIG = (
@@ -115,11 +119,24 @@ def _shown(parsed: list) -> str:
 
 
 def gold_text(answer: str) -> str:
-    """Normalise a reference answer for parsing: GSM8K tail after ``####``, then ``$...$``."""
+    """Normalise a reference answer for parsing: GSM8K tail after ``####``, no escaped dollars or
+    ``\\!``, then ``$...$`` unless already delimited."""
     text = answer.rsplit("####", 1)[-1].strip() if "####" in answer else answer.strip()
-    if text and not any(marker in text for marker in _MATH_ENV_MARKERS):
+    text = _THOUSANDS.sub("", text)  # 32,\\!348 and 11,\\! 111 are thousands separators, not tuples
+    text = text.replace("\\$", "").replace("\\!", "").strip()
+    if text and not any(marker in text for marker in _MATH_DELIMITERS):
         text = f"${text}$"
     return text
+
+
+def completion_text(completion: str) -> str:
+    """A completion as parsed: after its last ``####`` if it has one (GSM8K's final-answer
+    marker: the worked steps before it hold ``$`` signs and ``<<a+b=c>>`` notes that extraction
+    would otherwise pick numbers from), escaped dollars (currency) dropped, since ``\\$36``
+    otherwise hides the number from math-verify's extraction."""
+    if "####" in completion:
+        completion = completion.rsplit("####", 1)[1]
+    return completion.replace("\\$", "")
 
 
 def precheck(completion: str, max_chars: int) -> Verdict | None:
@@ -160,7 +177,7 @@ def verify_one(
             return _verdict(VerifyStatus.ERROR, f"gold answer unparseable: {answer!r}")
         stage = "parse completion"
         pred = math_verify.parse(
-            completion,
+            completion_text(completion),
             extraction_config=_PRED_CONFIG,
             parsing_timeout=signal_timeout_s,
             raise_on_error=True,

@@ -199,3 +199,35 @@ def test_pool_rejects_non_str_and_use_after_close() -> None:
 def test_bad_verify_fn_spec_fails_at_startup() -> None:
     with pytest.raises(RuntimeError, match="startup failed"):
         VerifierPool(workers=1, _verify_fn="pipeline.verifier:no_such_function")
+
+
+@pytest.mark.parametrize("gold, completion", [
+    (r"\begin{pmatrix} -1/3 \\ 2/3 \\ 5/3 \end{pmatrix}", r"so \boxed{\begin{pmatrix} -1/3 \\ 2/3 \\ 5/3 \end{pmatrix}}"),
+    (r"\begin{pmatrix} -1 & 0 \\ 0 & -1 \end{pmatrix}", r"\boxed{\begin{pmatrix} -1 & 0 \\ 0 & -1 \end{pmatrix}}"),
+    (r"\$32,\!348", r"The total is \boxed{\$32,\!348}."),
+    (r"\$18.90", r"It costs \$18.90 in all, so the answer is \boxed{18.90}"),
+    (r"11,\! 111,\! 111,\! 100", r"\boxed{11,111,111,100}"),
+    (r"\$36", r"The answer is \$36."),
+    (r"[2,3)", r"\boxed{[2,3)}"),
+    (r"(2,3)", r"\boxed{(2, 3)}"),
+])
+def test_reference_answers_in_every_form_parse(gold, completion):
+    # Matrices were read as their last entry, escaped dollars made the gold unparseable.
+    assert verify_one(completion, gold).status is VerifyStatus.CORRECT
+
+
+def test_a_matrix_with_one_wrong_entry_is_wrong():
+    gold = r"\begin{pmatrix} -1/3 \\ 2/3 \\ 5/3 \end{pmatrix}"
+    assert verify_one(r"\boxed{\begin{pmatrix} -1/3 \\ 2/3 \\ 5/4 \end{pmatrix}}", gold).status is VerifyStatus.WRONG
+
+
+def test_every_reference_solution_scores_against_its_own_answer(shared_data):
+    """MATH-500's worked solutions (with \\boxed{}) and GSM8K's (ending in #### N) against their
+    reference answers: every one must verify as correct."""
+    import json
+
+    for name, text_field in (("math500/test.jsonl", "solution"), ("gsm8k/test.jsonl", "answer")):
+        rows = [json.loads(line) for line in (shared_data / name).read_text().splitlines() if line.strip()]
+        wrong = [(r.get("unique_id", i), r["answer"][-40:]) for i, r in enumerate(rows)
+                 if verify_one(r[text_field], r["answer"], max_chars=100_000).status is not VerifyStatus.CORRECT]
+        assert not wrong, f"{name}: {len(wrong)} of {len(rows)} reference solutions not correct: {wrong[:5]}"
