@@ -62,8 +62,10 @@ class Engine(Protocol):
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt, prefixed with BOS (the format the warm-start trained on)."""
-    return [[tokenizer.bos_token_id] + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    """Token ids of each prompt, prefixed with BOS when the tokenizer has one (the format the
+    warm-start trained on; Qwen tokenizers have none)."""
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
 
 
 class TorchEngine:

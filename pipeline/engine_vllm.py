@@ -7,8 +7,9 @@
   Temperatures below ``MIN_TEMPERATURE`` are sampled at that floor, as in the torch engine;
   temperature 0 is greedy.
 - Seedable: every prompt of every call gets a seed derived from the engine seed and a call counter.
-- New weights load in place (``collective_rpc("reload_weights", weights_path=...)``, then
-  ``reset_prefix_cache()``) from a published folder whose sha256 was checked first. The learner
+- New weights load in place (``collective_rpc("reload_weights", weights_path=...)``, a tied LM
+  head re-prepared (`refresh_tied_head`), then ``reset_prefix_cache()``) from a published folder
+  whose hashes were checked first. The learner
   publishes in the engine's dtype (fp32, or bf16 for ``rollout.dtype = "bfloat16"``); vLLM casts
   anything else to its own.
 
@@ -47,6 +48,26 @@ def runs_in_process(in_process: bool | None, multiprocessing_env: str | None, cu
     if multiprocessing_env is not None:
         return multiprocessing_env.strip().lower() in ("0", "false")
     return not cuda
+
+
+def refresh_tied_head(worker) -> bool:
+    """After an in-place reload: redo the LM head's kernel preparation when it is tied to the
+    embedding (run on every vLLM worker through ``collective_rpc``).
+
+    On CPU, vLLM prepares a packed copy of each linear layer's weight for its GEMM kernels
+    (``process_weights_after_loading``). A tied LM head shares the embedding's weight but is not
+    itself in the checkpoint, so ``reload_weights`` updates the embedding and leaves the head's
+    packed copy as it was at start-up: a reloaded tied model (the default policy, Qwen2/Qwen3
+    small models) sampled with the new embeddings and the *initial* output layer (behaviour
+    log-probs up to 0.9 nats off the published policy's; found by tests/integration/
+    test_architectures.py). Re-preparing the head fixes it; where there is nothing to prepare
+    (GPUs) it does nothing."""
+    model = worker.model_runner.model if hasattr(worker, "model_runner") else worker.get_model()
+    head = getattr(model, "lm_head", None)
+    if head is None or not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return False
+    head.quant_method.process_weights_after_loading(head)
+    return True
 
 
 class VllmEngine:
@@ -103,6 +124,7 @@ class VllmEngine:
 
     def _reload(self, folder: str, version: int) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+        self.llm.collective_rpc(refresh_tied_head)
         self.llm.reset_prefix_cache()
         self.version = version
 

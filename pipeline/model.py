@@ -2,7 +2,8 @@
 
 Nothing here touches a model hub. The tokenizer is built with the ``tokenizers`` library from a
 fixed character set and wrapped as a ``PreTrainedTokenizerFast``, so the folder it is saved in loads
-like any Hugging Face checkpoint (transformers and vLLM).
+like any Hugging Face checkpoint (transformers and vLLM). `load_policy` loads any causal LM folder,
+this one or a user's, strictly.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHARSET = "0123456789+-*=() "
@@ -35,36 +36,80 @@ def build_char_tokenizer(charset: str = CHARSET) -> PreTrainedTokenizerFast:
     )
 
 
+ARCHITECTURES = ("qwen2", "qwen3", "llama")
+"""Architectures `build_tiny` makes (transformers' ``model_type``)."""
+
+
+def build_tiny(arch: str, vocab_size: int, hidden_size: int = 128, layers: int = 4, heads: int = 4,
+               kv_heads: int = 2, intermediate_size: int = 384, max_positions: int = 64, seed: int = 0,
+               tie_word_embeddings: bool = True):
+    """A randomly initialised causal LM of architecture ``arch`` (``qwen2``: the default policy;
+    ``qwen3``: with q/k norms; ``llama``), fp32, special tokens of `build_char_tokenizer`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {ARCHITECTURES}")
+    extra = {"head_dim": hidden_size // heads} if arch == "qwen3" else {}
+    config = AutoConfig.for_model(
+        arch, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=tie_word_embeddings, rope_theta=10_000.0,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, torch_dtype="float32", **extra)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
 def build_tiny_qwen2(vocab_size: int, hidden_size: int = 128, layers: int = 4, heads: int = 4,
                      kv_heads: int = 2, intermediate_size: int = 384, max_positions: int = 64,
                      seed: int = 0) -> Qwen2ForCausalLM:
-    """A randomly initialised Qwen2-architecture causal LM (fp32, tied embeddings)."""
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=True,
-        rope_theta=10_000.0,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        torch_dtype="float32",
-    )
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config)
+    """The default policy's architecture (`build_tiny` with ``qwen2``)."""
+    return build_tiny("qwen2", vocab_size, hidden_size, layers, heads, kv_heads, intermediate_size, max_positions,
+                      seed)
 
 
-def load_policy(path: str | Path) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
-    """Load a saved model folder (safetensors weights + tokenizer) in fp32 on the CPU."""
+class ModelLoadError(RuntimeError):
+    """A model folder that does not load as exactly the model its config describes."""
+
+
+def load_policy(path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
+    """Load a Hugging Face causal LM folder (any architecture transformers knows) and its tokenizer.
+
+    - The class comes from the folder's ``config.json`` (``AutoModelForCausalLM``): a Llama or a
+      Qwen3 folder loads as itself. Remote code runs only with ``trust_remote_code`` (the run
+      config's ``model.trust_remote_code``).
+    - Strict: a weight the architecture expects but the checkpoint lacks, one the checkpoint has
+      but the architecture does not, or one of the wrong shape is an error naming them, never a
+      freshly initialised tensor and a warning. (Weights the config ties, such as a tied
+      ``lm_head``, are not missing.)
+    - ``dtype``: float32 on CPU by default; on a GPU the config's ``torch_dtype`` (bf16 for most
+      instruct models).
+    - The tokenizer gets a pad token if it has none (its eos), and pads on the left (generation).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no model at {path} (config.json missing)")
-    model = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if dtype is None:
+        dtype = (getattr(config, "torch_dtype", None) or torch.bfloat16) if torch.cuda.is_available() else torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+    model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True,
+                                                       trust_remote_code=trust_remote_code)
+    problems = {kind: sorted(str(k) for k in info.get(kind) or []) for kind in
+                ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(v[:6])}{' ...' if len(v) > 6 else ''}"
+                           for k, v in problems.items())
+        raise ModelLoadError(f"{path} does not match its {type(model).__name__} config ({detail}); the weights "
+                             "are not this model's")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ModelLoadError(f"{path}: the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model, tokenizer
 
