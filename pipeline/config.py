@@ -309,7 +309,11 @@ class LearnerConfig(_Strict):
     """Save model, optimiser, counters and consumed offsets every this many steps (and at the
     end); offsets are committed to the broker only after a checkpoint."""
     keep_checkpoints: int = Field(2, ge=1)
-    """Checkpoints kept on disk."""
+    """Checkpoints (and periodic exports) kept on disk."""
+    export_every: int = Field(0, ge=0)
+    """Write a complete Hugging Face folder (config, generation config, tokenizer with its chat
+    template, safetensors: loads with transformers and vLLM as it is) to `<workdir>/export/step-<N>`
+    every this many steps (0: never); one always goes to `<workdir>/export/final` after the last step."""
     resume: Literal["auto", "require", "fresh"] = "auto"
     """`auto`: continue from the newest checkpoint under `<workdir>/checkpoints` if there is one
     (a restarted learner is a resumed learner), else start at step 0. `require`: the same, but an

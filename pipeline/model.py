@@ -8,6 +8,7 @@ this one or a user's, strictly.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -112,6 +113,36 @@ def load_policy(path: str | Path, trust_remote_code: bool = False, dtype: torch.
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model, tokenizer
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
+
+
+def export_pretrained(state: dict[str, torch.Tensor], source: str | Path, out: str | Path,
+                      dtype: torch.dtype | None = None) -> Path:
+    """Write trained weights as a complete Hugging Face folder that transformers and vLLM load as
+    it is: every file of the ``source`` model folder but its weights (config, generation config,
+    tokenizer and its chat template), plus ``model.safetensors`` of ``state``; a generation config
+    is made from the model config if the source has none. Written beside ``out`` and renamed into
+    place, so a reader never sees half of it."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, GenerationConfig
+
+    from pipeline.weights import flatten
+
+    source, out = Path(source), Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in source.iterdir():
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(f, tmp / f.name)
+    if not (tmp / "generation_config.json").exists():
+        GenerationConfig.from_model_config(AutoConfig.from_pretrained(source)).save_pretrained(tmp)
+    save_file(flatten(state, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -74,6 +74,23 @@ def _dtype_name(state: dict[str, torch.Tensor]) -> str:
     return dtypes.pop() if len(dtypes) == 1 else "mixed"
 
 
+def flatten(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors for safetensors, each stored once: tied parameters are the same
+    tensor under two names (safetensors refuses that), so only the first name is kept (loaders
+    re-tie them from the config); views of one storage at different offsets or shapes are
+    different tensors. ``dtype`` casts the floating-point ones."""
+    seen: set[tuple] = set()
+    flat: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if ident in seen:
+            continue
+        seen.add(ident)
+        t = t.detach().cpu()
+        flat[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    return flat
+
+
 def publish(state: dict[str, torch.Tensor], root: Path, version: int, keep: int,
             dtype: torch.dtype | None = None) -> PublishedPolicy:
     """Write ``state`` as version ``version`` under ``root`` and prune all but the newest ``keep``.
@@ -85,17 +102,7 @@ def publish(state: dict[str, torch.Tensor], root: Path, version: int, keep: int,
     tmp = root / f".{folder_name(version)}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    # Tied parameters are the same tensor under two names; safetensors refuses them, so store
-    # each once. Views of one storage at different offsets or shapes are different tensors.
-    seen: set[tuple] = set()
-    flat: dict[str, torch.Tensor] = {}
-    for name, t in state.items():
-        ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if ident in seen:
-            continue
-        seen.add(ident)
-        t = t.detach().cpu()
-        flat[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    flat = flatten(state, dtype)
     save_file(flat, str(tmp / WEIGHTS_FILE), metadata={"version": str(version)})
     files = {WEIGHTS_FILE: {"bytes": (tmp / WEIGHTS_FILE).stat().st_size, "sha256": sha256_file(tmp / WEIGHTS_FILE)}}
     manifest = json.dumps({"format": MANIFEST_FORMAT, "version": version, "files": files}, indent=1).encode()

@@ -52,10 +52,11 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.atomic import fsync_dir, write_atomic
-from pipeline.config import RunConfig
+from pipeline.config import LearnerConfig, RunConfig
 from pipeline.erpo import drop_mask
 from pipeline.failpoints import failpoint
 from pipeline.learn import train_step
+from pipeline.model import export_pretrained, load_policy
 from pipeline.ledger import Ledger, ledger_path
 from pipeline.tasks import Problem, arithmetic_problems, load_problems
 from pipeline.tickets import IssueLog, Ticket, TicketBook, TicketSource
@@ -259,6 +260,14 @@ def newest_published_version(cfg: RunConfig) -> int:
     return max((v for v, _ in published_versions(cfg.workdir / "policies")), default=0)
 
 
+def weights_due(lc: LearnerConfig, step: int) -> tuple[bool, bool]:
+    """(publish, export) due after ``step``: every `sync_every` steps, every `export_every` steps
+    (0: never), and both after the final step."""
+    last = step == lc.total_steps
+    return (step % lc.sync_every == 0 or last,
+            (lc.export_every > 0 and step % lc.export_every == 0) or last)
+
+
 def start_fresh(cfg: RunConfig) -> Path | None:
     """`learner.resume = "fresh"`: move the previous life's checkpoints and ledger aside (never
     deleted); returns where they went, None if there was nothing."""
@@ -277,8 +286,6 @@ def run(cfg: RunConfig) -> None:
     rule = erpo_rule(cfg)
     set_threads(lc.torch_threads)
     torch.manual_seed(cfg.seed)
-    from pipeline.model import load_policy
-
     model, tokenizer = load_policy(initial_policy_path(cfg))
     model.train()
     ref_model = None
@@ -322,8 +329,8 @@ def run(cfg: RunConfig) -> None:
             trainer.full_state_dict()  # rank 0 announces these weights: a collective under ZeRO-3
         while (groups := channel.recv()) is not None:
             learn(groups)
-            if state.step % lc.sync_every == 0 or state.step == lc.total_steps:
-                trainer.full_state_dict()  # a collective under ZeRO-3; rank 0 publishes it
+            if any(weights_due(lc, state.step)):
+                trainer.full_state_dict()  # a collective under ZeRO-3; rank 0 publishes or exports it
             if state.step % lc.checkpoint_every == 0 or state.step == lc.total_steps:
                 save_checkpoint(cfg, trainer, state)
         return
@@ -437,9 +444,22 @@ class Lead:
                 self.offsets.add(key, 1)
                 self.ready.append((group, key))
 
-    def announce(self) -> None:
+    def export(self, weights: dict[str, torch.Tensor]) -> None:
+        """A complete Hugging Face folder of these weights (`pipeline.model.export_pretrained`):
+        ``export/step-<N>`` (the newest `keep_checkpoints` kept) and, after the final step,
+        ``export/final``."""
+        root = self.cfg.workdir / "export"
+        t0 = time.monotonic()
+        final = self.state.step == self.lc.total_steps
+        out = export_pretrained(weights, initial_policy_path(self.cfg), root / ("final" if final else
+                                                                            f"step-{self.state.step:08d}"))
+        for old in sorted(root.glob("step-*"))[: -self.lc.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("exported %s (%.1fs): loads with transformers and vLLM as it is", out, time.monotonic() - t0)
+
+    def announce(self, weights: dict[str, torch.Tensor] | None = None) -> None:
         state = self.state
-        weights = self.trainer.full_state_dict()
+        weights = self.trainer.full_state_dict() if weights is None else weights
         pub = publish(weights, self.cfg.workdir / "policies", state.version, self.lc.keep_policies, self.publish_dtype)
         failpoint("learner.publish")
         self.producer.send(self.policy_topic, POLICY_UPDATE, {
@@ -508,9 +528,13 @@ class Lead:
                 self.decide(group, "trained", lag=state.version - int(group["policy_version"].min()))
                 self.offsets.done(key)
             self.ledger.flush()
-            if state.step % lc.sync_every == 0 or state.step == lc.total_steps:
+            publish_due, export_due = weights_due(lc, state.step)
+            weights = self.trainer.full_state_dict() if publish_due or export_due else None
+            if publish_due:
                 state.version += 1
-                self.announce()
+                self.announce(weights)
+            if export_due:
+                self.export(weights)
             if state.step % lc.checkpoint_every == 0 or state.step == lc.total_steps:
                 self.checkpoint()
             observe_step(state, metrics, step_s)

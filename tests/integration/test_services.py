@@ -17,9 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 from kafka import KafkaConsumer, TopicPartition
 
 from pipeline.ledger import ledger_path, read_ledger
+from pipeline.model import load_policy
 from pipeline.transport import Consumer, Producer, ensure_topics, topic_name
 from schemas import TRAJECTORY, headers_for
 
@@ -185,6 +188,10 @@ def test_groups_flow_through_the_services_with_offsets_committed(broker, kafka_c
         assert "2 ranks" in (tmp_path / "learner.log").read_text()
     published = sorted((tmp_path / "run" / "policies").glob("v*"))
     assert [p.name for p in published] == [f"v{v:06d}" for v in range(STEPS - 2, STEPS + 1)]  # keep_policies = 3
+    # The final weights also went out as a complete Hugging Face folder, loadable as it is.
+    exported, _ = load_policy(tmp_path / "run" / "export" / "final")
+    newest = load_file(str(published[-1] / "model.safetensors"))
+    assert all(torch.equal(exported.state_dict()[k], t) for k, t in newest.items())
     assert np.isfinite(last["loss"])
 
 
