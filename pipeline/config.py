@@ -275,6 +275,16 @@ class LearnerConfig(_Strict):
     tis_cap: float = Field(2.0, ge=1.0)
     """Cap C of the truncated importance weight min(pi_prox / mu, C)."""
     aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    max_tokens_per_micro_batch: int = Field(16_384, ge=1)
+    """Most padded prompt + completion tokens one forward/backward pass holds; an update's groups are
+    cut into micro-batches of at most this many, whose gradients add up to exactly the update's
+    (the learner's activation memory grows with this, not with the batch)."""
+    logit_chunk_mb: float = Field(256.0, gt=0)
+    """Memory for the output layer's temporaries: completion tokens go through the vocabulary
+    projection in chunks of about this many MiB of ``[tokens, vocabulary]`` floats."""
+    gradient_checkpointing: bool = False
+    """Recompute the decoder's activations in the backward pass instead of keeping them (less
+    memory for long sequences, one more forward)."""
     mini_batches: int = Field(1, ge=1, le=64)
     """Optimiser updates per training step, each on a slice of the batch's groups; the proximal
     policy is the learner's parameters before the first of them."""

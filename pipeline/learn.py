@@ -1,11 +1,22 @@
-"""One learning step on a batch of scored groups: advantages, decoupled PPO, the KL terms.
+"""One learning step on a batch of scored groups: advantages, decoupled PPO, the KL terms, in
+memory bounded by a token budget.
 
-`train_step` is what the learner service runs for every batch (and what `bench/learner.py` times):
-advantages (GRPO / Dr.GRPO / RLOO, with ERPO's RA for all-correct groups), the packed batch of
-completion tokens, the decoupled PPO loss with truncated importance weights against the behaviour
-log-probs, and the KL term of ``learner.kl`` to the frozen reference (k3, or RAPO's forward KL,
-exact or sampled), over ``mini_batches`` optimiser updates. The loss functions themselves are pure
-functions of tensors in `pipeline.losses`.
+`train_step` is what the learner service runs for every batch (and what `bench/learner.py` and
+`bench/learner_memory.py` time): advantages (GRPO / Dr.GRPO / RLOO, with ERPO's RA for
+all-correct groups); the decoupled PPO loss with truncated importance weights against the
+behaviour log-probs; and the KL term of ``learner.kl`` to the frozen reference (k3, or RAPO's
+forward KL, exact or sampled); over ``mini_batches`` optimiser updates.
+
+Memory: each update's groups are cut into micro-batches of at most
+``learner.max_tokens_per_micro_batch`` padded tokens, whose gradients add up before the update
+(`Trainer.backward` / `Trainer.update`); within a micro-batch the output layer works through the
+completion tokens a chunk at a time and computes each chunk's gradient inside the chunk
+(`pipeline.head`), so no ``[tokens, vocabulary]`` tensor exists for more than a chunk. Every
+token's weight in the loss is fixed by the whole update (all micro-batches, all ranks): token-mean
+divides by the update's completion tokens, sequence-mean by its sequences, so the accumulated
+gradient equals that of the update as one batch, and with several ranks (whose gradients the
+trainer averages) equals single-rank training. The loss functions themselves are pure functions of
+tensors in `pipeline.losses`.
 """
 
 from __future__ import annotations
@@ -17,113 +28,206 @@ import torch
 
 from pipeline.advantages import get_advantage
 from pipeline.config import LearnerConfig
-from pipeline.engine import (
-    MIN_TEMPERATURE,
-    PackedBatch,
-    completion_logits,
-    pack,
-    per_completion_token,
-    place_completion,
-    scatter_completion,
-    token_logprobs,
-    token_logprobs_full,
-)
+from pipeline.engine import PackedBatch, pack
 from pipeline.erpo import ErpoRule, ra_advantages
-from pipeline.losses import (
-    PolicyLossInputs,
-    decoupled_ppo_loss,
-    k3_kl,
-    kl_term,
-    masked_mean,
-    phi_clamp,
-    rapo_exact_kl,
-    rapo_kl,
-    reference_token_logprobs,
-    reweighted_reference,
-)
+from pipeline.head import HeadPlan, chunk_tokens, completion_head
+from pipeline.losses import LOG_W_CLAMP, phi_clamp, ppo_per_token
 from pipeline.trainer import Trainer, lr_at
 from schemas import Columns, concat
 
 
+def micro_batches(rows: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """``rows`` grouped into micro-batches whose padded size (rows x longest row) stays within
+    ``max_tokens``, longest rows first (less padding); a row longer than the budget is alone."""
+    order = rows[np.argsort(-lengths[rows], kind="stable")]
+    out, current, longest = [], [], 0
+    for r in order:
+        if current and (len(current) + 1) * max(longest, lengths[r]) > max_tokens:
+            out.append(np.array(current))
+            current, longest = [], 0
+        current.append(r)
+        longest = max(longest, int(lengths[r]))
+    if current:
+        out.append(np.array(current))
+    return out
+
+
+def completion_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """The decoder's last hidden states at the positions that predict a completion token,
+    ``[N, d]`` in row-major order. ``model`` is a Hugging Face causal LM or a DeepSpeed engine
+    wrapping one."""
+    inner = getattr(model, "module", model)
+    hidden = inner.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    return hidden[:, :-1][batch.completion_mask.bool()]
+
+
+class _Rows:
+    """The batch's rows as the learning step needs them (numpy, per row or per token)."""
+
+    def __init__(self, cols: Columns, lc: LearnerConfig, rule: ErpoRule) -> None:
+        self.cols = cols
+        _, self.group_index = np.unique(cols["group_id"], return_inverse=True)
+        self.rewards = torch.as_tensor(np.asarray(cols["shaped_reward"], dtype=np.float32))
+        adv = get_advantage(lc.advantage)(self.rewards, torch.as_tensor(self.group_index))
+        self.advantages = ra_advantages(np.asarray(cols["group_pass_rate"]), adv.numpy(), rule)
+        self.completion_len = cols["completion_token_ids"].lengths()
+        self.length = cols["prompt_token_ids"].lengths() + self.completion_len
+        self.phi = (phi_clamp(self.rewards, lc.rapo_phi_floor).numpy() if lc.kl in ("rapo", "rapo_sampled")
+                    else None)
+
+    def pack(self, rows: np.ndarray, pad_id: int) -> PackedBatch:
+        c = self.cols
+        return pack([c["prompt_token_ids"][i] for i in rows], [c["completion_token_ids"][i] for i in rows],
+                    np.asarray(c["temperature"], dtype=np.float32)[rows], pad_id)
+
+    def per_token(self, values: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+        """A per-row value repeated for each of the rows' completion tokens ([N], row-major)."""
+        return torch.as_tensor(np.repeat(np.asarray(values)[rows], self.completion_len[rows]))
+
+    def targets_and_temperatures(self, batch: PackedBatch, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The completion token ids of a packed batch and each one's temperature ([N] each)."""
+        return (batch.input_ids[:, 1:][batch.completion_mask.bool()],
+                torch.repeat_interleave(batch.temperatures, torch.as_tensor(self.completion_len[rows])))
+
+    def behavior(self, rows: np.ndarray) -> torch.Tensor:
+        lp = self.cols["behavior_logprobs"]
+        return torch.as_tensor(np.concatenate([lp[i] for i in rows]) if len(rows) else np.zeros(0, np.float32))
+
+
+def _token_weights(rows_all: np.ndarray, rows: np.ndarray, data: _Rows, aggregation: str, world: int) -> np.ndarray:
+    """Each of ``rows``' tokens' weight in the update's loss: ``world`` x 1/(completion tokens of
+    the whole update) for token-mean, ``world`` x 1/(sequences x the row's tokens) for
+    sequence-mean (the trainer averages ``world`` ranks' gradients)."""
+    n = data.completion_len
+    if aggregation == "token_mean":
+        per_row = np.full(len(rows), world / max(1, int(n[rows_all].sum())), dtype=np.float64)
+    else:
+        seqs = max(1, int((n[rows_all] > 0).sum()))
+        per_row = world / (seqs * np.maximum(n[rows], 1))
+    return np.repeat(per_row, n[rows]).astype(np.float32)
+
+
+def proximal_logprobs(trainer: Trainer, data: _Rows, rows: np.ndarray, lc: LearnerConfig, pad_id: int,
+                      chunk: int) -> dict[int, np.ndarray]:
+    """log pi_prox of each row's completion tokens: the current parameters, before this step's
+    updates (values only, micro-batched and chunked like the loss)."""
+    inner = getattr(trainer.model, "module", trainer.model)
+    out: dict[int, np.ndarray] = {}
+    with torch.no_grad():
+        for micro in micro_batches(rows, data.length, lc.max_tokens_per_micro_batch):
+            batch = data.pack(micro, pad_id)
+            plan = HeadPlan(*data.targets_and_temperatures(batch, micro), chunk)
+            completion_head(inner.get_output_embeddings(), completion_hidden(trainer.model, batch), plan)
+            lp = plan.values["logprobs"].cpu().numpy()
+            for r, part in zip(micro, np.split(lp, np.cumsum(data.completion_len[micro])[:-1])):
+                out[int(r)] = part
+    return out
+
+
 def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list[Columns], lc: LearnerConfig,
                rule: ErpoRule, pad_id: int, rng: np.random.Generator) -> dict[str, float]:
-    """One training step on a batch of groups: advantages (with ERPO's RA for all-correct groups),
-    decoupled PPO (+ the KL term of ``lc.kl`` to ``ref_model``), ``mini_batches`` updates.
+    """One training step on a batch of groups (see the module docstring).
 
-    The groups are shuffled into mini-batches by ``rng``; with several ranks each rank trains on
-    every ``world_size``-th group of each mini-batch (the gradients are averaged across ranks)."""
-    cols = concat(groups)
-    _, group_index = np.unique(cols["group_id"], return_inverse=True)
-    rewards = torch.as_tensor(np.asarray(cols["shaped_reward"], dtype=np.float32))
-    advantages = get_advantage(lc.advantage)(rewards, torch.as_tensor(group_index))
-    advantages = torch.as_tensor(ra_advantages(np.asarray(cols["group_pass_rate"]), advantages.numpy(), rule))
-    n = len(rewards)
-    batch = pack([cols["prompt_token_ids"][i] for i in range(n)],
-                 [cols["completion_token_ids"][i] for i in range(n)],
-                 np.asarray(cols["temperature"], dtype=np.float32), pad_id)
-    behavior = scatter_completion(cols["behavior_logprobs"].values, batch.completion_mask)
-    with torch.no_grad():
-        # One update per step: the proximal policy is the current one, taken from the same
-        # forward pass as the gradient (below), so no extra pass is spent on it.
-        proximal = token_logprobs(trainer.model, batch)[0] if lc.mini_batches > 1 else None
-    phi = phi_clamp(rewards, lc.rapo_phi_floor) if lc.kl.startswith("rapo") else None
-    slices = np.array_split(rng.permutation(int(group_index.max()) + 1), lc.mini_batches)
+    The groups are shuffled into ``mini_batches`` updates by ``rng``; with several ranks each rank
+    trains on every ``world_size``-th group of each update."""
+    data = _Rows(concat(groups), lc, rule)
+    model = trainer.model
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings()
+    exact = lc.kl == "rapo"
+    chunk = chunk_tokens(int(head.weight.shape[0]) if head.weight.numel() else int(inner.config.vocab_size),
+                         lc.logit_chunk_mb, buffers=6 if exact else 3)
+    n_groups = int(data.group_index.max()) + 1
+    slices = np.array_split(rng.permutation(n_groups), lc.mini_batches)
+    mine_of = [s[trainer.rank:: trainer.world_size] for s in slices]
+    proximal = None
+    if lc.mini_batches > 1:  # the parameters before this step's first update
+        mine_all = np.flatnonzero(np.isin(data.group_index, np.concatenate(mine_of)))
+        proximal = proximal_logprobs(trainer, data, mine_all, lc, pad_id, chunk)
     sums: dict[str, float] = defaultdict(float)
-    for groups_in_slice in slices:
-        mine = groups_in_slice[trainer.rank :: trainer.world_size]
-        rows = torch.as_tensor(np.flatnonzero(np.isin(group_index, mine)))
-        sub = batch.select(rows)
-        logprobs, entropy, logp_full = token_logprobs_full(trainer.model, sub)
-        prox = proximal[rows] if proximal is not None else logprobs.detach()
-        loss, metrics = decoupled_ppo_loss(
-            PolicyLossInputs(logprobs, prox, behavior[rows], advantages[rows], sub.completion_mask),
-            eps_low=lc.eps_low, eps_high=lc.eps_high, tis_cap=lc.tis_cap, aggregation=lc.aggregation,
-            mis_low=lc.mis_low, mis_high=lc.mis_high)
-        metrics["pg_loss"] = float(loss.detach())
-        if lc.kl != "none":
-            per_token = kl_per_token(lc.kl, ref_model, sub, logprobs, logp_full,
-                                     phi[rows] if phi is not None else None)
-            kl_loss, kl_metrics = kl_term(per_token, sub.completion_mask, lc.aggregation)
-            loss = loss + lc.kl_coef * kl_loss
-            metrics.update(kl_metrics)
-        grad_norm = trainer.step(loss)
-        for k, v in metrics.items():
-            sums[k] += v / lc.mini_batches
-        sums["loss"] += float(loss.detach()) / lc.mini_batches
-        sums["entropy"] += float(masked_mean(entropy.detach(), sub.completion_mask)) / lc.mini_batches
-        sums["grad_norm"] += grad_norm / lc.mini_batches
-    rates = np.asarray(cols["group_pass_rate"])
-    sums["reward"] = float(rewards.mean())
-    sums["all_correct_frac"] = float(np.mean(rates >= 1.0))
-    sums["all_wrong_frac"] = float(np.mean(rates <= 0.0))
-    sums["completion_len"] = float(batch.completion_mask.sum() / n)
-    sums["tokens"] = float(batch.completion_mask.sum())
-    sums["lr"] = lr_at(trainer.updates - 1, lc.lr, lc.warmup_steps)
-    return dict(sums)
+    maxima: dict[str, float] = defaultdict(float)
+    for groups_in_slice, mine in zip(slices, mine_of):
+        rows_all = np.flatnonzero(np.isin(data.group_index, groups_in_slice))
+        rows = np.flatnonzero(np.isin(data.group_index, mine))
+        for micro in micro_batches(rows, data.length, lc.max_tokens_per_micro_batch):
+            loss = _micro_loss(trainer, ref_model, data, rows_all, micro, lc, pad_id, chunk, proximal, sums, maxima)
+            trainer.backward(loss)
+            sums["loss"] += float(loss.detach()) / lc.mini_batches
+        sums["grad_norm"] += trainer.update() / lc.mini_batches
+    tokens = max(1.0, sums.pop("_tokens"))
+    metrics = {k: v for k, v in sums.items() if not k.startswith("_")}
+    for name in ("clip_frac", "is_weight_mean", "is_truncated_frac", "is_masked_frac", "ratio_mean",
+                 "approx_kl_behavior", "entropy"):
+        metrics[name] = sums[f"_{name}"] / tokens
+    metrics["is_weight_max"] = maxima["is_weight_max"]
+    if lc.kl != "none":
+        metrics["kl"] = sums["_kl"] / lc.mini_batches
+        metrics["kl_max"] = maxima["kl_max"]
+    rates = np.asarray(data.cols["group_pass_rate"])
+    n = len(data.rewards)
+    metrics["reward"] = float(data.rewards.mean())
+    metrics["all_correct_frac"] = float(np.mean(rates >= 1.0))
+    metrics["all_wrong_frac"] = float(np.mean(rates <= 0.0))
+    metrics["completion_len"] = float(data.completion_len.sum() / n)
+    metrics["tokens"] = float(data.completion_len.sum())
+    metrics["lr"] = lr_at(trainer.updates - 1, lc.lr, lc.warmup_steps)
+    return metrics
 
 
-def kl_per_token(kind: str, ref_model: torch.nn.Module, batch: PackedBatch, logprobs: torch.Tensor,
-                 logp_full: torch.Tensor, phi: torch.Tensor | None) -> torch.Tensor:
-    """The KL term ``kind`` per completion token, ``[B, T-1]`` (zeros elsewhere): the frozen
-    reference runs on this mini-batch only, so at most one mini-batch of reference logits exists."""
-    mask = batch.completion_mask
-    idx = mask.bool()
-    with torch.no_grad():
-        ref_logits = completion_logits(ref_model, batch)
-        temps = per_completion_token(batch.temperatures.clamp(min=MIN_TEMPERATURE), mask)
-        phi_tokens = per_completion_token(phi, mask) if phi is not None else None
-        if kind == "rapo":
-            ref_hat = reweighted_reference(ref_logits, temps, phi_tokens)
-        else:
-            ref_lp, ref_hat_y = reference_token_logprobs(ref_logits, batch.input_ids[:, 1:][idx], temps,
-                                                         phi_tokens if kind == "rapo_sampled" else None)
-        del ref_logits
-    if kind == "rapo":
-        values = rapo_exact_kl(logp_full, ref_hat)
-    elif kind == "rapo_sampled":
-        values = rapo_kl(logprobs[idx], ref_hat_y)
-    elif kind == "k3":
-        values = k3_kl(logprobs[idx], ref_lp)
-    else:
-        raise ValueError(f"unknown KL term {kind!r}")
-    return place_completion(values, mask)
+def _micro_loss(trainer: Trainer, ref_model: torch.nn.Module | None, data: _Rows, rows_all: np.ndarray,
+                micro: np.ndarray, lc: LearnerConfig, pad_id: int, chunk: int, proximal: dict | None,
+                sums: dict[str, float], maxima: dict[str, float]) -> torch.Tensor:
+    """The loss of one micro-batch (its share of the update's loss, weights from the whole update)
+    with its gradient prepared by the chunked head; statistics added to ``sums`` and ``maxima``."""
+    batch = data.pack(micro, pad_id)
+    weights = torch.as_tensor(_token_weights(rows_all, micro, data, lc.aggregation, trainer.world_size))
+    behavior = data.behavior(micro)
+    advantages = data.per_token(data.advantages, micro)
+    prox = torch.as_tensor(np.concatenate([proximal[int(r)] for r in micro])) if proximal is not None else None
+    kl, coef = lc.kl, lc.kl_coef
+
+    def token_loss(lp: torch.Tensor, ref_lp, ref_hat_lp, sl: slice) -> torch.Tensor:
+        """PPO (+ k3 or RAPO's sampled KL) of these tokens, weighted as in the whole update."""
+        pr = prox[sl] if prox is not None else lp.detach()
+        pg, st = ppo_per_token(lp, pr, behavior[sl], advantages[sl], lc.eps_low, lc.eps_high, lc.tis_cap,
+                               lc.mis_low, lc.mis_high)
+        w = weights[sl]
+        total = (pg * w).sum()
+        sums["pg_loss"] += float(total.detach()) / lc.mini_batches
+        for name, key in (("clip_frac", "clipped"), ("is_weight_mean", "w"), ("is_truncated_frac", "truncated"),
+                          ("is_masked_frac", "masked"), ("ratio_mean", "ratio")):
+            sums[f"_{name}"] += float(st[key].sum())
+        sums["_approx_kl_behavior"] += float((behavior[sl] - lp.detach()).sum())
+        if len(lp):
+            maxima["is_weight_max"] = max(maxima["is_weight_max"], float(st["w_raw"].max()))
+        if kl in ("k3", "rapo_sampled"):
+            x = (ref_lp if kl == "k3" else ref_hat_lp) - lp
+            if kl == "k3":
+                k = torch.exp(x) - x - 1.0
+            else:
+                x = x.clamp(-LOG_W_CLAMP, LOG_W_CLAMP)
+                k = torch.exp(x) * x - torch.exp(x) + 1.0
+            sums["_kl"] += float((k.detach() * w).sum()) / trainer.world_size
+            if len(k):
+                maxima["kl_max"] = max(maxima["kl_max"], float(k.detach().max()))
+            total = total + coef * (k * w).sum()
+        return total
+
+    ref_hidden = None
+    if kl != "none":
+        with torch.no_grad():
+            ref_hidden = completion_hidden(ref_model, batch)
+    plan = HeadPlan(*data.targets_and_temperatures(batch, micro), chunk, token_loss, ref_hidden=ref_hidden,
+                    ref_head=ref_model.get_output_embeddings() if ref_model is not None else None,
+                    phi=data.per_token(data.phi, micro) if data.phi is not None else None,
+                    exact_kl_weight=coef * weights if kl == "rapo" else None)
+    head = getattr(trainer.model, "module", trainer.model).get_output_embeddings()
+    loss = completion_head(head, completion_hidden(trainer.model, batch), plan)
+    sums["_tokens"] += float(len(plan.targets))
+    sums["_entropy"] += float(plan.values["entropy"].sum())
+    if kl == "rapo":
+        exact_kl = plan.values["exact_kl"]
+        sums["_kl"] += float((exact_kl * weights).sum()) / trainer.world_size
+        if len(exact_kl):
+            maxima["kl_max"] = max(maxima["kl_max"], float(exact_kl.max()))
+    return loss

@@ -85,6 +85,32 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor,
     raise ValueError(f"unknown aggregation {mode!r}")
 
 
+def ppo_per_token(logprobs: torch.Tensor, proximal_logprobs: torch.Tensor, behavior_logprobs: torch.Tensor,
+                  advantages: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.2, tis_cap: float = 2.0,
+                  mis_low: float | None = None, mis_high: float | None = None
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The decoupled PPO loss of each token (see the module docstring), any shape (advantages
+    already per token), and per-token statistics (no grad): ``clipped``, ``w`` (truncated weight),
+    ``w_raw``, ``truncated``, ``masked``, ``ratio``."""
+    adv = advantages.to(logprobs.dtype)
+    log_w = (proximal_logprobs - behavior_logprobs).detach()
+    w_raw = torch.exp(log_w)
+    w = torch.clamp(w_raw, max=tis_cap)
+    keep = torch.ones_like(w_raw)
+    if mis_low is not None:
+        keep = keep * (w_raw >= mis_low).to(keep.dtype)
+    if mis_high is not None:
+        keep = keep * (w_raw <= mis_high).to(keep.dtype)
+    ratio = torch.exp(logprobs - proximal_logprobs.detach())
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+    per_token = -w * keep * torch.minimum(unclipped, clipped)
+    with torch.no_grad():
+        stats = {"clipped": (clipped < unclipped).float(), "w": w, "w_raw": w_raw,
+                 "truncated": (w_raw > tis_cap).float(), "masked": 1.0 - keep, "ratio": ratio.detach()}
+    return per_token, stats
+
+
 def decoupled_ppo_loss(
     inp: PolicyLossInputs,
     eps_low: float = 0.2,
@@ -98,30 +124,18 @@ def decoupled_ppo_loss(
     docstring). Masked tokens contribute 0 but still count in the aggregation's denominator, so
     masking never scales the remaining tokens up."""
     mask = inp.mask.float()
-    adv = inp.advantages.unsqueeze(-1).to(inp.logprobs.dtype)
-    log_w = (inp.proximal_logprobs - inp.behavior_logprobs).detach()
-    w_raw = torch.exp(log_w)
-    w = torch.clamp(w_raw, max=tis_cap)
-    keep = torch.ones_like(w_raw)
-    if mis_low is not None:
-        keep = keep * (w_raw >= mis_low).to(keep.dtype)
-    if mis_high is not None:
-        keep = keep * (w_raw <= mis_high).to(keep.dtype)
-    ratio = torch.exp(inp.logprobs - inp.proximal_logprobs.detach())
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
-    per_token = -w * keep * torch.minimum(unclipped, clipped)
+    per_token, st = ppo_per_token(inp.logprobs, inp.proximal_logprobs, inp.behavior_logprobs,
+                                  inp.advantages.unsqueeze(-1), eps_low, eps_high, tis_cap, mis_low, mis_high)
     loss = aggregate(per_token, mask, aggregation)
     with torch.no_grad():
-        is_clipped = (clipped < unclipped).float()
         n = mask.sum().clamp(min=1.0)
         metrics = {
-            "clip_frac": float((is_clipped * mask).sum() / n),
-            "is_weight_mean": float((w * mask).sum() / n),
-            "is_weight_max": float((w_raw * mask).max()) if mask.any() else 0.0,
-            "is_truncated_frac": float(((w_raw > tis_cap).float() * mask).sum() / n),
-            "is_masked_frac": float(((1.0 - keep) * mask).sum() / n),
-            "ratio_mean": float((ratio * mask).sum() / n),
+            "clip_frac": float((st["clipped"] * mask).sum() / n),
+            "is_weight_mean": float((st["w"] * mask).sum() / n),
+            "is_weight_max": float((st["w_raw"] * mask).max()) if mask.any() else 0.0,
+            "is_truncated_frac": float((st["truncated"] * mask).sum() / n),
+            "is_masked_frac": float((st["masked"] * mask).sum() / n),
+            "ratio_mean": float((st["ratio"] * mask).sum() / n),
             "approx_kl_behavior": float(((inp.behavior_logprobs - inp.logprobs) * mask).sum() / n),
         }
     return loss, metrics

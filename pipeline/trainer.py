@@ -47,10 +47,19 @@ def lr_at(update: int, lr: float, warmup_steps: int) -> float:
 
 
 class Trainer(Protocol):
+    """Gradients of any number of ``backward`` calls (micro-batches) add up until ``update``
+    applies them; ``step`` is the two for one loss."""
+
     model: torch.nn.Module
     rank: int
     world_size: int
     updates: int
+    device: torch.device
+    """Where this rank's model lives (and what collectives must send: NCCL takes GPU tensors)."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def update(self) -> float: ...
 
     def step(self, loss: torch.Tensor) -> float: ...
 
@@ -87,19 +96,27 @@ class TorchTrainer:
         self.model = model
         self.lc = lc
         self.rank, self.world_size, self.updates = 0, 1, 0
+        self.device = next(model.parameters()).device
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr_at(0, lc.lr, lc.warmup_steps),
                                            betas=(0.9, 0.99), weight_decay=lc.weight_decay)
 
-    def step(self, loss: torch.Tensor) -> float:
-        """Backward, clip, AdamW update; returns the gradient norm before clipping."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Add this loss's gradient to those of the update being accumulated."""
+        loss.backward()
+
+    def update(self) -> float:
+        """Clip and apply the accumulated gradient (AdamW); returns its norm before clipping."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.updates, self.lc.lr, self.lc.warmup_steps)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.lc.grad_clip)
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
         return float(norm)
+
+    def step(self, loss: torch.Tensor) -> float:
+        self.backward(loss)
+        return self.update()
 
     def barrier(self) -> None:
         """One process: nothing to wait for."""
@@ -159,7 +176,7 @@ def deepspeed_config(path: Path, lc: LearnerConfig) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ValueError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
     owned = {"optimizer", "scheduler", "gradient_clipping", "train_batch_size",
-             "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"}
+             "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "managed_gradient_accumulation"}
     clash = sorted(owned & set(cfg))
     if clash:
         raise ValueError(f"DeepSpeed config {path} sets {clash}; these come from [learner] in the run config")
@@ -167,6 +184,9 @@ def deepspeed_config(path: Path, lc: LearnerConfig) -> dict[str, Any]:
     cfg.update({
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
+        # The learner decides how many micro-batches make an update (a token budget): `backward`
+        # only accumulates, `step` reduces across ranks and updates.
+        "managed_gradient_accumulation": False,
         "gradient_clipping": lc.grad_clip,
         "optimizer": {"type": "AdamW", "params": {
             "lr": lr_at(0, lc.lr, lc.warmup_steps), "betas": [0.9, 0.99], "eps": 1e-8,
@@ -188,24 +208,32 @@ class DeepSpeedTrainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.config)
         self.model = self.engine
+        self.device = torch.device(self.engine.device)
         self.rank = self.engine.global_rank
         self.world_size = self.engine.world_size
         self.updates = 0
         self.zero_stage = int(self.engine.zero_optimization_stage())
 
-    def step(self, loss: torch.Tensor) -> float:
-        """Backward, clip and update through the engine; returns the global gradient norm."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Add this loss's gradient to those of the update being accumulated (no reduction yet)."""
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def update(self) -> float:
+        """Reduce across ranks, clip and update through the engine; returns the global gradient norm."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.updates, self.lc.lr, self.lc.warmup_steps)
-        self.engine.backward(loss)
         local = None
-        if self.zero_stage == 0:  # the engine does not report the norm without ZeRO; grads are whole here
+        if self.zero_stage == 0 and self.world_size == 1:  # the engine reports no norm without ZeRO
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             local = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
         self.engine.step()
         self.updates += 1
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else (local if local is not None else math.nan)
+
+    def step(self, loss: torch.Tensor) -> float:
+        self.backward(loss)
+        return self.update()
 
     def barrier(self) -> None:
         if self.world_size > 1:
