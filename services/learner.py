@@ -290,6 +290,9 @@ def run(cfg: RunConfig) -> None:
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(initial_policy_path(cfg))
     model.train()
+    if lc.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref_model = None
     if lc.kl != "none":
         ref_model, _ = load_policy(initial_policy_path(cfg))
