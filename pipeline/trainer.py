@@ -65,6 +65,8 @@ class Trainer(Protocol):
 
     def barrier(self) -> None: ...
 
+    def close(self) -> None: ...
+
     def full_state_dict(self) -> dict[str, torch.Tensor]: ...
 
     def save(self, path: Path) -> None: ...
@@ -120,6 +122,9 @@ class TorchTrainer:
 
     def barrier(self) -> None:
         """One process: nothing to wait for."""
+
+    def close(self) -> None:
+        """One process: nothing to tear down."""
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return _publishable(self.model, lambda p: p)
@@ -240,6 +245,18 @@ class DeepSpeedTrainer:
             import deepspeed.comm as dist
 
             dist.barrier()
+
+    def close(self) -> None:
+        """End of a successful run, on every rank: wait for the others, then destroy the process group.
+        Exiting with it alive lets gloo's worker threads outlive the interpreter; the process then
+        aborts ("terminate called without an active exception", SIGABRT) after its work is done,
+        and the launcher reports the run as failed. Not called after an error: a collective with
+        ranks that are gone would hang."""
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            self.barrier()
+            tdist.destroy_process_group()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 master weights of every parameter (a collective under ZeRO-3: call on all ranks)."""

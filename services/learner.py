@@ -338,8 +338,9 @@ def run(cfg: RunConfig) -> None:
                 trainer.full_state_dict()  # a collective under ZeRO-3; rank 0 publishes or exports it
             if state.step % lc.checkpoint_every == 0 or state.step == lc.total_steps:
                 save_checkpoint(cfg, trainer, state)
-        return
-    Lead(cfg, trainer, state, learn, channel, limits, resumed=ckpt is not None).run(announce_first)
+    else:
+        Lead(cfg, trainer, state, learn, channel, limits, resumed=ckpt is not None).run(announce_first)
+    trainer.close()
 
 
 class Lead:

@@ -41,6 +41,7 @@ def main(out: str, config: str) -> None:
         save_file({k: v.contiguous() for k, v in weights.items() if k != "lm_head.weight"}, out)
     else:
         assert channel.recv() is None
+    trainer.close()
 
 
 if __name__ == "__main__":
