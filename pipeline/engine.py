@@ -18,6 +18,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
+from pipeline.prompts import PromptFormat, stop_token_ids
 
 MIN_TEMPERATURE = 1e-4
 """Temperatures below this (greedy decoding is 0) are computed at this value."""
@@ -43,10 +44,15 @@ class Sample:
 class Engine(Protocol):
     version: int
     max_prompt_tokens: int
-    """Longest prompt (in tokens, BOS included) whose completion of ``max_new_tokens`` still fits the
-    model's context; the rollout refuses a longer one (alone, not its batch)."""
+    """Longest prompt (in tokens, template included) whose completion of ``max_new_tokens`` still
+    fits the model's context; the rollout refuses a longer one (alone, not its batch)."""
+    format: PromptFormat
+    """How ``generate``'s questions become prompt token ids (`pipeline.prompts`)."""
+    stop_ids: list[int]
+    """Token ids that end a completion (EOS and generation_config's), kept as its last token."""
 
     def generate(self, prompts: Sequence[str], temperatures: Sequence[float], n: int) -> list[Sample]:
+        """``n`` samples of each question (rendered by ``format``) at its temperature."""
         ...
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
@@ -61,22 +67,18 @@ class Engine(Protocol):
         ...
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt, prefixed with BOS when the tokenizer has one (the format the
-    warm-start trained on; Qwen tokenizers have none)."""
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    return [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-
-
 class TorchEngine:
     """Batched multinomial sampling with a KV cache on a transformers causal LM.
 
     Each prompt is prefilled once and its cache copied for its ``n`` samples; a sample that ends
     (end-of-sequence) leaves the batch, so later steps compute only the rows still generating."""
 
-    def __init__(self, model, tokenizer, max_new_tokens: int, seed: int = 0, version: int = 0):
+    def __init__(self, model, tokenizer, max_new_tokens: int, seed: int = 0, version: int = 0,
+                 prompt_format: PromptFormat | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.format = prompt_format or PromptFormat(tokenizer)
+        self.stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         self.max_new_tokens = max_new_tokens
         self.version = version
         self.max_prompt_tokens = int(getattr(model.config, "max_position_embeddings", 1 << 30)) - max_new_tokens
@@ -108,7 +110,8 @@ class TorchEngine:
         if any(t < 0 for t in temperatures):
             raise ValueError(f"temperatures must be >= 0, got {min(temperatures)}")
         tok = self.tokenizer
-        prompt_ids = encode_prompts(tok, prompts)
+        prompt_ids = self.format.encode(prompts)
+        stop = torch.tensor(self.stop_ids)
         P, B = len(prompts), len(prompts) * n  # row r is sample r % n of prompt r // n
         width = max(len(p) for p in prompt_ids)
         ids = torch.full((P, width), tok.pad_token_id, dtype=torch.long)
@@ -140,7 +143,7 @@ class TorchEngine:
             out_tokens[live, t] = nxt
             out_lp[live, t] = logp.gather(1, nxt.unsqueeze(1)).squeeze(1)
             lengths[live] += 1
-            going = nxt != tok.eos_token_id
+            going = ~torch.isin(nxt, stop)
             if t + 1 == self.max_new_tokens or not bool(going.any()):
                 break
             if not bool(going.all()):  # finished samples leave the batch and the cache
@@ -157,7 +160,7 @@ class TorchEngine:
         for r in range(B):
             i, j, L = r // n, r % n, int(lengths[r])
             comp = out_tokens[r, :L].numpy().astype(np.int32)
-            stopped = L > 0 and comp[-1] == tok.eos_token_id
+            stopped = L > 0 and int(comp[-1]) in self.stop_ids
             samples.append(Sample(
                 prompt_index=i,
                 sample_idx=j,

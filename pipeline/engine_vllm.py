@@ -1,7 +1,8 @@
 """vLLM as a rollout engine, behind the same interface as `pipeline.engine.TorchEngine`.
 
 - One ``SamplingParams`` per prompt (``n`` samples at that prompt's temperature), prompts passed as
-  token ids (``encode_prompts``: the same BOS-prefixed ids the torch engine and the learner use).
+  token ids (`pipeline.prompts.PromptFormat`: the same ids the torch engine and the learner use),
+  stopping at EOS or any of ``generation_config.json``'s end-of-turn ids.
 - ``logprobs_mode="processed_logprobs"``: the returned log-probs are those of the distribution
   actually sampled from, ``log_softmax(logits / T)``, which the learner recomputes at the same T.
   Temperatures below ``MIN_TEMPERATURE`` are sampled at that floor, as in the torch engine;
@@ -36,7 +37,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.engine import MIN_TEMPERATURE, Sample, encode_prompts
+from pipeline.engine import MIN_TEMPERATURE, Sample
+from pipeline.prompts import PromptFormat, load_generation_config, stop_token_ids
 from pipeline.weights import publish, verify_published
 
 
@@ -75,10 +77,16 @@ class VllmEngine:
 
     def __init__(self, model_path: str | Path, tokenizer, max_new_tokens: int, seed: int = 0, version: int = 0,
                  dtype: str = "float32", max_model_len: int | None = None, kv_cache_gib: int = 1,
-                 in_process: bool | None = None) -> None:
+                 in_process: bool | None = None, prompt_format: PromptFormat | None = None,
+                 gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1,
+                 enable_prefix_caching: bool = True, enforce_eager: bool | None = None,
+                 trust_remote_code: bool = False) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-        in_process = runs_in_process(in_process, os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"),
-                                     torch.cuda.is_available())
+        cuda = torch.cuda.is_available()
+        in_process = runs_in_process(in_process, os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"), cuda)
+        if in_process and tensor_parallel_size > 1:
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs vLLM's multi-process engine: "
+                             "unset in_process / VLLM_ENABLE_V1_MULTIPROCESSING=0")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"  # vLLM reads it here
         try:
             from vllm import LLM
@@ -91,9 +99,14 @@ class VllmEngine:
 
         # max_model_len None = the model's own max_position_embeddings
         self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=dtype, seed=seed,
-                       enforce_eager=True, logprobs_mode="processed_logprobs", max_model_len=max_model_len,
-                       distributed_executor_backend="uni" if in_process else None)
+                       enforce_eager=(not cuda) if enforce_eager is None else enforce_eager,
+                       logprobs_mode="processed_logprobs", max_model_len=max_model_len,
+                       distributed_executor_backend="uni" if in_process else None,
+                       gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+                       enable_prefix_caching=enable_prefix_caching, trust_remote_code=trust_remote_code)
         self.tokenizer = tokenizer
+        self.format = prompt_format or PromptFormat(tokenizer)
+        self.stop_ids = stop_token_ids(tokenizer, load_generation_config(model_path))
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = int(self.llm.llm_engine.model_config.max_model_len) - max_new_tokens
         self.seed = seed
@@ -137,20 +150,19 @@ class VllmEngine:
         if any(t < 0 for t in temperatures):
             raise ValueError(f"temperatures must be >= 0, got {min(temperatures)}")
         self._calls += 1
-        prompt_ids = encode_prompts(self.tokenizer, prompts)
+        prompt_ids = self.format.encode(prompts)
         params = [SamplingParams(n=n, temperature=0.0 if t == 0 else max(float(t), MIN_TEMPERATURE),
                                  max_tokens=self.max_new_tokens, logprobs=0,
                                  seed=(self.seed * 1_000_003 + self._calls * 10_007 + i) % (2**31),
-                                 stop_token_ids=[self.tokenizer.eos_token_id])
+                                 stop_token_ids=self.stop_ids)
                   for i, t in enumerate(temperatures)]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
-        eos = self.tokenizer.eos_token_id
         samples = []
         for i, out in enumerate(outputs):
             for j, c in enumerate(out.outputs):
                 ids = np.asarray(c.token_ids, dtype=np.int32)
                 lps = np.array([d[int(tok)].logprob for d, tok in zip(c.logprobs, ids)], dtype=np.float32)
-                stopped = ids.size > 0 and int(ids[-1]) == eos
+                stopped = ids.size > 0 and int(ids[-1]) in self.stop_ids
                 samples.append(Sample(
                     prompt_index=i, sample_idx=j,
                     prompt_token_ids=np.asarray(prompt_ids[i], dtype=np.int32),

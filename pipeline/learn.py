@@ -64,8 +64,12 @@ def completion_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tenso
 class _Rows:
     """The batch's rows as the learning step needs them (numpy, per row or per token)."""
 
-    def __init__(self, cols: Columns, lc: LearnerConfig, rule: ErpoRule) -> None:
+    def __init__(self, cols: Columns, lc: LearnerConfig, rule: ErpoRule, overlong: str = "keep") -> None:
         self.cols = cols
+        self.cut = np.asarray(cols["finish_reason"]).astype(str) == "length"
+        """Rows cut at the length limit."""
+        self.in_loss = ~self.cut if overlong == "mask" else np.ones(len(self.cut), dtype=bool)
+        """Rows whose tokens the loss counts (``rollout.overlong = "mask"`` leaves cut rows out)."""
         _, self.group_index = np.unique(cols["group_id"], return_inverse=True)
         self.rewards = torch.as_tensor(np.asarray(cols["shaped_reward"], dtype=np.float32))
         adv = get_advantage(lc.advantage)(self.rewards, torch.as_tensor(self.group_index))
@@ -97,14 +101,16 @@ class _Rows:
 def _token_weights(rows_all: np.ndarray, rows: np.ndarray, data: _Rows, aggregation: str, world: int) -> np.ndarray:
     """Each of ``rows``' tokens' weight in the update's loss: ``world`` x 1/(completion tokens of
     the whole update) for token-mean, ``world`` x 1/(sequences x the row's tokens) for
-    sequence-mean (the trainer averages ``world`` ranks' gradients)."""
+    sequence-mean (the trainer averages ``world`` ranks' gradients). Rows left out of the loss
+    (``data.in_loss``) weigh 0 and are not counted; they still run, so every rank computes."""
     n = data.completion_len
+    counted = n * data.in_loss
     if aggregation == "token_mean":
-        per_row = np.full(len(rows), world / max(1, int(n[rows_all].sum())), dtype=np.float64)
+        per_row = np.full(len(rows), world / max(1, int(counted[rows_all].sum())), dtype=np.float64)
     else:
-        seqs = max(1, int((n[rows_all] > 0).sum()))
+        seqs = max(1, int((counted[rows_all] > 0).sum()))
         per_row = world / (seqs * np.maximum(n[rows], 1))
-    return np.repeat(per_row, n[rows]).astype(np.float32)
+    return np.repeat(per_row * data.in_loss[rows], n[rows]).astype(np.float32)
 
 
 def proximal_logprobs(trainer: Trainer, data: _Rows, rows: np.ndarray, lc: LearnerConfig, pad_id: int,
@@ -125,12 +131,13 @@ def proximal_logprobs(trainer: Trainer, data: _Rows, rows: np.ndarray, lc: Learn
 
 
 def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list[Columns], lc: LearnerConfig,
-               rule: ErpoRule, pad_id: int, rng: np.random.Generator) -> dict[str, float]:
+               rule: ErpoRule, pad_id: int, rng: np.random.Generator, overlong: str = "keep") -> dict[str, float]:
     """One training step on a batch of groups (see the module docstring).
 
     The groups are shuffled into ``mini_batches`` updates by ``rng``; with several ranks each rank
-    trains on every ``world_size``-th group of each update."""
-    data = _Rows(concat(groups), lc, rule)
+    trains on every ``world_size``-th group of each update. ``overlong="mask"`` leaves completions
+    cut at the length limit out of the loss (their group's advantages still count them)."""
+    data = _Rows(concat(groups), lc, rule, overlong)
     model = trainer.model
     inner = getattr(model, "module", model)
     head = inner.get_output_embeddings()
@@ -169,6 +176,9 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
     metrics["all_correct_frac"] = float(np.mean(rates >= 1.0))
     metrics["all_wrong_frac"] = float(np.mean(rates <= 0.0))
     metrics["completion_len"] = float(data.completion_len.sum() / n)
+    metrics["samples"] = float(n)
+    metrics["overlong_frac"] = float(data.cut.mean())
+    metrics["overlong_masked"] = float((~data.in_loss).sum())
     metrics["tokens"] = float(data.completion_len.sum())
     metrics["lr"] = lr_at(trainer.updates - 1, lc.lr, lc.warmup_steps)
     return metrics

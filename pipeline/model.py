@@ -43,9 +43,10 @@ ARCHITECTURES = ("qwen2", "qwen3", "llama")
 
 def build_tiny(arch: str, vocab_size: int, hidden_size: int = 128, layers: int = 4, heads: int = 4,
                kv_heads: int = 2, intermediate_size: int = 384, max_positions: int = 64, seed: int = 0,
-               tie_word_embeddings: bool = True):
+               tie_word_embeddings: bool = True, tokenizer=None):
     """A randomly initialised causal LM of architecture ``arch`` (``qwen2``: the default policy;
-    ``qwen3``: with q/k norms; ``llama``), fp32, special tokens of `build_char_tokenizer`."""
+    ``qwen3``: with q/k norms; ``llama``), fp32, with the special tokens of ``tokenizer`` (default:
+    those of `build_char_tokenizer`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if arch not in ARCHITECTURES:
@@ -55,9 +56,18 @@ def build_tiny(arch: str, vocab_size: int, hidden_size: int = 128, layers: int =
         arch, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=max_positions, tie_word_embeddings=tie_word_embeddings, rope_theta=10_000.0,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, torch_dtype="float32", **extra)
+        torch_dtype="float32", **special_ids(tokenizer), **extra)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
+
+
+def special_ids(tokenizer=None) -> dict[str, int | None]:
+    """``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` of a tokenizer (a missing pad token
+    is the EOS, as `load_policy` sets it), or of `build_char_tokenizer` when None."""
+    if tokenizer is None:
+        return {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": pad}
 
 
 def build_tiny_qwen2(vocab_size: int, hidden_size: int = 128, layers: int = 4, heads: int = 4,

@@ -16,6 +16,8 @@ from pipeline.verifier import Verdict
 from schemas import Columns, TRAJECTORY
 
 RESIDUAL_NONE, RESIDUAL_ALL_CORRECT, RESIDUAL_ALL_WRONG = "none", "all_correct", "all_wrong"
+TRUNCATED = "truncated"
+"""Status of a completion cut at the length limit under ``rollout.overlong = "zero_reward"``."""
 
 
 def group_pass_rates(group_ids: np.ndarray, rewards: np.ndarray) -> np.ndarray:
@@ -32,19 +34,28 @@ def residual_kinds(pass_rates: np.ndarray) -> np.ndarray:
                     np.where(pass_rates <= 0.0, RESIDUAL_ALL_WRONG, RESIDUAL_NONE)).astype(object)
 
 
-def score(trajectories: Columns, verdicts: Sequence[Verdict], now: float | None = None) -> Columns:
+def score(trajectories: Columns, verdicts: Sequence[Verdict], now: float | None = None,
+          overlong: str = "keep") -> Columns:
     """ScoredTrajectory columns: the trajectory columns plus the verdicts and group statistics.
 
     ``shaped_reward`` equals ``reward`` here; reward shaping (ERPO's RA) is applied downstream.
+    With ``overlong="zero_reward"`` a completion cut at the length limit (finish_reason
+    ``length``) gets reward 0 and the status ``truncated``, whatever its verdict; the group
+    statistics use that reward.
     """
     n = len(trajectories["traj_id"])
     if len(verdicts) != n:
         raise ValueError(f"{len(verdicts)} verdicts for {n} trajectories")
     rewards = np.fromiter((v.reward for v in verdicts), dtype=np.float32, count=n)
+    statuses = np.array([v.status.value for v in verdicts], dtype=object)
+    if overlong == "zero_reward":
+        cut = np.asarray(trajectories["finish_reason"]).astype(str) == "length"
+        rewards[cut] = 0.0
+        statuses[cut] = TRUNCATED
     rates = group_pass_rates(trajectories["group_id"], rewards.astype(np.float64)).astype(np.float32)
     out: Columns = {name: trajectories[name] for name in TRAJECTORY.schema.names}
     out["reward"] = rewards
-    out["verify_status"] = np.array([v.status.value for v in verdicts], dtype=object)
+    out["verify_status"] = statuses
     out["group_pass_rate"] = rates
     out["residual"] = residual_kinds(rates)
     out["shaped_reward"] = rewards.copy()

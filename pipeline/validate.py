@@ -30,7 +30,7 @@ import numpy as np
 from schemas import POLICY_UPDATE, PROMPT_TICKET, TEMPERATURE_UPDATE, Columns, MessageKind, Ragged, group_rows, take
 
 FINISH_REASONS = ("stop", "length")
-VERIFY_STATUSES = ("correct", "wrong", "no_answer", "error", "timeout")
+VERIFY_STATUSES = ("correct", "wrong", "no_answer", "error", "timeout", "truncated")
 TEMPERATURE_REASONS = ("all_correct_raise", "capped", "reactivated", "decay", "clamped")
 """`pipeline.erpo.REASONS` (kept here too: this module imports neither polars nor the ERPO table)."""
 MAX_TEMPERATURE = 2.0

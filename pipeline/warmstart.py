@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from pipeline.atomic import file_lock, fsync_dir
-from pipeline.config import ArithmeticTaskConfig, WarmstartConfig
-from pipeline.engine import encode_prompts, pack, token_logprobs
+from pipeline.config import ArithmeticTaskConfig, PromptConfig, WarmstartConfig
+from pipeline.engine import pack, token_logprobs
 from pipeline.model import build_char_tokenizer, build_tiny_qwen2, count_parameters
+from pipeline.prompts import PromptFormat
 from pipeline.tasks import arithmetic_stream
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,13 @@ def _build(cfg: WarmstartConfig, task: ArithmeticTaskConfig, out: Path, say: Cal
     stream = arithmetic_stream(cfg.seed, task.difficulty_weights_map(), task.ops,
                                task.heldout_per_mille)
     eos = tokenizer.eos_token_id
+    prompt_format = PromptFormat(tokenizer, PromptConfig(template="plain"))
     noise_rng = np.random.default_rng(cfg.seed + 1)
     model.train()
     t0 = time.monotonic()
     for step in range(1, cfg.steps + 1):
         problems = [next(stream) for _ in range(cfg.batch_size)]
-        prompts = [np.asarray(p, dtype=np.int32) for p in encode_prompts(tokenizer, [p.text for p in problems])]
+        prompts = [np.asarray(p, dtype=np.int32) for p in prompt_format.encode([p.text for p in problems])]
         targets = _noisy_answers([int(p.answer) for p in problems], cfg.label_noise, noise_rng)
         answers = [np.asarray(tokenizer.encode(a, add_special_tokens=False) + [eos], dtype=np.int32)
                    for a in targets]

@@ -134,11 +134,13 @@ SCORED_TRAJECTORY = MessageKind(
             # Verifier reward: 1.0 correct, 0.0 otherwise (error/timeout included).
             _field("reward", pa.float32(), "Verifier reward: 1.0 if correct, else 0.0."),
             # Verifier outcome: "correct", "wrong", "no_answer", "error" (verifier raised),
-            # "timeout" (verifier exceeded its time budget). error/timeout are not "wrong".
+            # "timeout" (verifier exceeded its time budget); error/timeout are not "wrong".
+            # "truncated": cut at the length limit under rollout.overlong = "zero_reward".
             _field(
                 "verify_status",
                 pa.string(),
-                'Verifier outcome: "correct", "wrong", "no_answer", "error" or "timeout".',
+                'Verifier outcome: "correct", "wrong", "no_answer", "error", "timeout", or "truncated" '
+                '(cut at the length limit, rollout.overlong = "zero_reward").',
             ),
             # Mean reward of the sample's group, in [0, 1].
             _field("group_pass_rate", pa.float32(), "Mean reward of the sample's group, in [0, 1]."),

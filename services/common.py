@@ -65,6 +65,14 @@ def initial_policy_path(cfg: RunConfig) -> Path:
     return warmstart(cfg.model.warmstart, cfg.task, cfg.cache_dir)
 
 
+def load_initial_policy(cfg: RunConfig):
+    """(model, tokenizer) of the policy the run starts from (`initial_policy_path`), loaded strictly
+    (`pipeline.model.load_policy`) with the run's `model.trust_remote_code`."""
+    from pipeline.model import load_policy
+
+    return load_policy(initial_policy_path(cfg), trust_remote_code=cfg.model.trust_remote_code)
+
+
 def set_threads(n: int | None) -> None:
     """Limit torch's intra-op threads (several services share few cores)."""
     import torch

@@ -53,10 +53,10 @@ def _progress_line(run_dir: Path, cfg: RunConfig, t0: float) -> str:
 def run(cfg: RunConfig) -> int:
     from pipeline.engine import TorchEngine
     from pipeline.evaluate import evaluate
-    from pipeline.model import load_policy
+    from pipeline.prompts import PromptFormat
     from pipeline.tasks import arithmetic_problems, load_problems
     from pipeline.transport import ensure_topics
-    from services.common import initial_policy_path
+    from services.common import initial_policy_path, load_initial_policy
 
     t_start = time.monotonic()
     run_dir = (cfg.workdir / time.strftime("%Y%m%d-%H%M%S")).resolve()
@@ -70,14 +70,15 @@ def run(cfg: RunConfig) -> int:
               f"--storage.tsdb.path {scrape.parent / 'tsdb'} (dashboard: infra/grafana/)", flush=True)
 
     policy_path = initial_policy_path(cfg)
-    model, tokenizer = load_policy(policy_path)
+    model, tokenizer = load_initial_policy(cfg)
     task = cfg.task
     if task.kind == "arithmetic":
         heldout = arithmetic_problems(task.eval_size, cfg.seed + 1, task.difficulty_weights_map(),
                                       task.ops, "heldout", task.heldout_per_mille)
     else:
         heldout = load_problems(task.eval_path, task.question_field, task.answer_field)[: task.eval_size]
-    engine = TorchEngine(model, tokenizer, cfg.rollout.max_new_tokens, seed=cfg.seed)
+    engine = TorchEngine(model, tokenizer, cfg.rollout.max_new_tokens, seed=cfg.seed,
+                         prompt_format=PromptFormat(tokenizer, cfg.prompt))
     ev = cfg.eval
     before = evaluate(engine, heldout, ev.temperature, ev.samples)
     print(f"held-out before RL ({before.problems} problems): sampled pass@1 "

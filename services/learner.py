@@ -56,7 +56,7 @@ from pipeline.config import LearnerConfig, RunConfig
 from pipeline.erpo import drop_mask
 from pipeline.failpoints import failpoint
 from pipeline.learn import train_step
-from pipeline.model import export_pretrained, load_policy
+from pipeline.model import export_pretrained
 from pipeline.ledger import Ledger, ledger_path
 from pipeline.tasks import Problem, arithmetic_problems, load_problems
 from pipeline.tickets import IssueLog, Ticket, TicketBook, TicketSource
@@ -75,7 +75,7 @@ from schemas import (
     headers_for,
     split_groups,
 )
-from services.common import JsonlWriter, StopFlag, erpo_rule, initial_policy_path, set_threads, worker_id
+from services.common import JsonlWriter, StopFlag, erpo_rule, initial_policy_path, load_initial_policy, set_threads, worker_id
 from services.metrics import serve
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,9 @@ STEP_SECONDS = Histogram("rlstream_learner_step_seconds", "Wall time of one trai
 STEP = Gauge("rlstream_learner_step", "Training steps done.")
 VERSION = Gauge("rlstream_learner_policy_version", "Newest policy version published.")
 TOKENS = Counter("rlstream_learner_tokens_total", "Completion tokens trained on.")
+OVERLONG = Counter("rlstream_learner_overlong_total",
+                   "Trained completions cut at rollout.max_new_tokens, by what the loss did with them "
+                   "(rollout.overlong: kept or masked).", ["treatment"])
 TICKETS = Counter("rlstream_learner_tickets_total", "Prompt tickets issued.")
 IN_FLIGHT = Gauge("rlstream_learner_groups_in_flight", "Tickets issued and not yet trained or dropped.")
 REISSUED = Counter("rlstream_learner_tickets_reissued_total",
@@ -288,14 +291,14 @@ def run(cfg: RunConfig) -> None:
     rule = erpo_rule(cfg)
     set_threads(lc.torch_threads)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_policy(initial_policy_path(cfg))
+    model, tokenizer = load_initial_policy(cfg)
     model.train()
     if lc.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref_model = None
     if lc.kl != "none":
-        ref_model, _ = load_policy(initial_policy_path(cfg))
+        ref_model, _ = load_initial_policy(cfg)
         ref_model.eval().requires_grad_(False)
     limits = Limits(vocab_size=int(model.config.vocab_size),
                     max_tokens=getattr(model.config, "max_position_embeddings", None))
@@ -325,7 +328,7 @@ def run(cfg: RunConfig) -> None:
     def learn(groups: list[Columns]) -> dict[str, float]:
         """Train on one batch and publish/checkpoint when due; the same on every rank."""
         rng = np.random.default_rng([cfg.seed, state.step])  # mini-batch order: a function of the step
-        metrics = train_step(trainer, ref_model, groups, lc, rule, tokenizer.pad_token_id, rng)
+        metrics = train_step(trainer, ref_model, groups, lc, rule, tokenizer.pad_token_id, rng, cfg.rollout.overlong)
         state.step += 1
         return metrics
 
@@ -384,8 +387,8 @@ class Lead:
         self.lags: list[int] = []
         # Weights go out in the rollout engine's dtype: a bf16 vLLM gets bf16 (half the bytes to
         # read and hash), everything else the fp32 masters.
-        self.publish_dtype = (torch.bfloat16 if cfg.rollout.engine == "vllm" and cfg.rollout.dtype == "bfloat16"
-                              else None)
+        self.publish_dtype = ({"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.rollout.dtype)
+                              if cfg.rollout.engine == "vllm" else None)
 
     def _on_assign(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         """The checkpoint's offsets, at the first assignment after a (re)start: later assignments
@@ -609,5 +612,9 @@ def observe_step(state: LearnerState, metrics: dict[str, float], step_s: float) 
     for name in ("loss", "pg_loss", "kl", "entropy", "reward", "grad_norm", "lr"):
         if name in metrics:
             LOSS_PARTS.labels(name).set(metrics[name])
-    for name in ("clip_frac", "is_weight_mean", "is_weight_max", "is_truncated_frac", "is_masked_frac"):
+    for name in ("clip_frac", "is_weight_mean", "is_weight_max", "is_truncated_frac", "is_masked_frac",
+                 "overlong_frac"):
         POLICY_STATS.labels(name).set(metrics[name])
+    cut = round(metrics["overlong_frac"] * metrics["samples"])
+    OVERLONG.labels("masked").inc(metrics["overlong_masked"])
+    OVERLONG.labels("kept").inc(cut - metrics["overlong_masked"])

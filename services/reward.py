@@ -179,8 +179,8 @@ class Reward:
             return []
         cols = concat(fresh)
         verdicts = pool.verify(list(zip(cols["completion_text"], cols["answer"])))
-        scored = score(cols, verdicts)
-        batch_statuses = Counter(v.status.value for v in verdicts)
+        scored = score(cols, verdicts, overlong=self.cfg.rollout.overlong)
+        batch_statuses = Counter(scored["verify_status"])
         self.statuses.update(batch_statuses)
         for status, n in batch_statuses.items():
             VERDICTS.labels(status).inc(n)

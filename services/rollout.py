@@ -28,13 +28,14 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.config import RunConfig
 from pipeline.dedupe import BoundedSet
-from pipeline.engine import Sample, TorchEngine, encode_prompts
+from pipeline.engine import Sample, TorchEngine
+from pipeline.prompts import PromptFormat
 from pipeline.failpoints import failpoint
 from pipeline.transport import Consumer, Delivery, Producer, RecordRejected, topic_name
 from pipeline.validate import Limits, check_message
 from pipeline.weights import PolicyMissing, WeightsError, verify_published
 from schemas import TRAJECTORY, Columns, Ragged
-from services.common import JsonlWriter, StopFlag, initial_policy_path, set_threads, worker_id
+from services.common import JsonlWriter, StopFlag, initial_policy_path, load_initial_policy, set_threads, worker_id
 from services.metrics import serve
 
 log = logging.getLogger(__name__)
@@ -179,20 +180,26 @@ class Rollout:
         self.cfg = cfg
         self.stop = StopFlag()
         set_threads(rc.torch_threads)
-        from pipeline.model import load_policy
-
         policy_path = initial_policy_path(cfg)
-        model, tokenizer = load_policy(policy_path)
+        model, tokenizer = load_initial_policy(cfg)
         self.tokenizer = tokenizer
+        prompt_format = PromptFormat(tokenizer, cfg.prompt)
         if rc.engine == "vllm":
             from pipeline.engine_vllm import VllmEngine
 
             del model
             # In process on CPU, on the `torch_threads` set above (see pipeline/engine_vllm.py).
-            self.engine = VllmEngine(policy_path, tokenizer, rc.max_new_tokens, seed=rc.seed + worker_index,
-                                     version=0, dtype=rc.dtype)
+            self.engine = VllmEngine(
+                policy_path, tokenizer, rc.max_new_tokens, seed=rc.seed + worker_index, version=0, dtype=rc.dtype,
+                max_model_len=rc.max_model_len, kv_cache_gib=rc.kv_cache_gib, prompt_format=prompt_format,
+                gpu_memory_utilization=rc.gpu_memory_utilization, tensor_parallel_size=rc.tensor_parallel_size,
+                enable_prefix_caching=rc.enable_prefix_caching, enforce_eager=rc.enforce_eager,
+                trust_remote_code=cfg.model.trust_remote_code)
         else:
-            self.engine = TorchEngine(model, tokenizer, rc.max_new_tokens, seed=rc.seed + worker_index, version=0)
+            self.engine = TorchEngine(model, tokenizer, rc.max_new_tokens, seed=rc.seed + worker_index, version=0,
+                                      prompt_format=prompt_format)
+        log.info("prompts: %s template; completions end at token ids %s or after %d tokens (overlong: %s)",
+                 prompt_format.kind, self.engine.stop_ids, rc.max_new_tokens, rc.overlong)
         self.wid = wid = worker_id()
         self.producer = Producer(cfg.kafka, client_id=f"{cfg.name}-rollout-{wid}")
         self.tickets = Consumer(cfg.kafka, cfg.name, ["prompts"], group_id=f"{cfg.name}.rollout",
@@ -221,7 +228,7 @@ class Rollout:
             with self.tickets.guard(d):
                 _check(d, self.limits)
                 rows = [{k: d.columns[k][i] for k in TICKET_FIELDS} for i in range(len(d.columns["ticket_id"]))]
-                lengths = [len(ids) for ids in encode_prompts(self.tokenizer, [r["text"] for r in rows])]
+                lengths = [len(ids) for ids in self.engine.format.encode([r["text"] for r in rows])]
                 if max(lengths) > self.engine.max_prompt_tokens:
                     raise RecordRejected("prompt_too_long",
                                          f"invalid_message: prompt_too_long: {max(lengths)} prompt tokens; this engine "

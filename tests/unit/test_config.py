@@ -20,6 +20,15 @@ def test_there_are_shipped_configs():
 def test_every_shipped_config_parses(path: Path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
+    repo = Path(__file__).parents[2]
+    ds = cfg.learner.deepspeed_config
+    assert (ds if ds.is_absolute() else repo / ds).is_file(), f"{path.name}: {ds} does not exist"
+    if cfg.task.kind == "file":  # the real-data configs: what a real model needs
+        assert cfg.prompt.template == "chat" and "\\boxed{}" in cfg.prompt.user
+        assert cfg.rollout.max_new_tokens >= 1024 and cfg.rollout.overlong == "mask"
+        # a whole completion reaches the verifier, and fits the model's context with its prompt
+        assert cfg.reward.max_chars >= 4 * cfg.rollout.max_new_tokens
+        assert cfg.rollout.max_model_len is None or cfg.rollout.max_model_len >= cfg.rollout.max_new_tokens + 512
 
 
 def _write(tmp_path: Path, text: str) -> Path:

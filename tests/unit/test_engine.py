@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.engine import TorchEngine, encode_prompts, pack, token_logprobs
+from pipeline.engine import TorchEngine, pack, token_logprobs
+from pipeline.prompts import PromptFormat
 from pipeline.model import build_char_tokenizer, build_tiny_qwen2
 
 PROMPTS = ["7=", "12+34-5=", "3+4="]  # different lengths, so the engine left-pads
@@ -39,7 +40,7 @@ def test_tokenizer_one_token_per_char_and_round_trip(tok):
     assert ids == [5, 6, 14, 7, 8, 15, 9, 17]
     assert ids == [tok.convert_tokens_to_ids(ch) for ch in text]
     assert tok.decode(ids) == text
-    assert encode_prompts(tok, [text]) == [[tok.bos_token_id] + ids]
+    assert PromptFormat(tok).encode([text]) == [[tok.bos_token_id] + ids]  # no chat template: plain
 
 
 def test_behavior_logprobs_equal_recomputed(model, tok):
@@ -58,7 +59,7 @@ def test_behavior_logprobs_equal_recomputed(model, tok):
 
 def _greedy_by_hand(model, tok, prompt: str, steps: int) -> list[int]:
     """Argmax decoding with a full forward pass (no cache, no padding) at every step."""
-    ids = encode_prompts(tok, [prompt])[0]
+    ids = PromptFormat(tok).encode([prompt])[0]
     out: list[int] = []
     with torch.no_grad():
         for _ in range(steps):

@@ -25,7 +25,8 @@ from pipeline.trainer import TorchTrainer
 from learn_batch import batch_groups, tiny_model
 from schemas import concat
 
-def _gradients(lc: LearnerConfig, groups, rank: int = 0, world: int = 1) -> tuple[list[list[torch.Tensor]], dict]:
+def _gradients(lc: LearnerConfig, groups, rank: int = 0, world: int = 1,
+               overlong: str = "keep") -> tuple[list[list[torch.Tensor]], dict]:
     """The accumulated gradient handed to each optimiser update (the parameters are left as they
     are: Adam's first step turns float-level differences of near-zero gradients into whole steps,
     so updates are compared through their gradients)."""
@@ -41,7 +42,7 @@ def _gradients(lc: LearnerConfig, groups, rank: int = 0, world: int = 1) -> tupl
         return 0.0
 
     trainer.update = update
-    metrics = train_step(trainer, ref, groups, lc, ErpoRule(), 0, np.random.default_rng(0))
+    metrics = train_step(trainer, ref, groups, lc, ErpoRule(), 0, np.random.default_rng(0), overlong)
     return seen, metrics
 
 
@@ -69,14 +70,21 @@ def test_accumulated_micro_batches_give_the_whole_update(aggregation, kl, mini_b
         assert m1[k] == pytest.approx(m2[k], rel=1e-5, abs=1e-7), k
 
 
+@pytest.mark.parametrize("overlong", ["keep", "mask"])
 @pytest.mark.parametrize("kl", ["none", "k3", "rapo"])
-def test_one_update_equals_the_plain_formulation(kl):
+def test_one_update_equals_the_plain_formulation(kl, overlong):
     """The update as the learner computed it before micro-batching: the whole batch packed, the
-    full tempered log-softmax, decoupled PPO and the KL term through autograd, one AdamW step."""
+    full tempered log-softmax, decoupled PPO and the KL term through autograd, one AdamW step.
+    With ``overlong="mask"`` the completions cut at the length limit are out of the loss's mask
+    (and of its token count), while their groups' advantages still count their rewards."""
     groups = batch_groups(seed=3)
+    for g in groups:  # the second sample of every group was cut at the length limit
+        g["finish_reason"] = np.array(["stop", "length", "stop"], dtype=object)
     lc = LearnerConfig(lr=1e-2, warmup_steps=0, backend="torch", kl=kl, kl_coef=0.3, groups_per_step=4,
                        max_tokens_per_micro_batch=16, logit_chunk_mb=1e-4)
-    ours, metrics = _gradients(lc, groups)
+    ours, metrics = _gradients(lc, groups, overlong=overlong)
+    assert metrics["overlong_frac"] == pytest.approx(1 / 3)
+    assert metrics["overlong_masked"] == (4 if overlong == "mask" else 0)
 
     model, ref = tiny_model(), tiny_model(1)
     cols = concat(groups)
@@ -91,7 +99,10 @@ def test_one_update_equals_the_plain_formulation(kl):
                  cols["temperature"], 0)
     behavior = scatter_completion(cols["behavior_logprobs"].values, batch.completion_mask)
     lp, _, logp = token_logprobs_full(model, batch)
-    loss, _ = decoupled_ppo_loss(PolicyLossInputs(lp, lp.detach(), behavior, adv, batch.completion_mask),
+    mask = batch.completion_mask
+    if overlong == "mask":
+        mask = mask * torch.as_tensor(cols["finish_reason"] != "length", dtype=mask.dtype).unsqueeze(1)
+    loss, _ = decoupled_ppo_loss(PolicyLossInputs(lp, lp.detach(), behavior, adv, mask),
                                  eps_low=lc.eps_low, eps_high=lc.eps_high, tis_cap=lc.tis_cap)
     if kl != "none":
         idx = batch.completion_mask.bool()
@@ -104,7 +115,7 @@ def test_one_update_equals_the_plain_formulation(kl):
         else:
             phi = phi_clamp(rewards, lc.rapo_phi_floor).unsqueeze(1).expand_as(idx)[idx]
             per = rapo_exact_kl(logp, reweighted_reference(ref_logits, temps, phi))
-        kl_loss, _ = kl_term(torch.zeros_like(lp).masked_scatter(idx, per), batch.completion_mask)
+        kl_loss, _ = kl_term(torch.zeros_like(lp).masked_scatter(idx, per), mask)
         loss = loss + lc.kl_coef * kl_loss
     loss.backward()
     assert metrics["loss"] == pytest.approx(float(loss), rel=1e-5, abs=1e-7)

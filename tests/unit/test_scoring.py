@@ -102,3 +102,15 @@ def test_score_all_wrong_group():
 def test_score_verdict_count_mismatch_raises():
     with pytest.raises(ValueError, match="4 verdicts for 5 trajectories"):
         score(_trajectories(), _verdicts()[:4])
+
+
+def test_overlong_zero_reward_zeroes_cut_completions_and_their_group_statistics():
+    # rows 3 (g1, correct) and 4 (g0, error) end with finish_reason "length"
+    out = score(_trajectories(), _verdicts(), now=0.0, overlong="zero_reward")
+    np.testing.assert_array_equal(out["reward"], np.array([1, 1, 0, 0, 0], dtype=np.float32))
+    assert out["verify_status"].tolist() == ["correct", "correct", "wrong", "truncated", "truncated"]
+    # g1 was all-correct (1, 1); with row 3 zeroed it is (1, 0): pass rate 0.5, informative
+    np.testing.assert_allclose(out["group_pass_rate"], [1 / 3, 0.5, 1 / 3, 0.5, 1 / 3], atol=1e-6, rtol=0)
+    assert out["residual"].tolist() == ["none"] * 5
+    for treatment in ("keep", "mask"):  # the learner masks; scoring leaves both as they are
+        assert score(_trajectories(), _verdicts(), now=0.0, overlong=treatment)["reward"].tolist() == [1, 1, 0, 1, 0]
