@@ -55,6 +55,7 @@ def groups_of(seqs: int, prompt: int, completion: int, seed: int = 0) -> list[di
                     "prompt_token_ids": Ragged.from_list([p] * G, np.int32),
                     "completion_token_ids": Ragged.from_list(comps, np.int32),
                     "temperature": np.ones(G, np.float32),
+                    "finish_reason": np.array(["length"] * G, dtype=object),
                     "behavior_logprobs": Ragged.from_list([np.full(completion, -12.0, np.float32)] * G, np.float32),
                     "shaped_reward": r, "group_pass_rate": np.full(G, r.mean(), np.float32)})
     return out

@@ -108,3 +108,29 @@ def test_bf16_published_weights_reload_like_the_torch_engine(engine, policy, tmp
     reference = TorchEngine(model, tokenizer, max_new_tokens=6)
     reference.load_published(pub.uri, pub.sha256, 10)
     assert [s.completion_token_ids.tolist() for s in reference.generate(PROMPTS, [0.0] * len(PROMPTS), 1)] == got
+
+
+def test_generation_config_end_of_turn_ids_stop_vllm_as_they_stop_the_torch_engine(policy, tmp_path):
+    """A folder whose generation_config.json lists extra end-of-turn ids (as instruct models'
+    do): vLLM stops at them too, keeps the id as the completion's last token, calls it `stop`."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    folder = tmp_path / "eot"
+    shutil.copytree(policy, folder)
+    _, tokenizer = load_policy(folder)
+    digits = tokenizer.convert_tokens_to_ids(list("0123456789"))
+    GenerationConfig(eos_token_id=[tokenizer.eos_token_id] + digits).save_pretrained(folder)
+    engine = VllmEngine(folder, tokenizer, max_new_tokens=6, seed=0, max_model_len=64)
+    try:
+        assert engine.stop_ids == [tokenizer.eos_token_id] + digits
+        samples = engine.generate(PROMPTS, [1.0] * len(PROMPTS), 4)
+    finally:
+        engine.close()
+    stopped = [s for s in samples if s.finish_reason == "stop"]
+    assert len(stopped) == len(samples)  # the warm-started model answers with digits first
+    assert all(int(s.completion_token_ids[-1]) in engine.stop_ids for s in stopped)
+    # ... at the first one: nothing before the last token is a stop id (a sign may come first)
+    assert all(not set(s.completion_token_ids[:-1].tolist()) & set(engine.stop_ids) for s in stopped)
+    assert any(int(s.completion_token_ids[-1]) in digits for s in stopped)
