@@ -202,6 +202,8 @@ def main() -> int:
     ap.add_argument("--chunk-mb", type=float, default=512.0)
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args()
+    if args.steps < 1:
+        ap.error("--steps must be at least 1 (one timed learner step after the warm-up)")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU is visible to torch "

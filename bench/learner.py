@@ -56,6 +56,7 @@ def make_groups(rng: np.random.Generator) -> list[dict]:
             "prompt_token_ids": Ragged.from_list([prompt] * G, np.int32),
             "completion_token_ids": Ragged.from_list(comps, np.int32),
             "temperature": np.ones(G, np.float32),
+            "finish_reason": np.array(["stop"] * G, dtype=object),
             "behavior_logprobs": Ragged.from_list([np.full(len(c), -9.0, np.float32) for c in comps], np.float32),
             "shaped_reward": reward,
             "group_pass_rate": np.full(G, reward.mean(), np.float32),

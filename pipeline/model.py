@@ -129,7 +129,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.js
 
 
 def export_pretrained(state: dict[str, torch.Tensor], source: str | Path, out: str | Path,
-                      dtype: torch.dtype | None = None) -> Path:
+                      dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> Path:
     """Write trained weights as a complete Hugging Face folder that transformers and vLLM load as
     it is: every file of the ``source`` model folder but its weights (config, generation config,
     tokenizer and its chat template), plus ``model.safetensors`` of ``state``; a generation config
@@ -148,7 +148,8 @@ def export_pretrained(state: dict[str, torch.Tensor], source: str | Path, out: s
         if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
             shutil.copy2(f, tmp / f.name)
     if not (tmp / "generation_config.json").exists():
-        GenerationConfig.from_model_config(AutoConfig.from_pretrained(source)).save_pretrained(tmp)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
     save_file(flatten(state, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -73,11 +73,18 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     return out
 
 
-def load_generation_config(path):
-    """``generation_config.json`` of a model folder, or None when it has none."""
-    from transformers import GenerationConfig
+def load_generation_config(path, trust_remote_code: bool = False):
+    """``generation_config.json`` of a model folder; without one, the generation config its
+    ``config.json`` implies (its ``eos_token_id``), as transformers and vLLM build it; None when
+    neither says anything."""
+    from transformers import AutoConfig, GenerationConfig
 
     try:
         return GenerationConfig.from_pretrained(str(path))
     except OSError:
+        pass
+    try:
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(path),
+                                                                           trust_remote_code=trust_remote_code))
+    except (OSError, ValueError):
         return None

@@ -151,8 +151,12 @@ def _row_problems(cols: Columns, limits: Limits) -> list[tuple[str, np.ndarray, 
         checks.append(("bad_reward", ~np.isin(rewards, (0.0, 1.0)) | ~np.isfinite(shaped)
                        | ~(rates >= 0) | ~(rates <= 1),
                        "reward must be 0 or 1, shaped_reward finite, group_pass_rate in [0, 1]"))
-        checks.append(("bad_verify_status", ~np.isin(cols["verify_status"].astype(str), VERIFY_STATUSES),
+        statuses = cols["verify_status"].astype(str)
+        checks.append(("bad_verify_status", ~np.isin(statuses, VERIFY_STATUSES),
                        f"verify_status must be one of {VERIFY_STATUSES}"))
+        checks.append(("bad_verify_status", (statuses == "truncated")
+                       & ((cols["finish_reason"].astype(str) != "length") | (rewards != 0.0)),
+                       "verify_status 'truncated' needs finish_reason 'length' and reward 0"))
     return checks
 
 

@@ -51,6 +51,8 @@ def _progress_line(run_dir: Path, cfg: RunConfig, t0: float) -> str:
 
 
 def run(cfg: RunConfig) -> int:
+    import torch
+
     from pipeline.engine import TorchEngine
     from pipeline.evaluate import evaluate
     from pipeline.prompts import PromptFormat
@@ -71,6 +73,9 @@ def run(cfg: RunConfig) -> int:
 
     policy_path = initial_policy_path(cfg)
     model, tokenizer = load_initial_policy(cfg)
+    gpu = torch.cuda.is_available()  # evaluate there; off it while the services run
+    if gpu:
+        model.to("cuda")
     task = cfg.task
     if task.kind == "arithmetic":
         heldout = arithmetic_problems(task.eval_size, cfg.seed + 1, task.difficulty_weights_map(),
@@ -80,7 +85,10 @@ def run(cfg: RunConfig) -> int:
     engine = TorchEngine(model, tokenizer, cfg.rollout.max_new_tokens, seed=cfg.seed,
                          prompt_format=PromptFormat(tokenizer, cfg.prompt))
     ev = cfg.eval
-    before = evaluate(engine, heldout, ev.temperature, ev.samples)
+    before = evaluate(engine, heldout, ev.temperature, ev.samples, ev.batch_size)
+    if gpu:
+        model.to("cpu")
+        torch.cuda.empty_cache()
     print(f"held-out before RL ({before.problems} problems): sampled pass@1 "
           f"{before.sampled_accuracy:.3f} (T={ev.temperature}, {ev.samples} samples), greedy "
           f"{before.greedy_accuracy:.3f}", flush=True)
@@ -167,7 +175,9 @@ def run(cfg: RunConfig) -> int:
 
     version, sha, uri = (run_dir / "final_policy.txt").read_text().split(maxsplit=2)
     engine.load_published(uri.strip(), sha, int(version))
-    after = evaluate(engine, heldout, ev.temperature, ev.samples)
+    if gpu:
+        model.to("cuda")
+    after = evaluate(engine, heldout, ev.temperature, ev.samples, ev.batch_size)
     wall = time.monotonic() - t_start
     print(f"held-out after RL  ({after.problems} problems): sampled pass@1 "
           f"{after.sampled_accuracy:.3f}, greedy {after.greedy_accuracy:.3f} "

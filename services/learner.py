@@ -303,6 +303,8 @@ def run(cfg: RunConfig) -> None:
     limits = Limits(vocab_size=int(model.config.vocab_size),
                     max_tokens=getattr(model.config, "max_position_embeddings", None))
     trainer = make_trainer(model, lc)
+    if ref_model is not None:
+        ref_model.to(trainer.device)  # the frozen reference computes beside the policy (a GPU learner's GPU)
     if lc.groups_per_step < lc.mini_batches * trainer.world_size:
         raise ValueError(f"learner.groups_per_step ({lc.groups_per_step}) must be at least mini_batches x ranks "
                          f"({lc.mini_batches} x {trainer.world_size}) so every rank gets a group in every update")
@@ -460,8 +462,9 @@ class Lead:
         root = self.cfg.workdir / "export"
         t0 = time.monotonic()
         final = self.state.step == self.lc.total_steps
-        out = export_pretrained(weights, initial_policy_path(self.cfg), root / ("final" if final else
-                                                                            f"step-{self.state.step:08d}"))
+        out = export_pretrained(weights, initial_policy_path(self.cfg),
+                                root / ("final" if final else f"step-{self.state.step:08d}"),
+                                trust_remote_code=self.cfg.model.trust_remote_code)
         for old in sorted(root.glob("step-*"))[: -self.lc.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("exported %s (%.1fs): loads with transformers and vLLM as it is", out, time.monotonic() - t0)

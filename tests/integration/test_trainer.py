@@ -45,6 +45,7 @@ def _groups(seed: int) -> list[dict]:
             "prompt_token_ids": Ragged.from_list(prompts, np.int32),
             "completion_token_ids": Ragged.from_list(comps, np.int32),
             "temperature": rng.choice([0.8, 1.0, 1.2], G).astype(np.float32),
+            "finish_reason": np.array(["stop"] * G, dtype=object),
             "behavior_logprobs": Ragged.from_list([-rng.random(len(c)).astype(np.float32) - 2.5 for c in comps],
                                                   np.float32),
             "shaped_reward": reward,

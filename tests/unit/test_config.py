@@ -146,3 +146,8 @@ def test_security_settings_pass_through_to_every_client():
         assert kw["ssl_check_hostname"] is False
     plain = client_kwargs(KafkaConfig(), "producer")
     assert plain["security_protocol"] == "PLAINTEXT" and not any(k.startswith(("ssl_", "sasl_")) for k in plain)
+
+
+def test_max_model_len_must_leave_room_for_a_prompt(tmp_path):
+    with pytest.raises(ConfigError, match="rollout.*max_model_len=256 leaves no room"):
+        load_config(_write(tmp_path, "[rollout]\nmax_new_tokens = 256\nmax_model_len = 256\n"))

@@ -133,3 +133,21 @@ def test_ranks_weigh_tokens_against_the_whole_update():
     (r1,), _ = _gradients(lc, groups, rank=1, world=2)
     for a, b, c in zip(r0, r1, one):
         torch.testing.assert_close((a + b) / 2, c, atol=1e-7, rtol=1e-5)
+
+
+def test_an_update_whose_completions_were_all_cut_and_masked_is_skipped():
+    """Nothing in the loss: no optimiser update at all (Adam's momentum would still move the
+    weights), and the step says so."""
+    groups = batch_groups(seed=4)
+    for g in groups:
+        g["finish_reason"] = np.array(["length"] * len(g["finish_reason"]), dtype=object)
+    lc = LearnerConfig(lr=1e-2, warmup_steps=0, backend="torch", groups_per_step=4, weight_decay=0.1)
+    model = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = TorchTrainer(model, lc)
+    metrics = train_step(trainer, None, groups, lc, ErpoRule(), 0, np.random.default_rng(0), "mask")
+    assert trainer.updates == 0 and metrics["updates_skipped"] == 1 and metrics["tokens"] == 0
+    assert metrics["overlong_frac"] == 1 and metrics["loss"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    kept = train_step(TorchTrainer(tiny_model(), lc), None, groups, lc, ErpoRule(), 0, np.random.default_rng(0), "keep")
+    assert kept["updates_skipped"] == 0 and kept["tokens"] > 0

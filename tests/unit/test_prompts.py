@@ -103,3 +103,26 @@ def test_qwen3_chat_template_opens_the_assistant_turn_and_its_turn_ends_stop(qwe
     # A Qwen3 folder's generation_config ends a turn at <|im_end|> and at <|endoftext|>
     assert stop_token_ids(tok, GenerationConfig(eos_token_id=[151645, 151643])) == [151645, 151643]
     assert tok.decode([151645, 151643]) == "<|im_end|><|endoftext|>"
+
+
+def test_stop_ids_of_a_folder_without_generation_config_come_from_its_config(tmp_path):
+    """vLLM and transformers stop at config.json's EOS ids when generation_config.json is absent;
+    so must our engines' stop list (else stopped completions would read as cut)."""
+    from pipeline.prompts import load_generation_config
+
+    tok = build_char_tokenizer()
+    model = build_tiny("qwen2", len(tok), hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32)
+    model.config.eos_token_id = [tok.eos_token_id, 9]
+    model.config.save_pretrained(tmp_path)
+    assert not (tmp_path / "generation_config.json").exists()
+    assert stop_token_ids(tok, load_generation_config(tmp_path)) == [tok.eos_token_id, 9]
+    assert load_generation_config(tmp_path / "nothing-here") is None
+
+
+def test_template_variables_cannot_override_what_rlstream_sets():
+    with pytest.raises(ValueError, match="add_generation_prompt"):
+        PromptConfig(chat_template_kwargs={"add_generation_prompt": False})
+
+
+def test_an_empty_system_prompt_is_no_system_message(chat_tok):
+    assert PromptFormat(chat_tok, PromptConfig(system="")).messages("7") == [{"role": "user", "content": "7"}]

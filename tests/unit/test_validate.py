@@ -78,6 +78,12 @@ def test_scored_checks():
     assert _codes(_with(g, "shaped_reward", np.array([1, np.inf, 1, 1], dtype=np.float32))) == ["bad_reward"]
     assert _codes(_with(g, "verify_status", np.array(["correct", "maybe", "correct", "correct"], dtype=object))) \
         == ["bad_verify_status"]
+    # "truncated" (rollout.overlong = "zero_reward") only for a completion cut at the length limit, with reward 0
+    cut = _with(g, "finish_reason", np.array(["stop", "length", "stop", "stop"], dtype=object))
+    assert _codes(_with(cut, "verify_status", np.array(["correct", "truncated", "correct", "correct"],
+                                                       dtype=object))) == []
+    assert _codes(_with(cut, "verify_status", np.array(["truncated", "wrong", "correct", "correct"],
+                                                       dtype=object))) == ["bad_verify_status"]
 
 
 def test_one_bad_group_does_not_take_the_others():
