@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rlstream-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test install bench clean system-deps tokenizers
+.PHONY: demo test test-fast install bench clean system-deps tokenizers
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ tokenizers: $(STAMP)
 
 test: $(STAMP) system-deps tokenizers
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast tier: pure logic and the services' loops on the in-memory broker (memory://), no
+# subprocesses, no real broker.
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/transport.py

@@ -23,6 +23,9 @@ before another member takes the partition), the model of Kafka Streams' state st
 
 Tansu (the embedded broker) reports a wrong "latest" offset, so nothing here relies on it:
 group consumers fall back to "earliest", and consumers without a group seek to the beginning.
+
+``kafka.bootstrap_servers = "memory://<name>"`` puts the same classes on an in-process broker
+(`pipeline.memory_broker`): the fast test tier, where a service's loop runs in a unit test.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from kafka.errors import (
 from kafka.producer.future import FutureRecordMetadata
 
 from pipeline.config import KafkaConfig
+from pipeline.memory_broker import MemoryBroker, MemoryConsumerClient, MemoryProducerClient, is_memory
 from schemas import (
     DEAD_LETTER,
     POLICY_UPDATE,
@@ -207,6 +211,11 @@ def ensure_topics(cfg: KafkaConfig, run: str, partitions: dict[str, int] | None 
     if unknown:
         raise ValueError(f"unknown topics {sorted(unknown)}; known: {sorted(TOPICS)}")
     wanted = {topic_name(run, t): n for t, n in counts.items()}
+    if is_memory(cfg.bootstrap_servers):
+        broker = MemoryBroker.named(cfg.bootstrap_servers)
+        for name, n in wanted.items():
+            broker.create_topic(name, n)
+        return
     admin = KafkaAdminClient(client_id=f"{run}-admin", **client_kwargs(cfg, "admin"))
 
     def create(with_configs: bool) -> list[dict]:
@@ -256,7 +265,9 @@ class Producer:
     """
 
     def __init__(self, cfg: KafkaConfig, client_id: str) -> None:
-        self._producer = KafkaProducer(client_id=client_id, **client_kwargs(cfg, "producer"))
+        self._producer = (MemoryProducerClient(MemoryBroker.named(cfg.bootstrap_servers))
+                          if is_memory(cfg.bootstrap_servers)
+                          else KafkaProducer(client_id=client_id, **client_kwargs(cfg, "producer")))
         self._flush_timeout_s = cfg.outage_timeout_s
         self.max_message_bytes = cfg.max_message_bytes
         self._failures: list[tuple[str, BaseException]] = []
@@ -448,12 +459,12 @@ class Consumer:
         self._dead_letter_max = max(1024, cfg.max_message_bytes - 64 * 1024)
         self.stats: dict[str, int] = {"delivered": 0, "deadlettered": 0, "dropped": 0}
         """Records decoded and returned; sent to dead letters; unusable and not kept."""
-        self._consumer = KafkaConsumer(
-            client_id=client_id,
-            group_id=group_id,
-            auto_offset_reset="earliest" if from_beginning else "latest",
-            **client_kwargs(cfg, "consumer"),
-        )
+        reset = "earliest" if from_beginning else "latest"
+        self._consumer = (
+            MemoryConsumerClient(MemoryBroker.named(cfg.bootstrap_servers), group_id, reset)
+            if is_memory(cfg.bootstrap_servers)
+            else KafkaConsumer(client_id=client_id, group_id=group_id, auto_offset_reset=reset,
+                               **client_kwargs(cfg, "consumer")))
         self._watchdog = StallWatchdog(cfg.poll_stall_timeout_s, _exit_wedged(client_id),
                                        name=f"poll-watchdog-{client_id}") if cfg.poll_stall_timeout_s else None
         if group_id is not None:

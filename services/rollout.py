@@ -196,6 +196,10 @@ class Rollout:
                 enable_prefix_caching=rc.enable_prefix_caching, enforce_eager=rc.enforce_eager,
                 trust_remote_code=cfg.model.trust_remote_code)
         else:
+            import torch
+
+            if torch.cuda.is_available():
+                model.to("cuda")
             self.engine = TorchEngine(model, tokenizer, rc.max_new_tokens, seed=rc.seed + worker_index, version=0,
                                       prompt_format=prompt_format)
         log.info("prompts: %s template; completions end at token ids %s or after %d tokens (overlong: %s)",

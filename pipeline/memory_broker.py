@@ -1,0 +1,272 @@
+"""An in-memory broker for the fast test tier: ``kafka.bootstrap_servers = "memory://<name>"``.
+
+`pipeline.transport`'s `Producer`, `Consumer` and `ensure_topics` talk to it instead of Kafka when
+the bootstrap address says ``memory://``: everything above the client (Arrow encoding, headers,
+decoding and validation, dead letters, positions, commits, partition ownership callbacks) is the
+same code as against a real broker, so a service's loop runs in-process in a unit test. What only
+a broker shows (the wire, outages, kill -9, Tansu's quirks) stays in the real-broker tier.
+
+The clients implement the part of kafka-python's ``KafkaProducer`` / ``KafkaConsumer`` API that
+the transport uses, with Kafka's semantics where they matter to the services:
+
+- topics with partitions, records with key, value, headers, offset and timestamp; a keyed record
+  goes to ``crc32(key) mod partitions`` (one key, one partition, as with Kafka's partitioner);
+- consumer groups: members share the partitions (round-robin over the sorted partitions, by member
+  order); a member joining or leaving starts a new generation, and each member sees it at its next
+  ``poll``: its revoked partitions first (``on_partitions_revoked``), then its new ones
+  (``on_partitions_assigned``), positions from the group's committed offsets or the earliest;
+- a commit from a member of an older generation, or for a partition it does not own, is refused
+  with ``CommitFailedError``, as Kafka refuses it after a rebalance;
+- ``poll`` waits up to its timeout for records.
+
+Brokers live in this process, one per name (`MemoryBroker.named`); `MemoryBroker.reset` forgets them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+
+from kafka import TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+
+SCHEME = "memory://"
+
+
+def is_memory(bootstrap_servers: str) -> bool:
+    return bootstrap_servers.startswith(SCHEME)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One stored record, shaped like kafka-python's ``ConsumerRecord`` where the transport reads it."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+@dataclass
+class _Group:
+    members: list[str] = field(default_factory=list)
+    generation: int = 0
+    committed: dict[TopicPartition, int] = field(default_factory=dict)
+    subscriptions: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def assignment(self, member: str, partitions_of) -> set[TopicPartition]:
+        """Round-robin of the sorted partitions of the group's topics over its members in join order."""
+        topics = sorted({t for ts in self.subscriptions.values() for t in ts})
+        parts = [TopicPartition(t, p) for t in topics for p in range(partitions_of(t))]
+        if member not in self.members:
+            return set()
+        i, n = self.members.index(member), len(self.members)
+        return {tp for k, tp in enumerate(parts) if k % n == i and tp.topic in self.subscriptions[member]}
+
+
+class MemoryBroker:
+    """Topics and consumer groups of one in-memory broker (see the module docstring)."""
+
+    _brokers: dict[str, MemoryBroker] = {}
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.topics: dict[str, list[list[Record]]] = {}
+        self.groups: dict[str, _Group] = {}
+        self.cond = threading.Condition()
+        self._member_ids = itertools.count()
+
+    @classmethod
+    def named(cls, bootstrap_servers: str) -> MemoryBroker:
+        """The broker of a ``memory://<name>`` address (created on first use)."""
+        name = bootstrap_servers[len(SCHEME):].split(",")[0]
+        with cls._lock:
+            return cls._brokers.setdefault(name, cls())
+
+    @classmethod
+    def reset(cls) -> None:
+        with cls._lock:
+            cls._brokers.clear()
+
+    def create_topic(self, name: str, partitions: int) -> None:
+        with self.cond:
+            self.topics.setdefault(name, [[] for _ in range(partitions)])
+
+    def partitions_of(self, topic: str) -> int:
+        return len(self.topics.get(topic, ()))
+
+    def append(self, topic: str, key: bytes | None, value: bytes, headers) -> Record:
+        with self.cond:
+            if topic not in self.topics:
+                raise KafkaError(f"unknown topic {topic!r} (topics are not created automatically)")
+            parts = self.topics[topic]
+            p = zlib.crc32(key) % len(parts) if key is not None else min(range(len(parts)), key=lambda i: len(parts[i]))
+            rec = Record(topic, p, len(parts[p]), int(time.time() * 1000), key, bytes(value), list(headers or []))
+            parts[p].append(rec)
+            self.cond.notify_all()
+            return rec
+
+    def new_member(self) -> str:
+        return f"member-{next(self._member_ids)}"
+
+
+class _Future:
+    """A send's outcome, already decided (appending in memory cannot fail later)."""
+
+    def __init__(self, record: Record | None, error: BaseException | None) -> None:
+        self.record, self.error = record, error
+
+    def add_errback(self, fn, *args) -> _Future:
+        if self.error is not None:
+            fn(*args, self.error)
+        return self
+
+    def get(self, timeout=None) -> Record:
+        if self.error is not None:
+            raise self.error
+        return self.record
+
+
+class MemoryProducerClient:
+    """``KafkaProducer``'s ``send`` / ``flush`` / ``close`` on a `MemoryBroker`."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        self.broker = broker
+
+    def send(self, topic: str, value: bytes, key: bytes | None = None, headers=None) -> _Future:
+        try:
+            return _Future(self.broker.append(topic, key, value, headers), None)
+        except KafkaError as e:
+            return _Future(None, e)
+
+    def flush(self, timeout=None) -> None:
+        """Every send is stored when it returns."""
+
+    def close(self, timeout=None) -> None:
+        """Nothing to release."""
+
+
+class MemoryConsumerClient:
+    """``KafkaConsumer``'s subscribe/assign, seek, poll, position, commit and close on a
+    `MemoryBroker` (see the module docstring for the group semantics)."""
+
+    def __init__(self, broker: MemoryBroker, group_id: str | None, auto_offset_reset: str = "earliest") -> None:
+        self.broker, self.group_id = broker, group_id
+        self.reset = auto_offset_reset
+        self.member = broker.new_member()
+        self.listener = None
+        self.generation = -1
+        self.assigned: set[TopicPartition] = set()
+        self.positions: dict[TopicPartition, int] = {}
+
+    # -- membership
+    def subscribe(self, topics: list[str], listener=None) -> None:
+        self.listener = listener
+        with self.broker.cond:
+            group = self.broker.groups.setdefault(self.group_id, _Group())
+            group.subscriptions[self.member] = tuple(topics)
+            if self.member not in group.members:
+                group.members.append(self.member)
+            group.generation += 1
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        self.assigned = set(partitions)
+        for tp in partitions:
+            self.positions.setdefault(tp, 0)
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        n = self.broker.partitions_of(topic)
+        return set(range(n)) if n else None
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    def _rebalance(self) -> None:
+        """Catch up with the group's generation: revoke, then assign (listener callbacks)."""
+        if self.group_id is None:
+            return
+        with self.broker.cond:
+            group = self.broker.groups[self.group_id]
+            if group.generation == self.generation:
+                return
+            new = group.assignment(self.member, self.broker.partitions_of)
+            generation = group.generation
+            committed = dict(group.committed)
+        if self.listener is not None and self.assigned:
+            self.listener.on_partitions_revoked(set(self.assigned))
+        self.assigned, self.generation = new, generation
+        self.positions = {tp: committed.get(tp, 0 if self.reset == "earliest" else self._end(tp)) for tp in new}
+        if self.listener is not None and new:
+            self.listener.on_partitions_assigned(set(new))
+
+    def _end(self, tp: TopicPartition) -> int:
+        return len(self.broker.topics[tp.topic][tp.partition])
+
+    # -- positions
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        if tp not in self.assigned:
+            raise ValueError(f"{tp} is not assigned")
+        self.positions[tp] = offset
+
+    def seek_to_beginning(self, *tps: TopicPartition) -> None:
+        for tp in tps:
+            self.seek(tp, 0)
+
+    def seek_to_end(self, *tps: TopicPartition) -> None:
+        for tp in tps:
+            self.seek(tp, self._end(tp))
+
+    def position(self, tp: TopicPartition) -> int:
+        return self.positions[tp]
+
+    # -- records
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[Record]]:
+        self._rebalance()
+        deadline = time.monotonic() + timeout_ms / 1000
+        with self.broker.cond:
+            while True:
+                out, budget = {}, max_records if max_records is not None else 500
+                for tp in sorted(self.assigned):
+                    log = self.broker.topics[tp.topic][tp.partition]
+                    records = log[self.positions[tp]: self.positions[tp] + budget]
+                    if records:
+                        out[tp] = records
+                        self.positions[tp] += len(records)
+                        budget -= len(records)
+                    if budget <= 0:
+                        break
+                left = deadline - time.monotonic()
+                if out or left <= 0:
+                    return out
+                self.broker.cond.wait(left)
+
+    def commit(self, offsets: dict) -> None:
+        with self.broker.cond:
+            group = self.broker.groups[self.group_id]
+            if group.generation != self.generation:
+                raise CommitFailedError("the group rebalanced since this member's last poll")
+            foreign = [tp for tp in offsets if tp not in self.assigned]
+            if foreign:
+                raise CommitFailedError(f"partitions {foreign} are not assigned to this member")
+            for tp, meta in offsets.items():
+                group.committed[tp] = meta.offset
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        return self.broker.groups.get(self.group_id, _Group()).committed.get(tp)
+
+    def close(self, autocommit: bool = False) -> None:
+        if self.group_id is None:
+            return
+        with self.broker.cond:
+            group = self.broker.groups.get(self.group_id)
+            if group is not None and self.member in group.members:
+                group.members.remove(self.member)
+                group.subscriptions.pop(self.member, None)
+                group.generation += 1
+                self.broker.cond.notify_all()

@@ -1,0 +1,111 @@
+"""The reward service's loop in-process, on the in-memory transport tier: trajectories in, scored
+groups and ERPO temperatures out, a ticket's second group scored but not counted twice, a hostile
+record dead-lettered, commits that follow the per-partition snapshots, and a second worker taking
+half of the partitions with their state. (The real-broker and kill tests of the same service are
+in tests/integration and tests/faults.)"""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+
+from factories import trajectory_group
+from pipeline.config import RunConfig
+from pipeline.memory_broker import MemoryBroker
+from pipeline.transport import Consumer, Producer, ensure_topics, topic_name
+from pipeline.verifier import VerifierPool
+from schemas import TRAJECTORY, headers_for
+from services.reward import Reward
+
+PARTS = 4
+
+
+@pytest.fixture()
+def cfg(tmp_path) -> RunConfig:
+    cfg = RunConfig.model_validate({
+        "name": "r", "workdir": str(tmp_path),
+        "kafka": {"bootstrap_servers": f"memory://{uuid.uuid4().hex[:8]}", "poll_stall_timeout_s": 0},
+        "metrics": {"enabled": False}, "reward": {"verifier_workers": 0, "poll_timeout_ms": 10},
+        "erpo": {"snapshot_every": 1}})
+    ensure_topics(cfg.kafka, "r", partitions={"trajectories": PARTS})
+    yield cfg
+    MemoryBroker.reset()
+
+
+def _send(cfg, groups) -> None:
+    p = Producer(cfg.kafka, "rollout")
+    for g in groups:
+        p.send(topic_name("r", "trajectories"), TRAJECTORY, g, key=str(g["prompt_id"][0]).encode())
+    p.flush()
+
+
+def _read(cfg, topic: str) -> list:
+    c = Consumer(cfg.kafka, "r", [topic], group_id=None, client_id=f"read-{topic}", deadletter=None)
+    return [d for _ in range(3) for d in c.poll(timeout_ms=5)]
+
+
+def _steps(worker: Reward, n: int = 4) -> None:
+    with VerifierPool(0, 5.0, 4000) as pool:
+        for _ in range(n):
+            worker.step(pool)
+
+
+def test_scores_shapes_and_emits_temperatures_once_per_ticket(cfg):
+    correct = trajectory_group("e0-000001", "p1")  # 4 x "3" against 3: all correct
+    mixed = trajectory_group("e0-000002", "p2", texts=["3", "4", "3", "x"])
+    again = trajectory_group("e0-000001", "p1", attempt=1)  # the same ticket re-issued: counted once
+    _send(cfg, [correct, mixed, again])
+    p = Producer(cfg.kafka, "hostile")
+    p.send_raw(topic_name("r", "trajectories"), b"garbage", headers_for(TRAJECTORY), key=b"p9")
+    p.flush()
+    worker = Reward(cfg, 0)
+    _steps(worker)
+
+    scored = _read(cfg, "scored")
+    by_ticket = {}
+    for d in scored:
+        by_ticket.setdefault((d.columns["ticket_id"][0], int(d.columns["attempt"][0])), d.columns)
+    assert set(by_ticket) == {("e0-000001", 0), ("e0-000002", 0), ("e0-000001", 1)}
+    m = by_ticket[("e0-000002", 0)]
+    assert m["reward"].tolist() == [1, 0, 1, 0] and m["verify_status"].tolist()[1:] == ["wrong", "correct", "no_answer"]
+    assert np.allclose(m["group_pass_rate"], 0.5) and set(m["residual"]) == {"none"}
+    c = by_ticket[("e0-000001", 0)]
+    assert set(c["residual"]) == {"all_correct"} and c["reward"].tolist() == [1, 1, 1, 1]
+    temps = _read(cfg, "temperature")
+    raised = [d for d in temps if d.columns["prompt_id"][0] == "p1"]
+    assert len(raised) == 1 and raised[0].columns["reason"][0] == "all_correct_raise"  # once, not per attempt
+    assert raised[0].columns["temperature"][0] == pytest.approx(cfg.erpo.tau0 + cfg.erpo.delta_tau)
+    dead = _read(cfg, "deadletter")
+    assert len(dead) == 1 and dead[0].columns["payload"][0] == b"garbage"
+    # commits follow the snapshots: the group's committed offsets are every record's
+    worker._snapshot(sorted(worker.history.parts))
+    probe = Consumer(cfg.kafka, "r", ["trajectories"], group_id="r.reward", client_id="probe", deadletter=None)
+    assert probe.poll(timeout_ms=5) == []  # nothing left uncommitted for the group
+    assert worker.groups == 2 and worker.consumer.stats["deadlettered"] == 1
+
+
+def test_a_second_worker_takes_half_the_partitions_with_their_state(cfg):
+    prompts = [f"p{i}" for i in range(12)]
+    _send(cfg, [trajectory_group(f"e0-{i:06d}", p) for i, p in enumerate(prompts)])
+    first = Reward(cfg, 0)
+    _steps(first)
+    assert sorted(first.history.parts) == list(range(PARTS)) and len(first.history) == 12
+    second = Reward(cfg, 1)
+    _steps(second, 1)  # joins: a new generation
+    _steps(first, 1)  # hands over half, snapshotted
+    _steps(second, 2)  # takes them from the snapshots
+    mine, theirs = set(first.history.parts), set(second.history.parts)
+    assert mine | theirs == set(range(PARTS)) and not mine & theirs and mine and theirs
+    assert len(first.history) + len(second.history) == 12  # no prompt lost, none in both
+    # the next groups of the moved prompts land on the second worker, which knows their history
+    _send(cfg, [trajectory_group(f"e1-{i:06d}", p) for i, p in enumerate(prompts)])
+    _steps(first, 2)
+    _steps(second, 2)
+    temps = [d for d in _read(cfg, "temperature")]
+    times_seen = {}
+    for d in temps:
+        times_seen[d.columns["prompt_id"][0]] = max(times_seen.get(d.columns["prompt_id"][0], 0),
+                                                    int(d.columns["times_seen"][0]))
+    assert set(times_seen) == set(prompts) and set(times_seen.values()) == {2}

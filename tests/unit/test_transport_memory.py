@@ -1,0 +1,106 @@
+"""The in-memory transport tier (`kafka.bootstrap_servers = "memory://..."`): the real `Producer`,
+`Consumer` and `ensure_topics` on an in-process broker, with Kafka's group semantics where the
+services depend on them."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from factories import trajectory_group
+from pipeline.config import KafkaConfig
+from pipeline.memory_broker import MemoryBroker
+from pipeline.transport import Consumer, Producer, ensure_topics, topic_name
+from schemas import TRAJECTORY, headers_for
+
+
+@pytest.fixture()
+def mem():
+    cfg = KafkaConfig(bootstrap_servers=f"memory://{uuid.uuid4().hex[:8]}", poll_stall_timeout_s=0)
+    ensure_topics(cfg, "r", partitions={"trajectories": 4})
+    yield cfg
+    MemoryBroker.reset()
+
+
+def _send(cfg, n: int, key_of=lambda i: f"p{i}".encode()) -> list[str]:
+    p = Producer(cfg, "test")
+    ids = []
+    for i in range(n):
+        g = trajectory_group(f"e0-{i:06d}", f"p{i}")
+        ids.append(g["ticket_id"][0])
+        p.send(topic_name("r", "trajectories"), TRAJECTORY, g, key=key_of(i))
+    p.flush()
+    return ids
+
+
+def _drain(c: Consumer, polls: int = 3) -> list:
+    out = []
+    for _ in range(polls):
+        out += c.poll(timeout_ms=10)
+    return out
+
+
+def test_messages_round_trip_with_headers_keys_and_one_partition_per_key(mem):
+    ids = _send(mem, 12)
+    c = Consumer(mem, "r", ["trajectories"], group_id="g", client_id="c", deadletter=None)
+    got = _drain(c)
+    assert sorted(d.columns["ticket_id"][0] for d in got) == sorted(ids)
+    assert all(d.topic == "trajectories" and d.kind.name == "Trajectory" for d in got)
+    assert dict(got[0].headers) == dict(headers_for(TRAJECTORY))
+    by_key = {}
+    for d in got:
+        by_key.setdefault(d.key, set()).add(d.partition)
+    assert all(len(parts) == 1 for parts in by_key.values()) and len({d.partition for d in got}) > 1
+    assert sum(c.positions().values()) == 12
+
+
+def test_a_group_resumes_from_its_commits_and_a_groupless_reader_from_the_beginning(mem):
+    _send(mem, 6)
+    c = Consumer(mem, "r", ["trajectories"], group_id="g", client_id="c", deadletter=None)
+    assert len(_drain(c)) == 6 and c.commit()
+    c.close()
+    _send(mem, 3, key_of=lambda i: f"q{i}".encode())
+    again = Consumer(mem, "r", ["trajectories"], group_id="g", client_id="c2", deadletter=None)
+    assert len(_drain(again)) == 3  # only what came after the commit
+    reader = Consumer(mem, "r", ["trajectories"], group_id=None, client_id="all", deadletter=None)
+    assert len(_drain(reader)) == 9
+    with pytest.raises(Exception, match="consumer group"):
+        reader.commit()
+
+
+def test_undecodable_bytes_are_dead_lettered_and_consumption_goes_on(mem):
+    p = Producer(mem, "test")
+    p.send_raw(topic_name("r", "trajectories"), b"\x00not arrow", headers_for(TRAJECTORY), key=b"x")
+    p.flush()
+    _send(mem, 2)
+    c = Consumer(mem, "r", ["trajectories"], group_id="g", client_id="c", deadletter=p)
+    assert len(_drain(c)) == 2 and c.stats["deadlettered"] == 1
+    dead = _drain(Consumer(mem, "r", ["deadletter"], group_id=None, client_id="d", deadletter=None))
+    assert len(dead) == 1 and dead[0].columns["payload"][0] == b"\x00not arrow"
+    assert dead[0].columns["reason"][0].startswith("undecodable")
+
+
+def test_group_members_share_partitions_and_a_stale_member_cannot_commit(mem):
+    assigned, revoked = {}, {}
+
+    def member(name):
+        return Consumer(mem, "r", ["trajectories"], group_id="g", client_id=name, deadletter=None,
+                        on_assign=lambda ps, n=name: assigned.setdefault(n, []).append(ps) or {},
+                        on_revoke=lambda ps, n=name: revoked.setdefault(n, []).append(ps))
+
+    a = member("a")
+    a.poll(timeout_ms=0)
+    assert assigned["a"] == [[("trajectories", p) for p in range(4)]]
+    b = member("b")
+    b.poll(timeout_ms=0)  # b joined: a new generation
+    assert not a.commit_offsets({("trajectories", 0): 0})  # a has not seen it yet: refused, as by Kafka
+    a.poll(timeout_ms=0)  # a catches up: revoked everything, given half
+    assert revoked["a"] == [[("trajectories", p) for p in range(4)]]
+    halves = [set(assigned["a"][-1]), set(assigned["b"][-1])]
+    assert halves[0] | halves[1] == {("trajectories", p) for p in range(4)} and not halves[0] & halves[1]
+    own = next(iter(halves[0]))
+    assert a.commit_offsets({own: 0}) and not a.commit_offsets({next(iter(halves[1])): 0})
+    b.close()  # b leaves: a gets everything again at its next poll
+    _send(mem, 8)
+    assert len(_drain(a)) == 8
