@@ -149,9 +149,13 @@ def main(argv: list[str] | None = None) -> None:
 
         print(initial_policy_path(cfg))
     elif args.command == "demo":
+        from pipeline.config import ConfigError
         from services import demo
 
-        sys.exit(demo.run(cfg))
+        try:
+            sys.exit(demo.run(cfg))
+        except ConfigError as e:
+            sys.exit(f"rlstream demo: {e}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from infra.broker import Broker, die_with_parent
-from pipeline.config import RunConfig
+from pipeline.config import ConfigError, RunConfig
 from services.metrics import serve
 from services.supervisor import GaveUp, Supervisor, tail
 
@@ -60,6 +60,9 @@ def run(cfg: RunConfig) -> int:
     from pipeline.transport import ensure_topics
     from services.common import initial_policy_path, load_initial_policy
 
+    if cfg.task.kind == "file" and cfg.task.eval_path is None:
+        raise ConfigError("rlstream demo measures held-out accuracy before and after RL: set task.eval_path "
+                          "(JSONL or Parquet of held-out problems); the services alone run without it")
     t_start = time.monotonic()
     run_dir = (cfg.workdir / time.strftime("%Y%m%d-%H%M%S")).resolve()
     (run_dir / "logs").mkdir(parents=True)

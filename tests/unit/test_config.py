@@ -151,3 +151,16 @@ def test_security_settings_pass_through_to_every_client():
 def test_max_model_len_must_leave_room_for_a_prompt(tmp_path):
     with pytest.raises(ConfigError, match="rollout.*max_model_len=256 leaves no room"):
         load_config(_write(tmp_path, "[rollout]\nmax_new_tokens = 256\nmax_model_len = 256\n"))
+
+
+def test_demo_on_a_file_task_without_held_out_problems_stops_before_starting_anything(tmp_path):
+    """It used to reach load_problems(None) after starting its run folder."""
+    from services.cli import main
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "1+1", "answer": "2"}\n')
+    config = _write(tmp_path, f'workdir = "{tmp_path / "runs"}"\n[task]\nkind = "file"\ntrain_path = "{data}"\n'
+                              '[model]\npath = "/nonexistent"\n')
+    with pytest.raises(SystemExit, match="set task.eval_path"):
+        main(["demo", "--config", str(config)])
+    assert not (tmp_path / "runs").exists()
