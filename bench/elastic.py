@@ -37,7 +37,8 @@ from pipeline.transport import Consumer, Producer, ensure_topics, topic_name  # 
 from schemas import PROMPT_TICKET  # noqa: E402
 from services.cli import shipped_config  # noqa: E402
 from services.common import initial_policy_path  # noqa: E402
-from services.learner import ticket_columns, train_problems  # noqa: E402
+from pipeline.tasks import train_problems  # noqa: E402
+from pipeline.tickets import ticket_columns  # noqa: E402
 
 
 def progress(workdir: Path, i: int) -> list[dict]:

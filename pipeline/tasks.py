@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import RunConfig
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -138,3 +140,12 @@ def load_problems(path: str | Path, question_field: str = "question",
         text = str(row[question_field])
         problems.append(Problem(prompt_id_of(text), text, answer))
     return problems
+
+
+def train_problems(cfg: RunConfig) -> list[Problem]:
+    """The training prompt pool of the run."""
+    t = cfg.task
+    if t.kind == "arithmetic":
+        return arithmetic_problems(t.train_pool, cfg.seed, t.difficulty_weights_map(), t.ops,
+                                   "train", t.heldout_per_mille)
+    return load_problems(t.train_path, t.question_field, t.answer_field, t.limit)

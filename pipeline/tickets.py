@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from pipeline.atomic import write_atomic
 from pipeline.dedupe import BoundedSet
 from pipeline.tasks import Problem
 from pipeline.validate import parse_ticket_id
+from schemas import Columns
 
 
 @dataclass(frozen=True)
@@ -243,3 +245,18 @@ class IssueLog:
     def write(self, position: int, attempts: dict[str, int]) -> None:
         write_atomic(self.path, json.dumps({"position": position,
                                             "attempts": {t: a for t, a in attempts.items() if a}}))
+
+
+def ticket_columns(ticket: Ticket, version: int) -> Columns:
+    """The PromptTicket message of an issued ticket."""
+    problem = ticket.problem
+    return {
+        "ticket_id": np.array([ticket.ticket_id], dtype=object),
+        "attempt": np.array([ticket.attempt], dtype=np.int32),
+        "prompt_id": np.array([problem.prompt_id], dtype=object),
+        "text": np.array([problem.text], dtype=object),
+        "answer": np.array([problem.answer], dtype=object),
+        "epoch": np.array([ticket.epoch], dtype=np.int32),
+        "issued_version": np.array([version], dtype=np.int64),
+        "issued_at": np.array([time.time()], dtype=np.float64),
+    }

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import torch
 
 from pipeline.config import LearnerConfig
+from schemas import SCORED_TRAJECTORY, Columns, concat, decode, encode, headers_for, split_groups
 
 TRAINER_FILE = "trainer.pt"
 DS_TAG = "state"
@@ -290,3 +291,35 @@ def make_trainer(model: torch.nn.Module, lc: LearnerConfig, repo_root: Path | No
     if not path.is_absolute() and not path.exists():
         path = (repo_root or Path(__file__).resolve().parents[1]) / path
     return DeepSpeedTrainer(model, lc, path)
+
+
+class BatchChannel:
+    """Rank 0 hands every training batch to the other ranks: Arrow IPC bytes broadcast as a
+    uint8 tensor (never pickle), preceded by a header (byte count, stop flag). The tensors live on
+    the rank's device (the trainer's): NCCL broadcasts only GPU tensors, gloo CPU ones."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.world_size = trainer.world_size
+        self.device = trainer.device
+
+    def send(self, groups: list[Columns] | None) -> None:
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        payload = encode(SCORED_TRAJECTORY, concat(groups)) if groups else b""
+        dist.broadcast(torch.tensor([len(payload), int(groups is None)], dtype=torch.int64, device=self.device), src=0)
+        if payload:
+            dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device), src=0)
+
+    def recv(self) -> list[Columns] | None:
+        import torch.distributed as dist
+
+        header = torch.zeros(2, dtype=torch.int64, device=self.device)
+        dist.broadcast(header, src=0)
+        if int(header[1]):
+            return None
+        buf = torch.empty(int(header[0]), dtype=torch.uint8, device=self.device)
+        dist.broadcast(buf, src=0)
+        _, cols = decode(SCORED_TRAJECTORY, buf.cpu().numpy().tobytes(), headers_for(SCORED_TRAJECTORY))
+        return split_groups(cols)

@@ -35,257 +35,67 @@ Loop:
 
 The model trains under a backend of `pipeline.trainer` (DeepSpeed by default, or plain torch). With
 several ranks (`deepspeed`/`torchrun` launcher) rank 0 does all of the above and broadcasts each
-batch to the others; every rank trains on its share of the groups.
+batch to the others (`pipeline.trainer.BatchChannel`); every rank trains on its share of the groups.
+
+Elsewhere: the learning step (`pipeline.learn`), tickets and leases (`pipeline.tickets`), the
+checkpoint state and offsets (`pipeline.checkpoints`), the ledger (`pipeline.ledger`), metrics
+(`services.learner_metrics`). This module is the wiring: `run` and rank 0's loop, `Lead`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
 import torch
-from prometheus_client import Counter, Gauge, Histogram
 
-from pipeline.atomic import fsync_dir, write_atomic
-from pipeline.config import LearnerConfig, RunConfig
+from pipeline.atomic import write_atomic
+from pipeline.checkpoints import (
+    LEARNER_STATE,
+    LearnerState,
+    OffsetTracker,
+    checkpoint_root,
+    latest_checkpoint,
+    newest_published_version,
+    save_checkpoint,
+    start_fresh,
+    weights_due,
+)
+from pipeline.config import RunConfig
 from pipeline.erpo import drop_mask
 from pipeline.failpoints import failpoint
 from pipeline.learn import train_step
 from pipeline.model import export_pretrained
 from pipeline.ledger import Ledger, ledger_path
-from pipeline.tasks import Problem, arithmetic_problems, load_problems
-from pipeline.tickets import IssueLog, Ticket, TicketBook, TicketSource
+from pipeline.tasks import train_problems
+from pipeline.tickets import IssueLog, TicketBook, TicketSource, ticket_columns
 from pipeline.transport import POLICY_KEY, Consumer, Delivery, Producer, topic_name
-from pipeline.trainer import Trainer, make_trainer
+from pipeline.trainer import BatchChannel, Trainer, make_trainer
 from pipeline.validate import Limits, check_groups
-from pipeline.weights import publish, published_versions
-from schemas import (
-    POLICY_UPDATE,
-    PROMPT_TICKET,
-    SCORED_TRAJECTORY,
-    Columns,
-    concat,
-    decode,
-    encode,
-    headers_for,
-    split_groups,
-)
+from pipeline.weights import publish
+from schemas import POLICY_UPDATE, PROMPT_TICKET, Columns
 from services.common import JsonlWriter, StopFlag, erpo_rule, initial_policy_path, load_initial_policy, set_threads, worker_id
+from services.learner_metrics import (
+    CHECKPOINT_SECONDS,
+    GROUPS,
+    IN_FLIGHT,
+    LAG,
+    LEASE,
+    REISSUED,
+    TICKETS,
+    observe_step,
+)
 from services.metrics import serve
 
 log = logging.getLogger(__name__)
 
-LEARNER_STATE = "learner.json"
 SEEN_WINDOW = 20_000
 """Decided ticket ids remembered. A ticket before the issue position that is not outstanding is
 decided whether remembered or not; the window is for tickets adopted ahead of the position (at
 most about a capacity's worth) and for logs and checkpoints."""
-STEP_SECONDS = Histogram("rlstream_learner_step_seconds", "Wall time of one training step.",
-                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
-STEP = Gauge("rlstream_learner_step", "Training steps done.")
-VERSION = Gauge("rlstream_learner_policy_version", "Newest policy version published.")
-TOKENS = Counter("rlstream_learner_tokens_total", "Completion tokens trained on.")
-OVERLONG = Counter("rlstream_learner_overlong_total",
-                   "Trained completions cut at rollout.max_new_tokens, by what the loss did with them "
-                   "(rollout.overlong: kept or masked).", ["treatment"])
-TICKETS = Counter("rlstream_learner_tickets_total", "Prompt tickets issued.")
-IN_FLIGHT = Gauge("rlstream_learner_groups_in_flight", "Tickets issued and not yet trained or dropped.")
-REISSUED = Counter("rlstream_learner_tickets_reissued_total",
-                   "Tickets issued again (next attempt) because no group came back within their lease.")
-LEASE = Gauge("rlstream_learner_lease_seconds", "Current ticket lease: max(floor, factor x p99 ticket-to-group latency).")
-GROUPS = Counter("rlstream_learner_groups_total",
-                 "Scored groups by fate (see pipeline.ledger: trained, dropped_stale, dropped_all_wrong, "
-                 "abandoned, duplicate, unused, unresolved).", ["fate"])
-LAG = Histogram("rlstream_learner_staleness_versions",
-                "Policy-version lag of each scored group on arrival (learner - behaviour).",
-                buckets=(0, 1, 2, 3, 4, 6, 8, 16))
-LOSS_PARTS = Gauge("rlstream_learner_loss", "Latest step's loss and its parts.", ["part"])
-POLICY_STATS = Gauge("rlstream_learner_policy_stat",
-                     "Latest step's clip fraction and importance-weight statistics.", ["stat"])
-CHECKPOINT_SECONDS = Histogram("rlstream_learner_checkpoint_seconds", "Time to write a checkpoint.",
-                               buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-
-
-def train_problems(cfg: RunConfig) -> list[Problem]:
-    """The training prompt pool of the run."""
-    t = cfg.task
-    if t.kind == "arithmetic":
-        return arithmetic_problems(t.train_pool, cfg.seed, t.difficulty_weights_map(), t.ops,
-                                   "train", t.heldout_per_mille)
-    return load_problems(t.train_path, t.question_field, t.answer_field, t.limit)
-
-
-def ticket_columns(ticket: Ticket, version: int) -> Columns:
-    problem = ticket.problem
-    return {
-        "ticket_id": np.array([ticket.ticket_id], dtype=object),
-        "attempt": np.array([ticket.attempt], dtype=np.int32),
-        "prompt_id": np.array([problem.prompt_id], dtype=object),
-        "text": np.array([problem.text], dtype=object),
-        "answer": np.array([problem.answer], dtype=object),
-        "epoch": np.array([ticket.epoch], dtype=np.int32),
-        "issued_version": np.array([version], dtype=np.int64),
-        "issued_at": np.array([time.time()], dtype=np.float64),
-    }
-
-
-@dataclass
-class OffsetTracker:
-    """Which polled records are fully processed, so commits never pass an untrained group."""
-
-    open_groups: dict[tuple[str, int, int], int] = field(default_factory=dict)
-    """(topic, partition, offset) -> groups of that record not yet trained on or dropped."""
-
-    def add(self, key: tuple[str, int, int], groups: int) -> None:
-        if groups:
-            self.open_groups[key] = self.open_groups.get(key, 0) + groups
-
-    def done(self, key: tuple[str, int, int]) -> None:
-        self.open_groups[key] -= 1
-        if self.open_groups[key] == 0:
-            del self.open_groups[key]
-
-    def committable(self, positions: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
-        out = dict(positions)
-        for (topic, part, offset) in self.open_groups:
-            if (topic, part) in out:
-                out[(topic, part)] = min(out[(topic, part)], offset)
-        return out
-
-
-class BatchChannel:
-    """Rank 0 hands every training batch to the other ranks: Arrow IPC bytes broadcast as a
-    uint8 tensor (never pickle), preceded by a header (byte count, stop flag). The tensors live on
-    the rank's device (the trainer's): NCCL broadcasts only GPU tensors, gloo CPU ones."""
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.world_size = trainer.world_size
-        self.device = trainer.device
-
-    def send(self, groups: list[Columns] | None) -> None:
-        if self.world_size == 1:
-            return
-        import torch.distributed as dist
-
-        payload = encode(SCORED_TRAJECTORY, concat(groups)) if groups else b""
-        dist.broadcast(torch.tensor([len(payload), int(groups is None)], dtype=torch.int64, device=self.device), src=0)
-        if payload:
-            dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device), src=0)
-
-    def recv(self) -> list[Columns] | None:
-        import torch.distributed as dist
-
-        header = torch.zeros(2, dtype=torch.int64, device=self.device)
-        dist.broadcast(header, src=0)
-        if int(header[1]):
-            return None
-        buf = torch.empty(int(header[0]), dtype=torch.uint8, device=self.device)
-        dist.broadcast(buf, src=0)
-        _, cols = decode(SCORED_TRAJECTORY, buf.cpu().numpy().tobytes(), headers_for(SCORED_TRAJECTORY))
-        return split_groups(cols)
-
-
-@dataclass
-class LearnerState:
-    """Everything besides model and optimiser that a checkpoint must restore."""
-
-    step: int = 0
-    version: int = 0
-    received: int = 0
-    trained: int = 0
-    dropped: int = 0
-    filtered: int = 0
-    duplicates: int = 0
-    invalid: int = 0
-    """Groups dead-lettered by a check (their tickets stay outstanding)."""
-    reissued: int = 0
-    """Tickets issued again because their lease ran out."""
-    ticket_position: int = 0
-    """Tickets issued (the ticket source's position)."""
-    outstanding: dict[str, int] = field(default_factory=dict)
-    """Tickets issued and not yet decided (groups waiting in the batch included), with their attempt."""
-    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
-    seen: list[str] = field(default_factory=list)
-    """Tickets decided (trained, dropped or abandoned), oldest first, at most `SEEN_WINDOW`."""
-
-    def to_json(self) -> str:
-        d = {k: v for k, v in self.__dict__.items() if k != "offsets"}
-        d["offsets"] = [[t, p, o] for (t, p), o in sorted(self.offsets.items())]
-        return json.dumps(d)
-
-    @classmethod
-    def from_json(cls, text: str) -> LearnerState:
-        d = json.loads(text)
-        d["offsets"] = {(str(t), int(p)): int(o) for t, p, o in d["offsets"]}
-        if isinstance(d.get("outstanding"), list):  # checkpoints before leases: every ticket at attempt 0
-            d["outstanding"] = dict.fromkeys(d["outstanding"], 0)
-        return cls(**d)
-
-
-def checkpoint_root(cfg: RunConfig) -> Path:
-    return cfg.workdir / "checkpoints"
-
-
-def latest_checkpoint(cfg: RunConfig) -> Path | None:
-    """The newest complete checkpoint (a `step-*` folder with its learner.json), or None."""
-    done = [p for p in checkpoint_root(cfg).glob("step-*") if (p / LEARNER_STATE).exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
-
-
-def save_checkpoint(cfg: RunConfig, trainer: Trainer, state: LearnerState) -> Path:
-    """Model, optimiser and learner state together, written to a temporary folder and renamed,
-    so a crash leaves the previous checkpoint intact. A collective: every rank calls it."""
-    root = checkpoint_root(cfg)
-    final, tmp = root / f"step-{state.step:08d}", root / f".step-{state.step:08d}.tmp"
-    if trainer.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    trainer.barrier()
-    trainer.save(tmp / "trainer")
-    trainer.barrier()
-    if trainer.rank == 0:
-        failpoint("learner.checkpoint")
-        write_atomic(tmp / LEARNER_STATE, state.to_json())
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        fsync_dir(root)
-        done = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-        for old in done[: -cfg.learner.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    trainer.barrier()
-    return final
-
-
-def newest_published_version(cfg: RunConfig) -> int:
-    return max((v for v, _ in published_versions(cfg.workdir / "policies")), default=0)
-
-
-def weights_due(lc: LearnerConfig, step: int) -> tuple[bool, bool]:
-    """(publish, export) due after ``step``: every `sync_every` steps, every `export_every` steps
-    (0: never), and both after the final step."""
-    last = step == lc.total_steps
-    return (step % lc.sync_every == 0 or last,
-            (lc.export_every > 0 and step % lc.export_every == 0) or last)
-
-
-def start_fresh(cfg: RunConfig) -> Path | None:
-    """`learner.resume = "fresh"`: move the previous life's checkpoints and ledger aside (never
-    deleted); returns where they went, None if there was nothing."""
-    old = [p for p in (checkpoint_root(cfg), cfg.workdir / "ledger") if p.exists()]
-    if not old:
-        return None
-    aside = cfg.workdir / time.strftime("previous-%Y%m%d-%H%M%S")
-    aside.mkdir(parents=True)
-    for p in old:
-        p.rename(aside / p.name)
-    return aside
-
-
 def run(cfg: RunConfig) -> None:
     lc = cfg.learner
     rule = erpo_rule(cfg)
@@ -605,19 +415,3 @@ class Lead:
             self.progress.close()
             self.ledger.close()
             log.info("learner stopped at step %d (policy v%d)", state.step, state.version)
-
-
-def observe_step(state: LearnerState, metrics: dict[str, float], step_s: float) -> None:
-    STEP_SECONDS.observe(step_s)
-    STEP.set(state.step)
-    VERSION.set(state.version)
-    TOKENS.inc(metrics["tokens"])
-    for name in ("loss", "pg_loss", "kl", "entropy", "reward", "grad_norm", "lr"):
-        if name in metrics:
-            LOSS_PARTS.labels(name).set(metrics[name])
-    for name in ("clip_frac", "is_weight_mean", "is_weight_max", "is_truncated_frac", "is_masked_frac",
-                 "overlong_frac"):
-        POLICY_STATS.labels(name).set(metrics[name])
-    cut = round(metrics["overlong_frac"] * metrics["samples"])
-    OVERLONG.labels("masked").inc(metrics["overlong_masked"])
-    OVERLONG.labels("kept").inc(cut - metrics["overlong_masked"])

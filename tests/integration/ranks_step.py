@@ -17,8 +17,7 @@ from learn_batch import batch_groups, tiny_model  # noqa: E402
 from pipeline.config import LearnerConfig  # noqa: E402
 from pipeline.erpo import ErpoRule  # noqa: E402
 from pipeline.learn import train_step  # noqa: E402
-from pipeline.trainer import make_trainer  # noqa: E402
-from services.learner import BatchChannel  # noqa: E402
+from pipeline.trainer import BatchChannel, make_trainer  # noqa: E402
 
 
 def main(out: str, config: str) -> None:

@@ -1,0 +1,147 @@
+"""The learner's checkpoints: what a checkpoint holds besides model and optimiser (`LearnerState`),
+where checkpoints live, how one is written (a collective: every rank calls `save_checkpoint`),
+found again, or moved aside for a fresh start; and which consumed offsets may be committed
+(`OffsetTracker`: never past a group not yet trained).
+
+A checkpoint is one folder ``<workdir>/checkpoints/step-<N>``: the trainer's state (``trainer/``)
+and ``learner.json``, written to a temporary folder and renamed, so a crash leaves the previous
+one intact. The learner commits offsets to the broker only after the checkpoint holding them is
+in place (`services.learner`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.atomic import fsync_dir, write_atomic
+from pipeline.config import LearnerConfig, RunConfig
+from pipeline.failpoints import failpoint
+from pipeline.trainer import Trainer
+from pipeline.weights import published_versions
+
+LEARNER_STATE = "learner.json"
+
+
+@dataclass
+class OffsetTracker:
+    """Which polled records are fully processed, so commits never pass an untrained group."""
+
+    open_groups: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    """(topic, partition, offset) -> groups of that record not yet trained on or dropped."""
+
+    def add(self, key: tuple[str, int, int], groups: int) -> None:
+        if groups:
+            self.open_groups[key] = self.open_groups.get(key, 0) + groups
+
+    def done(self, key: tuple[str, int, int]) -> None:
+        self.open_groups[key] -= 1
+        if self.open_groups[key] == 0:
+            del self.open_groups[key]
+
+    def committable(self, positions: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        out = dict(positions)
+        for (topic, part, offset) in self.open_groups:
+            if (topic, part) in out:
+                out[(topic, part)] = min(out[(topic, part)], offset)
+        return out
+
+
+@dataclass
+class LearnerState:
+    """Everything besides model and optimiser that a checkpoint must restore."""
+
+    step: int = 0
+    version: int = 0
+    received: int = 0
+    trained: int = 0
+    dropped: int = 0
+    filtered: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    """Groups dead-lettered by a check (their tickets stay outstanding)."""
+    reissued: int = 0
+    """Tickets issued again because their lease ran out."""
+    ticket_position: int = 0
+    """Tickets issued (the ticket source's position)."""
+    outstanding: dict[str, int] = field(default_factory=dict)
+    """Tickets issued and not yet decided (groups waiting in the batch included), with their attempt."""
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    seen: list[str] = field(default_factory=list)
+    """Tickets decided (trained, dropped or abandoned), oldest first, at most the learner's
+    `SEEN_WINDOW`."""
+
+    def to_json(self) -> str:
+        d = {k: v for k, v in self.__dict__.items() if k != "offsets"}
+        d["offsets"] = [[t, p, o] for (t, p), o in sorted(self.offsets.items())]
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> LearnerState:
+        d = json.loads(text)
+        d["offsets"] = {(str(t), int(p)): int(o) for t, p, o in d["offsets"]}
+        if isinstance(d.get("outstanding"), list):  # checkpoints before leases: every ticket at attempt 0
+            d["outstanding"] = dict.fromkeys(d["outstanding"], 0)
+        return cls(**d)
+
+
+def checkpoint_root(cfg: RunConfig) -> Path:
+    return cfg.workdir / "checkpoints"
+
+
+def latest_checkpoint(cfg: RunConfig) -> Path | None:
+    """The newest complete checkpoint (a `step-*` folder with its learner.json), or None."""
+    done = [p for p in checkpoint_root(cfg).glob("step-*") if (p / LEARNER_STATE).exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+
+def save_checkpoint(cfg: RunConfig, trainer: Trainer, state: LearnerState) -> Path:
+    """Model, optimiser and learner state together, written to a temporary folder and renamed,
+    so a crash leaves the previous checkpoint intact. A collective: every rank calls it."""
+    root = checkpoint_root(cfg)
+    final, tmp = root / f"step-{state.step:08d}", root / f".step-{state.step:08d}.tmp"
+    if trainer.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    trainer.barrier()
+    trainer.save(tmp / "trainer")
+    trainer.barrier()
+    if trainer.rank == 0:
+        failpoint("learner.checkpoint")
+        write_atomic(tmp / LEARNER_STATE, state.to_json())
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        fsync_dir(root)
+        done = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+        for old in done[: -cfg.learner.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    trainer.barrier()
+    return final
+
+
+def newest_published_version(cfg: RunConfig) -> int:
+    return max((v for v, _ in published_versions(cfg.workdir / "policies")), default=0)
+
+
+def weights_due(lc: LearnerConfig, step: int) -> tuple[bool, bool]:
+    """(publish, export) due after ``step``: every `sync_every` steps, every `export_every` steps
+    (0: never), and both after the final step."""
+    last = step == lc.total_steps
+    return (step % lc.sync_every == 0 or last,
+            (lc.export_every > 0 and step % lc.export_every == 0) or last)
+
+
+def start_fresh(cfg: RunConfig) -> Path | None:
+    """`learner.resume = "fresh"`: move the previous life's checkpoints and ledger aside (never
+    deleted); returns where they went, None if there was nothing."""
+    old = [p for p in (checkpoint_root(cfg), cfg.workdir / "ledger") if p.exists()]
+    if not old:
+        return None
+    aside = cfg.workdir / time.strftime("previous-%Y%m%d-%H%M%S")
+    aside.mkdir(parents=True)
+    for p in old:
+        p.rename(aside / p.name)
+    return aside
