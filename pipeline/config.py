@@ -1,5 +1,8 @@
 """Run configuration: one TOML file per run, validated by pydantic at start-up.
 
+(~600 lines, mostly one documented field after another: this file is the reference of every
+setting, which the README and `--set` errors point to.)
+
 Every model forbids unknown keys, so a misspelt key fails at start-up naming the field instead of
 being silently ignored. Bounds live on the fields; cross-field rules live in validators.
 """

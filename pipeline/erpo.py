@@ -1,5 +1,9 @@
 """ERPO: the per-prompt history table and the temperature rule, as pure vectorised functions.
 
+Long (~860 lines, a third of it this docstring and the rule's specification) because the pure
+form, the in-place store and the loop oracle of one rule must stay side by side to stay equal;
+the per-partition state around it is `pipeline.erpo_partitions`.
+
 ERPO (Explore Residual Prompts in Policy Optimization, arXiv 2511.04800): a prompt whose whole
 group was answered correctly is *residual* -- every sample has the same reward, the group-relative
 advantage is zero and the group gives no gradient. ERPO keeps a history per prompt and raises the

@@ -1,5 +1,9 @@
 """Kafka transport: typed producer and consumer of Arrow messages (kafka-python).
 
+One file of ~700 lines on purpose: the consumer's guarantees (what is dead-lettered, what a
+position means, when a commit is refused) are one argument that reads top to bottom; the
+in-memory client it can run on is its own module (`pipeline.memory_broker`).
+
 Topics are named `<run>.<logical topic>`; `TOPICS` fixes which message kind each logical topic
 carries. Consumers work in logical topic names (`"scored"`, not `"run7.scored"`) for
 deliveries, positions and commits; the producer takes full Kafka topic names (see `topic_name`).

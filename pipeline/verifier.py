@@ -1,5 +1,8 @@
 """Reward verifier: checks a model completion against a reference answer with math-verify.
 
+(~460 lines: the normalisation rules, the status semantics and the two timeout layers are one
+contract, documented here where they are enforced.)
+
 What counts as correct
     The gold answer and the completion are each parsed by ``math_verify.parse`` with LaTeX and
     plain-expression extraction; ``math_verify.verify(gold, pred)`` decides equality (string
