@@ -31,7 +31,7 @@ from pipeline.config import LearnerConfig
 from pipeline.engine import PackedBatch, pack
 from pipeline.erpo import ErpoRule, ra_advantages
 from pipeline.head import HeadPlan, chunk_tokens, completion_head
-from pipeline.losses import LOG_W_CLAMP, phi_clamp, ppo_per_token
+from pipeline.losses import KL_TERMS, phi_clamp, ppo_per_token
 from pipeline.trainer import Trainer, lr_at
 from schemas import Columns, concat
 
@@ -79,8 +79,7 @@ class _Rows:
         self.advantages = ra_advantages(np.asarray(cols["group_pass_rate"]), adv.numpy(), rule)
         self.completion_len = cols["completion_token_ids"].lengths()
         self.length = cols["prompt_token_ids"].lengths() + self.completion_len
-        self.phi = (phi_clamp(self.rewards, lc.rapo_phi_floor).numpy() if lc.kl in ("rapo", "rapo_sampled")
-                    else None)
+        self.phi = phi_clamp(self.rewards, lc.rapo_phi_floor).numpy() if KL_TERMS[lc.kl].reweighted else None
 
     def pack(self, rows: np.ndarray, pad_id: int) -> PackedBatch:
         c = self.cols
@@ -147,7 +146,7 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
     model = trainer.model
     inner = getattr(model, "module", model)
     head = inner.get_output_embeddings()
-    exact = lc.kl == "rapo"
+    exact = KL_TERMS[lc.kl].exact
     chunk = chunk_tokens(int(head.weight.shape[0]) if head.weight.numel() else int(inner.config.vocab_size),
                          lc.logit_chunk_mb, buffers=6 if exact else 3)
     n_groups = int(data.group_index.max()) + 1
@@ -180,7 +179,7 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
                  "approx_kl_behavior", "entropy"):
         metrics[name] = sums[f"_{name}"] / tokens
     metrics["is_weight_max"] = maxima["is_weight_max"]
-    if lc.kl != "none":
+    if KL_TERMS[lc.kl].reference:
         metrics["kl"] = sums["_kl"] / lc.mini_batches
         metrics["kl_max"] = maxima["kl_max"]
     rates = np.asarray(data.cols["group_pass_rate"])
@@ -207,7 +206,7 @@ def _micro_loss(trainer: Trainer, ref_model: torch.nn.Module | None, data: _Rows
     behavior = data.behavior(micro)
     advantages = data.per_token(data.advantages, micro)
     prox = data.tensor(np.concatenate([proximal[int(r)] for r in micro])) if proximal is not None else None
-    kl, coef = lc.kl, lc.kl_coef
+    term, coef = KL_TERMS[lc.kl], lc.kl_coef
 
     def token_loss(lp: torch.Tensor, ref_lp, ref_hat_lp, sl: slice) -> torch.Tensor:
         """PPO (+ k3 or RAPO's sampled KL) of these tokens, weighted as in the whole update."""
@@ -224,13 +223,8 @@ def _micro_loss(trainer: Trainer, ref_model: torch.nn.Module | None, data: _Rows
         sums["_approx_kl_behavior"] += float((behavior[sl] - lp.detach())[counted].sum())
         if bool(counted.any()):
             maxima["is_weight_max"] = max(maxima["is_weight_max"], float(st["w_raw"][counted].max()))
-        if kl in ("k3", "rapo_sampled"):
-            x = (ref_lp if kl == "k3" else ref_hat_lp) - lp
-            if kl == "k3":
-                k = torch.exp(x) - x - 1.0
-            else:
-                x = x.clamp(-LOG_W_CLAMP, LOG_W_CLAMP)
-                k = torch.exp(x) * x - torch.exp(x) + 1.0
+        if term.sampled is not None:
+            k = term.sampled(lp, ref_lp, ref_hat_lp)
             sums["_kl"] += float((k.detach() * w).sum()) / trainer.world_size
             if bool(counted.any()):
                 maxima["kl_max"] = max(maxima["kl_max"], float(k.detach()[counted].max()))
@@ -238,19 +232,19 @@ def _micro_loss(trainer: Trainer, ref_model: torch.nn.Module | None, data: _Rows
         return total
 
     ref_hidden = None
-    if kl != "none":
+    if term.reference:
         with torch.no_grad():
             ref_hidden = completion_hidden(ref_model, batch)
     plan = HeadPlan(*data.targets_and_temperatures(batch, micro), chunk, token_loss, ref_hidden=ref_hidden,
                     ref_head=ref_model.get_output_embeddings() if ref_model is not None else None,
                     phi=data.per_token(data.phi, micro) if data.phi is not None else None,
-                    exact_kl_weight=coef * weights if kl == "rapo" else None)
+                    exact_kl_weight=coef * weights if term.exact else None)
     head = getattr(trainer.model, "module", trainer.model).get_output_embeddings()
     loss = completion_head(head, completion_hidden(trainer.model, batch), plan)
     counted = weights > 0
     sums["_tokens"] += float(counted.sum())
     sums["_entropy"] += float(plan.values["entropy"][counted].sum())
-    if kl == "rapo":
+    if term.exact:
         exact_kl = plan.values["exact_kl"]
         sums["_kl"] += float((exact_kl * weights).sum()) / trainer.world_size
         if bool(counted.any()):

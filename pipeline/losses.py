@@ -51,6 +51,7 @@ verl and OpenRLHF, the KL estimate uses them as they are).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -218,6 +219,33 @@ def rapo_kl(logprobs: torch.Tensor, ref_hat_logprobs: torch.Tensor) -> torch.Ten
     log_w = (ref_hat_logprobs.detach() - logprobs).clamp(-LOG_W_CLAMP, LOG_W_CLAMP)
     w = torch.exp(log_w)
     return w * log_w - w + 1.0
+
+
+@dataclass(frozen=True)
+class KLTerm:
+    """One kind of KL term to the frozen reference (`learner.kl`): what the learning step must
+    compute for it."""
+
+    name: str
+    reference: bool
+    """Needs the frozen reference model's hidden states at the completion positions."""
+    reweighted: bool
+    """Needs RAPO's reward-reweighted reference (``phi(r)`` per sample)."""
+    exact: bool
+    """Computed over the whole vocabulary inside the chunked output layer (`pipeline.head`)."""
+    sampled: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor] | None = None
+    """Per-token estimator from (log pi_theta, log pi_ref, log pi_hat_ref) of the sampled tokens."""
+
+
+KL_TERMS: dict[str, KLTerm] = {
+    "none": KLTerm("none", reference=False, reweighted=False, exact=False),
+    "k3": KLTerm("k3", reference=True, reweighted=False, exact=False,
+                 sampled=lambda lp, ref_lp, ref_hat_lp: k3_kl(lp, ref_lp)),
+    "rapo": KLTerm("rapo", reference=True, reweighted=True, exact=True),
+    "rapo_sampled": KLTerm("rapo_sampled", reference=True, reweighted=True, exact=False,
+                           sampled=lambda lp, ref_lp, ref_hat_lp: rapo_kl(lp, ref_hat_lp)),
+}
+"""The KL terms by `learner.kl` name: reverse KL (k3), RAPO's forward KL exact or sampled, or none."""
 
 
 def kl_term(per_token: torch.Tensor, mask: torch.Tensor,

@@ -68,6 +68,7 @@ from pipeline.config import RunConfig
 from pipeline.erpo import drop_mask
 from pipeline.failpoints import failpoint
 from pipeline.learn import train_step
+from pipeline.losses import KL_TERMS
 from pipeline.model import export_pretrained
 from pipeline.ledger import Ledger, ledger_path
 from pipeline.tasks import train_problems
@@ -107,7 +108,7 @@ def run(cfg: RunConfig) -> None:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref_model = None
-    if lc.kl != "none":
+    if KL_TERMS[lc.kl].reference:
         ref_model, _ = load_initial_policy(cfg)
         ref_model.eval().requires_grad_(False)
     limits = Limits(vocab_size=int(model.config.vocab_size),

@@ -292,3 +292,14 @@ def test_rapo_exact_gradient_descent_reaches_the_reweighted_reference():
             theta -= 1.0 * g
     assert all(b <= a + 1e-15 for a, b in zip(kls, kls[1:])) and kls[-1] < 1e-9, kls[::50]
     torch.testing.assert_close(torch.softmax(theta.detach(), 0), HAT, atol=1e-5, rtol=0)
+
+
+def test_every_kl_setting_has_its_term():
+    from typing import get_args
+
+    from pipeline.config import LearnerConfig
+    from pipeline.losses import KL_TERMS
+
+    assert set(get_args(LearnerConfig.model_fields["kl"].annotation)) == set(KL_TERMS)
+    assert [n for n, t in KL_TERMS.items() if t.exact] == ["rapo"]
+    assert all((t.sampled is None) == (t.exact or not t.reference) for t in KL_TERMS.values())
