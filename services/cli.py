@@ -12,6 +12,26 @@ from pathlib import Path
 
 DEFAULT_CONFIG = "demo.toml"
 
+OWN_PACKAGES = ("schemas", "pipeline", "services", "infra")
+"""rlstream's top-level packages. Their names are generic (the layout is fixed by the design card),
+so `check_own_packages` makes sure Python finds ours and not another distribution's."""
+
+
+def check_own_packages() -> None:
+    """Exit with what to do if any of `OWN_PACKAGES` resolves outside this installation (another
+    installed package of the same name shadowing ours, or ours half-installed): a silent mix would
+    run someone else's code under rlstream's name."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    for name in OWN_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+        if origin is None or origin.parent.parent != root:
+            sys.exit(f"rlstream: Python imports the package {name!r} from {origin or 'nowhere'}, not from rlstream "
+                     f"(installed under {root}): another installed package of that name shadows it. Uninstall it "
+                     "or install rlstream in its own virtualenv.")
+
 
 def shipped_config(name: str = DEFAULT_CONFIG) -> Path:
     """Path of a config shipped in `infra/configs/`."""
@@ -91,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    check_own_packages()
     args = build_parser().parse_args(argv)
     if args.command == "broker":
         from infra.broker import run_foreground
