@@ -45,8 +45,8 @@ tokenizers: $(STAMP)
 test: $(STAMP) system-deps tokenizers
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The fast tier: pure logic and the services' loops on the in-memory broker (memory://), no
-# subprocesses, no real broker.
+# The fast tier: pure logic and the services' loops on the in-memory broker (memory://); no real
+# broker, no services as subprocesses.
 test-fast: $(STAMP)
 	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
 

@@ -158,7 +158,7 @@ class WarmstartConfig(_Strict):
     """Fraction of warm-start examples whose target answer is replaced by a near miss (the right
     answer plus a random non-zero offset in [-10, 10]). Real SFT corpora contain wrong solutions;
     this makes the warm-started policy put that much probability on plausible wrong answers, which
-    reward-driven RL must learn to remove (see README, "The default task")."""
+    reward-driven RL must learn to remove (see docs/results.md, "The default task")."""
     seed: int = 0
     """Seed of the initial weights, the problem stream and the label noise."""
 

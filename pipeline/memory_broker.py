@@ -12,12 +12,16 @@ the transport uses, with Kafka's semantics where they matter to the services:
 - topics with partitions, records with key, value, headers, offset and timestamp; a keyed record
   goes to ``crc32(key) mod partitions`` (one key, one partition, as with Kafka's partitioner);
 - consumer groups: members share the partitions (round-robin over the sorted partitions, by member
-  order); a member joining or leaving starts a new generation, and each member sees it at its next
-  ``poll``: its revoked partitions first (``on_partitions_revoked``), then its new ones
-  (``on_partitions_assigned``), positions from the group's committed offsets or the earliest;
+  order); a member joining or leaving, or a topic created under a subscription, starts a new
+  generation, and each member sees it at its next ``poll``: its partitions revoked first
+  (``on_partitions_revoked``), then its new ones (``on_partitions_assigned``), positions from the
+  group's committed offsets or the earliest. As in Kafka's eager protocol, a partition goes to its
+  new owner only after the previous owner has revoked it (the new owner gets it at a later poll),
+  so two members never hold one partition; ``close`` revokes (as kafka-python's does) and leaves;
 - a commit from a member of an older generation, or for a partition it does not own, is refused
   with ``CommitFailedError``, as Kafka refuses it after a rebalance;
-- ``poll`` waits up to its timeout for records.
+- ``poll`` waits up to its timeout for records, starting at another partition each time, so a
+  small ``max_records`` does not starve the later partitions.
 
 Brokers live in this process, one per name (`MemoryBroker.named`); `MemoryBroker.reset` forgets them.
 """
@@ -59,6 +63,8 @@ class _Group:
     generation: int = 0
     committed: dict[TopicPartition, int] = field(default_factory=dict)
     subscriptions: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    owner: dict[TopicPartition, str] = field(default_factory=dict)
+    """Who holds each partition now (until it revokes it)."""
 
     def assignment(self, member: str, partitions_of) -> set[TopicPartition]:
         """Round-robin of the sorted partitions of the group's topics over its members in join order."""
@@ -96,7 +102,12 @@ class MemoryBroker:
 
     def create_topic(self, name: str, partitions: int) -> None:
         with self.cond:
-            self.topics.setdefault(name, [[] for _ in range(partitions)])
+            if name in self.topics:
+                return
+            self.topics[name] = [[] for _ in range(partitions)]
+            for group in self.groups.values():  # subscribers get its partitions at their next poll
+                if any(name in topics for topics in group.subscriptions.values()):
+                    group.generation += 1
 
     def partitions_of(self, topic: str) -> int:
         return len(self.topics.get(topic, ()))
@@ -163,7 +174,10 @@ class MemoryConsumerClient:
         self.listener = None
         self.generation = -1
         self.assigned: set[TopicPartition] = set()
+        self.pending: set[TopicPartition] = set()
+        """Partitions of this generation still held by their previous owner."""
         self.positions: dict[TopicPartition, int] = {}
+        self._start = 0
 
     # -- membership
     def subscribe(self, topics: list[str], listener=None) -> None:
@@ -188,22 +202,45 @@ class MemoryConsumerClient:
         return set(self.assigned)
 
     def _rebalance(self) -> None:
-        """Catch up with the group's generation: revoke, then assign (listener callbacks)."""
+        """Catch up with the group's generation (revoke everything, release it), then take the
+        partitions of this generation that their previous owners have released."""
         if self.group_id is None:
             return
         with self.broker.cond:
             group = self.broker.groups[self.group_id]
-            if group.generation == self.generation:
-                return
-            new = group.assignment(self.member, self.broker.partitions_of)
-            generation = group.generation
+            stale = group.generation != self.generation
+        if stale:
+            self._revoke_all()
+            with self.broker.cond:
+                self.pending = group.assignment(self.member, self.broker.partitions_of)
+                self.generation = group.generation
+        if not self.pending:
+            return
+        with self.broker.cond:
+            free = {tp for tp in self.pending if group.owner.get(tp) in (None, self.member)}
+            for tp in free:
+                group.owner[tp] = self.member
             committed = dict(group.committed)
+        if not free:
+            return
+        self.pending -= free
+        self.assigned |= free
+        for tp in free:
+            self.positions[tp] = committed.get(tp, 0 if self.reset == "earliest" else self._end(tp))
+        if self.listener is not None:
+            self.listener.on_partitions_assigned(set(free))
+
+    def _revoke_all(self) -> None:
+        """Give up every partition held (listener first, while still the owner), then release them."""
         if self.listener is not None and self.assigned:
             self.listener.on_partitions_revoked(set(self.assigned))
-        self.assigned, self.generation = new, generation
-        self.positions = {tp: committed.get(tp, 0 if self.reset == "earliest" else self._end(tp)) for tp in new}
-        if self.listener is not None and new:
-            self.listener.on_partitions_assigned(set(new))
+        with self.broker.cond:
+            group = self.broker.groups[self.group_id]
+            for tp in self.assigned:
+                if group.owner.get(tp) == self.member:
+                    del group.owner[tp]
+            self.broker.cond.notify_all()
+        self.assigned, self.positions, self.pending = set(), {}, set()
 
     def _end(self, tp: TopicPartition) -> int:
         return len(self.broker.topics[tp.topic][tp.partition])
@@ -232,7 +269,9 @@ class MemoryConsumerClient:
         with self.broker.cond:
             while True:
                 out, budget = {}, max_records if max_records is not None else 500
-                for tp in sorted(self.assigned):
+                parts = sorted(self.assigned)
+                self._start = (self._start + 1) % max(1, len(parts))
+                for tp in parts[self._start:] + parts[: self._start]:
                     log = self.broker.topics[tp.topic][tp.partition]
                     records = log[self.positions[tp]: self.positions[tp] + budget]
                     if records:
@@ -243,6 +282,8 @@ class MemoryConsumerClient:
                         break
                 left = deadline - time.monotonic()
                 if out or left <= 0:
+                    return out
+                if self.pending:  # a partition may be released meanwhile: take it at the next poll
                     return out
                 self.broker.cond.wait(left)
 
@@ -263,6 +304,7 @@ class MemoryConsumerClient:
     def close(self, autocommit: bool = False) -> None:
         if self.group_id is None:
             return
+        self._revoke_all()
         with self.broker.cond:
             group = self.broker.groups.get(self.group_id)
             if group is not None and self.member in group.members:

@@ -134,6 +134,8 @@ class Reward:
         self.statuses: Counter[str] = Counter()
         self.residual: Counter[str] = Counter()
         self.groups = self.temp_updates = self.reactivations = 0
+        self.failed = False
+        """A step raised: nothing is snapshotted or committed from here on (see `_on_revoke`)."""
 
     def _on_assign(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         """Restore each partition's state from its snapshot and continue from the snapshot's offset."""
@@ -142,8 +144,15 @@ class Reward:
         return seeks
 
     def _on_revoke(self, partitions: list[tuple[str, int]]) -> None:
-        """Hand the partitions over: snapshot them before another member takes them."""
-        self._snapshot([p for _, p in partitions], revoke=True)
+        """Hand the partitions over: snapshot them before another member takes them. Not after a
+        failure: the client revokes on close too, and the positions may then be past results that
+        were never sent, so the state is dropped unsaved and the next owner redoes those records
+        from the last snapshot."""
+        if self.failed:
+            for _, p in partitions:
+                self.history.revoke(p)
+        else:
+            self._snapshot([p for _, p in partitions], revoke=True)
         PARTITIONS.set(len(self.history.parts))
 
     def _snapshot(self, partitions: list[int], revoke: bool = False) -> None:
@@ -264,15 +273,16 @@ class Reward:
         with VerifierPool(rc.verifier_workers, rc.verify_timeout_s, rc.max_chars) as pool:
             log.info("reward %s ready: %d verifier workers, timeout %.1fs, ERPO %s", self.wid,
                      rc.verifier_workers, rc.verify_timeout_s, "on" if self.rule.enabled else "off")
-            finished = False
             try:
                 while not stop:
                     self.step(pool)
-                finished = True
+            except BaseException:
+                self.failed = True
+                raise
             finally:
-                if finished:  # hand every partition back with its state (never past results not sent)
+                if not self.failed:  # hand every partition back with its state (never past results not sent)
                     self._snapshot(sorted(self.history.parts))
-                self.consumer.close()
+                self.consumer.close()  # revokes what it still owns (`_on_revoke`)
                 self.producer.close()
                 self.progress.close()
                 log.info("reward %s stopped after %d groups; statuses %s", self.wid, self.groups,

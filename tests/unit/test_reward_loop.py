@@ -109,3 +109,23 @@ def test_a_second_worker_takes_half_the_partitions_with_their_state(cfg):
         times_seen[d.columns["prompt_id"][0]] = max(times_seen.get(d.columns["prompt_id"][0], 0),
                                                     int(d.columns["times_seen"][0]))
     assert set(times_seen) == set(prompts) and set(times_seen.values()) == {2}
+
+
+def test_a_failed_step_commits_nothing_and_saves_no_state(cfg, monkeypatch):
+    """The client revokes on close (kafka-python does, and so does the memory broker): after a
+    failed step that must not snapshot and commit positions past results never sent."""
+    from pipeline.transport import TransportError
+
+    _send(cfg, [trajectory_group(f"e0-{i:06d}", f"p{i}") for i in range(6)])
+    worker = Reward(cfg, 0)
+
+    def broker_gone(*args, **kwargs):
+        raise TransportError("sends not acknowledged in time")
+
+    monkeypatch.setattr(worker.producer, "flush", broker_gone)
+    with pytest.raises(TransportError):
+        worker.run()
+    assert worker.failed and not list((cfg.workdir / "erpo").glob("trajectories-p*.parquet"))
+    again = Reward(cfg, 1)  # the group's next member redoes every record
+    _steps(again)
+    assert again.groups == 6

@@ -94,13 +94,29 @@ def test_group_members_share_partitions_and_a_stale_member_cannot_commit(mem):
     assert assigned["a"] == [[("trajectories", p) for p in range(4)]]
     b = member("b")
     b.poll(timeout_ms=0)  # b joined: a new generation
+    assert "b" not in assigned  # ... but a still holds every partition: nothing for b yet
     assert not a.commit_offsets({("trajectories", 0): 0})  # a has not seen it yet: refused, as by Kafka
-    a.poll(timeout_ms=0)  # a catches up: revoked everything, given half
+    a.poll(timeout_ms=0)  # a catches up: revoked everything, took its half back
     assert revoked["a"] == [[("trajectories", p) for p in range(4)]]
+    b.poll(timeout_ms=0)  # now b takes the half a released
     halves = [set(assigned["a"][-1]), set(assigned["b"][-1])]
     assert halves[0] | halves[1] == {("trajectories", p) for p in range(4)} and not halves[0] & halves[1]
     own = next(iter(halves[0]))
     assert a.commit_offsets({own: 0}) and not a.commit_offsets({next(iter(halves[1])): 0})
-    b.close()  # b leaves: a gets everything again at its next poll
+    b.close()  # b leaves (revoking its half): a gets everything again at its next poll
+    assert revoked["b"] == [sorted(halves[1])]
     _send(mem, 8)
     assert len(_drain(a)) == 8
+
+
+def test_a_topic_created_after_the_subscription_is_assigned(mem):
+    from factories import policy_update
+    from schemas import POLICY_UPDATE
+
+    c = Consumer(mem, "late", ["policy"], group_id="g", client_id="c", deadletter=None)
+    assert c.poll(timeout_ms=0) == []  # the run's topics do not exist yet
+    ensure_topics(mem, "late")
+    p = Producer(mem, "test")
+    p.send(topic_name("late", "policy"), POLICY_UPDATE, policy_update(), key=b"policy")
+    p.flush()
+    assert len(_drain(c)) == 1
