@@ -136,8 +136,8 @@ def export_pretrained(state: dict[str, torch.Tensor], source: str | Path, out: s
     is made from the model config if the source has none. Written beside ``out`` and renamed into
     place, so a reader never sees half of it."""
     from safetensors.torch import save_file
-    from transformers import AutoConfig, GenerationConfig
 
+    from pipeline.prompts import load_generation_config
     from pipeline.weights import flatten
 
     source, out = Path(source), Path(out)
@@ -148,8 +148,9 @@ def export_pretrained(state: dict[str, torch.Tensor], source: str | Path, out: s
         if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
             shutil.copy2(f, tmp / f.name)
     if not (tmp / "generation_config.json").exists():
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        generation = load_generation_config(source, trust_remote_code)  # the one config.json implies
+        if generation is not None:
+            generation.save_pretrained(tmp)
     save_file(flatten(state, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
