@@ -1,6 +1,6 @@
 """The learner's checkpoints: what a checkpoint holds besides model and optimiser (`LearnerState`),
 where checkpoints live, how one is written (a collective: every rank calls `save_checkpoint`),
-found again, or moved aside for a fresh start; and which consumed offsets may be committed
+found again and restored (`restore_learner`), or moved aside for a fresh start; and which consumed offsets may be committed
 (`OffsetTracker`: never past a group not yet trained).
 
 A checkpoint is one folder ``<workdir>/checkpoints/step-<N>``: the trainer's state (``trainer/``)
@@ -12,6 +12,7 @@ in place (`services.learner`).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from pipeline.trainer import Trainer
 from pipeline.weights import published_versions
 
 LEARNER_STATE = "learner.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,7 +75,15 @@ class LearnerState:
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     seen: list[str] = field(default_factory=list)
     """Tickets decided (trained, dropped or abandoned), oldest first, at most the learner's
-    `SEEN_WINDOW`."""
+    `TicketBook.decided` window."""
+
+    def tally(self, fate: str) -> None:
+        """Count one triaged group (`pipeline.intake.Outcome.fate`; dead letters are not counted
+        here: `invalid` counts the groups the checks refuse)."""
+        self.received += fate not in ("deadletter", "duplicate")
+        self.duplicates += fate == "duplicate"
+        self.dropped += fate == "dropped_stale"
+        self.filtered += fate == "dropped_all_wrong"
 
     def to_json(self) -> str:
         d = {k: v for k, v in self.__dict__.items() if k != "offsets"}
@@ -145,3 +156,24 @@ def start_fresh(cfg: RunConfig) -> Path | None:
     for p in old:
         p.rename(aside / p.name)
     return aside
+
+
+def restore_learner(cfg: RunConfig, trainer: Trainer) -> tuple[LearnerState, bool]:
+    """The state a learner starts from, by `learner.resume`: the newest checkpoint's (loaded into
+    ``trainer``) or a fresh one (moving a previous life aside under ``fresh``). Returns the state and
+    whether it came from a checkpoint."""
+    lc = cfg.learner
+    ckpt = latest_checkpoint(cfg) if lc.resume != "fresh" else None
+    if lc.resume == "require" and ckpt is None:
+        raise FileNotFoundError(f"learner.resume = 'require' but {checkpoint_root(cfg)} holds no checkpoint")
+    if ckpt is not None:
+        trainer.load(ckpt / "trainer")
+        state = LearnerState.from_json((ckpt / LEARNER_STATE).read_text())
+        log.info("resumed from %s: step %d, policy v%d", ckpt, state.step, state.version)
+        return state, True
+    if lc.resume == "fresh" and trainer.rank == 0:
+        aside = start_fresh(cfg)
+        if aside is not None:
+            log.warning("learner.resume = 'fresh': starting over at step 0; the previous checkpoints and ledger "
+                        "were moved to %s", aside)
+    return LearnerState(), False

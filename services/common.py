@@ -73,6 +73,23 @@ def load_initial_policy(cfg: RunConfig):
     return load_policy(initial_policy_path(cfg), trust_remote_code=cfg.model.trust_remote_code)
 
 
+def load_learner_models(cfg: RunConfig):
+    """(policy in training mode, frozen reference or None, tokenizer) for the learner: the
+    reference is the initial policy again, loaded only when the KL term needs one."""
+    from pipeline.losses import KL_TERMS
+
+    model, tokenizer = load_initial_policy(cfg)
+    model.train()
+    if cfg.learner.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref_model = None
+    if KL_TERMS[cfg.learner.kl].reference:
+        ref_model, _ = load_initial_policy(cfg)
+        ref_model.eval().requires_grad_(False)
+    return model, ref_model, tokenizer
+
+
 def set_threads(n: int | None) -> None:
     """Limit torch's intra-op threads (several services share few cores)."""
     import torch

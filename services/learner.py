@@ -1,116 +1,68 @@
 """Learner: paces the run with prompt tickets, trains on scored groups, publishes weights.
 
-Loop:
-1. Issue tickets while the tickets outstanding (issued, not yet decided) stay within
-   ``max(1, max_staleness) x groups_per_step``, so producers cannot run ahead of what the learner
-   can use without exceeding the staleness bound. This is AReaL's capacity rule,
-   ``(max_staleness + 1) x batch``, less one version: our rollout picks up new weights between
-   generate calls, so its behaviour version trails the learner's by up to one version, and the full
-   AReaL budget made about a fifth of all groups arrive one version too stale (measured on the
-   demo: 706 of 5,506 groups dropped). Every ticket is under a lease (`pipeline.tickets`): one whose
-   group has not come back in time is issued again, same id, next attempt, so a message the broker
-   lost or a worker that died holding it costs one lease, never the run. The position reached and
-   the attempts are logged after every flush (`IssueLog`), so a resumed learner knows which
-   tickets are already on the broker.
-2. Poll scored groups and check them (`pipeline.validate`; invalid groups, groups of unknown tickets
-   and groups claiming a policy version the learner has not published are dead-lettered; anything
-   else one record provokes dead-letters that record). Each ticket gets exactly one fate, written
-   to the ledger (`pipeline.ledger`): a second group for a decided ticket (re-delivery, a later
-   attempt, a replayed reward batch) is a ``duplicate`` and ignored. A group's lag = learner policy
-   version - its behaviour policy version; groups with lag > ``max_staleness`` are dropped
-   (``dropped_stale``). With ERPO's `drop_all_wrong`, all-wrong groups are filtered out too.
-3. Every ``groups_per_step`` groups: advantages (ERPO's RA: -delta for all-correct groups),
-   decoupled PPO loss, optimiser update(s).
-4. Every ``sync_every`` steps: publish safetensors weights (fp32, gathered across ranks) as a new
-   policy version and announce it.
-5. Every ``checkpoint_every`` steps: save model, optimiser and the learner state (counters, ticket
-   position, outstanding tickets with their attempts, decided ticket ids, consumed offsets: per
-   partition only up to the oldest group not yet trained) together; only then commit those
-   offsets. A learner started on a run folder with a checkpoint resumes from it (``resume =
-   "auto"``): it restores all of it, marks the ledger as resumed at the checkpoint (never
-   truncating it), seeks to the saved offsets and announces the restored weights under a version
-   above any announced before.
-6. After the final step, drain: wait (``drain_timeout_s``, leases still running) for the
-   outstanding tickets' groups and record them as ``unused``, so every issued ticket has a fate.
+Loop (rank 0, `Lead`):
+1. Issue tickets while those outstanding (issued, not yet decided) stay within
+   ``max(1, max_staleness) x groups_per_step``: AReaL's capacity rule ``(max_staleness + 1) x batch``
+   less one version, because our rollout's behaviour version trails the learner's by up to one
+   (the full AReaL budget dropped 706 of 5,506 demo groups as stale). Every ticket is under a lease
+   (`pipeline.tickets`): one whose group has not come back in time is issued again, same id, next
+   attempt, so a lost message or a dead worker costs one lease, never the run. The position reached
+   and the attempts are logged after every flush (`IssueLog`) for a resumed learner.
+2. Poll scored groups, check them (`pipeline.validate`) and triage each (`pipeline.intake`):
+   forged, unknown or future-version groups are dead-lettered; every ticket gets exactly one fate in
+   the ledger (`pipeline.ledger`); a later group of a decided ticket is a ``duplicate``; groups with
+   lag > ``max_staleness`` are ``dropped_stale``.
+3. Every ``groups_per_step`` groups: the learning step (`pipeline.learn`).
+4. Every ``sync_every`` steps: publish the weights (gathered across ranks) as a new policy version
+   (`services.learner_publish`).
+5. Every ``checkpoint_every`` steps: save model, optimiser and the learner state together
+   (`pipeline.checkpoints`; consumed offsets only up to the oldest group not yet trained), then
+   commit those offsets. A learner started on a run folder with a checkpoint resumes from it
+   (``resume = "auto"``), marks the ledger as resumed, seeks to the saved offsets and announces the
+   restored weights under a version above any announced before.
+6. After the final step, drain: wait (``drain_timeout_s``, leases running) for the outstanding
+   tickets' groups and record them as ``unused``, so every issued ticket has a fate.
 
-The model trains under a backend of `pipeline.trainer` (DeepSpeed by default, or plain torch). With
-several ranks (`deepspeed`/`torchrun` launcher) rank 0 does all of the above and broadcasts each
-batch to the others (`pipeline.trainer.BatchChannel`); every rank trains on its share of the groups.
-
-Elsewhere: the learning step (`pipeline.learn`), tickets and leases (`pipeline.tickets`), the
-checkpoint state and offsets (`pipeline.checkpoints`), the ledger (`pipeline.ledger`), metrics
-(`services.learner_metrics`). This module is the wiring: `run` and rank 0's loop, `Lead`.
+The model trains under a backend of `pipeline.trainer` (DeepSpeed or plain torch). With several
+ranks rank 0 does all of the above and broadcasts each batch to the others
+(`pipeline.trainer.BatchChannel`); every rank trains on its share of the groups.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import replace
 
 import numpy as np
 import torch
 
-from pipeline.atomic import write_atomic
-from pipeline.checkpoints import (
-    LEARNER_STATE,
-    LearnerState,
-    OffsetTracker,
-    checkpoint_root,
-    latest_checkpoint,
-    newest_published_version,
-    save_checkpoint,
-    start_fresh,
-    weights_due,
-)
+from pipeline.checkpoints import (LearnerState, OffsetTracker, newest_published_version, restore_learner,
+                                  save_checkpoint, weights_due)
 from pipeline.config import RunConfig
-from pipeline.erpo import drop_mask
-from pipeline.failpoints import failpoint
+from pipeline.intake import DEAD_LETTER, QUEUED, triage
 from pipeline.learn import train_step
-from pipeline.losses import KL_TERMS
-from pipeline.model import export_pretrained
 from pipeline.ledger import Ledger, ledger_path
 from pipeline.tasks import train_problems
 from pipeline.tickets import IssueLog, TicketBook, TicketSource, ticket_columns
-from pipeline.transport import POLICY_KEY, Consumer, Delivery, Producer, topic_name
 from pipeline.trainer import BatchChannel, Trainer, make_trainer
+from pipeline.transport import Consumer, Delivery, Producer, topic_name
 from pipeline.validate import Limits, check_groups
-from pipeline.weights import publish
-from schemas import POLICY_UPDATE, PROMPT_TICKET, Columns
-from services.common import JsonlWriter, StopFlag, erpo_rule, initial_policy_path, load_initial_policy, set_threads, worker_id
-from services.learner_metrics import (
-    CHECKPOINT_SECONDS,
-    GROUPS,
-    IN_FLIGHT,
-    LAG,
-    LEASE,
-    REISSUED,
-    TICKETS,
-    observe_step,
-)
+from schemas import PROMPT_TICKET, Columns
+from services.common import JsonlWriter, StopFlag, erpo_rule, load_learner_models, set_threads, worker_id
+from services.learner_metrics import (CHECKPOINT_SECONDS, GROUPS, IN_FLIGHT, LAG, LEASE, REISSUED, TICKETS,
+                                      observe_step, progress_row)
+from services.learner_publish import Publisher
 from services.metrics import serve
 
 log = logging.getLogger(__name__)
 
-SEEN_WINDOW = 20_000
-"""Decided ticket ids remembered. A ticket before the issue position that is not outstanding is
-decided whether remembered or not; the window is for tickets adopted ahead of the position (at
-most about a capacity's worth) and for logs and checkpoints."""
 def run(cfg: RunConfig) -> None:
     lc = cfg.learner
     rule = erpo_rule(cfg)
     set_threads(lc.torch_threads)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_initial_policy(cfg)
-    model.train()
-    if lc.gradient_checkpointing:
-        model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ref_model = None
-    if KL_TERMS[lc.kl].reference:
-        ref_model, _ = load_initial_policy(cfg)
-        ref_model.eval().requires_grad_(False)
+    model, ref_model, tokenizer = load_learner_models(cfg)
     limits = Limits(vocab_size=int(model.config.vocab_size),
                     max_tokens=getattr(model.config, "max_position_embeddings", None))
     trainer = make_trainer(model, lc)
@@ -119,22 +71,10 @@ def run(cfg: RunConfig) -> None:
     if lc.groups_per_step < lc.mini_batches * trainer.world_size:
         raise ValueError(f"learner.groups_per_step ({lc.groups_per_step}) must be at least mini_batches x ranks "
                          f"({lc.mini_batches} x {trainer.world_size}) so every rank gets a group in every update")
-    state = LearnerState()
-    ckpt = latest_checkpoint(cfg) if lc.resume != "fresh" else None
-    if lc.resume == "require" and ckpt is None:
-        raise FileNotFoundError(f"learner.resume = 'require' but {checkpoint_root(cfg)} holds no checkpoint")
-    if ckpt is not None:
-        trainer.load(ckpt / "trainer")
-        state = LearnerState.from_json((ckpt / LEARNER_STATE).read_text())
-        log.info("resumed from %s: step %d, policy v%d", ckpt, state.step, state.version)
-    elif lc.resume == "fresh" and trainer.rank == 0:
-        aside = start_fresh(cfg)
-        if aside is not None:
-            log.warning("learner.resume = 'fresh': starting over at step 0; the previous checkpoints and ledger "
-                        "were moved to %s", aside)
+    state, resumed = restore_learner(cfg, trainer)
     # Weights announced before (a previous life of this run) are replaced at once by the restored or
     # initial ones, under a version above any announced so far.
-    announce_first = ckpt is not None or newest_published_version(cfg) > 0
+    announce_first = resumed or newest_published_version(cfg) > 0
     trainer.barrier()
     channel = BatchChannel(trainer)
 
@@ -155,7 +95,7 @@ def run(cfg: RunConfig) -> None:
             if state.step % lc.checkpoint_every == 0 or state.step == lc.total_steps:
                 save_checkpoint(cfg, trainer, state)
     else:
-        Lead(cfg, trainer, state, learn, channel, limits, resumed=ckpt is not None).run(announce_first)
+        Lead(cfg, trainer, state, learn, channel, limits, resumed).run(announce_first)
     trainer.close()
 
 
@@ -171,8 +111,7 @@ class Lead:
         self.stop = StopFlag()
         self.capacity = max(1, self.lc.max_staleness) * self.lc.groups_per_step
         self.book = TicketBook(TicketSource(train_problems(cfg), cfg.seed), self.lc.lease_floor_s,
-                               self.lc.lease_p99_factor, self.lc.max_attempts, adopt_window=4 * self.capacity,
-                               decided_window=SEEN_WINDOW)
+                               self.lc.lease_p99_factor, self.lc.max_attempts, adopt_window=4 * self.capacity)
         self.limits = replace(limits, known_prompts=frozenset(p.prompt_id for p in self.book.source.problems))
         self.issue_log = IssueLog(cfg.workdir / "ledger" / "issued.json")
         # The ledger reads as the history of the surviving run: what happened after the checkpoint
@@ -194,14 +133,11 @@ class Lead:
                                  on_assign=self._on_assign)
         self.metrics_address = serve(cfg, "learner", "0")
         self.progress = JsonlWriter(cfg.workdir / "progress" / "learner.jsonl")
-        self.prompts_topic, self.policy_topic = topic_name(cfg.name, "prompts"), topic_name(cfg.name, "policy")
+        self.prompts_topic = topic_name(cfg.name, "prompts")
+        self.publisher = Publisher(cfg, self.producer)
         self.offsets = OffsetTracker()
         self.ready: list[tuple[Columns, tuple[str, int, int]]] = []
         self.lags: list[int] = []
-        # Weights go out in the rollout engine's dtype: a bf16 vLLM gets bf16 (half the bytes to
-        # read and hash), everything else the fp32 masters.
-        self.publish_dtype = ({"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.rollout.dtype)
-                              if cfg.rollout.engine == "vllm" else None)
 
     def _on_assign(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         """The checkpoint's offsets, at the first assignment after a (re)start: later assignments
@@ -221,7 +157,8 @@ class Lead:
                          "prompt_id": str(group["prompt_id"][0]), "fate": fate, "reason": reason, "lag": lag})
 
     def accept(self, d: Delivery, draining: bool) -> None:
-        """Check, de-duplicate and triage the groups of one delivery; queue the trainable ones."""
+        """Check, de-duplicate and triage the groups of one delivery (`pipeline.intake`); queue the
+        trainable ones."""
         state, lc = self.state, self.lc
         key = (d.topic, d.partition, d.offset)
         groups, rejected = check_groups(d.columns, self.limits)
@@ -231,70 +168,21 @@ class Lead:
             self.consumer.dead_letter(d, r.columns, r.code, r.reason)
             state.invalid += 1
         for group in groups:
-            tid, pid = str(group["ticket_id"][0]), str(group["prompt_id"][0])
-            version = int(group["policy_version"][0])
-            if version > state.version and not lc.offline:
-                self.consumer.dead_letter(d, group, "future_version",
-                                          f"invalid_group: future_version: policy_version {version} is ahead of the "
-                                          f"learner's v{state.version}")
+            out = triage(group, book=self.book, learner_version=state.version, now=time.monotonic(),
+                         draining=draining, offline=lc.offline, max_staleness=lc.max_staleness, rule=self.rule)
+            if out.fate == DEAD_LETTER:
+                self.consumer.dead_letter(d, group, out.code, out.reason)
                 continue
-            verdict = self.book.arrival(tid, pid, int(group["attempt"][0]), time.monotonic())
-            if verdict == "unknown":
-                self.consumer.dead_letter(d, group, "unknown_ticket",
-                                          f"invalid_group: unknown_ticket: {tid!r} is not a ticket of this run for "
-                                          f"prompt {pid!r}")
-                continue
-            if verdict == "duplicate":
-                state.duplicates += 1
-                self.decide(group, "duplicate", "ticket already decided or queued")
-                continue
-            state.received += 1
-            lag = state.version - version
-            self.lags.append(lag)
-            if not lc.offline:
-                LAG.observe(lag)
-            if draining:
-                self.decide(group, "unused", "arrived after the final step", lag)
-            elif lag > lc.max_staleness and not lc.offline:
-                state.dropped += 1
-                self.decide(group, "dropped_stale", f"lag {lag} > max_staleness {lc.max_staleness}", lag)
-            elif drop_mask(np.asarray(group["group_pass_rate"][:1]), self.rule)[0]:
-                state.filtered += 1  # all-wrong group, DAPO-style dynamic sampling
-                self.decide(group, "dropped_all_wrong", "all samples wrong (erpo.drop_all_wrong)", lag)
-            else:
-                self.book.queue(tid)
+            state.tally(out.fate)
+            if out.received:
+                self.lags.append(out.lag)
+                if not lc.offline:
+                    LAG.observe(out.lag)
+            if out.fate == QUEUED:
                 self.offsets.add(key, 1)
                 self.ready.append((group, key))
-
-    def export(self, weights: dict[str, torch.Tensor]) -> None:
-        """A complete Hugging Face folder of these weights (`pipeline.model.export_pretrained`):
-        ``export/step-<N>`` (the newest `keep_checkpoints` kept) and, after the final step,
-        ``export/final``."""
-        root = self.cfg.workdir / "export"
-        t0 = time.monotonic()
-        final = self.state.step == self.lc.total_steps
-        out = export_pretrained(weights, initial_policy_path(self.cfg),
-                                root / ("final" if final else f"step-{self.state.step:08d}"),
-                                trust_remote_code=self.cfg.model.trust_remote_code)
-        for old in sorted(root.glob("step-*"))[: -self.lc.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("exported %s (%.1fs): loads with transformers and vLLM as it is", out, time.monotonic() - t0)
-
-    def announce(self, weights: dict[str, torch.Tensor] | None = None) -> None:
-        state = self.state
-        weights = self.trainer.full_state_dict() if weights is None else weights
-        pub = publish(weights, self.cfg.workdir / "policies", state.version, self.lc.keep_policies, self.publish_dtype)
-        failpoint("learner.publish")
-        self.producer.send(self.policy_topic, POLICY_UPDATE, {
-            "version": np.array([pub.version], dtype=np.int64),
-            "step": np.array([state.step], dtype=np.int64),
-            "uri": np.array([pub.uri], dtype=object),
-            "sha256": np.array([pub.sha256], dtype=object),
-            "dtype": np.array([pub.dtype], dtype=object),
-            "created_at": np.array([time.time()], dtype=np.float64),
-        }, key=POLICY_KEY)
-        self.producer.flush()
-        write_atomic(self.cfg.workdir / "final_policy.txt", f"{pub.version} {pub.sha256} {pub.uri}\n")
+            else:
+                self.decide(group, out.fate, out.reason, out.lag)
 
     def checkpoint(self) -> None:
         state = self.state
@@ -355,23 +243,15 @@ class Lead:
             weights = self.trainer.full_state_dict() if publish_due or export_due else None
             if publish_due:
                 state.version += 1
-                self.announce(weights)
+                self.publisher.announce(weights, state.version, state.step)
             if export_due:
-                self.export(weights)
+                self.publisher.export(weights, state.step)
             if state.step % lc.checkpoint_every == 0 or state.step == lc.total_steps:
                 self.checkpoint()
             observe_step(state, metrics, step_s)
-            elapsed = time.monotonic() - t_start
-            lags = self.lags
-            self.progress.write(step=state.step, version=state.version, step_s=step_s,
-                                elapsed_s=elapsed, issued=self.book.source.position, received=state.received,
-                                dropped=state.dropped, filtered=state.filtered, duplicates=state.duplicates,
-                                invalid=state.invalid, reissued=self.book.reissued,
-                                in_flight=len(self.book.outstanding),
-                                lag_mean=float(np.mean(lags)) if lags else 0.0,
-                                lag_max=max(lags) if lags else 0, groups_per_s=state.received / elapsed,
-                                **metrics)
-            lags.clear()
+            self.progress.write(**progress_row(state, self.book, self.lags, step_s, time.monotonic() - t_start,
+                                               metrics))
+            self.lags.clear()
             log.info("step %d v%d reward=%.3f loss=%.4f dropped=%d", state.step, state.version,
                      metrics["reward"], metrics["loss"], state.dropped)
 
@@ -383,7 +263,7 @@ class Lead:
             # Versions must keep rising past anything announced before, and rollouts should sample
             # from these weights at once.
             state.version = max(state.version, newest_published_version(self.cfg)) + 1
-            self.announce()
+            self.publisher.announce(self.trainer.full_state_dict(), state.version, state.step)
         t_start = time.monotonic()
         drain_until = None
         try:

@@ -1,11 +1,14 @@
 """The learner's Prometheus metrics (`services.learner` sets them; the Grafana dashboard reads
-them), and `observe_step`, which records one training step's figures."""
+them), `observe_step`, which records one training step's figures, and `progress_row`, its line in
+the progress file."""
 
 from __future__ import annotations
 
+import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.checkpoints import LearnerState
+from pipeline.tickets import TicketBook
 
 STEP_SECONDS = Histogram("rlstream_learner_step_seconds", "Wall time of one training step.",
                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
@@ -47,3 +50,14 @@ def observe_step(state: LearnerState, metrics: dict[str, float], step_s: float) 
     cut = round(metrics["overlong_frac"] * metrics["samples"])
     OVERLONG.labels("masked").inc(metrics["overlong_masked"])
     OVERLONG.labels("kept").inc(cut - metrics["overlong_masked"])
+
+
+def progress_row(state: LearnerState, book: TicketBook, lags: list[int], step_s: float, elapsed_s: float,
+                 metrics: dict[str, float]) -> dict:
+    """One line of `progress/learner.jsonl`: the counters, the tickets, the lags since the last step."""
+    return dict(step=state.step, version=state.version, step_s=step_s, elapsed_s=elapsed_s,
+                issued=book.source.position, received=state.received, dropped=state.dropped,
+                filtered=state.filtered, duplicates=state.duplicates, invalid=state.invalid,
+                reissued=book.reissued, in_flight=len(book.outstanding),
+                lag_mean=float(np.mean(lags)) if lags else 0.0, lag_max=max(lags) if lags else 0,
+                groups_per_s=state.received / elapsed_s, **metrics)

@@ -1,0 +1,68 @@
+"""The learner's intake: what becomes of one scored group that passed `pipeline.validate`.
+
+`triage` is the rule, with no I/O: the learner service dead-letters, writes the ledger and
+counts according to the `Outcome`. The order of the checks is part of the rule:
+
+1. A group claiming a policy version the learner has not published is forged or from another
+   run (dead letter ``future_version``), unless the learner trains offline on a recording.
+2. The ticket book (`pipeline.tickets.TicketBook.arrival`) knows the ticket or not (dead letter
+   ``unknown_ticket``), and whether it is already decided or queued (``duplicate``, ignored).
+3. A new group is ``unused`` while draining, ``dropped_stale`` when its lag exceeds
+   ``max_staleness`` (live runs), ``dropped_all_wrong`` under ERPO's `drop_all_wrong`, else
+   ``queued`` for training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.erpo import ErpoRule, drop_mask
+from pipeline.tickets import TicketBook
+from schemas import Columns
+
+DEAD_LETTER = "deadletter"
+QUEUED = "queued"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    fate: str
+    """``deadletter``, ``duplicate``, ``unused``, ``dropped_stale``, ``dropped_all_wrong`` or ``queued``."""
+    reason: str = ""
+    code: str = ""
+    """The dead-letter code (``future_version``, ``unknown_ticket``); empty otherwise."""
+    lag: int | None = None
+    """Learner version - the group's behaviour version, for groups of a known ticket."""
+
+    @property
+    def received(self) -> bool:
+        """A new group of a known ticket (what the learner counts as received)."""
+        return self.fate not in (DEAD_LETTER, "duplicate")
+
+
+def triage(group: Columns, *, book: TicketBook, learner_version: int, now: float, draining: bool,
+           offline: bool, max_staleness: int, rule: ErpoRule) -> Outcome:
+    """The fate of one valid group (see the module doc). Records its arrival in ``book`` and, for
+    a ``queued`` group, queues its ticket."""
+    tid, pid = str(group["ticket_id"][0]), str(group["prompt_id"][0])
+    version = int(group["policy_version"][0])
+    if version > learner_version and not offline:
+        return Outcome(DEAD_LETTER, f"invalid_group: future_version: policy_version {version} is ahead of the "
+                                    f"learner's v{learner_version}", code="future_version")
+    verdict = book.arrival(tid, pid, int(group["attempt"][0]), now)
+    if verdict == "unknown":
+        return Outcome(DEAD_LETTER, f"invalid_group: unknown_ticket: {tid!r} is not a ticket of this run for "
+                                    f"prompt {pid!r}", code="unknown_ticket")
+    if verdict == "duplicate":
+        return Outcome("duplicate", "ticket already decided or queued")
+    lag = learner_version - version
+    if draining:
+        return Outcome("unused", "arrived after the final step", lag=lag)
+    if lag > max_staleness and not offline:
+        return Outcome("dropped_stale", f"lag {lag} > max_staleness {max_staleness}", lag=lag)
+    if drop_mask(np.asarray(group["group_pass_rate"][:1]), rule)[0]:
+        return Outcome("dropped_all_wrong", "all samples wrong (erpo.drop_all_wrong)", lag=lag)
+    book.queue(tid)
+    return Outcome(QUEUED, lag=lag)

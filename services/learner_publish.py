@@ -1,0 +1,63 @@
+"""Rank 0's publication of weights: a new policy version for the rollouts (safetensors folder,
+then a message on the policy topic) and Hugging Face exports of the trained model."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+
+import numpy as np
+import torch
+
+from pipeline.atomic import write_atomic
+from pipeline.config import RunConfig
+from pipeline.failpoints import failpoint
+from pipeline.model import export_pretrained
+from pipeline.transport import POLICY_KEY, Producer, topic_name
+from pipeline.weights import publish
+from schemas import POLICY_UPDATE
+from services.common import initial_policy_path
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    def __init__(self, cfg: RunConfig, producer: Producer) -> None:
+        self.cfg, self.producer = cfg, producer
+        self.topic = topic_name(cfg.name, "policy")
+        # Weights go out in the rollout engine's dtype: a bf16 vLLM gets bf16 (half the bytes to
+        # read and hash), everything else the fp32 masters.
+        self.dtype = ({"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.rollout.dtype)
+                      if cfg.rollout.engine == "vllm" else None)
+
+    def announce(self, weights: dict[str, torch.Tensor], version: int, step: int) -> None:
+        """Publish ``weights`` as policy ``version`` and tell the rollouts; `final_policy.txt` names
+        the newest."""
+        lc = self.cfg.learner
+        pub = publish(weights, self.cfg.workdir / "policies", version, lc.keep_policies, self.dtype)
+        failpoint("learner.publish")
+        self.producer.send(self.topic, POLICY_UPDATE, {
+            "version": np.array([pub.version], dtype=np.int64),
+            "step": np.array([step], dtype=np.int64),
+            "uri": np.array([pub.uri], dtype=object),
+            "sha256": np.array([pub.sha256], dtype=object),
+            "dtype": np.array([pub.dtype], dtype=object),
+            "created_at": np.array([time.time()], dtype=np.float64),
+        }, key=POLICY_KEY)
+        self.producer.flush()
+        write_atomic(self.cfg.workdir / "final_policy.txt", f"{pub.version} {pub.sha256} {pub.uri}\n")
+
+    def export(self, weights: dict[str, torch.Tensor], step: int) -> None:
+        """A complete Hugging Face folder of these weights (`pipeline.model.export_pretrained`):
+        ``export/step-<N>`` (the newest `keep_checkpoints` kept) and, after the final step,
+        ``export/final``."""
+        lc = self.cfg.learner
+        root = self.cfg.workdir / "export"
+        t0 = time.monotonic()
+        out = export_pretrained(weights, initial_policy_path(self.cfg),
+                                root / ("final" if step == lc.total_steps else f"step-{step:08d}"),
+                                trust_remote_code=self.cfg.model.trust_remote_code)
+        for old in sorted(root.glob("step-*"))[: -lc.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("exported %s (%.1fs): loads with transformers and vLLM as it is", out, time.monotonic() - t0)
