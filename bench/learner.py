@@ -118,7 +118,8 @@ def main() -> None:
           f"= {GROUPS * G} sequences, {tokens} completion tokens; {args.threads} threads", flush=True)
 
     rule = ErpoRule(enabled=False)
-    lc = {kind: LearnerConfig(backend="torch", kl=kind, kl_coef=0.05, warmup_steps=0, mini_batches=1)
+    lc = {kind: LearnerConfig(backend="torch", kl={"kind": kind} | ({"coef": 0.05} if kind != "none" else {}),
+                              optimizer={"warmup_steps": 0}, mini_batches=1)
           for kind in ("none", "k3", "rapo")}
     ours = {kind: TorchTrainer(copy.deepcopy(base).train(), lc[kind]) for kind in lc}
     ref = copy.deepcopy(base).eval().requires_grad_(False)

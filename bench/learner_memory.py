@@ -84,12 +84,12 @@ def unchunked_step(trainer, ref, groups, lc) -> None:
     with torch.no_grad():
         ref_logits = completion_logits(ref, batch)
         temps = batch.temperatures.unsqueeze(1).expand_as(idx)[idx]
-        phi = phi_clamp(rewards, lc.rapo_phi_floor).unsqueeze(1).expand_as(idx)[idx]
+        phi = phi_clamp(rewards, lc.kl.phi_floor).unsqueeze(1).expand_as(idx)[idx]
         hat = reweighted_reference(ref_logits, temps, phi)
         del ref_logits
     per = rapo_exact_kl(logp, hat)
     kl, _ = kl_term(torch.zeros_like(lp).masked_scatter(idx, per), batch.completion_mask)
-    trainer.step(loss + lc.kl_coef * kl)
+    trainer.step(loss + lc.kl.coef * kl)
 
 
 def measure(case: str, seqs: int, prompt: int, completion: int, reps: int, threads: int) -> dict:
@@ -107,7 +107,7 @@ def measure(case: str, seqs: int, prompt: int, completion: int, reps: int, threa
                        intermediate_size=4 * HIDDEN, max_positions=2048, seed=0)
     ref = build_tiny("qwen3", VOCAB, hidden_size=HIDDEN, layers=LAYERS, heads=4, kv_heads=2,
                      intermediate_size=4 * HIDDEN, max_positions=2048, seed=0).eval().requires_grad_(False)
-    lc = LearnerConfig(backend="torch", kl="rapo", kl_coef=0.05, groups_per_step=max(1, seqs // G),
+    lc = LearnerConfig(backend="torch", kl={"kind": "rapo", "coef": 0.05}, groups_per_step=max(1, seqs // G),
                        max_tokens_per_micro_batch=4096, logit_chunk_mb=256)
     trainer = TorchTrainer(model, lc)
     groups = groups_of(seqs, prompt, completion)

@@ -127,7 +127,7 @@ def save_checkpoint(cfg: RunConfig, trainer: Trainer, state: LearnerState) -> Pa
         tmp.rename(final)
         fsync_dir(root)
         done = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-        for old in done[: -cfg.learner.keep_checkpoints]:
+        for old in done[: -cfg.learner.checkpoint.keep]:
             shutil.rmtree(old, ignore_errors=True)
     trainer.barrier()
     return final
@@ -142,11 +142,11 @@ def weights_due(lc: LearnerConfig, step: int) -> tuple[bool, bool]:
     (0: never), and both after the final step."""
     last = step == lc.total_steps
     return (step % lc.sync_every == 0 or last,
-            (lc.export_every > 0 and step % lc.export_every == 0) or last)
+            (lc.checkpoint.export_every > 0 and step % lc.checkpoint.export_every == 0) or last)
 
 
 def start_fresh(cfg: RunConfig) -> Path | None:
-    """`learner.resume = "fresh"`: move the previous life's checkpoints and ledger aside (never
+    """`learner.checkpoint.resume = "fresh"`: move the previous life's checkpoints and ledger aside (never
     deleted); returns where they went, None if there was nothing."""
     old = [p for p in (checkpoint_root(cfg), cfg.workdir / "ledger") if p.exists()]
     if not old:
@@ -159,21 +159,21 @@ def start_fresh(cfg: RunConfig) -> Path | None:
 
 
 def restore_learner(cfg: RunConfig, trainer: Trainer) -> tuple[LearnerState, bool]:
-    """The state a learner starts from, by `learner.resume`: the newest checkpoint's (loaded into
+    """The state a learner starts from, by `learner.checkpoint.resume`: the newest checkpoint's (loaded into
     ``trainer``) or a fresh one (moving a previous life aside under ``fresh``). Returns the state and
     whether it came from a checkpoint."""
     lc = cfg.learner
-    ckpt = latest_checkpoint(cfg) if lc.resume != "fresh" else None
-    if lc.resume == "require" and ckpt is None:
-        raise FileNotFoundError(f"learner.resume = 'require' but {checkpoint_root(cfg)} holds no checkpoint")
+    ckpt = latest_checkpoint(cfg) if lc.checkpoint.resume != "fresh" else None
+    if lc.checkpoint.resume == "require" and ckpt is None:
+        raise FileNotFoundError(f"learner.checkpoint.resume = 'require' but {checkpoint_root(cfg)} holds no checkpoint")
     if ckpt is not None:
         trainer.load(ckpt / "trainer")
         state = LearnerState.from_json((ckpt / LEARNER_STATE).read_text())
         log.info("resumed from %s: step %d, policy v%d", ckpt, state.step, state.version)
         return state, True
-    if lc.resume == "fresh" and trainer.rank == 0:
+    if lc.checkpoint.resume == "fresh" and trainer.rank == 0:
         aside = start_fresh(cfg)
         if aside is not None:
-            log.warning("learner.resume = 'fresh': starting over at step 0; the previous checkpoints and ledger "
+            log.warning("learner.checkpoint.resume = 'fresh': starting over at step 0; the previous checkpoints and ledger "
                         "were moved to %s", aside)
     return LearnerState(), False

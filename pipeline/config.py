@@ -10,11 +10,16 @@ being silently ignored. Bounds live on the fields; cross-field rules live in val
 from __future__ import annotations
 
 import json
+import logging
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.migrate import LEARNER_MOVES, migrate_config
+
+log = logging.getLogger(__name__)
 
 
 class _Strict(BaseModel):
@@ -323,23 +328,24 @@ class RewardConfig(_Strict):
     """Longest wait for new messages per poll."""
 
 
-class LearnerConfig(_Strict):
-    """The learner: pacing, advantages, loss, optimiser, weight publication."""
+class OptimizerConfig(_Strict):
+    """`[learner.optimizer]`: AdamW and its schedule."""
 
-    groups_per_step: int = Field(16, ge=1, le=65_536)
-    """Scored groups consumed per optimiser step."""
-    total_steps: int = Field(100, ge=1)
-    """Training steps in the run (one per consumed batch of `groups_per_step` groups)."""
-    max_staleness: int = Field(2, ge=0, le=1000)
-    """Groups whose behaviour policy is more than this many versions behind are dropped; tickets
-    are issued only while in-flight work stays within max(1, max_staleness) x groups_per_step."""
-    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
     lr: float = Field(1e-4, gt=0, le=1.0)
     """AdamW learning rate after warm-up."""
     weight_decay: float = Field(0.0, ge=0, le=1.0)
     """AdamW weight decay."""
     grad_clip: float = Field(1.0, gt=0)
     """Gradient-norm clip per update."""
+    warmup_steps: int = Field(10, ge=0)
+    """Linear learning-rate warm-up; Adam's first steps are sign-like and jolt a small model."""
+
+
+class LossConfig(_Strict):
+    """`[learner.loss]`: advantages and the decoupled PPO policy loss (see `pipeline.losses`)."""
+
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    """Group-relative advantage estimator (`pipeline.advantages`)."""
     eps_low: float = Field(0.2, gt=0, lt=1)
     """PPO clip below: ratio >= 1 - eps_low."""
     eps_high: float = Field(0.28, gt=0, le=10)
@@ -347,6 +353,119 @@ class LearnerConfig(_Strict):
     tis_cap: float = Field(2.0, ge=1.0)
     """Cap C of the truncated importance weight min(pi_prox / mu, C)."""
     aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    """Mean over all completion tokens of the update, or over sequences of their token means."""
+    mis_low: float | None = Field(None, gt=0)
+    """Masked importance sampling: policy-loss tokens with pi_prox / mu below this are masked."""
+    mis_high: float | None = Field(None, gt=0)
+    """Masked importance sampling: tokens with pi_prox / mu above this are masked."""
+
+    @model_validator(mode="after")
+    def _mis_range(self) -> LossConfig:
+        if self.mis_low is not None and self.mis_high is not None and self.mis_low >= self.mis_high:
+            raise ValueError(f"learner.loss.mis_low ({self.mis_low}) must be below learner.loss.mis_high "
+                             f"({self.mis_high})")
+        return self
+
+
+class NoKL(_Strict):
+    """`kind = "none"`: no KL term."""
+
+    kind: Literal["none"] = "none"
+    coef: ClassVar[float] = 0.0
+    """No term: a coefficient of 0 (not a setting)."""
+
+
+class ReverseKL(_Strict):
+    """`kind = "k3"`: reverse KL to the frozen initial policy, Schulman's k3 estimator per sampled
+    token."""
+
+    kind: Literal["k3"] = "k3"
+    coef: float = Field(0.05, ge=0)
+    """Coefficient of the KL term."""
+
+
+class RapoKL(_Strict):
+    """RAPO: forward KL to the reward-reweighted reference pi_ref(y) phi(r) / Z. `rapo`: exact, over
+    the vocabulary at every completion token; `rapo_sampled`: its sampled-token estimate (high
+    variance; see `pipeline.losses`)."""
+
+    kind: Literal["rapo", "rapo_sampled"]
+    coef: float = Field(0.05, ge=0)
+    """Coefficient of the KL term."""
+    phi_floor: float = Field(0.1, gt=0, le=1)
+    """phi(r) = clamp(r, floor, 1): how far a wrong sample's reference is flattened."""
+
+
+KLConfig = Annotated[NoKL | ReverseKL | RapoKL, Field(discriminator="kind")]
+
+
+class StalenessConfig(_Strict):
+    """`[learner.staleness]`: how far behind the learner a group's behaviour policy may be."""
+
+    max_versions: int = Field(2, ge=0, le=1000)
+    """Groups whose behaviour policy is more than this many versions behind are dropped; tickets
+    are issued only while in-flight work stays within max(1, max_versions) x groups_per_step."""
+
+
+class TicketsConfig(_Strict):
+    """`[learner.tickets]`: leases on prompt tickets (`pipeline.tickets`) and the final drain."""
+
+    lease_floor_s: float = Field(60.0, gt=0)
+    """A ticket whose group has not come back after max(lease_floor_s, lease_p99_factor x the
+    observed p99 ticket-to-group latency) is issued again (same id, attempt + 1): a lost message
+    or a dead worker costs one lease, never the run."""
+    lease_p99_factor: float = Field(3.0, ge=1.0)
+    """Multiple of the observed p99 ticket-to-group latency a lease lasts at least."""
+    max_attempts: int = Field(10, ge=1, le=1000)
+    """A ticket whose lease ran out this many times (no valid group ever came) is given up
+    (ledger fate `abandoned`), so one poison prompt cannot hold the run."""
+    drain_timeout_s: float = Field(60.0, ge=0)
+    """After the final step, wait up to this long for the groups of tickets still outstanding, so
+    the ledger gives every issued ticket a fate (`unused`; `unresolved` if none came)."""
+
+
+class CheckpointConfig(_Strict):
+    """`[learner.checkpoint]`: checkpoints, resume and exports."""
+
+    every: int = Field(50, ge=1)
+    """Save model, optimiser, counters and consumed offsets every this many steps (and at the
+    end); offsets are committed to the broker only after a checkpoint."""
+    keep: int = Field(2, ge=1)
+    """Checkpoints (and periodic exports) kept on disk."""
+    resume: Literal["auto", "require", "fresh"] = "auto"
+    """`auto`: continue from the newest checkpoint under `<workdir>/checkpoints` if there is one
+    (a restarted learner is a resumed learner), else start at step 0. `require`: the same, but an
+    error without a checkpoint. `fresh`: start over at step 0 in the same folder; the previous
+    checkpoints and ledger are moved aside to `<workdir>/previous-<time>/` (it says so), never
+    deleted."""
+    export_every: int = Field(0, ge=0)
+    """Write a complete Hugging Face folder (config, generation config, tokenizer with its chat
+    template, safetensors: loads with transformers and vLLM as it is) to `<workdir>/export/step-<N>`
+    every this many steps (0: never); one always goes to `<workdir>/export/final` after the last step."""
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_bool(cls, value):
+        if value is True:
+            return "require"
+        if value is False:
+            raise ValueError("resume=false is gone: a learner continues from its run's newest checkpoint by "
+                             "default ('auto'); use 'fresh' to start over (the old checkpoints and ledger are "
+                             "moved aside)")
+        return value
+
+
+class LearnerConfig(_Strict):
+    """The learner: pacing, the learning step, weight publication. Grouped settings live in
+    sub-sections: `optimizer`, `loss`, `kl`, `staleness`, `tickets`, `checkpoint`."""
+
+    groups_per_step: int = Field(16, ge=1, le=65_536)
+    """Scored groups consumed per optimiser step."""
+    total_steps: int = Field(100, ge=1)
+    """Training steps in the run (one per consumed batch of `groups_per_step` groups)."""
+    mini_batches: int = Field(1, ge=1, le=64)
+    """Optimiser updates per training step, each on a slice of the batch's groups; the proximal
+    policy is the learner's parameters before the first of them."""
     max_tokens_per_micro_batch: int = Field(16_384, ge=1)
     """Most padded prompt + completion tokens one forward/backward pass holds; an update's groups are
     cut into micro-batches of at most this many, whose gradients add up to exactly the update's
@@ -357,15 +476,10 @@ class LearnerConfig(_Strict):
     gradient_checkpointing: bool = False
     """Recompute the decoder's activations in the backward pass instead of keeping them (less
     memory for long sequences, one more forward)."""
-    mini_batches: int = Field(1, ge=1, le=64)
-    """Optimiser updates per training step, each on a slice of the batch's groups; the proximal
-    policy is the learner's parameters before the first of them."""
     sync_every: int = Field(1, ge=1)
     """Publish weights (a new policy version) every this many training steps."""
     keep_policies: int = Field(3, ge=1)
     """Published weight folders kept on disk."""
-    warmup_steps: int = Field(10, ge=0)
-    """Linear learning-rate warm-up; Adam's first steps are sign-like and jolt a small model."""
     poll_timeout_ms: int = Field(200, ge=1, le=60_000)
     """Longest wait for new messages per poll."""
     torch_threads: int = Field(1, ge=1, le=256)
@@ -375,67 +489,34 @@ class LearnerConfig(_Strict):
     torch AdamW on one process (no compile step; the light fallback)."""
     deepspeed_config: Path = Path("infra/deepspeed/zero0.json")
     """DeepSpeed JSON (ZeRO stage, precision); relative paths resolve against the repository."""
-    mis_low: float | None = Field(None, gt=0)
-    """Masked importance sampling: policy-loss tokens with pi_prox / mu below this are masked."""
-    mis_high: float | None = Field(None, gt=0)
-    """Masked importance sampling: tokens with pi_prox / mu above this are masked."""
-    kl: Literal["none", "k3", "rapo", "rapo_sampled"] = "none"
-    """KL term to the frozen initial policy: none, reverse KL (k3), RAPO's forward KL to the
-    reward-reweighted reference (exact, over the vocabulary), or its sampled-token estimate
-    (high variance; see `pipeline.losses`)."""
-    kl_coef: float = Field(0.05, ge=0)
-    """Coefficient of the KL term."""
-    rapo_phi_floor: float = Field(0.1, gt=0, le=1)
-    """RAPO's phi(r) = clamp(r, floor, 1): how far a wrong sample's reference is flattened."""
-    checkpoint_every: int = Field(50, ge=1)
-    """Save model, optimiser, counters and consumed offsets every this many steps (and at the
-    end); offsets are committed to the broker only after a checkpoint."""
-    keep_checkpoints: int = Field(2, ge=1)
-    """Checkpoints (and periodic exports) kept on disk."""
-    export_every: int = Field(0, ge=0)
-    """Write a complete Hugging Face folder (config, generation config, tokenizer with its chat
-    template, safetensors: loads with transformers and vLLM as it is) to `<workdir>/export/step-<N>`
-    every this many steps (0: never); one always goes to `<workdir>/export/final` after the last step."""
-    resume: Literal["auto", "require", "fresh"] = "auto"
-    """`auto`: continue from the newest checkpoint under `<workdir>/checkpoints` if there is one
-    (a restarted learner is a resumed learner), else start at step 0. `require`: the same, but an
-    error without a checkpoint. `fresh`: start over at step 0 in the same folder; the previous
-    checkpoints and ledger are moved aside to `<workdir>/previous-<time>/` (it says so), never
-    deleted."""
-    drain_timeout_s: float = Field(60.0, ge=0)
-    """After the final step, wait up to this long for the groups of tickets still outstanding, so
-    the ledger gives every issued ticket a fate (`unused`; `unresolved` if none came)."""
-    lease_floor_s: float = Field(60.0, gt=0)
-    """A ticket whose group has not come back after max(lease_floor_s, lease_p99_factor x the
-    observed p99 ticket-to-group latency) is issued again (same id, attempt + 1): a lost message
-    or a dead worker costs one lease, never the run."""
-    lease_p99_factor: float = Field(3.0, ge=1.0)
-    """Multiple of the observed p99 ticket-to-group latency a lease lasts at least."""
     offline: bool = False
     """Train on recorded groups (`rlstream replay` into this run's topics) instead of live ones:
     their behaviour policy versions belong to the recorded run, so they are neither checked
     against this learner's versions nor dropped as stale (the importance weights still use the
     recorded behaviour log-probs)."""
-    max_attempts: int = Field(10, ge=1, le=1000)
-    """A ticket whose lease ran out this many times (no valid group ever came) is given up
-    (ledger fate `abandoned`), so one poison prompt cannot hold the run."""
+    optimizer: OptimizerConfig = OptimizerConfig()
+    loss: LossConfig = LossConfig()
+    kl: KLConfig = NoKL()
+    """KL term to the frozen initial policy, by `kind`: `none`, `k3` (reverse KL), `rapo` or
+    `rapo_sampled` (RAPO's forward KL), each with its own parameters."""
+    staleness: StalenessConfig = StalenessConfig()
+    tickets: TicketsConfig = TicketsConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
-    @field_validator("resume", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _resume_bool(cls, value):
-        if value is True:
-            return "require"
-        if value is False:
-            raise ValueError("learner.resume=false is gone: a learner continues from its run's newest checkpoint "
-                             "by default ('auto'); use 'fresh' to start over (the old checkpoints and ledger are "
-                             "moved aside)")
-        return value
+    def _no_flat_keys(cls, data):
+        if isinstance(data, dict):
+            moved = [f"learner.{k} is now learner.{LEARNER_MOVES[k]}" for k in data if k in LEARNER_MOVES]
+            if moved:
+                raise ValueError("; ".join(moved) + " (run files are converted when loaded; `rlstream "
+                                 "migrate-config FILE` rewrites one)")
+            if isinstance(data.get("kl"), str):
+                raise ValueError(f"learner.kl is a section now: kl = {{kind = {data['kl']!r}}} (run files are "
+                                 "converted when loaded; `rlstream migrate-config FILE` rewrites one)")
+        return data
 
-    @model_validator(mode="after")
-    def _mis_range(self) -> LearnerConfig:
-        if self.mis_low is not None and self.mis_high is not None and self.mis_low >= self.mis_high:
-            raise ValueError(f"learner.mis_low ({self.mis_low}) must be below learner.mis_high ({self.mis_high})")
-        return self
+
 
 
 class EvalConfig(_Strict):
@@ -530,7 +611,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     """Parse a run TOML (or the JSON a launcher wrote, `<run>/config.json`), apply
     `section.key=value` overrides (values in TOML syntax), validate.
 
-    Errors name the offending field, e.g. ``learner.lr: Input should be greater than 0``.
+    Errors name the offending field, e.g. ``learner.optimizer.lr: Input should be greater than 0``.
     """
     path = Path(path)
     try:
@@ -540,6 +621,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"config file not found: {path}") from None
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
+    moved = migrate_config(data)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -555,6 +637,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {'.'.join(parents[:i + 1])} is a value, not a section")
         node[leaf] = value
+    moved += migrate_config(data)  # overrides in the old shape
+    if moved:
+        log.warning("%s is in an older shape, converted on load (`rlstream migrate-config %s` rewrites it): %s",
+                    path, path, "; ".join(moved))
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:

@@ -4,7 +4,7 @@ memory bounded by a token budget.
 `train_step` is what the learner service runs for every batch (and what `bench/learner.py` and
 `bench/learner_memory.py` time): advantages (GRPO / Dr.GRPO / RLOO, with ERPO's RA for
 all-correct groups); the decoupled PPO loss with truncated importance weights against the
-behaviour log-probs; and the KL term of ``learner.kl`` to the frozen reference (k3, or RAPO's
+behaviour log-probs; and the KL term of ``learner.kl.kind`` to the frozen reference (k3, or RAPO's
 forward KL, exact or sampled); over ``mini_batches`` optimiser updates.
 
 Memory: each update's groups are cut into micro-batches of at most
@@ -75,11 +75,11 @@ class _Rows:
         """Rows whose tokens the loss counts (``rollout.overlong = "mask"`` leaves cut rows out)."""
         _, self.group_index = np.unique(cols["group_id"], return_inverse=True)
         self.rewards = torch.as_tensor(np.asarray(cols["shaped_reward"], dtype=np.float32))
-        adv = get_advantage(lc.advantage)(self.rewards, torch.as_tensor(self.group_index))
+        adv = get_advantage(lc.loss.advantage)(self.rewards, torch.as_tensor(self.group_index))
         self.advantages = ra_advantages(np.asarray(cols["group_pass_rate"]), adv.numpy(), rule)
         self.completion_len = cols["completion_token_ids"].lengths()
         self.length = cols["prompt_token_ids"].lengths() + self.completion_len
-        self.phi = phi_clamp(self.rewards, lc.rapo_phi_floor).numpy() if KL_TERMS[lc.kl].reweighted else None
+        self.phi = phi_clamp(self.rewards, lc.kl.phi_floor).numpy() if KL_TERMS[lc.kl.kind].reweighted else None
 
     def pack(self, rows: np.ndarray, pad_id: int) -> PackedBatch:
         c = self.cols
@@ -146,7 +146,7 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
     model = trainer.model
     inner = getattr(model, "module", model)
     head = inner.get_output_embeddings()
-    exact = KL_TERMS[lc.kl].exact
+    exact = KL_TERMS[lc.kl.kind].exact
     chunk = chunk_tokens(int(head.weight.shape[0]) if head.weight.numel() else int(inner.config.vocab_size),
                          lc.logit_chunk_mb, buffers=6 if exact else 3)
     n_groups = int(data.group_index.max()) + 1
@@ -179,7 +179,7 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
                  "approx_kl_behavior", "entropy"):
         metrics[name] = sums[f"_{name}"] / tokens
     metrics["is_weight_max"] = maxima["is_weight_max"]
-    if KL_TERMS[lc.kl].reference:
+    if KL_TERMS[lc.kl.kind].reference:
         metrics["kl"] = sums["_kl"] / lc.mini_batches
         metrics["kl_max"] = maxima["kl_max"]
     rates = np.asarray(data.cols["group_pass_rate"])
@@ -192,7 +192,7 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
     metrics["overlong_frac"] = float(data.cut.mean())
     metrics["overlong_masked"] = float((~data.in_loss).sum())
     metrics["tokens"] = float((data.completion_len * data.in_loss).sum())  # the loss's completion tokens
-    metrics["lr"] = lr_at(trainer.updates - 1, lc.lr, lc.warmup_steps)
+    metrics["lr"] = lr_at(trainer.updates - 1, lc.optimizer.lr, lc.optimizer.warmup_steps)
     return metrics
 
 
@@ -202,17 +202,18 @@ def _micro_loss(trainer: Trainer, ref_model: torch.nn.Module | None, data: _Rows
     """The loss of one micro-batch (its share of the update's loss, weights from the whole update)
     with its gradient prepared by the chunked head; statistics added to ``sums`` and ``maxima``."""
     batch = data.pack(micro, pad_id)
-    weights = data.tensor(_token_weights(rows_all, micro, data, lc.aggregation, trainer.world_size))
+    weights = data.tensor(_token_weights(rows_all, micro, data, lc.loss.aggregation, trainer.world_size))
     behavior = data.behavior(micro)
     advantages = data.per_token(data.advantages, micro)
     prox = data.tensor(np.concatenate([proximal[int(r)] for r in micro])) if proximal is not None else None
-    term, coef = KL_TERMS[lc.kl], lc.kl_coef
+    term, coef = KL_TERMS[lc.kl.kind], lc.kl.coef
 
     def token_loss(lp: torch.Tensor, ref_lp, ref_hat_lp, sl: slice) -> torch.Tensor:
         """PPO (+ k3 or RAPO's sampled KL) of these tokens, weighted as in the whole update."""
         pr = prox[sl] if prox is not None else lp.detach()
-        pg, st = ppo_per_token(lp, pr, behavior[sl], advantages[sl], lc.eps_low, lc.eps_high, lc.tis_cap,
-                               lc.mis_low, lc.mis_high)
+        loss = lc.loss
+        pg, st = ppo_per_token(lp, pr, behavior[sl], advantages[sl], loss.eps_low, loss.eps_high, loss.tis_cap,
+                               loss.mis_low, loss.mis_high)
         w = weights[sl]
         counted = w > 0  # tokens in the loss (rollout.overlong = "mask" leaves cut completions out)
         total = (pg * w).sum()

@@ -10,7 +10,7 @@ none and read as attempt 0.)
 
 Fates: ``trained``; ``dropped_stale`` (behaviour policy more than ``max_staleness`` versions
 behind); ``dropped_all_wrong`` (ERPO's ``drop_all_wrong``); ``abandoned`` (no valid group within
-``learner.max_attempts`` leases); ``duplicate`` (a second group for a ticket already decided;
+``learner.tickets.max_attempts`` leases); ``duplicate`` (a second group for a ticket already decided;
 ignored); ``unused`` (arrived after the final step, while the learner drained); ``unresolved``
 (no group arrived before the drain timed out). (``invalid``, in ledgers written before ticket
 leases: a group that failed a check decided its ticket; now it is dead-lettered and the ticket

@@ -223,7 +223,7 @@ def rapo_kl(logprobs: torch.Tensor, ref_hat_logprobs: torch.Tensor) -> torch.Ten
 
 @dataclass(frozen=True)
 class KLTerm:
-    """One kind of KL term to the frozen reference (`learner.kl`): what the learning step must
+    """One kind of KL term to the frozen reference (`learner.kl.kind`): what the learning step must
     compute for it."""
 
     name: str
@@ -245,7 +245,7 @@ KL_TERMS: dict[str, KLTerm] = {
     "rapo_sampled": KLTerm("rapo_sampled", reference=True, reweighted=True, exact=False,
                            sampled=lambda lp, ref_lp, ref_hat_lp: rapo_kl(lp, ref_hat_lp)),
 }
-"""The KL terms by `learner.kl` name: reverse KL (k3), RAPO's forward KL exact or sampled, or none."""
+"""The KL terms by `learner.kl.kind` name: reverse KL (k3), RAPO's forward KL exact or sampled, or none."""
 
 
 def kl_term(per_token: torch.Tensor, mask: torch.Tensor,

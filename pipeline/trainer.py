@@ -100,8 +100,9 @@ class TorchTrainer:
         self.lc = lc
         self.rank, self.world_size, self.updates = 0, 1, 0
         self.device = next(model.parameters()).device
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr_at(0, lc.lr, lc.warmup_steps),
-                                           betas=(0.9, 0.99), weight_decay=lc.weight_decay)
+        opt = lc.optimizer
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr_at(0, opt.lr, opt.warmup_steps),
+                                           betas=(0.9, 0.99), weight_decay=opt.weight_decay)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Add this loss's gradient to those of the update being accumulated."""
@@ -110,8 +111,8 @@ class TorchTrainer:
     def update(self) -> float:
         """Clip and apply the accumulated gradient (AdamW); returns its norm before clipping."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.updates, self.lc.lr, self.lc.warmup_steps)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.lc.grad_clip)
+            group["lr"] = lr_at(self.updates, self.lc.optimizer.lr, self.lc.optimizer.warmup_steps)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.lc.optimizer.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
@@ -193,10 +194,10 @@ def deepspeed_config(path: Path, lc: LearnerConfig) -> dict[str, Any]:
         # The learner decides how many micro-batches make an update (a token budget): `backward`
         # only accumulates, `step` reduces across ranks and updates.
         "managed_gradient_accumulation": False,
-        "gradient_clipping": lc.grad_clip,
+        "gradient_clipping": lc.optimizer.grad_clip,
         "optimizer": {"type": "AdamW", "params": {
-            "lr": lr_at(0, lc.lr, lc.warmup_steps), "betas": [0.9, 0.99], "eps": 1e-8,
-            "weight_decay": lc.weight_decay, "torch_adam": True}},
+            "lr": lr_at(0, lc.optimizer.lr, lc.optimizer.warmup_steps), "betas": [0.9, 0.99], "eps": 1e-8,
+            "weight_decay": lc.optimizer.weight_decay, "torch_adam": True}},
     })
     return cfg
 
@@ -227,7 +228,7 @@ class DeepSpeedTrainer:
     def update(self) -> float:
         """Reduce across ranks, clip and update through the engine; returns the global gradient norm."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.updates, self.lc.lr, self.lc.warmup_steps)
+            group["lr"] = lr_at(self.updates, self.lc.optimizer.lr, self.lc.optimizer.warmup_steps)
         local = None
         if self.zero_stage == 0 and self.world_size == 1:  # the engine reports no norm without ZeRO
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]

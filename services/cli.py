@@ -46,7 +46,7 @@ def _add_config(p: argparse.ArgumentParser, join: bool = False) -> None:
                        help="join a running run: take its resolved config (<run-dir>/config.json, written by "
                             "`rlstream demo`) instead of --config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, TOML syntax, e.g. --set learner.lr=5e-5 (repeatable)")
+                   help="override a config value, TOML syntax, e.g. --set learner.optimizer.lr=5e-5 (repeatable)")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reconcile", help="account for every ticket of a finished run (lake + learner ledger)")
     p.add_argument("run_dir", type=Path)
 
+    p = sub.add_parser("migrate-config", help="rewrite run files written for an older rlstream in the current "
+                                              "shape (comments kept; the original saved as <file>.bak)")
+    p.add_argument("files", type=Path, nargs="+", metavar="FILE", help="run TOML, or a run's config.json")
+    p.add_argument("--check", action="store_true", help="only say what would change; exit 1 if anything would")
+
     p = sub.add_parser("warmstart", help="build (or find cached) the warm-started default model")
     _add_config(p)
 
@@ -127,6 +132,18 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"rlstream report: {e}")
         print(path)
         return
+    if args.command == "migrate-config":
+        from pipeline.migrate import migrate_file
+
+        changed = False
+        for path in args.files:
+            try:
+                notes = migrate_file(path, write=not args.check)
+            except (OSError, ValueError) as e:
+                sys.exit(f"rlstream migrate-config: {e}")
+            changed |= bool(notes)
+            print(f"{path}: " + ("; ".join(notes) if notes else "already in the current shape"))
+        sys.exit(1 if args.check and changed else 0)
     if args.command == "demo" and args.durable:
         args.overrides = list(args.overrides or []) + ["demo.durable=true"]
     if args.command == "demo" and args.engine:

@@ -84,7 +84,7 @@ def load_learner_models(cfg: RunConfig):
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref_model = None
-    if KL_TERMS[cfg.learner.kl].reference:
+    if KL_TERMS[cfg.learner.kl.kind].reference:
         ref_model, _ = load_initial_policy(cfg)
         ref_model.eval().requires_grad_(False)
     return model, ref_model, tokenizer

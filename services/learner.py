@@ -92,7 +92,7 @@ def run(cfg: RunConfig) -> None:
             learn(groups)
             if any(weights_due(lc, state.step)):
                 trainer.full_state_dict()  # a collective under ZeRO-3; rank 0 publishes or exports it
-            if state.step % lc.checkpoint_every == 0 or state.step == lc.total_steps:
+            if state.step % lc.checkpoint.every == 0 or state.step == lc.total_steps:
                 save_checkpoint(cfg, trainer, state)
     else:
         Lead(cfg, trainer, state, learn, channel, limits, resumed).run(announce_first)
@@ -109,9 +109,9 @@ class Lead:
         self.learn, self.channel = learn, channel
         self.rule = erpo_rule(cfg)
         self.stop = StopFlag()
-        self.capacity = max(1, self.lc.max_staleness) * self.lc.groups_per_step
-        self.book = TicketBook(TicketSource(train_problems(cfg), cfg.seed), self.lc.lease_floor_s,
-                               self.lc.lease_p99_factor, self.lc.max_attempts, adopt_window=4 * self.capacity)
+        self.capacity = max(1, self.lc.staleness.max_versions) * self.lc.groups_per_step
+        self.book = TicketBook(TicketSource(train_problems(cfg), cfg.seed), self.lc.tickets.lease_floor_s,
+                               self.lc.tickets.lease_p99_factor, self.lc.tickets.max_attempts, adopt_window=4 * self.capacity)
         self.limits = replace(limits, known_prompts=frozenset(p.prompt_id for p in self.book.source.problems))
         self.issue_log = IssueLog(cfg.workdir / "ledger" / "issued.json")
         # The ledger reads as the history of the surviving run: what happened after the checkpoint
@@ -169,7 +169,7 @@ class Lead:
             state.invalid += 1
         for group in groups:
             out = triage(group, book=self.book, learner_version=state.version, now=time.monotonic(),
-                         draining=draining, offline=lc.offline, max_staleness=lc.max_staleness, rule=self.rule)
+                         draining=draining, offline=lc.offline, max_staleness=lc.staleness.max_versions, rule=self.rule)
             if out.fate == DEAD_LETTER:
                 self.consumer.dead_letter(d, group, out.code, out.reason)
                 continue
@@ -210,7 +210,7 @@ class Lead:
                       t.problem.prompt_id, t.attempt + 1)
             self.decide({"ticket_id": [t.ticket_id], "attempt": [t.attempt], "group_id": [""],
                          "prompt_id": [t.problem.prompt_id]}, "abandoned",
-                        f"no valid group after {t.attempt + 1} attempts (learner.max_attempts)")
+                        f"no valid group after {t.attempt + 1} attempts (learner.tickets.max_attempts)")
         if again:
             REISSUED.inc(len(again))
             log.warning("%d tickets had no group after their %.0f s lease; issued again (e.g. %s attempt %d)",
@@ -246,7 +246,7 @@ class Lead:
                 self.publisher.announce(weights, state.version, state.step)
             if export_due:
                 self.publisher.export(weights, state.step)
-            if state.step % lc.checkpoint_every == 0 or state.step == lc.total_steps:
+            if state.step % lc.checkpoint.every == 0 or state.step == lc.total_steps:
                 self.checkpoint()
             observe_step(state, metrics, step_s)
             self.progress.write(**progress_row(state, self.book, self.lags, step_s, time.monotonic() - t_start,
@@ -258,7 +258,7 @@ class Lead:
     def run(self, announce_first: bool) -> None:
         state, lc = self.state, self.lc
         log.info("learner ready: %d ranks, %s backend, capacity %d groups in flight, lease >= %.0f s, metrics %s",
-                 self.trainer.world_size, lc.backend, self.capacity, lc.lease_floor_s, self.metrics_address)
+                 self.trainer.world_size, lc.backend, self.capacity, lc.tickets.lease_floor_s, self.metrics_address)
         if announce_first:
             # Versions must keep rising past anything announced before, and rollouts should sample
             # from these weights at once.
@@ -273,9 +273,9 @@ class Lead:
                     for group, _ in self.ready:
                         self.decide(group, "unused", "the run had all its steps")
                     self.ready.clear()
-                    drain_until = time.monotonic() + lc.drain_timeout_s
+                    drain_until = time.monotonic() + lc.tickets.drain_timeout_s
                     log.info("final step done: draining %d outstanding tickets (up to %.0f s)",
-                             len(self.book.outstanding), lc.drain_timeout_s)
+                             len(self.book.outstanding), lc.tickets.drain_timeout_s)
                 if draining and (not self.book.outstanding or time.monotonic() >= drain_until):
                     break
                 self.send_tickets(draining)
@@ -288,7 +288,7 @@ class Lead:
                 for tid in list(self.book.outstanding):
                     self.decide({"ticket_id": [tid], "attempt": [self.book.outstanding[tid].attempt],
                                  "group_id": [""], "prompt_id": [""]}, "unresolved",
-                                f"no scored group within learner.drain_timeout_s={lc.drain_timeout_s}")
+                                f"no scored group within learner.tickets.drain_timeout_s={lc.tickets.drain_timeout_s}")
         finally:
             self.channel.send(None)
             self.consumer.close()

@@ -58,6 +58,6 @@ class Publisher:
         out = export_pretrained(weights, initial_policy_path(self.cfg),
                                 root / ("final" if step == lc.total_steps else f"step-{step:08d}"),
                                 trust_remote_code=self.cfg.model.trust_remote_code)
-        for old in sorted(root.glob("step-*"))[: -lc.keep_checkpoints]:
+        for old in sorted(root.glob("step-*"))[: -lc.checkpoint.keep]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("exported %s (%.1fs): loads with transformers and vLLM as it is", out, time.monotonic() - t0)

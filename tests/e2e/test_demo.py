@@ -165,7 +165,7 @@ def test_demo_learns_through_10k_hostile_records_records_its_lake_and_replays(tm
     sets = ["--set", 'name="replayed"', "--set", f'kafka.bootstrap_servers="{broker.bootstrap}"',
             "--set", "kafka.session_timeout_ms=2000", "--set", f'workdir="{tmp_path / "replayed"}"',
             "--set", "learner.total_steps=10", "--set", 'learner.backend="torch"',
-            "--set", "learner.drain_timeout_s=0", "--set", "learner.offline=true"]
+            "--set", "learner.tickets.drain_timeout_s=0", "--set", "learner.offline=true"]
     subprocess.run([sys.executable, "-m", "services.cli", "replay", str(lake)] + sets, cwd=REPO, check=True,
                    env=env, timeout=300)
     subprocess.run([sys.executable, "-m", "services.cli", "learner"] + sets, cwd=REPO, check=True, env=env,

@@ -57,9 +57,9 @@ def test_qwen3_vocabulary_and_chat_prompts_through_every_service(qwen3_tokenizer
         "rollout.overlong": '"keep"',
         "reward.verifier_workers": "1", "reward.max_chars": "4000",
         "learner.groups_per_step": str(GROUPS), "learner.total_steps": str(STEPS), "learner.backend": '"torch"',
-        "learner.torch_threads": "1", "learner.lr": "1e-4", "learner.warmup_steps": "0",
+        "learner.torch_threads": "1", "learner.optimizer.lr": "1e-4", "learner.optimizer.warmup_steps": "0",
         "learner.max_tokens_per_micro_batch": "2048", "learner.logit_chunk_mb": "64",
-        "learner.max_staleness": "1", "learner.export_every": "0",
+        "learner.staleness.max_versions": "1", "learner.checkpoint.export_every": "0",
         "eval.samples": "1", "demo.progress_every_s": "10",
     }
     cmd = [sys.executable, "-m", "services.cli", "demo", "--config", str(REPO / "infra" / "configs" / "gsm8k.toml")]

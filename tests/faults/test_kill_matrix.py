@@ -65,8 +65,8 @@ def _sets(run: str, workdir: Path, cache: Path, bootstrap: str, extra: dict[str,
         "model.warmstart.heads": "2", "model.warmstart.kv_heads": "1", "model.warmstart.intermediate_size": "128",
         "rollout.engine": '"torch"', "rollout.group_size": str(G), "rollout.max_prompts_per_batch": "4",
         "learner.groups_per_step": str(GROUPS_PER_STEP), "learner.total_steps": str(STEPS),
-        "learner.max_staleness": "2", "learner.backend": '"torch"', "learner.checkpoint_every": "4",
-        "learner.drain_timeout_s": "90", "learner.lease_floor_s": "10", "erpo.snapshot_every": "3",
+        "learner.staleness.max_versions": "2", "learner.backend": '"torch"', "learner.checkpoint.every": "4",
+        "learner.tickets.drain_timeout_s": "90", "learner.tickets.lease_floor_s": "10", "erpo.snapshot_every": "3",
         "recorder.flush_every_s": "2", "metrics.enabled": "false", **(extra or {}),
     }
     return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]

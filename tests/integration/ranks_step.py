@@ -23,8 +23,8 @@ from pipeline.trainer import BatchChannel, make_trainer  # noqa: E402
 def main(out: str, config: str) -> None:
     from safetensors.torch import save_file
 
-    lc = LearnerConfig(lr=1e-3, warmup_steps=0, backend="deepspeed", deepspeed_config=Path(config),
-                       groups_per_step=4, max_tokens_per_micro_batch=24, kl="k3", kl_coef=0.2)
+    lc = LearnerConfig(optimizer={"lr": 1e-3, "warmup_steps": 0}, backend="deepspeed", deepspeed_config=Path(config),
+                       groups_per_step=4, max_tokens_per_micro_batch=24, kl={"kind": "k3", "coef": 0.2})
     trainer = make_trainer(tiny_model(), lc)
     ref = tiny_model(1)
     channel = BatchChannel(trainer)

@@ -83,7 +83,7 @@ def test_generates_learns_publishes_and_reloads_in_both_engines(folder, tmp_path
     samples = engine.generate(PROMPTS, [1.0] * len(PROMPTS), 4)
     assert len(samples) == 12 and all(s.finish_reason in ("stop", "length") for s in samples)
     groups = _scored(samples, np.random.default_rng(0).integers(0, 2, 12))
-    lc = LearnerConfig(lr=1e-2, warmup_steps=0, backend="torch", groups_per_step=3)
+    lc = LearnerConfig(optimizer={"lr": 1e-2, "warmup_steps": 0}, backend="torch", groups_per_step=3)
     trainer = TorchTrainer(model, lc)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     metrics = train_step(trainer, None, groups, lc, ErpoRule(), tokenizer.pad_token_id, np.random.default_rng(0))

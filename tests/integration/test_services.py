@@ -54,7 +54,7 @@ def _overrides(run: str, workdir: Path, cache: Path, bootstrap: str) -> list[str
         "rollout.max_prompts_per_batch": "4",
         "learner.groups_per_step": str(GROUPS_PER_STEP),
         "learner.total_steps": str(STEPS),
-        "learner.max_staleness": "1",
+        "learner.staleness.max_versions": "1",
         "erpo.snapshot_every": "1",  # the reward commits at snapshots; the test checks its commits
     }
     return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
@@ -104,7 +104,7 @@ def test_groups_flow_through_the_services_with_offsets_committed(broker, kafka_c
     cache = tmp_path / "cache"
     sets = _overrides(run_name, tmp_path / "run", cache, broker.bootstrap)
     sets += ["--set", f'learner.deepspeed_config="infra/deepspeed/zero{2 if ranks == 1 else 3}.json"',
-             "--set", "learner.checkpoint_every=2"]
+             "--set", "learner.checkpoint.every=2"]
     cli = [sys.executable, "-m", "services.cli"]
     launch = {"learner": cli if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                                                  str(ranks), "--master_port", str(_free_port()), "-m", "services.cli"]}
@@ -201,7 +201,7 @@ def test_learner_resumes_from_its_checkpoint(broker, kafka_cfg, run_name, tmp_pa
     announces its restored weights under a new version, and the policy versions on the topic keep
     rising."""
     sets = _overrides(run_name, tmp_path / "run", tmp_path / "cache", broker.bootstrap)
-    sets += ["--set", 'learner.backend="torch"', "--set", "learner.checkpoint_every=2"]
+    sets += ["--set", 'learner.backend="torch"', "--set", "learner.checkpoint.every=2"]
     cli = [sys.executable, "-m", "services.cli"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     subprocess.run(cli + ["warmstart"] + sets, check=True, cwd=REPO, env=env, capture_output=True)

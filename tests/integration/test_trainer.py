@@ -54,7 +54,8 @@ def _groups(seed: int) -> list[dict]:
     return out
 
 
-LC = LearnerConfig(lr=1e-3, warmup_steps=2, mini_batches=2, kl="rapo", kl_coef=0.1, groups_per_step=GROUPS)
+LC = LearnerConfig(optimizer={"lr": 1e-3, "warmup_steps": 2}, mini_batches=2, kl={"kind": "rapo", "coef": 0.1},
+                   groups_per_step=GROUPS)
 
 
 def _losses(trainer, steps: range, ref: torch.nn.Module, key: str = "loss") -> list[float]:

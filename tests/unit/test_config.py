@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -43,13 +44,13 @@ def test_unknown_key_names_the_field(tmp_path):
 
 
 def test_out_of_bounds_value_names_the_field(tmp_path):
-    with pytest.raises(ConfigError, match=r"learner\.lr: Input should be greater than 0"):
-        load_config(_write(tmp_path, "[learner]\nlr = -1.0\n"))
+    with pytest.raises(ConfigError, match=r"learner\.optimizer\.lr: Input should be greater than 0"):
+        load_config(_write(tmp_path, "[learner.optimizer]\nlr = -1.0\n"))
 
 
 def test_wrong_literal_names_the_field(tmp_path):
-    with pytest.raises(ConfigError, match=r"learner\.advantage"):
-        load_config(_write(tmp_path, '[learner]\nadvantage = "ppo"\n'))
+    with pytest.raises(ConfigError, match=r"learner\.loss\.advantage"):
+        load_config(_write(tmp_path, '[learner.loss]\nadvantage = "ppo"\n'))
 
 
 def test_task_kind_selects_the_variant(tmp_path):
@@ -74,16 +75,16 @@ def test_missing_file(tmp_path):
 
 
 def test_overrides_use_toml_values(tmp_path):
-    cfg = load_config(_write(tmp_path, "[learner]\nlr = 1e-4\n"),
-                      ["learner.lr=5e-5", 'kafka.bootstrap_servers="127.0.0.1:1"', "name=other"])
-    assert cfg.learner.lr == 5e-5
+    cfg = load_config(_write(tmp_path, "[learner.optimizer]\nlr = 1e-4\n"),
+                      ["learner.optimizer.lr=5e-5", 'kafka.bootstrap_servers="127.0.0.1:1"', "name=other"])
+    assert cfg.learner.optimizer.lr == 5e-5
     assert cfg.kafka.bootstrap_servers == "127.0.0.1:1"
     assert cfg.name == "other"
 
 
 def test_bad_override_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="section.key=value"):
-        load_config(_write(tmp_path, ""), ["learner.lr"])
+        load_config(_write(tmp_path, ""), ["learner.optimizer.lr"])
     with pytest.raises(ConfigError, match=r"learner\.total_steps"):
         load_config(_write(tmp_path, ""), ["learner.total_steps=0"])
 
@@ -101,7 +102,7 @@ def test_sasl_needs_a_mechanism():
 def test_configs_are_frozen():
     cfg = RunConfig()
     with pytest.raises(Exception):
-        cfg.learner.lr = 1.0  # type: ignore[misc]
+        cfg.learner.optimizer.lr = 1.0  # type: ignore[misc]
 
 
 def test_rollout_engine_defaults_to_vllm_and_names_the_choices():
@@ -164,3 +165,83 @@ def test_demo_on_a_file_task_without_held_out_problems_stops_before_starting_any
     with pytest.raises(SystemExit, match="set task.eval_path"):
         main(["demo", "--config", str(config)])
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_kl_kind_selects_its_parameters(tmp_path):
+    from pipeline.config import NoKL, RapoKL, ReverseKL
+
+    cfg = load_config(_write(tmp_path, '[learner.kl]\nkind = "rapo_sampled"\ncoef = 0.01\n'))
+    assert cfg.learner.kl == RapoKL(kind="rapo_sampled", coef=0.01, phi_floor=0.1)
+    assert load_config(_write(tmp_path, "")).learner.kl == NoKL() and NoKL().coef == 0.0
+    assert load_config(_write(tmp_path, ""), ['learner.kl.kind="k3"']).learner.kl == ReverseKL(coef=0.05)
+    with pytest.raises(ConfigError, match=r"learner\.kl\.k3\.phi_floor: Extra inputs are not permitted"):
+        load_config(_write(tmp_path, '[learner.kl]\nkind = "k3"\nphi_floor = 0.2\n'))
+    with pytest.raises(ConfigError, match=r"learner\.kl\.none\.coef: Extra inputs are not permitted"):
+        load_config(_write(tmp_path, '[learner.kl]\ncoef = 0.2\nkind = "none"\n'))
+    with pytest.raises(ConfigError, match=r"learner\.kl: .*'kind'"):
+        load_config(_write(tmp_path, "[learner.kl]\ncoef = 0.2\n"))
+
+
+OLD_SHAPE = """# a run file written before the learner's sections
+[learner]
+total_steps = 7   # short
+lr = 3e-5
+kl = "rapo"
+kl_coef = 0.02
+rapo_phi_floor = 0.2
+max_staleness = 4
+checkpoint_every = 5
+resume = true
+eps_high = 0.3
+
+[eval]
+samples = 2
+"""
+
+
+def test_a_run_file_in_the_old_flat_shape_loads_with_a_warning(tmp_path, caplog):
+    cfg = load_config(_write(tmp_path, OLD_SHAPE), ["learner.grad_clip=0.5"])  # an old-style override too
+    lc = cfg.learner
+    assert (lc.total_steps, lc.optimizer.lr, lc.optimizer.grad_clip, lc.loss.eps_high) == (7, 3e-5, 0.5, 0.3)
+    assert (lc.kl.kind, lc.kl.coef, lc.kl.phi_floor) == ("rapo", 0.02, 0.2)
+    assert (lc.staleness.max_versions, lc.checkpoint.every, lc.checkpoint.resume) == (4, 5, "require")
+    assert "learner.lr -> learner.optimizer.lr" in caplog.text and "rlstream migrate-config" in caplog.text
+    # A parameter the old flat shape allowed beside a KL kind that does not take it is dropped, saying so.
+    cfg = load_config(_write(tmp_path, '[learner]\nkl = "k3"\nkl_coef = 0.3\nrapo_phi_floor = 0.2\n'))
+    assert cfg.learner.kl.coef == 0.3 and "learner.rapo_phi_floor dropped: the KL kind 'k3' takes no phi_floor" \
+        in caplog.text
+    # An old run's config.json (what `rlstream demo` wrote into the run folder) loads as well.
+    old = RunConfig().model_dump(mode="json")
+    old["learner"] = {"total_steps": 9, "lr": 2e-5, "kl": "none", "kl_coef": 0.05, "max_staleness": 0}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    lc = load_config(tmp_path / "config.json").learner
+    assert (lc.total_steps, lc.optimizer.lr, lc.kl.kind, lc.staleness.max_versions) == (9, 2e-5, "none", 0)
+
+
+def test_the_flat_shape_in_code_fails_saying_where_each_key_went():
+    from pipeline.config import LearnerConfig
+
+    with pytest.raises(ValueError, match=r"learner\.lr is now learner\.optimizer\.lr; learner\.max_staleness is now "
+                                         r"learner\.staleness\.max_versions .*migrate-config"):
+        LearnerConfig(lr=1e-3, max_staleness=1)
+    with pytest.raises(ValueError, match=r"kl = \{kind = 'k3'\}"):
+        LearnerConfig(kl="k3")
+
+
+def test_migrate_config_rewrites_a_file_keeping_its_comments(tmp_path):
+    from pipeline.migrate import migrate_file
+
+    path = _write(tmp_path, OLD_SHAPE)
+    assert migrate_file(path, write=False) and path.read_text() == OLD_SHAPE  # --check writes nothing
+    notes = migrate_file(path)
+    assert "learner.kl = 'rapo' -> learner.kl.kind = 'rapo'" in notes and len(notes) == 8
+    text = path.read_text()
+    assert (tmp_path / "run.toml.bak").read_text() == OLD_SHAPE
+    assert "# a run file written before the learner's sections" in text and "total_steps = 7   # short" in text
+    assert "[learner.optimizer]\nlr = 3e-5" in text and "\n\n[eval]" in text
+    assert load_config(path) == load_config(tmp_path / "run.toml.bak")
+    assert migrate_file(path) == []  # idempotent
+    broken = _write(tmp_path, "[learner]\nlr = -1.0\n")
+    with pytest.raises(ConfigError, match=r"still invalid after the conversion \(learner\.lr -> learner\.optimizer\.lr\)"):
+        migrate_file(broken)
+    assert broken.read_text() == "[learner]\nlr = -1.0\n"

@@ -25,13 +25,20 @@ from pipeline.trainer import TorchTrainer
 from learn_batch import batch_groups, tiny_model
 from schemas import concat
 
+FAST = {"lr": 1e-2, "warmup_steps": 0}
+
+
+def _kl(kind: str, coef: float = 0.3) -> dict:
+    return {"kind": kind} | ({"coef": coef} if kind != "none" else {})
+
+
 def _gradients(lc: LearnerConfig, groups, rank: int = 0, world: int = 1,
                overlong: str = "keep") -> tuple[list[list[torch.Tensor]], dict]:
     """The accumulated gradient handed to each optimiser update (the parameters are left as they
     are: Adam's first step turns float-level differences of near-zero gradients into whole steps,
     so updates are compared through their gradients)."""
     model = tiny_model()
-    ref = tiny_model(1) if lc.kl != "none" else None
+    ref = tiny_model(1) if lc.kl.kind != "none" else None
     trainer = TorchTrainer(model, lc)
     trainer.rank, trainer.world_size = rank, world
     seen = []
@@ -58,7 +65,7 @@ def test_micro_batches_fill_the_budget_and_never_split_a_row():
 @pytest.mark.parametrize("mini_batches", [1, 2])
 def test_accumulated_micro_batches_give_the_whole_update(aggregation, kl, mini_batches):
     groups = batch_groups()
-    base = dict(lr=1e-2, warmup_steps=0, backend="torch", aggregation=aggregation, kl=kl, kl_coef=0.3,
+    base = dict(optimizer=FAST, backend="torch", loss={"aggregation": aggregation}, kl=_kl(kl),
                 mini_batches=mini_batches, groups_per_step=4)
     whole, m1 = _gradients(LearnerConfig(**base, max_tokens_per_micro_batch=10**6), groups)
     split, m2 = _gradients(LearnerConfig(**base, max_tokens_per_micro_batch=12, logit_chunk_mb=1e-4), groups)
@@ -80,7 +87,7 @@ def test_one_update_equals_the_plain_formulation(kl, overlong):
     groups = batch_groups(seed=3)
     for g in groups:  # the second sample of every group was cut at the length limit
         g["finish_reason"] = np.array(["stop", "length", "stop"], dtype=object)
-    lc = LearnerConfig(lr=1e-2, warmup_steps=0, backend="torch", kl=kl, kl_coef=0.3, groups_per_step=4,
+    lc = LearnerConfig(optimizer=FAST, backend="torch", kl=_kl(kl), groups_per_step=4,
                        max_tokens_per_micro_batch=16, logit_chunk_mb=1e-4)
     ours, metrics = _gradients(lc, groups, overlong=overlong)
     assert metrics["overlong_frac"] == pytest.approx(1 / 3)
@@ -103,7 +110,7 @@ def test_one_update_equals_the_plain_formulation(kl, overlong):
     if overlong == "mask":
         mask = mask * torch.as_tensor(cols["finish_reason"] != "length", dtype=mask.dtype).unsqueeze(1)
     loss, _ = decoupled_ppo_loss(PolicyLossInputs(lp, lp.detach(), behavior, adv, mask),
-                                 eps_low=lc.eps_low, eps_high=lc.eps_high, tis_cap=lc.tis_cap)
+                                 eps_low=lc.loss.eps_low, eps_high=lc.loss.eps_high, tis_cap=lc.loss.tis_cap)
     if kl != "none":
         idx = batch.completion_mask.bool()
         with torch.no_grad():
@@ -113,10 +120,10 @@ def test_one_update_equals_the_plain_formulation(kl, overlong):
             ref_lp, _ = reference_token_logprobs(ref_logits, batch.input_ids[:, 1:][idx], temps)
             per = k3_kl(lp[idx], ref_lp)
         else:
-            phi = phi_clamp(rewards, lc.rapo_phi_floor).unsqueeze(1).expand_as(idx)[idx]
+            phi = phi_clamp(rewards, lc.kl.phi_floor).unsqueeze(1).expand_as(idx)[idx]
             per = rapo_exact_kl(logp, reweighted_reference(ref_logits, temps, phi))
         kl_loss, _ = kl_term(torch.zeros_like(lp).masked_scatter(idx, per), mask)
-        loss = loss + lc.kl_coef * kl_loss
+        loss = loss + lc.kl.coef * kl_loss
     loss.backward()
     assert metrics["loss"] == pytest.approx(float(loss), rel=1e-5, abs=1e-7)
     for a, b in zip(ours[0], model.parameters()):
@@ -127,7 +134,7 @@ def test_ranks_weigh_tokens_against_the_whole_update():
     """Two ranks' shares, each weighted by the whole update's token count (times the two ranks
     whose gradients the trainer averages), average to the single-rank gradient."""
     groups = batch_groups(seed=5)
-    lc = LearnerConfig(lr=1e-2, warmup_steps=0, backend="torch", groups_per_step=4, max_tokens_per_micro_batch=20)
+    lc = LearnerConfig(optimizer=FAST, backend="torch", groups_per_step=4, max_tokens_per_micro_batch=20)
     (one,), _ = _gradients(lc, groups)
     (r0,), _ = _gradients(lc, groups, rank=0, world=2)
     (r1,), _ = _gradients(lc, groups, rank=1, world=2)
@@ -141,7 +148,7 @@ def test_an_update_whose_completions_were_all_cut_and_masked_is_skipped():
     groups = batch_groups(seed=4)
     for g in groups:
         g["finish_reason"] = np.array(["length"] * len(g["finish_reason"]), dtype=object)
-    lc = LearnerConfig(lr=1e-2, warmup_steps=0, backend="torch", groups_per_step=4, weight_decay=0.1)
+    lc = LearnerConfig(optimizer=FAST | {"weight_decay": 0.1}, backend="torch", groups_per_step=4)
     model = tiny_model()
     before = [p.detach().clone() for p in model.parameters()]
     trainer = TorchTrainer(model, lc)

@@ -12,7 +12,7 @@ from pipeline.checkpoints import LearnerState, start_fresh
 
 
 def test_a_fresh_start_moves_the_previous_life_aside_and_deletes_nothing(tmp_path):
-    cfg = load_config(shipped_config(), [f'workdir="{tmp_path}"', 'learner.resume="fresh"'])
+    cfg = load_config(shipped_config(), [f'workdir="{tmp_path}"', 'learner.checkpoint.resume="fresh"'])
     assert start_fresh(cfg) is None  # nothing to move
     (tmp_path / "checkpoints" / "step-00000004").mkdir(parents=True)
     (tmp_path / "ledger").mkdir()
@@ -25,10 +25,10 @@ def test_a_fresh_start_moves_the_previous_life_aside_and_deletes_nothing(tmp_pat
 
 
 def test_resume_settings():
-    assert load_config(shipped_config()).learner.resume == "auto"  # a restart is a resume
-    assert load_config(shipped_config(), ["learner.resume=true"]).learner.resume == "require"
+    assert load_config(shipped_config()).learner.checkpoint.resume == "auto"  # a restart is a resume
+    assert load_config(shipped_config(), ["learner.checkpoint.resume=true"]).learner.checkpoint.resume == "require"
     with pytest.raises(ConfigError, match="'fresh' to start over"):
-        load_config(shipped_config(), ["learner.resume=false"])
+        load_config(shipped_config(), ["learner.checkpoint.resume=false"])
 
 
 def test_checkpoints_from_before_leases_load():

@@ -36,8 +36,8 @@ def cfg(tmp_path):
         "rollout.engine": '"torch"', "rollout.group_size": str(G), "rollout.max_prompts_per_batch": "4",
         "rollout.poll_timeout_ms": "20", "reward.verifier_workers": "0", "reward.poll_timeout_ms": "20",
         "learner.backend": '"torch"', "learner.groups_per_step": str(GROUPS), "learner.total_steps": str(STEPS),
-        "learner.max_staleness": "1", "learner.poll_timeout_ms": "20", "learner.drain_timeout_s": "20",
-        "learner.checkpoint_every": "2", "erpo.snapshot_every": "1",
+        "learner.staleness.max_versions": "1", "learner.poll_timeout_ms": "20", "learner.tickets.drain_timeout_s": "20",
+        "learner.checkpoint.every": "2", "erpo.snapshot_every": "1",
     }
     cfg = load_config(shipped_config(), [f"{k}={v}" for k, v in sets.items()])
     ensure_topics(cfg.kafka, cfg.name)
