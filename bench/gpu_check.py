@@ -11,7 +11,7 @@ Qwen2.5-0.5B's shapes by default (hidden 896, 24 layers, 14 heads / 2 KV heads, 
   ``--prompt-len`` tokens, ``--new-tokens`` new tokens each (this is the torch sampling loop, not
   vLLM: vLLM's figures come from ``bench/rollout.py`` on a machine that has it);
 - learner: forward + backward + AdamW on the same number of sequences, the output layer through
-  rlstream's chunked head (`pipeline.head`: no ``[tokens, vocabulary]`` tensor), micro-batches of
+  rlstream's chunked head (`pipeline.rl.head`: no ``[tokens, vocabulary]`` tensor), micro-batches of
   ``--micro-tokens``;
 - weight sync: the learner's weights to host memory, written to a file and loaded into the rollout
   model (what publishing and an in-place reload cost, without the broker).
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.head import HeadPlan, chunk_tokens, completion_head  # noqa: E402  (torch only)
+from pipeline.rl.head import HeadPlan, chunk_tokens, completion_head  # noqa: E402  (torch only)
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,12 @@ history. Each batch draws prompt ids with replacement from the table (so a few p
 groups in one batch) plus a share of never-seen prompts, and pass rates k/8 with mass on 0 and 1
 (residual groups are common late in training).
 
-* vectorised: ``pipeline.erpo.HistoryStore.apply`` (numpy columns + hash index, in place), built
+* vectorised: ``pipeline.erpo.history.HistoryStore.apply`` (numpy columns + hash index, in place), built
   once from the Polars table (not timed); batches are chained, as in the reward service.
-* loop: ``pipeline.erpo.reference_update`` on a dict-of-dicts copy of the same table, built once
+* loop: ``pipeline.erpo.history.reference_update`` on a dict-of-dicts copy of the same table, built once
   and not timed, fed the same batches as lists of tuples (conversion not timed).
 
-* pure: ``pipeline.erpo.update`` (the same kernel on a copy of the DataFrame) on the first
+* pure: ``pipeline.erpo.history.update`` (the same kernel on a copy of the DataFrame) on the first
   batches only, for information: it pays O(table) per call.
 
 Both see the same batches in the same order; the final tables are checked to agree on the touched
@@ -30,7 +30,7 @@ import time
 import numpy as np
 import polars as pl
 
-from pipeline.erpo import TABLE_SCHEMA, ErpoRule, HistoryStore, reference_update, to_dict_table, update
+from pipeline.erpo.history import TABLE_SCHEMA, ErpoRule, HistoryStore, reference_update, to_dict_table, update
 
 G = 8  # samples per group: pass rates are k / G
 

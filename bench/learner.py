@@ -3,7 +3,7 @@
 One run, one machine, the same randomly initialised Qwen2 (vocabulary 8,192) and the same batch
 of 16 groups x 8 samples (prompts of 16-24 tokens, completions of 16-48):
 
-* ours: `pipeline.learn.train_step` (GRPO advantages, decoupled PPO with TIS, token-mean, one
+* ours: `pipeline.rl.learn.train_step` (GRPO advantages, decoupled PPO with TIS, token-mean, one
   update; batch packing included) with the plain torch backend, no KL term;
 * trl: `trl.GRPOTrainer.compute_loss` on the same model and batch (left-padded prompts,
   right-padded completions, as TRL lays them out; `loss_type="dapo"`, i.e. token-mean;
@@ -34,13 +34,13 @@ import warnings
 import numpy as np
 import torch
 
-from pipeline.advantages import grpo_advantages
+from pipeline.rl.advantages import grpo_advantages
 from pipeline.config import LearnerConfig
-from pipeline.erpo import ErpoRule
-from pipeline.model import build_char_tokenizer, build_tiny_qwen2
-from pipeline.trainer import TorchTrainer
+from pipeline.erpo.history import ErpoRule
+from pipeline.model.policy import build_char_tokenizer, build_tiny_qwen2
+from pipeline.rl.trainer import TorchTrainer
 from schemas import Ragged
-from pipeline.learn import train_step
+from pipeline.rl.learn import train_step
 
 VOCAB, GROUPS, G = 8192, 16, 8
 

@@ -5,7 +5,7 @@ matters, as in the issue) with RAPO's exact forward KL on (so the frozen referen
 learner step on random groups. Each measurement runs in its own process, so its peak resident
 memory (``ru_maxrss``) is its own:
 
-* ``chunked``: `pipeline.learn.train_step` (micro-batches of ``max_tokens_per_micro_batch`` padded
+* ``chunked``: `pipeline.rl.learn.train_step` (micro-batches of ``max_tokens_per_micro_batch`` padded
   tokens, the output layer in chunks of ``logit_chunk_mb``, each chunk's gradient inside it);
 * ``unchunked``: the step as the learner computed it before: the whole update packed, the tempered
   log-softmax over the vocabulary for every completion token at once (``token_logprobs_full``), the
@@ -65,9 +65,9 @@ def unchunked_step(trainer, ref, groups, lc) -> None:
     """The learner's step before token budgets: one packed batch, full log-softmax, autograd."""
     import torch
 
-    from pipeline.advantages import grpo_advantages
-    from pipeline.engine import completion_logits, pack, scatter_completion, token_logprobs_full
-    from pipeline.losses import PolicyLossInputs, decoupled_ppo_loss, kl_term, phi_clamp, rapo_exact_kl, reweighted_reference
+    from pipeline.rl.advantages import grpo_advantages
+    from pipeline.rollout.engine import completion_logits, pack, scatter_completion, token_logprobs_full
+    from pipeline.rl.losses import PolicyLossInputs, decoupled_ppo_loss, kl_term, phi_clamp, rapo_exact_kl, reweighted_reference
     from schemas import concat
 
     cols = concat(groups)
@@ -97,10 +97,10 @@ def measure(case: str, seqs: int, prompt: int, completion: int, reps: int, threa
     import torch
 
     from pipeline.config import LearnerConfig
-    from pipeline.erpo import ErpoRule
-    from pipeline.learn import train_step
-    from pipeline.model import build_tiny
-    from pipeline.trainer import TorchTrainer
+    from pipeline.erpo.history import ErpoRule
+    from pipeline.rl.learn import train_step
+    from pipeline.model.policy import build_tiny
+    from pipeline.rl.trainer import TorchTrainer
 
     torch.set_num_threads(threads)
     model = build_tiny("qwen3", VOCAB, hidden_size=HIDDEN, layers=LAYERS, heads=4, kv_heads=2,

@@ -21,7 +21,7 @@ so a busy-polling process shows. ``roofline`` is the fp32 matmul peak of this ma
 here on a [256, 768] x [768, 2048] product) over the model's forward FLOPs per token: no fp32
 engine can exceed it.
 
-Reload: the weights are published with `pipeline.weights.publish` (fp32 safetensors, sha256) and
+Reload: the weights are published with `pipeline.model.weights.publish` (fp32 safetensors, sha256) and
 loaded in place into the in-process fp32 engine with `VllmEngine.load_published`; reported
 separately: the sha256 check of the file (timed on its own, file in the page cache), and the
 in-place reload itself (`load_published` minus that check).
@@ -43,9 +43,9 @@ from pathlib import Path
 import psutil
 import torch
 
-from pipeline.engine import TorchEngine
-from pipeline.model import build_char_tokenizer, build_tiny_qwen2
-from pipeline.weights import publish, verify_published
+from pipeline.rollout.engine import TorchEngine
+from pipeline.model.policy import build_char_tokenizer, build_tiny_qwen2
+from pipeline.model.weights import publish, verify_published
 
 PROMPTS = [f"{a}+{b}-{c}=" for a, b, c in zip(range(1, 33), range(33, 1, -1), range(32))]
 N, NEW_TOKENS = 8, 32
@@ -98,7 +98,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("vllm").setLevel(logging.WARNING)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from pipeline.engine_vllm import VllmEngine
+    from pipeline.rollout.engine_vllm import VllmEngine
 
     tokenizer = build_char_tokenizer()
     model = build_tiny_qwen2(len(tokenizer), hidden_size=768, layers=8, heads=12, kv_heads=4,

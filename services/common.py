@@ -59,7 +59,7 @@ def initial_policy_path(cfg: RunConfig) -> Path:
     now if missing)."""
     if cfg.model.path is not None:
         return cfg.model.path
-    from pipeline.warmstart import warmstart
+    from pipeline.model.warmstart import warmstart
 
     assert cfg.task.kind == "arithmetic"  # enforced by RunConfig's validator
     return warmstart(cfg.model.warmstart, cfg.task, cfg.cache_dir)
@@ -67,8 +67,8 @@ def initial_policy_path(cfg: RunConfig) -> Path:
 
 def load_initial_policy(cfg: RunConfig):
     """(model, tokenizer) of the policy the run starts from (`initial_policy_path`), loaded strictly
-    (`pipeline.model.load_policy`) with the run's `model.trust_remote_code`."""
-    from pipeline.model import load_policy
+    (`pipeline.model.policy.load_policy`) with the run's `model.trust_remote_code`."""
+    from pipeline.model.policy import load_policy
 
     return load_policy(initial_policy_path(cfg), trust_remote_code=cfg.model.trust_remote_code)
 
@@ -76,7 +76,7 @@ def load_initial_policy(cfg: RunConfig):
 def load_learner_models(cfg: RunConfig):
     """(policy in training mode, frozen reference or None, tokenizer) for the learner: the
     reference is the initial policy again, loaded only when the KL term needs one."""
-    from pipeline.losses import KL_TERMS
+    from pipeline.rl.losses import KL_TERMS
 
     model, tokenizer = load_initial_policy(cfg)
     model.train()
@@ -119,7 +119,7 @@ def worker_id() -> str:
 
 def erpo_rule(cfg: RunConfig):
     """The ERPO rule of a run's `[erpo]` section (the engine range is [0, 2])."""
-    from pipeline.erpo import ErpoRule
+    from pipeline.erpo.history import ErpoRule
 
     e = cfg.erpo
     return ErpoRule(tau0=e.tau0, delta_tau=e.delta_tau, tau_max=e.tau_max, engine_max=2.0,

@@ -53,11 +53,11 @@ def _progress_line(run_dir: Path, cfg: RunConfig, t0: float) -> str:
 def run(cfg: RunConfig) -> int:
     import torch
 
-    from pipeline.engine import TorchEngine
-    from pipeline.evaluate import evaluate
-    from pipeline.prompts import PromptFormat
-    from pipeline.tasks import arithmetic_problems, load_problems
-    from pipeline.transport import ensure_topics
+    from pipeline.rollout.engine import TorchEngine
+    from pipeline.rollout.evaluate import evaluate
+    from pipeline.model.prompts import PromptFormat
+    from pipeline.data.tasks import arithmetic_problems, load_problems
+    from pipeline.transport.kafka import ensure_topics
     from services.common import initial_policy_path, load_initial_policy
 
     if cfg.task.kind == "file" and cfg.task.eval_path is None:

@@ -5,27 +5,27 @@ Loop (rank 0, `Lead`):
    ``max(1, max_staleness) x groups_per_step``: AReaL's capacity rule ``(max_staleness + 1) x batch``
    less one version, because our rollout's behaviour version trails the learner's by up to one
    (the full AReaL budget dropped 706 of 5,506 demo groups as stale). Every ticket is under a lease
-   (`pipeline.tickets`): one whose group has not come back in time is issued again, same id, next
+   (`pipeline.flow.tickets`): one whose group has not come back in time is issued again, same id, next
    attempt, so a lost message or a dead worker costs one lease, never the run. The position reached
    and the attempts are logged after every flush (`IssueLog`) for a resumed learner.
-2. Poll scored groups, check them (`pipeline.validate`) and triage each (`pipeline.intake`):
+2. Poll scored groups, check them (`pipeline.flow.validate`) and triage each (`pipeline.flow.intake`):
    forged, unknown or future-version groups are dead-lettered; every ticket gets exactly one fate in
-   the ledger (`pipeline.ledger`); a later group of a decided ticket is a ``duplicate``; groups with
+   the ledger (`pipeline.flow.ledger`); a later group of a decided ticket is a ``duplicate``; groups with
    lag > ``max_staleness`` are ``dropped_stale``.
-3. Every ``groups_per_step`` groups: the learning step (`pipeline.learn`).
+3. Every ``groups_per_step`` groups: the learning step (`pipeline.rl.learn`).
 4. Every ``sync_every`` steps: publish the weights (gathered across ranks) as a new policy version
    (`services.learner_publish`).
 5. Every ``checkpoint_every`` steps: save model, optimiser and the learner state together
-   (`pipeline.checkpoints`; consumed offsets only up to the oldest group not yet trained), then
+   (`pipeline.rl.checkpoints`; consumed offsets only up to the oldest group not yet trained), then
    commit those offsets. A learner started on a run folder with a checkpoint resumes from it
    (``resume = "auto"``), marks the ledger as resumed, seeks to the saved offsets and announces the
    restored weights under a version above any announced before.
 6. After the final step, drain: wait (``drain_timeout_s``, leases running) for the outstanding
    tickets' groups and record them as ``unused``, so every issued ticket has a fate.
 
-The model trains under a backend of `pipeline.trainer` (DeepSpeed or plain torch). With several
+The model trains under a backend of `pipeline.rl.trainer` (DeepSpeed or plain torch). With several
 ranks rank 0 does all of the above and broadcasts each batch to the others
-(`pipeline.trainer.BatchChannel`); every rank trains on its share of the groups.
+(`pipeline.rl.trainer.BatchChannel`); every rank trains on its share of the groups.
 """
 
 from __future__ import annotations
@@ -37,17 +37,17 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from pipeline.checkpoints import (LearnerState, OffsetTracker, newest_published_version, restore_learner,
+from pipeline.rl.checkpoints import (LearnerState, OffsetTracker, newest_published_version, restore_learner,
                                   save_checkpoint, weights_due)
 from pipeline.config import RunConfig
-from pipeline.intake import DEAD_LETTER, QUEUED, triage
-from pipeline.learn import train_step
-from pipeline.ledger import Ledger, ledger_path
-from pipeline.tasks import train_problems
-from pipeline.tickets import IssueLog, TicketBook, TicketSource, ticket_columns
-from pipeline.trainer import BatchChannel, Trainer, make_trainer
-from pipeline.transport import Consumer, Delivery, Producer, topic_name
-from pipeline.validate import Limits, check_groups
+from pipeline.flow.intake import DEAD_LETTER, QUEUED, triage
+from pipeline.rl.learn import train_step
+from pipeline.flow.ledger import Ledger, ledger_path
+from pipeline.data.tasks import train_problems
+from pipeline.flow.tickets import IssueLog, TicketBook, TicketSource, ticket_columns
+from pipeline.rl.trainer import BatchChannel, Trainer, make_trainer
+from pipeline.transport.kafka import Consumer, Delivery, Producer, topic_name
+from pipeline.flow.validate import Limits, check_groups
 from schemas import PROMPT_TICKET, Columns
 from services.common import JsonlWriter, StopFlag, erpo_rule, load_learner_models, set_threads, worker_id
 from services.learner_metrics import (CHECKPOINT_SECONDS, GROUPS, IN_FLIGHT, LAG, LEASE, REISSUED, TICKETS,
@@ -157,7 +157,7 @@ class Lead:
                          "prompt_id": str(group["prompt_id"][0]), "fate": fate, "reason": reason, "lag": lag})
 
     def accept(self, d: Delivery, draining: bool) -> None:
-        """Check, de-duplicate and triage the groups of one delivery (`pipeline.intake`); queue the
+        """Check, de-duplicate and triage the groups of one delivery (`pipeline.flow.intake`); queue the
         trainable ones."""
         state, lc = self.state, self.lc
         key = (d.topic, d.partition, d.offset)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
-from pipeline.checkpoints import LearnerState
-from pipeline.tickets import TicketBook
+from pipeline.rl.checkpoints import LearnerState
+from pipeline.flow.tickets import TicketBook
 
 STEP_SECONDS = Histogram("rlstream_learner_step_seconds", "Wall time of one training step.",
                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
@@ -24,7 +24,7 @@ REISSUED = Counter("rlstream_learner_tickets_reissued_total",
                    "Tickets issued again (next attempt) because no group came back within their lease.")
 LEASE = Gauge("rlstream_learner_lease_seconds", "Current ticket lease: max(floor, factor x p99 ticket-to-group latency).")
 GROUPS = Counter("rlstream_learner_groups_total",
-                 "Scored groups by fate (see pipeline.ledger: trained, dropped_stale, dropped_all_wrong, "
+                 "Scored groups by fate (see pipeline.flow.ledger: trained, dropped_stale, dropped_all_wrong, "
                  "abandoned, duplicate, unused, unresolved).", ["fate"])
 LAG = Histogram("rlstream_learner_staleness_versions",
                 "Policy-version lag of each scored group on arrival (learner - behaviour).",

@@ -13,9 +13,9 @@ import torch
 from pipeline.atomic import write_atomic
 from pipeline.config import RunConfig
 from pipeline.failpoints import failpoint
-from pipeline.model import export_pretrained
-from pipeline.transport import POLICY_KEY, Producer, topic_name
-from pipeline.weights import publish
+from pipeline.model.policy import export_pretrained
+from pipeline.transport.kafka import POLICY_KEY, Producer, topic_name
+from pipeline.model.weights import publish
 from schemas import POLICY_UPDATE
 from services.common import initial_policy_path
 
@@ -49,7 +49,7 @@ class Publisher:
         write_atomic(self.cfg.workdir / "final_policy.txt", f"{pub.version} {pub.sha256} {pub.uri}\n")
 
     def export(self, weights: dict[str, torch.Tensor], step: int) -> None:
-        """A complete Hugging Face folder of these weights (`pipeline.model.export_pretrained`):
+        """A complete Hugging Face folder of these weights (`pipeline.model.policy.export_pretrained`):
         ``export/step-<N>`` (the newest `keep_checkpoints` kept) and, after the final step,
         ``export/final``."""
         lc = self.cfg.learner

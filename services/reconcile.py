@@ -1,7 +1,7 @@
 """`rlstream reconcile RUN_DIR`: account for every ticket of a finished run.
 
 Joins the recorded lake (`<run>/lake`: tickets issued, groups generated, groups scored; records
-dead-lettered whole left out) with the learner's ledger (`<run>/ledger/learner.jsonl`) through `pipeline.ledger.reconcile`, prints the
+dead-lettered whole left out) with the learner's ledger (`<run>/ledger/learner.jsonl`) through `pipeline.flow.ledger.reconcile`, prints the
 totals (fates, re-issues, duplicates caught) and the violations, which must all be zero: a ticket
 trained twice, with several fates, with none, or a fate for a ticket the lake never saw. Writes the
 per-ticket table to `<run>/reconcile.csv`. Exit status 1 if any violation.
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.lake import read_topic
-from pipeline.ledger import VIOLATIONS, ledger_path, read_ledger, reconcile
+from pipeline.lake.store import read_topic
+from pipeline.flow.ledger import VIOLATIONS, ledger_path, read_ledger, reconcile
 
 
 def reconcile_run(run_dir: Path) -> tuple[pl.DataFrame, dict[str, int]]:

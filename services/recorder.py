@@ -1,4 +1,4 @@
-"""Recorder: every topic of a run into the Parquet lake (`pipeline.lake`), exactly what flowed.
+"""Recorder: every topic of a run into the Parquet lake (`pipeline.lake.store`), exactly what flowed.
 
 Consumes all topics in its own consumer group (`<run>.recorder`), buffers decoded messages per
 (topic, policy version) and writes them out when the buffer passes `recorder.flush_rows` rows or
@@ -16,8 +16,8 @@ import time
 from prometheus_client import Counter, Gauge
 
 from pipeline.config import RunConfig
-from pipeline.lake import LakeWriter
-from pipeline.transport import TOPICS, Consumer
+from pipeline.lake.store import LakeWriter
+from pipeline.transport.kafka import TOPICS, Consumer
 from schemas import num_rows
 from services.common import StopFlag, worker_id
 from services.metrics import serve

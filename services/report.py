@@ -1,5 +1,5 @@
 """`rlstream report LAKE`: an HTML page with PNG plots of a recorded run (queries in
-`pipeline.report`).
+`pipeline.lake.report`).
 
 Plots: reward and residual (all-correct / all-wrong) fractions over policy versions, the sampling
 temperature distribution per version, staleness, and with ``--prompt ID`` the lineage of one
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline import report as q
-from pipeline.lake import read_topic, topics_in
+from pipeline.lake import report as q
+from pipeline.lake.store import read_topic, topics_in
 
 
 def _plt():

@@ -3,7 +3,7 @@
 Loop: poll whole groups from the `trajectories` consumer group, verify every completion against its
 reference answer in the math-verify process pool (a verifier error or timeout is its own
 `verify_status`, never a silent 0), score the groups (pass rate, residual kind), apply the batch to
-the ERPO prompt-history table of each group's partition (`pipeline.erpo_partitions`: a worker
+the ERPO prompt-history table of each group's partition (`pipeline.erpo.partitions`: a worker
 keeps one table per `trajectories` partition it owns, restored from that partition's snapshot when
 the group assigns it and snapshotted when it is revoked, so several workers never split a
 prompt's history), send one ScoredTrajectory message per group and one TemperatureUpdate per
@@ -11,7 +11,7 @@ changed prompt (key = prompt_id), flush; a partition is snapshotted with its off
 `erpo.snapshot_every` batches that touched it, then that offset is committed (commits never run
 ahead of a snapshot).
 
-Every group is checked first (`pipeline.validate`): an invalid one goes to the dead-letter topic
+Every group is checked first (`pipeline.flow.validate`): an invalid one goes to the dead-letter topic
 with its reason and the rest of its message goes on; a record whose processing raises is
 dead-lettered whole. A group whose (ticket, attempt) this partition has scored already is skipped;
 a later attempt of a ticket is scored and sent (its first attempt's group may have been lost) but
@@ -36,14 +36,14 @@ from prometheus_client import REGISTRY, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeHistogramMetricFamily
 
-from pipeline import erpo
+from pipeline.erpo import history as erpo
 from pipeline.config import RunConfig
-from pipeline.erpo_partitions import PartitionedHistory, legacy_snapshots
+from pipeline.erpo.partitions import PartitionedHistory, legacy_snapshots
 from pipeline.failpoints import failpoint
-from pipeline.scoring import RESIDUAL_ALL_CORRECT, RESIDUAL_ALL_WRONG, score
-from pipeline.transport import Consumer, Delivery, Producer, topic_name
-from pipeline.verifier import VerifierPool
-from pipeline.validate import check_groups
+from pipeline.verify.scoring import RESIDUAL_ALL_CORRECT, RESIDUAL_ALL_WRONG, score
+from pipeline.transport.kafka import Consumer, Delivery, Producer, topic_name
+from pipeline.verify.verifier import VerifierPool
+from pipeline.flow.validate import check_groups
 from schemas import SCORED_TRAJECTORY, TEMPERATURE_UPDATE, Columns, concat, split_groups
 from services import metrics
 from services.common import JsonlWriter, StopFlag, erpo_rule, worker_id

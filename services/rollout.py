@@ -7,11 +7,11 @@ Trajectory message per group (key = prompt_id), flush (acks), then commit the ti
 process that dies before the commit leaves its tickets to be re-delivered to another member of the
 group. Weights and temperatures never change during a generate call.
 
-Every record is checked where it enters (`pipeline.validate`): a ticket with a malformed id, an
+Every record is checked where it enters (`pipeline.flow.validate`): a ticket with a malformed id, an
 empty or over-long prompt (longer than the engine's context allows: that ticket is refused, not its
 batch), a temperature that is NaN, negative or above the engine's range, a policy announcement
 whose folder is not this run's own `policies/v<version>` of regular files matching their hashes
-(`pipeline.weights`) goes to the dead-letter topic with its reason, and the loop goes on. A ticket
+(`pipeline.model.weights`) goes to the dead-letter topic with its reason, and the loop goes on. A ticket
 attempt this process already answered is skipped ((ticket, attempt): a re-issued ticket's next
 attempt is generated again, since its previous group may have been lost).
 """
@@ -28,12 +28,12 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.config import RunConfig
 from pipeline.dedupe import BoundedSet
-from pipeline.engine import Sample, TorchEngine
-from pipeline.prompts import PromptFormat
+from pipeline.rollout.engine import Sample, TorchEngine
+from pipeline.model.prompts import PromptFormat
 from pipeline.failpoints import failpoint
-from pipeline.transport import Consumer, Delivery, Producer, RecordRejected, topic_name
-from pipeline.validate import Limits, check_message
-from pipeline.weights import PolicyMissing, WeightsError, verify_published
+from pipeline.transport.kafka import Consumer, Delivery, Producer, RecordRejected, topic_name
+from pipeline.flow.validate import Limits, check_message
+from pipeline.model.weights import PolicyMissing, WeightsError, verify_published
 from schemas import TRAJECTORY, Columns, Ragged
 from services.common import JsonlWriter, StopFlag, initial_policy_path, load_initial_policy, set_threads, worker_id
 from services.metrics import serve
@@ -185,10 +185,10 @@ class Rollout:
         self.tokenizer = tokenizer
         prompt_format = PromptFormat(tokenizer, cfg.prompt)
         if rc.engine == "vllm":
-            from pipeline.engine_vllm import VllmEngine
+            from pipeline.rollout.engine_vllm import VllmEngine
 
             del model
-            # In process on CPU, on the `torch_threads` set above (see pipeline/engine_vllm.py).
+            # In process on CPU, on the `torch_threads` set above (see pipeline/rollout/engine_vllm.py).
             self.engine = VllmEngine(
                 policy_path, tokenizer, rc.max_new_tokens, seed=rc.seed + worker_index, version=0, dtype=rc.dtype,
                 max_model_len=rc.max_model_len, kv_cache_gib=rc.kv_cache_gib, prompt_format=prompt_format,

@@ -1,5 +1,5 @@
 """Valid wire rows for tests: a trajectory group and its scored form, built to pass every check of
-`pipeline.validate`, so a test can break exactly one thing."""
+`pipeline.flow.validate`, so a test can break exactly one thing."""
 
 from __future__ import annotations
 

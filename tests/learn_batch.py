@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from factories import scored_group
-from pipeline.model import build_tiny
+from pipeline.model.policy import build_tiny
 from schemas import Ragged
 
 V = 29

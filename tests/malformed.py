@@ -2,7 +2,7 @@
 
 `malformed(rng)` returns (name, payload, headers): the bytes and Kafka headers of one message
 that a consumer of the `trajectories` topic must reject, either at decoding (`DecodeError`) or at
-the semantic checks of `pipeline.validate` (every group of it rejected).
+the semantic checks of `pipeline.flow.validate` (every group of it rejected).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ import polars as pl
 import pytest
 
 from pipeline.config import KafkaConfig
-from pipeline.lake import read_topic
+from pipeline.lake.store import read_topic
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +67,7 @@ def _inject(bootstrap: str, run_dir: Path, out: dict) -> None:
     rng = np.random.default_rng(15)
     from pipeline.config import load_config
     from services.cli import shipped_config
-    from pipeline.tasks import train_problems
+    from pipeline.data.tasks import train_problems
 
     prompt_ids = [p.prompt_id for p in train_problems(load_config(shipped_config()))]
     injector = Injector(bootstrap, "demo", run_dir / "policies", KafkaConfig().max_message_bytes, prompt_ids)

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer, GenerationConfig
 
-from pipeline.lake import read_topic
-from pipeline.model import build_tiny
+from pipeline.lake.store import read_topic
+from pipeline.model.policy import build_tiny
 
 pytestmark = pytest.mark.e2e
 

@@ -4,7 +4,7 @@
    truncated streams, bad headers, foreign schemas, nulls, two batches, and one semantic break per
    group: NaN/inf/positive log-probs, miscounted log-probs, negative token ids, empty ids and
    prompts, bad temperatures, incomplete groups, ...) and 2,000 arbitrary byte strings under
-   arbitrary headers through `decode` + `pipeline.validate.check_groups`: each is a `DecodeError`
+   arbitrary headers through `decode` + `pipeline.flow.validate.check_groups`: each is a `DecodeError`
    with a known reason or has every group rejected; nothing else is raised.
 2. The real reward service, as a subprocess on the real broker, gets 2,000 malformed messages
    interleaved with 50 valid groups (some with a 1 MB completion or an adversarial LaTeX answer):
@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 
 from factories import trajectory_group
 from malformed import HEADERS, malformed
-from pipeline.transport import Consumer, Producer, ensure_topics, topic_name
-from pipeline.validate import Limits, check_groups
+from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
+from pipeline.flow.validate import Limits, check_groups
 from schemas import TRAJECTORY, DecodeError, decode, encode
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ the run must account for every ticket.
 Each scenario runs the real services as subprocesses under `services.supervisor.Supervisor` (the
 demo's supervisor: a crashed service is restarted with backoff), lets the learner finish its steps
 and drain, stops the workers, lets the recorder drain every topic into the lake, and reconciles
-the lake with the learner's ledger (`pipeline.ledger.reconcile`): every issued ticket has exactly
+the lake with the learner's ledger (`pipeline.flow.ledger.reconcile`): every issued ticket has exactly
 one fate, none is trained twice, and exactly ``STEPS x GROUPS_PER_STEP`` groups were trained. Every
 process killed must have been restarted by the supervisor.
 
@@ -36,11 +36,11 @@ import pytest
 from infra.broker import Broker
 from infra.objectstore import ObjectStore
 from pipeline.config import KafkaConfig, RunConfig
-from pipeline.erpo_partitions import load_tables, rebuild_from_scored
+from pipeline.erpo.partitions import load_tables, rebuild_from_scored
 from pipeline.failpoints import DIR_ENV, ENV
-from pipeline.lake import read_topic
-from pipeline.ledger import VIOLATIONS, ledger_path, read_ledger, reconcile
-from pipeline.transport import ensure_topics
+from pipeline.lake.store import read_topic
+from pipeline.flow.ledger import VIOLATIONS, ledger_path, read_ledger, reconcile
+from pipeline.transport.kafka import ensure_topics
 from services.common import erpo_rule
 from services.supervisor import Supervisor
 

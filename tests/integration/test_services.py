@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file
 from kafka import KafkaConsumer, TopicPartition
 
-from pipeline.ledger import ledger_path, read_ledger
-from pipeline.model import load_policy
-from pipeline.transport import Consumer, Producer, ensure_topics, topic_name
+from pipeline.flow.ledger import ledger_path, read_ledger
+from pipeline.model.policy import load_policy
+from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
 from schemas import TRAJECTORY, headers_for
 
 pytestmark = pytest.mark.integration

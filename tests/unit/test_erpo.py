@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.erpo import (
+from pipeline.erpo.history import (
     REASONS,
     TABLE_SCHEMA,
     UPDATE_SCHEMA,

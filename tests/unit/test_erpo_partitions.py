@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from pipeline import erpo
-from pipeline.erpo_partitions import PartitionedHistory, load_tables, rebuild_from_scored, snapshot_path
+from pipeline.erpo import history as erpo
+from pipeline.erpo.partitions import PartitionedHistory, load_tables, rebuild_from_scored, snapshot_path
 
 RULE = erpo.ErpoRule()
 

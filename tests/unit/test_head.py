@@ -1,4 +1,4 @@
-"""The chunked output layer (`pipeline.head`) against plain autograd over the full
+"""The chunked output layer (`pipeline.rl.head`) against plain autograd over the full
 ``[tokens, vocabulary]`` log-softmax: the same values, loss and gradients, whatever the chunk."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.head import HeadPlan, chunk_tokens, completion_head
-from pipeline.losses import k3_kl, ppo_per_token, rapo_exact_kl, rapo_kl
+from pipeline.rl.head import HeadPlan, chunk_tokens, completion_head
+from pipeline.rl.losses import k3_kl, ppo_per_token, rapo_exact_kl, rapo_kl
 
 N, D, V = 11, 8, 37
 

@@ -1,12 +1,12 @@
-"""The learner's intake rule (`pipeline.intake.triage`): one valid group's fate, in the order the
+"""The learner's intake rule (`pipeline.flow.intake.triage`): one valid group's fate, in the order the
 checks run; the ticket book and the clock are plain objects."""
 
 from __future__ import annotations
 
-from pipeline.erpo import ErpoRule
-from pipeline.intake import triage
-from pipeline.tasks import Problem
-from pipeline.tickets import TicketBook, TicketSource
+from pipeline.erpo.history import ErpoRule
+from pipeline.flow.intake import triage
+from pipeline.data.tasks import Problem
+from pipeline.flow.tickets import TicketBook, TicketSource
 
 
 def _book() -> TicketBook:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from pipeline import report as q
-from pipeline.lake import LakeWriter, read_topic, topics_in
+from pipeline.lake import report as q
+from pipeline.lake.store import LakeWriter, read_topic, topics_in
 
 
 def _policy(version: int) -> dict:

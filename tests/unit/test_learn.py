@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from pipeline.config import LearnerConfig
-from pipeline.engine import pack, scatter_completion, token_logprobs_full
-from pipeline.erpo import ErpoRule
-from pipeline.learn import micro_batches, train_step
-from pipeline.losses import (
+from pipeline.rollout.engine import pack, scatter_completion, token_logprobs_full
+from pipeline.erpo.history import ErpoRule
+from pipeline.rl.learn import micro_batches, train_step
+from pipeline.rl.losses import (
     PolicyLossInputs,
     decoupled_ppo_loss,
     k3_kl,
@@ -21,7 +21,7 @@ from pipeline.losses import (
     reference_token_logprobs,
     reweighted_reference,
 )
-from pipeline.trainer import TorchTrainer
+from pipeline.rl.trainer import TorchTrainer
 from learn_batch import batch_groups, tiny_model
 from schemas import concat
 
@@ -97,7 +97,7 @@ def test_one_update_equals_the_plain_formulation(kl, overlong):
     cols = concat(groups)
     _, gi = np.unique(cols["group_id"], return_inverse=True)
     rewards = torch.as_tensor(cols["shaped_reward"])
-    from pipeline.advantages import get_advantage
+    from pipeline.rl.advantages import get_advantage
 
     adv = get_advantage("grpo")(rewards, torch.as_tensor(gi))
     adv = torch.where(torch.as_tensor(cols["group_pass_rate"]) >= 1, torch.tensor(-0.1), adv)  # ERPO's RA

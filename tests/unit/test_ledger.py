@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from pipeline.ledger import LEDGER_SCHEMA, Ledger, read_ledger, reconcile
+from pipeline.flow.ledger import LEDGER_SCHEMA, Ledger, read_ledger, reconcile
 
 
 def _rows(pairs):

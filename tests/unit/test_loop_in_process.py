@@ -13,10 +13,10 @@ import uuid
 import pytest
 
 from pipeline.config import load_config
-from pipeline.ledger import ledger_path, read_ledger
-from pipeline.memory_broker import MemoryBroker
-from pipeline.transport import ensure_topics
-from pipeline.verifier import VerifierPool
+from pipeline.flow.ledger import ledger_path, read_ledger
+from pipeline.transport.memory import MemoryBroker
+from pipeline.transport.kafka import ensure_topics
+from pipeline.verify.verifier import VerifierPool
 from services import learner
 from services.cli import shipped_config
 from services.reward import Reward

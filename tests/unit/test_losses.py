@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import (
+from pipeline.rl.losses import (
     PolicyLossInputs,
     decoupled_ppo_loss,
     k3_kl,
@@ -298,7 +298,7 @@ def test_every_kl_setting_has_its_term():
     from typing import get_args
 
     from pipeline.config import NoKL, RapoKL, ReverseKL
-    from pipeline.losses import KL_TERMS
+    from pipeline.rl.losses import KL_TERMS
 
     kinds = [k for variant in (NoKL, ReverseKL, RapoKL) for k in get_args(variant.model_fields["kind"].annotation)]
     assert sorted(kinds) == sorted(KL_TERMS)

@@ -1,5 +1,5 @@
 """Prompts as users write them: a question through the chat template or the plain format, and the
-ids that end a completion (`pipeline.prompts`)."""
+ids that end a completion (`pipeline.model.prompts`)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from transformers import GenerationConfig
 
 from pipeline.config import PromptConfig
-from pipeline.engine import TorchEngine
-from pipeline.model import build_char_tokenizer, build_tiny
-from pipeline.prompts import PromptFormat, stop_token_ids
+from pipeline.rollout.engine import TorchEngine
+from pipeline.model.policy import build_char_tokenizer, build_tiny
+from pipeline.model.prompts import PromptFormat, stop_token_ids
 
 TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% if thinking is defined and not thinking %}"
@@ -108,7 +108,7 @@ def test_qwen3_chat_template_opens_the_assistant_turn_and_its_turn_ends_stop(qwe
 def test_stop_ids_of_a_folder_without_generation_config_come_from_its_config(tmp_path):
     """vLLM and transformers stop at config.json's EOS ids when generation_config.json is absent;
     so must our engines' stop list (else stopped completions would read as cut)."""
-    from pipeline.prompts import load_generation_config
+    from pipeline.model.prompts import load_generation_config
 
     tok = build_char_tokenizer()
     model = build_tiny("qwen2", len(tok), hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.scoring import group_pass_rates, residual_kinds, score
-from pipeline.verifier import Verdict, VerifyStatus
+from pipeline.verify.scoring import group_pass_rates, residual_kinds, score
+from pipeline.verify.verifier import Verdict, VerifyStatus
 from schemas import SCORED_TRAJECTORY, TRAJECTORY, Columns, Ragged, decode, encode, headers_for
 
 

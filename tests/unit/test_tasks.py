@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tasks import (
+from pipeline.data.tasks import (
     DIFFICULTY_LEVELS,
     arithmetic_problems,
     is_heldout,

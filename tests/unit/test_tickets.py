@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from pipeline.tasks import Problem
-from pipeline.tickets import IssueLog, TicketBook, TicketSource, lease_seconds
+from pipeline.data.tasks import Problem
+from pipeline.flow.tickets import IssueLog, TicketBook, TicketSource, lease_seconds
 
 
 def _problems(n: int = 5) -> list[Problem]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from factories import policy_update, scored_group, temperature_update, ticket, trajectory_group
-from pipeline.validate import MAX_ATTEMPT, Limits, check_groups, check_message, parse_ticket_id
+from pipeline.flow.validate import MAX_ATTEMPT, Limits, check_groups, check_message, parse_ticket_id
 from schemas import POLICY_UPDATE, PROMPT_TICKET, TEMPERATURE_UPDATE, Ragged, concat
 
 

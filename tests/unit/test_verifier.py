@@ -1,4 +1,4 @@
-"""Unit tests for pipeline.verifier: hand-picked verdicts, the ERROR path, and the process pool
+"""Unit tests for pipeline.verify.verifier: hand-picked verdicts, the ERROR path, and the process pool
 (order, parent-enforced timeouts, crashes, adversarial input). Pools use "spawn", so each one
 costs ~1.5 s to start; they are module-scoped and kept to two."""
 
@@ -11,7 +11,7 @@ import time
 import math_verify
 import pytest
 
-from pipeline.verifier import Verdict, VerifierPool, VerifyStatus, verify_one
+from pipeline.verify.verifier import Verdict, VerifierPool, VerifyStatus, verify_one
 
 C, W, N, E, T = (
     VerifyStatus.CORRECT,
@@ -198,7 +198,7 @@ def test_pool_rejects_non_str_and_use_after_close() -> None:
 
 def test_bad_verify_fn_spec_fails_at_startup() -> None:
     with pytest.raises(RuntimeError, match="startup failed"):
-        VerifierPool(workers=1, _verify_fn="pipeline.verifier:no_such_function")
+        VerifierPool(workers=1, _verify_fn="pipeline.verify.verifier:no_such_function")
 
 
 @pytest.mark.parametrize("gold, completion", [

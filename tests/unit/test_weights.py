@@ -10,7 +10,7 @@ import torch
 import hashlib
 import os
 
-from pipeline.weights import (
+from pipeline.model.weights import (
     MANIFEST,
     WEIGHTS_FILE,
     PolicyMissing,

@@ -21,8 +21,8 @@ from pathlib import Path
 from pipeline.atomic import fsync_dir, write_atomic
 from pipeline.config import LearnerConfig, RunConfig
 from pipeline.failpoints import failpoint
-from pipeline.trainer import Trainer
-from pipeline.weights import published_versions
+from pipeline.rl.trainer import Trainer
+from pipeline.model.weights import published_versions
 
 LEARNER_STATE = "learner.json"
 
@@ -78,7 +78,7 @@ class LearnerState:
     `TicketBook.decided` window."""
 
     def tally(self, fate: str) -> None:
-        """Count one triaged group (`pipeline.intake.Outcome.fate`; dead letters are not counted
+        """Count one triaged group (`pipeline.flow.intake.Outcome.fate`; dead letters are not counted
         here: `invalid` counts the groups the checks refuse)."""
         self.received += fate not in ("deadletter", "duplicate")
         self.duplicates += fate == "duplicate"

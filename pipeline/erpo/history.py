@@ -2,7 +2,7 @@
 
 Long (~860 lines, a third of it this docstring and the rule's specification) because the pure
 form, the in-place store and the loop oracle of one rule must stay side by side to stay equal;
-the per-partition state around it is `pipeline.erpo_partitions`.
+the per-partition state around it is `pipeline.erpo.partitions`.
 
 ERPO (Explore Residual Prompts in Policy Optimization, arXiv 2511.04800): a prompt whose whole
 group was answered correctly is *residual* -- every sample has the same reward, the group-relative

@@ -276,7 +276,7 @@ class VerifierPool:
         timeout_s: float = 5.0,
         max_chars: int = DEFAULT_MAX_CHARS,
         *,
-        _verify_fn: str = "pipeline.verifier:verify_one",
+        _verify_fn: str = "pipeline.verify.verifier:verify_one",
         startup_timeout_s: float = 60.0,
     ) -> None:
         if workers < 0:

@@ -33,8 +33,8 @@ import numpy as np
 
 from pipeline.atomic import write_atomic
 from pipeline.dedupe import BoundedSet
-from pipeline.tasks import Problem
-from pipeline.validate import parse_ticket_id
+from pipeline.data.tasks import Problem
+from pipeline.flow.validate import parse_ticket_id
 from schemas import Columns
 
 

@@ -1,11 +1,11 @@
-"""The learner's intake: what becomes of one scored group that passed `pipeline.validate`.
+"""The learner's intake: what becomes of one scored group that passed `pipeline.flow.validate`.
 
 `triage` is the rule, with no I/O: the learner service dead-letters, writes the ledger and
 counts according to the `Outcome`. The order of the checks is part of the rule:
 
 1. A group claiming a policy version the learner has not published is forged or from another
    run (dead letter ``future_version``), unless the learner trains offline on a recording.
-2. The ticket book (`pipeline.tickets.TicketBook.arrival`) knows the ticket or not (dead letter
+2. The ticket book (`pipeline.flow.tickets.TicketBook.arrival`) knows the ticket or not (dead letter
    ``unknown_ticket``), and whether it is already decided or queued (``duplicate``, ignored).
 3. A new group is ``unused`` while draining, ``dropped_stale`` when its lag exceeds
    ``max_staleness`` (live runs), ``dropped_all_wrong`` under ERPO's `drop_all_wrong`, else
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.erpo import ErpoRule, drop_mask
-from pipeline.tickets import TicketBook
+from pipeline.erpo.history import ErpoRule, drop_mask
+from pipeline.flow.tickets import TicketBook
 from schemas import Columns
 
 DEAD_LETTER = "deadletter"

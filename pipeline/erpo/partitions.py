@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from pipeline import erpo
+from pipeline.erpo import history as erpo
 from pipeline.dedupe import BoundedSet
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def load_tables(root: Path) -> pl.DataFrame:
 def rebuild_from_scored(scored: pl.DataFrame, rule: erpo.ErpoRule) -> pl.DataFrame:
     """The ERPO table one worker would hold after applying a run's scored groups: per partition in
     offset order, the first scored group of each ticket. ``scored`` is the lake's scored topic
-    (`pipeline.lake.read_topic`: rows with ``_partition``, ``_offset``)."""
+    (`pipeline.lake.store.read_topic`: rows with ``_partition``, ``_offset``)."""
     if scored.is_empty():
         return erpo.empty_table()
     groups = (scored.sort("_partition", "_offset")

@@ -12,9 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.engine import TorchEngine
-from pipeline.tasks import Problem
-from pipeline.verifier import verify_one
+from pipeline.rollout.engine import TorchEngine
+from pipeline.data.tasks import Problem
+from pipeline.verify.verifier import verify_one
 
 
 @dataclass(frozen=True)

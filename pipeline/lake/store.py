@@ -28,7 +28,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.transport import TOPICS
+from pipeline.transport.kafka import TOPICS
 from schemas import Columns, to_record_batch
 
 #: The column holding the policy version of each topic's rows (None: no version, stored as -1).

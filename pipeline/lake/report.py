@@ -1,6 +1,6 @@
-"""Queries over the lake (`pipeline.lake`) behind `rlstream report`: pure functions of DataFrames.
+"""Queries over the lake (`pipeline.lake.store`) behind `rlstream report`: pure functions of DataFrames.
 
-Every function takes frames as `pipeline.lake.read_topic` returns them and gives a small frame
+Every function takes frames as `pipeline.lake.store.read_topic` returns them and gives a small frame
 ready to plot or print. Versions are binned (``bin_width`` versions per point) so that long runs
 stay readable.
 """

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.verifier import Verdict
+from pipeline.verify.verifier import Verdict
 from schemas import Columns, TRAJECTORY
 
 RESIDUAL_NONE, RESIDUAL_ALL_CORRECT, RESIDUAL_ALL_WRONG = "none", "all_correct", "all_wrong"

@@ -137,8 +137,8 @@ def export_pretrained(state: dict[str, torch.Tensor], source: str | Path, out: s
     place, so a reader never sees half of it."""
     from safetensors.torch import save_file
 
-    from pipeline.prompts import load_generation_config
-    from pipeline.weights import flatten
+    from pipeline.model.prompts import load_generation_config
+    from pipeline.model.weights import flatten
 
     source, out = Path(source), Path(out)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -1,6 +1,6 @@
 """An in-memory broker for the fast test tier: ``kafka.bootstrap_servers = "memory://<name>"``.
 
-`pipeline.transport`'s `Producer`, `Consumer` and `ensure_topics` talk to it instead of Kafka when
+`pipeline.transport.kafka`'s `Producer`, `Consumer` and `ensure_topics` talk to it instead of Kafka when
 the bootstrap address says ``memory://``: everything above the client (Arrow encoding, headers,
 decoding and validation, dead letters, positions, commits, partition ownership callbacks) is the
 same code as against a real broker, so a service's loop runs in-process in a unit test. What only

@@ -32,7 +32,7 @@ from schemas import POLICY_UPDATE, PROMPT_TICKET, TEMPERATURE_UPDATE, Columns, M
 FINISH_REASONS = ("stop", "length")
 VERIFY_STATUSES = ("correct", "wrong", "no_answer", "error", "timeout", "truncated")
 TEMPERATURE_REASONS = ("all_correct_raise", "capped", "reactivated", "decay", "clamped")
-"""`pipeline.erpo.REASONS` (kept here too: this module imports neither polars nor the ERPO table)."""
+"""`pipeline.erpo.history.REASONS` (kept here too: this module imports neither polars nor the ERPO table)."""
 MAX_TEMPERATURE = 2.0
 """Highest sampling temperature any engine is asked for (vLLM accepts [0, 2])."""
 LOGPROB_SLACK = 1e-3
@@ -42,9 +42,9 @@ MAX_ATTEMPT = 1000
 DTYPES = ("float32", "bfloat16", "float16", "mixed")
 
 TICKET_ID = re.compile(r"e([0-9]{1,9})-([0-9]{1,12})", re.ASCII)
-"""``e<epoch>-<place in the epoch>``, ASCII digits only (see `pipeline.tickets.TicketSource`)."""
+"""``e<epoch>-<place in the epoch>``, ASCII digits only (see `pipeline.flow.tickets.TicketSource`)."""
 PROMPT_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}", re.ASCII)
-"""Dataset prompt ids (`pipeline.tasks.prompt_id_of` gives 16 hex digits)."""
+"""Dataset prompt ids (`pipeline.data.tasks.prompt_id_of` gives 16 hex digits)."""
 HEX_ID = re.compile(r"[0-9a-f]{32}", re.ASCII)
 """Group and trajectory ids: uuid4 hex."""
 SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
@@ -272,6 +272,6 @@ _MESSAGE_CHECKS = {PROMPT_TICKET.name: _ticket_problem, TEMPERATURE_UPDATE.name:
 def check_message(kind: MessageKind, cols: Columns, limits: Limits = Limits()) -> Rejected | None:
     """The first problem of a whole PromptTicket, TemperatureUpdate or PolicyUpdate message, or
     None if it may be used. (Policy weights are checked against the disk when they are loaded:
-    `pipeline.weights.verify_published`.)"""
+    `pipeline.model.weights.verify_published`.)"""
     problem = _MESSAGE_CHECKS[kind.name](cols, limits)
     return None if problem is None else Rejected(cols, *problem)

@@ -121,7 +121,7 @@ def reconcile(tickets: pl.DataFrame, trajectories: pl.DataFrame, scored: pl.Data
     """Per issued ticket: copies issued, attempts (issues under a new lease), groups generated and
     scored, and its ledger fates; plus the run's totals and its violations (each must be 0).
 
-    ``tickets``, ``trajectories`` and ``scored`` are lake rows (``pipeline.lake.read_topic``);
+    ``tickets``, ``trajectories`` and ``scored`` are lake rows (``pipeline.lake.store.read_topic``);
     only their ``ticket_id`` and ``group_id`` columns (and ``attempt``) are used. With the lake's
     ``dead_letters``, records dead-lettered whole are left out (`without_dead_letters`).
     """

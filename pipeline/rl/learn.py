@@ -11,12 +11,12 @@ Memory: each update's groups are cut into micro-batches of at most
 ``learner.max_tokens_per_micro_batch`` padded tokens, whose gradients add up before the update
 (`Trainer.backward` / `Trainer.update`); within a micro-batch the output layer works through the
 completion tokens a chunk at a time and computes each chunk's gradient inside the chunk
-(`pipeline.head`), so no ``[tokens, vocabulary]`` tensor exists for more than a chunk. Every
+(`pipeline.rl.head`), so no ``[tokens, vocabulary]`` tensor exists for more than a chunk. Every
 token's weight in the loss is fixed by the whole update (all micro-batches, all ranks): token-mean
 divides by the update's completion tokens, sequence-mean by its sequences, so the accumulated
 gradient equals that of the update as one batch, and with several ranks (whose gradients the
 trainer averages) equals single-rank training. The loss functions themselves are pure functions of
-tensors in `pipeline.losses`.
+tensors in `pipeline.rl.losses`.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from pipeline.advantages import get_advantage
+from pipeline.rl.advantages import get_advantage
 from pipeline.config import LearnerConfig
-from pipeline.engine import PackedBatch, pack
-from pipeline.erpo import ErpoRule, ra_advantages
-from pipeline.head import HeadPlan, chunk_tokens, completion_head
-from pipeline.losses import KL_TERMS, phi_clamp, ppo_per_token
-from pipeline.trainer import Trainer, lr_at
+from pipeline.rollout.engine import PackedBatch, pack
+from pipeline.erpo.history import ErpoRule, ra_advantages
+from pipeline.rl.head import HeadPlan, chunk_tokens, completion_head
+from pipeline.rl.losses import KL_TERMS, phi_clamp, ppo_per_token
+from pipeline.rl.trainer import Trainer, lr_at
 from schemas import Columns, concat
 
 

@@ -2,7 +2,7 @@
 
 One file of ~700 lines on purpose: the consumer's guarantees (what is dead-lettered, what a
 position means, when a commit is refused) are one argument that reads top to bottom; the
-in-memory client it can run on is its own module (`pipeline.memory_broker`).
+in-memory client it can run on is its own module (`pipeline.transport.memory`).
 
 Topics are named `<run>.<logical topic>`; `TOPICS` fixes which message kind each logical topic
 carries. Consumers work in logical topic names (`"scored"`, not `"run7.scored"`) for
@@ -29,7 +29,7 @@ Tansu (the embedded broker) reports a wrong "latest" offset, so nothing here rel
 group consumers fall back to "earliest", and consumers without a group seek to the beginning.
 
 ``kafka.bootstrap_servers = "memory://<name>"`` puts the same classes on an in-process broker
-(`pipeline.memory_broker`): the fast test tier, where a service's loop runs in a unit test.
+(`pipeline.transport.memory`): the fast test tier, where a service's loop runs in a unit test.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ from kafka.errors import (
 from kafka.producer.future import FutureRecordMetadata
 
 from pipeline.config import KafkaConfig
-from pipeline.memory_broker import MemoryBroker, MemoryConsumerClient, MemoryProducerClient, is_memory
+from pipeline.transport.memory import MemoryBroker, MemoryConsumerClient, MemoryProducerClient, is_memory
 from schemas import (
     DEAD_LETTER,
     POLICY_UPDATE,

@@ -232,7 +232,7 @@ class KLTerm:
     reweighted: bool
     """Needs RAPO's reward-reweighted reference (``phi(r)`` per sample)."""
     exact: bool
-    """Computed over the whole vocabulary inside the chunked output layer (`pipeline.head`)."""
+    """Computed over the whole vocabulary inside the chunked output layer (`pipeline.rl.head`)."""
     sampled: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor] | None = None
     """Per-token estimator from (log pi_theta, log pi_ref, log pi_hat_ref) of the sampled tokens."""
 

@@ -7,7 +7,7 @@ learner recomputes log-probs with :func:`token_logprobs` at the same temperature
 ratios compare like with like.
 
 ``TorchEngine`` is the plain torch/transformers engine (a KV-cached sampling loop);
-``pipeline.engine_vllm.VllmEngine`` runs vLLM; both implement :class:`Engine`.
+``pipeline.rollout.engine_vllm.VllmEngine`` runs vLLM; both implement :class:`Engine`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from pipeline.prompts import PromptFormat, stop_token_ids
+from pipeline.model.prompts import PromptFormat, stop_token_ids
 
 MIN_TEMPERATURE = 1e-4
 """Temperatures below this (greedy decoding is 0) are computed at this value."""
@@ -47,7 +47,7 @@ class Engine(Protocol):
     """Longest prompt (in tokens, template included) whose completion of ``max_new_tokens`` still
     fits the model's context; the rollout refuses a longer one (alone, not its batch)."""
     format: PromptFormat
-    """How ``generate``'s questions become prompt token ids (`pipeline.prompts`)."""
+    """How ``generate``'s questions become prompt token ids (`pipeline.model.prompts`)."""
     stop_ids: list[int]
     """Token ids that end a completion (EOS and generation_config's), kept as its last token."""
 
@@ -59,11 +59,11 @@ class Engine(Protocol):
         ...
 
     def load_published(self, uri: str, sha256: str, version: int) -> None:
-        """Load a published weights folder (`pipeline.weights.publish`) after checking its hashes."""
+        """Load a published weights folder (`pipeline.model.weights.publish`) after checking its hashes."""
         ...
 
     def load_files(self, paths: list, version: int) -> None:
-        """Load the safetensors files of a folder `pipeline.weights.verify_published` checked."""
+        """Load the safetensors files of a folder `pipeline.model.weights.verify_published` checked."""
         ...
 
 
@@ -94,12 +94,12 @@ class TorchEngine:
         self.version = version
 
     def load_published(self, uri: str, sha256: str, version: int) -> None:
-        from pipeline.weights import verify_published
+        from pipeline.model.weights import verify_published
 
         self.load_files(verify_published(uri, sha256), version)
 
     def load_files(self, paths: list, version: int) -> None:
-        from pipeline.weights import load_files
+        from pipeline.model.weights import load_files
 
         self.load_weights(load_files(paths), version)
 

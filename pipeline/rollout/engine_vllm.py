@@ -1,7 +1,7 @@
-"""vLLM as a rollout engine, behind the same interface as `pipeline.engine.TorchEngine`.
+"""vLLM as a rollout engine, behind the same interface as `pipeline.rollout.engine.TorchEngine`.
 
 - One ``SamplingParams`` per prompt (``n`` samples at that prompt's temperature), prompts passed as
-  token ids (`pipeline.prompts.PromptFormat`: the same ids the torch engine and the learner use),
+  token ids (`pipeline.model.prompts.PromptFormat`: the same ids the torch engine and the learner use),
   stopping at EOS or any of ``generation_config.json``'s end-of-turn ids.
 - ``logprobs_mode="processed_logprobs"``: the returned log-probs are those of the distribution
   actually sampled from, ``log_softmax(logits / T)``, which the learner recomputes at the same T.
@@ -37,9 +37,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.engine import MIN_TEMPERATURE, Sample
-from pipeline.prompts import PromptFormat, load_generation_config, stop_token_ids
-from pipeline.weights import publish, verify_published
+from pipeline.rollout.engine import MIN_TEMPERATURE, Sample
+from pipeline.model.prompts import PromptFormat, load_generation_config, stop_token_ids
+from pipeline.model.weights import publish, verify_published
 
 
 def runs_in_process(in_process: bool | None, multiprocessing_env: str | None, cuda: bool) -> bool:

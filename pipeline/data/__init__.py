@@ -1,0 +1,1 @@
+"""Prompt sources: the synthetic arithmetic task and local JSONL/Parquet datasets."""
