@@ -120,8 +120,9 @@ def worker_id() -> str:
 def erpo_rule(cfg: RunConfig):
     """The ERPO rule of a run's `[erpo]` section (the engine range is [0, 2])."""
     from pipeline.erpo.history import ErpoRule
+    from pipeline.flow.validate import MAX_TEMPERATURE
 
     e = cfg.erpo
-    return ErpoRule(tau0=e.tau0, delta_tau=e.delta_tau, tau_max=e.tau_max, engine_max=2.0,
+    return ErpoRule(tau0=e.tau0, delta_tau=e.delta_tau, tau_max=e.tau_max, engine_max=MAX_TEMPERATURE,
                     history=e.history, decay=e.decay, drop_all_wrong=e.drop_all_wrong,
                     ra_delta=e.ra_delta, enabled=e.enabled)

@@ -17,11 +17,11 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import os
 from pathlib import Path
 
 from prometheus_client import REGISTRY, Gauge, start_http_server
 
+from pipeline.atomic import write_atomic
 from pipeline.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,9 @@ def serve(cfg: RunConfig, service: str, worker: str) -> str | None:
     httpd, _ = start_http_server(cfg.metrics.port, addr=cfg.metrics.host, registry=REGISTRY)
     address = f"{cfg.metrics.host}:{httpd.server_port}"
     path = target_dir(cfg) / f"{service}-{worker}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps([{"targets": [address],
-                                "labels": {"run": cfg.name, "service": service, "worker": worker}}]))
-    os.replace(tmp, path)  # Prometheus never reads a partial file
+    # Prometheus never reads a partial file
+    write_atomic(path, json.dumps([{"targets": [address],
+                                    "labels": {"run": cfg.name, "service": service, "worker": worker}}]))
     atexit.register(_remove, path)
     log.info("metrics on http://%s/metrics", address)
     return address

@@ -61,7 +61,6 @@ import json
 import logging
 import math
 import os
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +69,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+
+from pipeline.atomic import atomic_path
 
 __all__ = [
     "ErpoRule",
@@ -801,26 +802,11 @@ def snapshot(table: pl.DataFrame, offsets: Mapping[tuple[str, int], int], path: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = json.dumps([[str(t), int(p), int(o)] for (t, p), o in sorted(offsets.items())])
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(path) as tmp:
         table.write_parquet(
             tmp, metadata={_OFFSETS_KEY: payload, _SNAPSHOT_VERSION_KEY: _SNAPSHOT_VERSION,
                            _SEEN_KEY: json.dumps(list(seen_tickets)), _SCORED_KEY: json.dumps(list(scored_attempts))}
         )
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def load_snapshot(path: str | os.PathLike[str]) -> tuple[pl.DataFrame, dict[tuple[str, int], int]]:

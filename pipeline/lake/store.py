@@ -18,7 +18,6 @@ so the lake is at-least-once, and :func:`read_topic` de-duplicates by (partition
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -28,6 +27,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.atomic import atomic_path
 from pipeline.transport.kafka import TOPICS
 from schemas import Columns, to_record_batch
 
@@ -84,11 +84,8 @@ class LakeWriter:
             folder.mkdir(parents=True, exist_ok=True)
             self._seq += 1
             final = folder / f"part-{self.writer_id}-{self._seq:08d}-{uuid.uuid4().hex[:8]}.parquet"
-            tmp = folder / f".{final.name}.tmp"
-            pq.write_table(pa.Table.from_batches(batches), tmp, compression=self.compression)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
+            with atomic_path(final) as tmp:
+                pq.write_table(pa.Table.from_batches(batches), tmp, compression=self.compression)
             written.append(final)
             self.written_rows += sum(b.num_rows for b in batches)
         self._buffers.clear()
