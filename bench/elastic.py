@@ -32,13 +32,13 @@ sys.path.insert(0, str(REPO))
 
 from infra.broker import Broker  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.data.tasks import train_problems  # noqa: E402
 from pipeline.flow.tickets import TicketSource  # noqa: E402
+from pipeline.flow.tickets import ticket_columns  # noqa: E402
 from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name  # noqa: E402
 from schemas import PROMPT_TICKET  # noqa: E402
 from services.cli import shipped_config  # noqa: E402
 from services.common import initial_policy_path  # noqa: E402
-from pipeline.data.tasks import train_problems  # noqa: E402
-from pipeline.flow.tickets import ticket_columns  # noqa: E402
 
 
 def progress(workdir: Path, i: int) -> list[dict]:

@@ -34,13 +34,13 @@ import warnings
 import numpy as np
 import torch
 
-from pipeline.rl.advantages import grpo_advantages
 from pipeline.config import LearnerConfig
 from pipeline.erpo.history import ErpoRule
 from pipeline.model.policy import build_char_tokenizer, build_tiny_qwen2
+from pipeline.rl.advantages import grpo_advantages
+from pipeline.rl.learn import train_step
 from pipeline.rl.trainer import TorchTrainer
 from schemas import Ragged
-from pipeline.rl.learn import train_step
 
 VOCAB, GROUPS, G = 8192, 16, 8
 

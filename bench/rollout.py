@@ -43,9 +43,9 @@ from pathlib import Path
 import psutil
 import torch
 
-from pipeline.rollout.engine import TorchEngine
 from pipeline.model.policy import build_char_tokenizer, build_tiny_qwen2
 from pipeline.model.weights import publish, verify_published
+from pipeline.rollout.engine import TorchEngine
 
 PROMPTS = [f"{a}+{b}-{c}=" for a, b, c in zip(range(1, 33), range(33, 1, -1), range(32))]
 N, NEW_TOKENS = 8, 32

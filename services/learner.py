@@ -37,17 +37,17 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from pipeline.config import RunConfig
+from pipeline.data.tasks import train_problems
+from pipeline.flow.intake import DEAD_LETTER, QUEUED, triage
+from pipeline.flow.ledger import Ledger, ledger_path
+from pipeline.flow.tickets import IssueLog, TicketBook, TicketSource, ticket_columns
+from pipeline.flow.validate import Limits, check_groups
 from pipeline.rl.checkpoints import (LearnerState, OffsetTracker, newest_published_version, restore_learner,
                                   save_checkpoint, weights_due)
-from pipeline.config import RunConfig
-from pipeline.flow.intake import DEAD_LETTER, QUEUED, triage
 from pipeline.rl.learn import train_step
-from pipeline.flow.ledger import Ledger, ledger_path
-from pipeline.data.tasks import train_problems
-from pipeline.flow.tickets import IssueLog, TicketBook, TicketSource, ticket_columns
 from pipeline.rl.trainer import BatchChannel, Trainer, make_trainer
 from pipeline.transport.kafka import Consumer, Delivery, Producer, topic_name
-from pipeline.flow.validate import Limits, check_groups
 from schemas import PROMPT_TICKET, Columns
 from services.common import JsonlWriter, StopFlag, erpo_rule, load_learner_models, set_threads, worker_id
 from services.learner_metrics import (CHECKPOINT_SECONDS, GROUPS, IN_FLIGHT, LAG, LEASE, REISSUED, TICKETS,

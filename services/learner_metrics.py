@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
-from pipeline.rl.checkpoints import LearnerState
 from pipeline.flow.tickets import TicketBook
+from pipeline.rl.checkpoints import LearnerState
 
 STEP_SECONDS = Histogram("rlstream_learner_step_seconds", "Wall time of one training step.",
                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))

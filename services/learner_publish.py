@@ -14,8 +14,8 @@ from pipeline.atomic import write_atomic
 from pipeline.config import RunConfig
 from pipeline.failpoints import failpoint
 from pipeline.model.policy import export_pretrained
-from pipeline.transport.kafka import POLICY_KEY, Producer, topic_name
 from pipeline.model.weights import publish
+from pipeline.transport.kafka import POLICY_KEY, Producer, topic_name
 from schemas import POLICY_UPDATE
 from services.common import initial_policy_path
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.lake.store import read_topic
 from pipeline.flow.ledger import VIOLATIONS, ledger_path, read_ledger, reconcile
+from pipeline.lake.store import read_topic
 
 
 def reconcile_run(run_dir: Path) -> tuple[pl.DataFrame, dict[str, int]]:

@@ -19,8 +19,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.config import RunConfig
-from pipeline.lake.store import META_COLUMNS, read_topic, upgrade
 from pipeline.flow.ledger import without_dead_letters
+from pipeline.lake.store import META_COLUMNS, read_topic, upgrade
 from pipeline.transport.kafka import POLICY_KEY, TOPICS, Producer, ensure_topics, topic_name
 from schemas import encode_batch, headers_for
 

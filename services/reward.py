@@ -36,14 +36,14 @@ from prometheus_client import REGISTRY, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeHistogramMetricFamily
 
-from pipeline.erpo import history as erpo
 from pipeline.config import RunConfig
+from pipeline.erpo import history as erpo
 from pipeline.erpo.partitions import PartitionedHistory, legacy_snapshots
 from pipeline.failpoints import failpoint
-from pipeline.verify.scoring import RESIDUAL_ALL_CORRECT, RESIDUAL_ALL_WRONG, score
-from pipeline.transport.kafka import Consumer, Delivery, Producer, topic_name
-from pipeline.verify.verifier import VerifierPool
 from pipeline.flow.validate import check_groups
+from pipeline.transport.kafka import Consumer, Delivery, Producer, topic_name
+from pipeline.verify.scoring import RESIDUAL_ALL_CORRECT, RESIDUAL_ALL_WRONG, score
+from pipeline.verify.verifier import VerifierPool
 from schemas import SCORED_TRAJECTORY, TEMPERATURE_UPDATE, Columns, concat, split_groups
 from services import metrics
 from services.common import JsonlWriter, StopFlag, erpo_rule, worker_id

@@ -28,12 +28,12 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.config import RunConfig
 from pipeline.dedupe import BoundedSet
-from pipeline.rollout.engine import Sample, TorchEngine
-from pipeline.model.prompts import PromptFormat
 from pipeline.failpoints import failpoint
-from pipeline.transport.kafka import Consumer, Delivery, Producer, RecordRejected, topic_name
 from pipeline.flow.validate import Limits, check_message
+from pipeline.model.prompts import PromptFormat
 from pipeline.model.weights import PolicyMissing, WeightsError, verify_published
+from pipeline.rollout.engine import Sample, TorchEngine
+from pipeline.transport.kafka import Consumer, Delivery, Producer, RecordRejected, topic_name
 from schemas import TRAJECTORY, Columns, Ragged
 from services.common import JsonlWriter, StopFlag, initial_policy_path, load_initial_policy, set_threads, worker_id
 from services.metrics import serve

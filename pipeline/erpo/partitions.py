@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from pipeline.erpo import history as erpo
 from pipeline.dedupe import BoundedSet
+from pipeline.erpo import history as erpo
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.atomic import write_atomic
-from pipeline.dedupe import BoundedSet
 from pipeline.data.tasks import Problem
+from pipeline.dedupe import BoundedSet
 from pipeline.flow.validate import parse_ticket_id
 from schemas import Columns
 

@@ -24,10 +24,10 @@ import torch
 
 from pipeline.atomic import file_lock, fsync_dir
 from pipeline.config import ArithmeticTaskConfig, PromptConfig, WarmstartConfig
-from pipeline.rollout.engine import pack, token_logprobs
+from pipeline.data.tasks import arithmetic_stream
 from pipeline.model.policy import build_char_tokenizer, build_tiny_qwen2, count_parameters
 from pipeline.model.prompts import PromptFormat
-from pipeline.data.tasks import arithmetic_stream
+from pipeline.rollout.engine import pack, token_logprobs
 
 log = logging.getLogger(__name__)
 

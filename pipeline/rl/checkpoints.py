@@ -21,8 +21,8 @@ from pathlib import Path
 from pipeline.atomic import fsync_dir, write_atomic
 from pipeline.config import LearnerConfig, RunConfig
 from pipeline.failpoints import failpoint
-from pipeline.rl.trainer import Trainer
 from pipeline.model.weights import published_versions
+from pipeline.rl.trainer import Trainer
 
 LEARNER_STATE = "learner.json"
 

@@ -170,6 +170,16 @@ def ensure_extensions_dir() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / f"env-{env}"))
 
 
+def skip_shm_comm_on_one_cpu_rank() -> None:
+    """A CPU learner of one rank reduces nothing, so DeepSpeed's shared-memory all-reduce op (which
+    it compiles at the first start in every environment: about 40 s of both cores) is not built.
+    Several CPU ranks keep it (it is their fast intra-node all-reduce)."""
+    if os.environ.get("DS_ACCELERATOR") == "cpu" and os.environ.get("WORLD_SIZE", "1") == "1":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def deepspeed_config(path: Path, lc: LearnerConfig) -> dict[str, Any]:
     """The JSON at ``path`` with the learner's optimiser, clipping and batch sizes filled in.
 
@@ -208,6 +218,7 @@ class DeepSpeedTrainer:
     def __init__(self, model: torch.nn.Module, lc: LearnerConfig, config_path: Path) -> None:
         ensure_single_process_env()
         ensure_extensions_dir()
+        skip_shm_comm_on_one_cpu_rank()
         import deepspeed
 
         self.lc = lc

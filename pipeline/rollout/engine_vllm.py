@@ -37,9 +37,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.rollout.engine import MIN_TEMPERATURE, Sample
 from pipeline.model.prompts import PromptFormat, load_generation_config, stop_token_ids
 from pipeline.model.weights import publish, verify_published
+from pipeline.rollout.engine import MIN_TEMPERATURE, Sample
 
 
 def runs_in_process(in_process: bool | None, multiprocessing_env: str | None, cuda: bool) -> bool:

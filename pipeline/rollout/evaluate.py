@@ -12,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.rollout.engine import TorchEngine
 from pipeline.data.tasks import Problem
+from pipeline.rollout.engine import TorchEngine
 from pipeline.verify.verifier import verify_one
 
 

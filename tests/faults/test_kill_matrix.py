@@ -38,8 +38,8 @@ from infra.objectstore import ObjectStore
 from pipeline.config import KafkaConfig, RunConfig
 from pipeline.erpo.partitions import load_tables, rebuild_from_scored
 from pipeline.failpoints import DIR_ENV, ENV
-from pipeline.lake.store import read_topic
 from pipeline.flow.ledger import VIOLATIONS, ledger_path, read_ledger, reconcile
+from pipeline.lake.store import read_topic
 from pipeline.transport.kafka import ensure_topics
 from services.common import erpo_rule
 from services.supervisor import Supervisor

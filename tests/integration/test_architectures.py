@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import LearnerConfig
-from pipeline.rollout.engine import TorchEngine, pack, token_logprobs
 from pipeline.erpo.history import ErpoRule
-from pipeline.rl.learn import train_step
 from pipeline.model.policy import ModelLoadError, build_char_tokenizer, build_tiny, export_pretrained, load_policy
-from pipeline.rl.trainer import TorchTrainer
 from pipeline.model.weights import publish
+from pipeline.rl.learn import train_step
+from pipeline.rl.trainer import TorchTrainer
+from pipeline.rollout.engine import TorchEngine, pack, token_logprobs
 from services.rollout import group_columns
 
 pytestmark = pytest.mark.integration

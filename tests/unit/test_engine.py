@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.rollout.engine import TorchEngine, pack, token_logprobs
-from pipeline.model.prompts import PromptFormat
 from pipeline.model.policy import build_char_tokenizer, build_tiny_qwen2
+from pipeline.model.prompts import PromptFormat
+from pipeline.rollout.engine import TorchEngine, pack, token_logprobs
 
 PROMPTS = ["7=", "12+34-5=", "3+4="]  # different lengths, so the engine left-pads
 

@@ -3,9 +3,9 @@ checks run; the ticket book and the clock are plain objects."""
 
 from __future__ import annotations
 
+from pipeline.data.tasks import Problem
 from pipeline.erpo.history import ErpoRule
 from pipeline.flow.intake import triage
-from pipeline.data.tasks import Problem
 from pipeline.flow.tickets import TicketBook, TicketSource
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from learn_batch import batch_groups, tiny_model
 from pipeline.config import LearnerConfig
-from pipeline.rollout.engine import pack, scatter_completion, token_logprobs_full
 from pipeline.erpo.history import ErpoRule
 from pipeline.rl.learn import micro_batches, train_step
 from pipeline.rl.losses import (
@@ -22,7 +22,7 @@ from pipeline.rl.losses import (
     reweighted_reference,
 )
 from pipeline.rl.trainer import TorchTrainer
-from learn_batch import batch_groups, tiny_model
+from pipeline.rollout.engine import pack, scatter_completion, token_logprobs_full
 from schemas import concat
 
 FAST = {"lr": 1e-2, "warmup_steps": 0}

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from services.cli import shipped_config
 from pipeline.rl.checkpoints import LearnerState, start_fresh
+from services.cli import shipped_config
 
 
 def test_a_fresh_start_moves_the_previous_life_aside_and_deletes_nothing(tmp_path):

@@ -14,8 +14,8 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.flow.ledger import ledger_path, read_ledger
-from pipeline.transport.memory import MemoryBroker
 from pipeline.transport.kafka import ensure_topics
+from pipeline.transport.memory import MemoryBroker
 from pipeline.verify.verifier import VerifierPool
 from services import learner
 from services.cli import shipped_config

@@ -8,9 +8,9 @@ import pytest
 from transformers import GenerationConfig
 
 from pipeline.config import PromptConfig
-from pipeline.rollout.engine import TorchEngine
 from pipeline.model.policy import build_char_tokenizer, build_tiny
 from pipeline.model.prompts import PromptFormat, stop_token_ids
+from pipeline.rollout.engine import TorchEngine
 
 TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% if thinking is defined and not thinking %}"

@@ -13,8 +13,8 @@ import pytest
 
 from factories import trajectory_group
 from pipeline.config import RunConfig
-from pipeline.transport.memory import MemoryBroker
 from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
+from pipeline.transport.memory import MemoryBroker
 from pipeline.verify.verifier import VerifierPool
 from schemas import TRAJECTORY, headers_for
 from services.reward import Reward

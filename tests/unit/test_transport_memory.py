@@ -10,8 +10,8 @@ import pytest
 
 from factories import trajectory_group
 from pipeline.config import KafkaConfig
-from pipeline.transport.memory import MemoryBroker
 from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
+from pipeline.transport.memory import MemoryBroker
 from schemas import TRAJECTORY, headers_for
 
 
