@@ -33,8 +33,10 @@ def lake_dir(cfg: RunConfig):
     return cfg.recorder.lake_dir or cfg.workdir / "lake"
 
 
-def run(cfg: RunConfig, worker_index: int = 0) -> None:
-    stop = StopFlag()
+def run(cfg: RunConfig, worker_index: int = 0, stop=None) -> None:
+    """Record until SIGTERM (or until ``stop`` is true: a caller in-process passes ``True`` to
+    record what the topics hold and return)."""
+    stop = StopFlag() if stop is None else stop
     rc = cfg.recorder
     root = lake_dir(cfg)
     consumer = Consumer(cfg.kafka, cfg.name, list(TOPICS), group_id=f"{cfg.name}.recorder",

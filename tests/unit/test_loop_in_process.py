@@ -2,7 +2,8 @@
 (torch engine) generates, the reward service scores and keeps ERPO's table, the learner trains,
 publishes, and the rollout reloads the published weights. The services' own classes and loops,
 no subprocesses, no real broker: seconds instead of the minute the subprocess test takes. (The
-subprocess and real-broker versions are tests/integration/test_services.py.)"""
+subprocess and real-broker versions are tests/integration/test_services.py.) Then the recorder
+records the run and the lake reconciles with the learner's ledger."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import uuid
 import pytest
 
 from pipeline.config import load_config
-from pipeline.flow.ledger import ledger_path, read_ledger
+from pipeline.flow.ledger import VIOLATIONS, ledger_path, read_ledger
 from pipeline.transport.kafka import ensure_topics
 from pipeline.transport.memory import MemoryBroker
 from pipeline.verify.verifier import VerifierPool
-from services import learner
+from services import learner, recorder
 from services.cli import shipped_config
+from services.reconcile import reconcile_run
 from services.reward import Reward
 from services.rollout import Rollout
 
@@ -75,3 +77,9 @@ def test_the_whole_loop_runs_in_one_process(cfg):
     assert rollout.groups >= STEPS * GROUPS and reward.groups == rollout.groups
     assert len(reward.history) > 0  # ERPO's table holds the prompts it scored
     assert sorted(p.name for p in (cfg.workdir / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000003"]
+    # The recorder (its own loop, draining what the topics hold) and the reconciliation of the lake
+    # with the ledger: every ticket has exactly one fate.
+    recorder.run(cfg, 0, stop=True)
+    table, totals = reconcile_run(cfg.workdir)
+    assert totals["fate_trained"] == STEPS * GROUPS and not any(totals[k] for k in VIOLATIONS), totals
+    assert table.height == totals["tickets"] >= STEPS * GROUPS
