@@ -97,10 +97,12 @@ def _wait(predicate, timeout_s: float, what: str) -> None:
         time.sleep(0.5)
 
 
-@pytest.mark.parametrize("ranks", [1, 2], ids=["learner-1-rank-zero2", "learner-2-ranks-zero3"])
+@pytest.mark.parametrize("ranks", [2], ids=["learner-2-ranks-zero3"])
 def test_groups_flow_through_the_services_with_offsets_committed(broker, kafka_cfg, run_name, tmp_path, ranks):
-    """One learner process under DeepSpeed ZeRO-2, or two ranks under ZeRO-3 started by torchrun
-    (rank 0 consumes and broadcasts, both train, published weights are gathered)."""
+    """The learner as two ranks under DeepSpeed ZeRO-3 started by torchrun (rank 0 consumes and
+    broadcasts, both train, published weights are gathered). (One rank: every ZeRO stage against
+    plain torch in test_trainer, the whole loop in-process in tests/unit/test_loop_in_process.py,
+    and the e2e demo's DeepSpeed learner; `ranks = 1` still runs here if added back.)"""
     cache = tmp_path / "cache"
     sets = _overrides(run_name, tmp_path / "run", cache, broker.bootstrap)
     sets += ["--set", f'learner.deepspeed_config="infra/deepspeed/zero{2 if ranks == 1 else 3}.json"',
