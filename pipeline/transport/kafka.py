@@ -48,7 +48,7 @@ from typing import Any, Literal
 import numpy as np
 from prometheus_client import Counter
 from kafka import (
-    ConsumerRebalanceListener,
+    AsyncConsumerRebalanceListener,
     KafkaAdminClient,
     KafkaConsumer,
     KafkaProducer,
@@ -344,21 +344,34 @@ class RecordRejected(Exception):
         self.code = code
 
 
-class _Rebalance(ConsumerRebalanceListener):
+class _Rebalance(AsyncConsumerRebalanceListener):
     """Keeps the consumer's positions to partitions it owns and lets the service restore and flush
-    partition state (`on_assign` / `on_revoke`)."""
+    partition state (`on_assign` / `on_revoke`).
+
+    kafka-python 3 runs rebalance listeners on its IO loop, where a blocking call back into the
+    client is refused ("Cannot block on net.run() from the IO thread"), so a synchronous commit
+    from a hook used to fail the rebalance, and the poll that ran it took the error for a bad record.
+    The hooks stay synchronous: a commit `on_revoke` asks for (`Consumer.commit_offsets` while the
+    hook runs) is collected and awaited here, before the partitions go to another member."""
 
     def __init__(self, owner: Consumer) -> None:
         self._owner = owner
 
-    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        keys = sorted(self._owner._logical_key(tp) for tp in revoked)
-        if self._owner._on_revoke is not None and keys:
-            self._owner._on_revoke(keys)
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        owner = self._owner
+        keys = sorted(owner._logical_key(tp) for tp in revoked)
+        if owner._on_revoke is not None and keys:
+            owner._listener_commits = {}
+            try:
+                owner._on_revoke(keys)
+            finally:
+                offsets, owner._listener_commits = owner._listener_commits, None
+            if offsets:
+                await owner._commit_from_listener(offsets)
         for key in keys:
-            self._owner._positions.pop(key, None)
+            owner._positions.pop(key, None)
 
-    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         keys = sorted(self._owner._logical_key(tp) for tp in assigned)
         if self._owner._on_assign is None or not keys:
             return
@@ -459,6 +472,8 @@ class Consumer:
         self._group_id = group_id
         self._deadletter = deadletter
         self._on_assign, self._on_revoke = on_assign, on_revoke
+        self._listener_commits: dict[PartitionKey, int] | None = None
+        """While `on_revoke` runs: the offsets it asked to commit (see `_Rebalance`)."""
         self._positions: dict[PartitionKey, int] = {}
         self._dead_letter_max = max(1024, cfg.max_message_bytes - 64 * 1024)
         self.stats: dict[str, int] = {"delivered": 0, "deadlettered": 0, "dropped": 0}
@@ -671,32 +686,50 @@ class Consumer:
         commit did not happen: the broker was unreachable (a later commit covers these offsets),
         or the group rebalanced meanwhile, in which case the partitions' next owner continues from
         the last committed offsets (or from its restored state) and what this member did since
-        is done again and de-duplicated downstream: the commit rolls back, the service goes on."""
+        is done again and de-duplicated downstream: the commit rolls back, the service goes on.
+        Inside `on_revoke` the commit is made when the hook returns, before the partitions go."""
         if self._group_id is None:
             raise TransportError("commit needs a consumer group (this consumer has group_id=None)")
         if not offsets:
             return True
-        try:
-            self._consumer.commit(
-                {
-                    TopicPartition(topic_name(self._run, t), p): OffsetAndMetadata(o, "", -1)
-                    for (t, p), o in offsets.items()
-                }
-            )
+        if self._listener_commits is not None:
+            self._listener_commits.update(offsets)
             return True
-        except (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError) as e:
+        try:
+            self._consumer.commit(self._kafka_offsets(offsets))
+            return True
+        except KafkaError as e:
+            return self._commit_failed(e)
+
+    async def _commit_from_listener(self, offsets: dict[PartitionKey, int]) -> bool:
+        """The commit `on_revoke` asked for, awaited on the client's IO loop (see `_Rebalance`)."""
+        try:
+            if isinstance(self._consumer, MemoryConsumerClient):
+                await self._consumer.commit_from_listener(self._kafka_offsets(offsets))
+            else:  # the coroutine behind KafkaConsumer.commit (kafka-python is pinned to 3.0.x)
+                await self._consumer._coordinator._commit_offsets_sync_async(self._kafka_offsets(offsets))
+            return True
+        except KafkaError as e:
+            return self._commit_failed(e)
+
+    def _kafka_offsets(self, offsets: dict[PartitionKey, int]) -> dict[TopicPartition, OffsetAndMetadata]:
+        return {TopicPartition(topic_name(self._run, t), p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+
+    def _commit_failed(self, e: KafkaError) -> bool:
+        """False for a commit a rebalance refused or an outage lost (see `commit_offsets`); raises
+        anything else."""
+        if isinstance(e, (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)):
             REBALANCE_COMMITS.inc()
             log.warning("commit refused by a rebalance (%s); the partitions' next owner continues from the last "
                         "commit", type(e).__name__)
             return False
-        except KafkaError as e:
-            if not e.retriable:
-                raise
-            # Safe to skip: the results are flushed, so a later commit covers these offsets and a
-            # re-delivery before it is de-duplicated downstream.
-            OUTAGES.labels("commit").inc()
-            log.warning("commit failed (%r); the next commit will cover these offsets", e)
-            return False
+        if not e.retriable:
+            raise e
+        # Safe to skip: the results are flushed, so a later commit covers these offsets and a
+        # re-delivery before it is de-duplicated downstream.
+        OUTAGES.labels("commit").inc()
+        log.warning("commit failed (%r); the next commit will cover these offsets", e)
+        return False
 
     def seek(self, offsets: dict[PartitionKey, int]) -> None:
         """Continue these assigned partitions from these next offsets. (A group member restores

@@ -19,7 +19,11 @@ the transport uses, with Kafka's semantics where they matter to the services:
   new owner only after the previous owner has revoked it (the new owner gets it at a later poll),
   so two members never hold one partition; ``close`` revokes (as kafka-python's does) and leaves;
 - a commit from a member of an older generation, or for a partition it does not own, is refused
-  with ``CommitFailedError``, as Kafka refuses it after a rebalance;
+  with ``CommitFailedError``, as Kafka refuses it after a rebalance; a member revoking its
+  partitions may still commit them (Kafka's eager protocol: revocation happens before the rejoin);
+- listeners run as kafka-python 3 runs them, on the client's IO loop: an async listener is
+  awaited, and a blocking ``commit`` from inside one raises ``RuntimeError`` (the listener awaits
+  ``commit_from_listener`` instead, as `pipeline.transport.kafka` does with the client's coroutine);
 - ``poll`` waits up to its timeout for records, starting at another partition each time, so a
   small ``max_records`` does not starve the later partitions.
 
@@ -28,6 +32,8 @@ Brokers live in this process, one per name (`MemoryBroker.named`); `MemoryBroker
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import itertools
 import threading
 import time
@@ -178,6 +184,7 @@ class MemoryConsumerClient:
         """Partitions of this generation still held by their previous owner."""
         self.positions: dict[TopicPartition, int] = {}
         self._start = 0
+        self._in_listener = self._revoking = False
 
     # -- membership
     def subscribe(self, topics: list[str], listener=None) -> None:
@@ -227,13 +234,16 @@ class MemoryConsumerClient:
         self.assigned |= free
         for tp in free:
             self.positions[tp] = committed.get(tp, 0 if self.reset == "earliest" else self._end(tp))
-        if self.listener is not None:
-            self.listener.on_partitions_assigned(set(free))
+        self._listen("on_partitions_assigned", set(free))
 
     def _revoke_all(self) -> None:
         """Give up every partition held (listener first, while still the owner), then release them."""
-        if self.listener is not None and self.assigned:
-            self.listener.on_partitions_revoked(set(self.assigned))
+        if self.assigned:
+            self._revoking = True
+            try:
+                self._listen("on_partitions_revoked", set(self.assigned))
+            finally:
+                self._revoking = False
         with self.broker.cond:
             group = self.broker.groups[self.group_id]
             for tp in self.assigned:
@@ -241,6 +251,21 @@ class MemoryConsumerClient:
                     del group.owner[tp]
             self.broker.cond.notify_all()
         self.assigned, self.positions, self.pending = set(), {}, set()
+
+    def _listen(self, method: str, partitions: set[TopicPartition]) -> None:
+        """Run a listener hook as kafka-python 3 does: on the client's IO loop (an async listener
+        is awaited), where a blocking call back into the client, a synchronous `commit`, is refused."""
+        hook = getattr(self.listener, method, None)
+        if hook is None:
+            return
+        self._in_listener = True
+        try:
+            if inspect.iscoroutinefunction(hook):
+                asyncio.run(hook(partitions))
+            else:
+                hook(partitions)
+        finally:
+            self._in_listener = False
 
     def _end(self, tp: TopicPartition) -> int:
         return len(self.broker.topics[tp.topic][tp.partition])
@@ -288,9 +313,21 @@ class MemoryConsumerClient:
                 self.broker.cond.wait(left)
 
     def commit(self, offsets: dict) -> None:
+        if self._in_listener:
+            raise RuntimeError("Cannot block on net.run() from the IO thread itself (a rebalance listener called "
+                               "a blocking commit; kafka-python 3 refuses it the same way)")
+        self._commit(offsets)
+
+    async def commit_from_listener(self, offsets: dict) -> None:
+        """What a listener awaits instead of `commit`. While revoking, this member still owns the
+        partitions in the generation it is leaving, and its commit is accepted (Kafka's eager
+        rebalance: members commit in their revocation before they rejoin)."""
+        self._commit(offsets)
+
+    def _commit(self, offsets: dict) -> None:
         with self.broker.cond:
             group = self.broker.groups[self.group_id]
-            if group.generation != self.generation:
+            if group.generation != self.generation and not self._revoking:
                 raise CommitFailedError("the group rebalanced since this member's last poll")
             foreign = [tp for tp in offsets if tp not in self.assigned]
             if foreign:

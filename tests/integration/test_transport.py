@@ -320,3 +320,49 @@ def test_producer_refuses_a_kind_on_the_wrong_topic(kafka_cfg: KafkaConfig, run_
     with pytest.raises(ValueError, match="PolicyUpdate"):
         producer.send(topic_name(run_name, "policy"), TRAJECTORY, trajectories("x"))
     producer.close()
+
+
+def test_on_revoke_commits_before_the_partitions_go_at_a_rebalance_and_at_close(kafka_cfg: KafkaConfig,
+                                                                               run_name: str) -> None:
+    """What the reward service does: `on_revoke` snapshots its partitions and commits their offsets.
+    kafka-python 3 runs rebalance listeners on its IO loop, where a blocking commit is refused
+    ("Cannot block on net.run() from the IO thread"): the commit a hook asks for must still land,
+    at a rebalance (a second member joins) and when the member closes."""
+    ensure_topics(kafka_cfg, run_name)
+    producer = Producer(kafka_cfg, "test")
+    topic = topic_name(run_name, "trajectories")
+    for i in range(12):
+        producer.send(topic, TRAJECTORY, trajectories(f"s{i}", n=1), key=f"k{i}".encode())
+    producer.flush()
+    producer.close()
+    group = f"{run_name}-g"
+    revoked: dict[str, list] = {"a": [], "b": []}
+
+    def member(name: str) -> Consumer:
+        c: Consumer
+
+        def on_revoke(parts):
+            revoked[name].extend(parts)
+            assert c.commit_offsets({p: o for p, o in c.positions().items() if p in parts})
+
+        c = Consumer(kafka_cfg, run_name, ["trajectories"], group, name, deadletter=None, on_revoke=on_revoke)
+        return c
+
+    a = member("a")
+    got = poll_until(a, 12)
+    assert len(got) == 12 and not revoked["a"]
+    b = member("b")  # joins: the group rebalances and `a` hands over its partitions first
+    deadline = time.monotonic() + 30
+    while not revoked["a"] and time.monotonic() < deadline:
+        a.poll(timeout_ms=200)
+        b.poll(timeout_ms=200)
+    assert revoked["a"], "the rebalance never revoked a's partitions"
+    probe = KafkaConsumer(bootstrap_servers=kafka_cfg.bootstrap_servers, group_id=group, enable_auto_commit=False)
+    try:
+        parts = probe.partitions_for_topic(topic) or set()
+        assert sum(probe.committed(TopicPartition(topic, p)) or 0 for p in parts) == 12
+    finally:
+        probe.close()
+    a.close()  # a revoke at close commits too (here: its new partitions, nothing new to commit)
+    b.close()
+    assert revoked["b"] or revoked["a"]

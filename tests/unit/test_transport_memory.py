@@ -120,3 +120,46 @@ def test_a_topic_created_after_the_subscription_is_assigned(mem):
     p.send(topic_name("late", "policy"), POLICY_UPDATE, policy_update(), key=b"policy")
     p.flush()
     assert len(_drain(c)) == 1
+
+
+def test_a_commit_asked_for_in_on_revoke_lands_and_a_blocking_one_in_a_raw_listener_is_refused(mem):
+    """As on kafka-python 3 (tests/integration/test_transport.py has the real-broker case): the
+    client runs listeners on its IO loop and refuses a blocking commit there; `Consumer` defers the
+    commit `on_revoke` asks for and awaits it before the partitions go."""
+    from kafka import ConsumerRebalanceListener
+    from kafka.structs import OffsetAndMetadata
+
+    from pipeline.transport.memory import MemoryConsumerClient
+
+    _send(mem, 8)
+    group = f"r.{uuid.uuid4().hex[:6]}"
+
+    def member(name: str) -> Consumer:
+        def on_revoke(parts):
+            assert c.commit_offsets({p: o for p, o in c.positions().items() if p in parts})
+
+        c = Consumer(mem, "r", ["trajectories"], group, name, deadletter=None, on_revoke=on_revoke)
+        return c
+
+    a = member("a")
+    assert len(_drain(a)) == 8
+    b = member("b")  # joins: a revokes (and commits) at its next poll
+    _drain(a, 1)
+    broker = MemoryBroker.named(mem.bootstrap_servers)
+    committed = broker.groups[group].committed
+    assert sum(committed.values()) == 8 and len(committed) == 4
+    a.close()
+    b.close()
+
+    class Blocking(ConsumerRebalanceListener):
+        def on_partitions_revoked(self, revoked):
+            raw.commit({tp: OffsetAndMetadata(0, "", -1) for tp in revoked})
+
+        def on_partitions_assigned(self, assigned):
+            pass
+
+    raw = MemoryConsumerClient(broker, f"{group}-raw")
+    raw.subscribe([topic_name("r", "trajectories")], listener=Blocking())
+    raw.poll(10)
+    with pytest.raises(RuntimeError, match="Cannot block on net.run"):
+        raw.close()
