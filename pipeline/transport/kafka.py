@@ -364,6 +364,9 @@ class _Rebalance(AsyncConsumerRebalanceListener):
             owner._listener_commits = {}
             try:
                 owner._on_revoke(keys)
+            except BaseException as e:
+                owner._hook_error = e
+                raise
             finally:
                 offsets, owner._listener_commits = owner._listener_commits, None
             if offsets:
@@ -372,12 +375,18 @@ class _Rebalance(AsyncConsumerRebalanceListener):
             owner._positions.pop(key, None)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        keys = sorted(self._owner._logical_key(tp) for tp in assigned)
-        if self._owner._on_assign is None or not keys:
+        owner = self._owner
+        keys = sorted(owner._logical_key(tp) for tp in assigned)
+        if owner._on_assign is None or not keys:
             return
-        for (t, p), offset in self._owner._on_assign(keys).items():
-            self._owner._consumer.seek(TopicPartition(topic_name(self._owner._run, t), p), offset)
-            self._owner._positions[(t, p)] = offset
+        try:
+            seeks = owner._on_assign(keys)
+        except BaseException as e:
+            owner._hook_error = e
+            raise
+        for (t, p), offset in seeks.items():
+            owner._consumer.seek(TopicPartition(topic_name(owner._run, t), p), offset)
+            owner._positions[(t, p)] = offset
 
 
 MAX_SKIPS_PER_POLL = 100
@@ -474,6 +483,8 @@ class Consumer:
         self._on_assign, self._on_revoke = on_assign, on_revoke
         self._listener_commits: dict[PartitionKey, int] | None = None
         """While `on_revoke` runs: the offsets it asked to commit (see `_Rebalance`)."""
+        self._hook_error: BaseException | None = None
+        """What `on_assign`/`on_revoke` raised inside the client, to raise from `poll` as it was."""
         self._positions: dict[PartitionKey, int] = {}
         self._dead_letter_max = max(1024, cfg.max_message_bytes - 64 * 1024)
         self.stats: dict[str, int] = {"delivered": 0, "deadlettered": 0, "dropped": 0}
@@ -520,6 +531,11 @@ class Consumer:
                 try:
                     return self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
                 except KafkaError as e:
+                    if self._hook_error is not None:
+                        # The service's own on_assign/on_revoke raised (the client wraps it in a
+                        # KafkaError): the service's error, not a record's. Raised as it was.
+                        hook_error, self._hook_error = self._hook_error, None
+                        raise hook_error from e
                     if e.retriable:
                         # The broker is down or restarting: deliver nothing, keep positions, try again later.
                         OUTAGES.labels("poll").inc()

@@ -366,3 +366,25 @@ def test_on_revoke_commits_before_the_partitions_go_at_a_rebalance_and_at_close(
     a.close()  # a revoke at close commits too (here: its new partitions, nothing new to commit)
     b.close()
     assert revoked["b"] or revoked["a"]
+
+
+def test_an_error_in_a_partition_hook_is_the_services_not_a_records(kafka_cfg: KafkaConfig, run_name: str) -> None:
+    """`on_assign` raising (a state store that cannot be restored) reaches the service from `poll`
+    as it was raised; no record is taken for unreadable and skipped."""
+    ensure_topics(kafka_cfg, run_name)
+    producer = Producer(kafka_cfg, "test")
+    producer.send(topic_name(run_name, "trajectories"), TRAJECTORY, trajectories("s0", n=1), key=b"k")
+    producer.flush()
+    producer.close()
+
+    def on_assign(parts):
+        raise OSError("snapshot unreadable")
+
+    c = Consumer(kafka_cfg, run_name, ["trajectories"], f"{run_name}-g", "hooked", deadletter=None,
+                 on_assign=on_assign)
+    with pytest.raises(OSError, match="snapshot unreadable"):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            c.poll(timeout_ms=200)
+    assert c.stats["dropped"] == 0
+    c.close()
