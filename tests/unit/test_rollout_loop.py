@@ -1,0 +1,77 @@
+"""The rollout service's loop in-process on the in-memory broker (torch engine): each prompt is
+sampled at the temperature last announced for it on the `temperature` topic, never-announced ones
+at tau0, and the behaviour log-probs are those of the distribution at that temperature. (vLLM's
+variant runs as a process over the real broker: tests/integration/test_erpo_loop.py.)"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from factories import temperature_update, ticket
+from pipeline.config import load_config
+from pipeline.model.policy import load_policy
+from pipeline.rollout.engine import pack, token_logprobs
+from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
+from pipeline.transport.memory import MemoryBroker
+from schemas import PROMPT_TICKET, TEMPERATURE_UPDATE
+from services.cli import shipped_config
+from services.common import initial_policy_path
+from services.rollout import Rollout
+
+G = 4
+
+
+@pytest.fixture()
+def cfg(tmp_path):
+    sets = {
+        "name": '"roll"', "workdir": f'"{tmp_path / "run"}"', "cache_dir": f'"{tmp_path / "cache"}"',
+        "kafka.bootstrap_servers": f'"memory://{uuid.uuid4().hex[:8]}"', "kafka.poll_stall_timeout_s": "0",
+        "metrics.enabled": "false", "model.warmstart.steps": "5", "model.warmstart.hidden_size": "32",
+        "model.warmstart.layers": "1", "model.warmstart.heads": "2", "model.warmstart.kv_heads": "1",
+        "model.warmstart.intermediate_size": "64", "rollout.engine": '"torch"', "rollout.group_size": str(G),
+        "rollout.poll_timeout_ms": "20",
+    }
+    cfg = load_config(shipped_config(), [f"{k}={v}" for k, v in sets.items()])
+    ensure_topics(cfg.kafka, cfg.name)
+    yield cfg
+    MemoryBroker.reset()
+
+
+def test_each_prompt_is_sampled_at_its_announced_temperature(cfg):
+    producer = Producer(cfg.kafka, "test")
+    announced = {"hot": 1.3, "cold": 0.5}
+    for pid, t in announced.items():
+        producer.send(topic_name(cfg.name, "temperature"), TEMPERATURE_UPDATE, temperature_update(pid, t),
+                      key=pid.encode())
+    producer.flush()
+    rollout = Rollout(cfg, 0)
+    rollout.temperatures.catch_up()
+    for i, pid in enumerate(("hot", "cold", "new")):
+        producer.send(topic_name(cfg.name, "prompts"), PROMPT_TICKET,
+                      ticket(f"e0-{i:06d}", pid, text="3+4=", answer="7"), key=pid.encode())
+    producer.flush()
+    deadline = time.monotonic() + 60
+    while rollout.groups < 3 and time.monotonic() < deadline:
+        rollout.step()
+    assert rollout.groups == 3
+    reader = Consumer(cfg.kafka, cfg.name, ["trajectories"], group_id=None, client_id="check", deadletter=None)
+    groups = reader.poll(timeout_ms=100)
+    reader.close()
+    temps = {d.columns["prompt_id"][0]: d.columns["temperature"] for d in groups}
+    np.testing.assert_array_equal(temps["hot"], np.float32(1.3))  # every sample of the group
+    np.testing.assert_array_equal(temps["cold"], np.float32(0.5))
+    np.testing.assert_array_equal(temps["new"], np.float32(cfg.erpo.tau0))  # never announced
+    model, tok = load_policy(initial_policy_path(cfg))
+    for d in groups:
+        c = d.columns
+        batch = pack([c["prompt_token_ids"][i] for i in range(G)], [c["completion_token_ids"][i] for i in range(G)],
+                     c["temperature"], tok.pad_token_id)
+        with torch.no_grad():
+            lp, _ = token_logprobs(model, batch)
+        np.testing.assert_allclose(lp[batch.completion_mask.bool()].numpy(), c["behavior_logprobs"].values,
+                                   atol=1e-5, rtol=0)
