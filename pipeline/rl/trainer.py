@@ -162,19 +162,20 @@ def ensure_single_process_env() -> None:
 
 def ensure_extensions_dir() -> None:
     """One torch-extension build folder per Python environment, unless ``TORCH_EXTENSIONS_DIR`` is
-    set. DeepSpeed compiles its CPU communication op on first use (about 40 s on 2 cores) into
-    torch's default folder, which every environment of one Python version shares; the build
+    set. DeepSpeed compiles the ops it uses on first use (its CPU communication op took about 40 s
+    on 2 cores, before `skip_shm_comm_on_cpu`) into torch's default folder, which every environment of one Python version shares; the build
     records the environment's include paths, so two virtualenvs rebuild over each other at every
     start (measured: 34 s of both cores at each learner start, alternating venvs)."""
     env = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / f"env-{env}"))
 
 
-def skip_shm_comm_on_one_cpu_rank() -> None:
-    """A CPU learner of one rank reduces nothing, so DeepSpeed's shared-memory all-reduce op (which
-    it compiles at the first start in every environment: about 40 s of both cores) is not built.
-    Several CPU ranks keep it (it is their fast intra-node all-reduce)."""
-    if os.environ.get("DS_ACCELERATOR") == "cpu" and os.environ.get("WORLD_SIZE", "1") == "1":
+def skip_shm_comm_on_cpu() -> None:
+    """DeepSpeed compiles a shared-memory all-reduce op at the first start on CPU in every
+    environment (about 40 s of both cores) that training never calls: it serves DeepSpeed
+    inference's `inference_all_reduce` only, and training collectives go through torch.distributed
+    (gloo on CPU). Marked incompatible, it is not built."""
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -218,7 +219,7 @@ class DeepSpeedTrainer:
     def __init__(self, model: torch.nn.Module, lc: LearnerConfig, config_path: Path) -> None:
         ensure_single_process_env()
         ensure_extensions_dir()
-        skip_shm_comm_on_one_cpu_rank()
+        skip_shm_comm_on_cpu()
         import deepspeed
 
         self.lc = lc
