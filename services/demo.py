@@ -50,13 +50,21 @@ def _progress_line(run_dir: Path, cfg: RunConfig, t0: float) -> str:
             f"| {lr['groups_per_s']:.1f} groups/s, {tok / max(el, 1e-9):.0f} tok/s generated")
 
 
+def _budget_line(b) -> str:
+    """pass@k and diversity of a `pipeline.rollout.evaluate.BudgetResult`, on one line."""
+    ks = " ".join(f"pass@{k} {v:.3f}" for k, v in b.pass_at.items())
+    return (f"{ks}; solved at least once {int((b.correct > 0).sum())}; distinct answers {b.distinct_answers:.2f}; "
+            f"token entropy {b.entropy:.3f}")
+
+
 def run(cfg: RunConfig) -> int:
     import torch
 
-    from pipeline.rollout.engine import TorchEngine
-    from pipeline.rollout.evaluate import evaluate
-    from pipeline.model.prompts import PromptFormat
     from pipeline.data.tasks import arithmetic_problems, load_problems
+    from pipeline.model.prompts import PromptFormat
+    from pipeline.rollout.engine import TorchEngine
+    from pipeline.rollout.evaluate import evaluate, sample_budget
+    from pipeline.rollout.passk import solved_beyond
     from pipeline.transport.kafka import ensure_topics
     from services.common import initial_policy_path, load_initial_policy
 
@@ -89,6 +97,13 @@ def run(cfg: RunConfig) -> int:
                          prompt_format=PromptFormat(tokenizer, cfg.prompt))
     ev = cfg.eval
     before = evaluate(engine, heldout, ev.temperature, ev.samples, ev.batch_size)
+    budget_set = heldout[: ev.budget_problems]
+    budget_before = None
+    if ev.budget_samples:
+        budget_before = sample_budget(engine, budget_set, ev.budget_samples, ev.temperature,
+                                      max(1, ev.batch_size // ev.budget_samples))
+        print(f"held-out before RL ({len(budget_set)} problems x {ev.budget_samples} samples): "
+              f"{_budget_line(budget_before)}", flush=True)
     if gpu:
         model.to("cpu")
         torch.cuda.empty_cache()
@@ -181,6 +196,15 @@ def run(cfg: RunConfig) -> int:
     if gpu:
         model.to("cuda")
     after = evaluate(engine, heldout, ev.temperature, ev.samples, ev.batch_size)
+    budget = {}
+    if budget_before is not None:
+        budget_after = sample_budget(engine, budget_set, ev.budget_samples, ev.temperature,
+                                     max(1, ev.batch_size // ev.budget_samples))
+        beyond = solved_beyond(budget_before.correct, budget_after.correct)
+        print(f"held-out after RL  ({len(budget_set)} problems x {ev.budget_samples} samples): "
+              f"{_budget_line(budget_after)}; solved beyond the base model: {beyond}", flush=True)
+        budget = {"budget_before": budget_before.summary(), "budget_after": budget_after.summary(),
+                  "solved_beyond_base": beyond}
     wall = time.monotonic() - t_start
     print(f"held-out after RL  ({after.problems} problems): sampled pass@1 "
           f"{after.sampled_accuracy:.3f}, greedy {after.greedy_accuracy:.3f} "
@@ -194,7 +218,7 @@ def run(cfg: RunConfig) -> int:
     print(f"report: {report}", flush=True)
     summary = {"acc_before": before.sampled_accuracy, "acc_after": after.sampled_accuracy,
                "greedy_before": before.greedy_accuracy, "greedy_after": after.greedy_accuracy,
-               "rl_s": rl_s, "wall_s": wall, "policy_version": int(version), "restarts": sup.restarts}
+               "rl_s": rl_s, "wall_s": wall, "policy_version": int(version), "restarts": sup.restarts, **budget}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"RESULT acc_before={before.sampled_accuracy:.4f} acc_after={after.sampled_accuracy:.4f} "
           f"wall_s={wall:.0f} greedy_before={before.greedy_accuracy:.4f} "

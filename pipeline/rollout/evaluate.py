@@ -2,7 +2,8 @@
 
 Accuracy is the mean verifier reward over held-out problems: greedy decoding (one sample at
 temperature 0) and sampled pass@1 (mean over ``samples`` samples at ``temperature``), the latter
-being what RL optimises and what the rollout engine generates with.
+being what RL optimises and what the rollout engine generates with. `sample_budget` draws ``n``
+samples per problem for pass@k, solved-beyond-base and diversity (`pipeline.rollout.passk`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 from pipeline.data.tasks import Problem
 from pipeline.rollout.engine import TorchEngine
+from pipeline.rollout.passk import POWERS_OF_TWO, distinct_answers, entropy_estimate, pass_at_k_curve
 from pipeline.verify.verifier import verify_one
 
 
@@ -48,3 +50,47 @@ def evaluate(engine: TorchEngine, problems: Sequence[Problem], temperature: floa
         samples=samples,
         temperature=temperature,
     )
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    """What ``n`` samples per problem show (`sample_budget`)."""
+
+    correct: np.ndarray
+    """Correct samples per problem (int, one per problem, in order): keep it to count problems
+    solved beyond another policy's (`pipeline.rollout.passk.solved_beyond`)."""
+    samples: int
+    temperature: float
+    pass_at: dict[int, float]
+    """Unbiased pass@k for k = 1, 2, 4, ... up to ``samples``."""
+    distinct_answers: float
+    """Mean distinct final answers per problem's samples."""
+    entropy: float
+    """Mean per-token entropy (nats) of the sampling distribution, estimated from sampled tokens."""
+    tokens: int
+    """Completion tokens sampled."""
+
+    def summary(self) -> dict:
+        return {"samples": self.samples, "temperature": self.temperature,
+                **{f"pass@{k}": v for k, v in self.pass_at.items()}, "solved_any": int((self.correct > 0).sum()),
+                "distinct_answers": self.distinct_answers, "entropy": self.entropy, "tokens": self.tokens}
+
+
+def sample_budget(engine: TorchEngine, problems: Sequence[Problem], n: int, temperature: float = 1.0,
+                  batch: int = 64) -> BudgetResult:
+    """``n`` samples per problem at ``temperature``: per-problem correct counts, pass@k,
+    diversity of final answers and token entropy."""
+    correct = np.zeros(len(problems), dtype=np.int64)
+    texts: list[list[str]] = [[] for _ in problems]
+    logprobs, tokens = [], 0
+    for i in range(0, len(problems), batch):
+        chunk = problems[i: i + batch]
+        for s in engine.generate([p.text for p in chunk], [temperature] * len(chunk), n):
+            j = i + s.prompt_index
+            correct[j] += verify_one(s.text, problems[j].answer, signal_timeout_s=None).reward == 1.0
+            texts[j].append(s.text)
+            logprobs.append(s.behavior_logprobs)
+            tokens += len(s.completion_token_ids)
+    return BudgetResult(correct=correct, samples=n, temperature=temperature,
+                        pass_at=pass_at_k_curve(correct, n, POWERS_OF_TWO), distinct_answers=distinct_answers(texts),
+                        entropy=entropy_estimate(logprobs), tokens=tokens)

@@ -144,3 +144,25 @@ def test_samples_still_generating_after_others_stopped_keep_exact_logprobs(model
     behavior = torch.from_numpy(np.concatenate([s.behavior_logprobs for s in samples]))
     recomputed = _recomputed(model, tok, samples, [temps[s.prompt_index] for s in samples])
     torch.testing.assert_close(recomputed, behavior, atol=1e-5, rtol=0)
+
+
+def test_a_sampling_budget_counts_each_problems_correct_samples(model, tok):
+    from pipeline.data.tasks import Problem
+    from pipeline.rollout.evaluate import sample_budget
+    from pipeline.verify.verifier import verify_one
+
+    engine = TorchEngine(model, tok, max_new_tokens=6, seed=0)
+    problems = [Problem(f"p{i}", p, "7") for i, p in enumerate(PROMPTS)]
+    got = sample_budget(engine, problems, n=8, temperature=1.0, batch=2)
+    # Recount from the same seeded samples: each problem's own samples, across generate batches.
+    again = TorchEngine(model, tok, max_new_tokens=6, seed=0)
+    texts = [[] for _ in problems]
+    for chunk_start in range(0, len(problems), 2):
+        chunk = problems[chunk_start: chunk_start + 2]
+        for s in again.generate([p.text for p in chunk], [1.0] * len(chunk), 8):
+            texts[chunk_start + s.prompt_index].append(s.text)
+    want = [sum(verify_one(t, "7", signal_timeout_s=None).reward == 1.0 for t in ts) for ts in texts]
+    assert got.correct.tolist() == want and got.samples == 8
+    assert list(got.pass_at) == [1, 2, 4, 8] and got.pass_at[1] == pytest.approx(sum(want) / (8 * len(problems)))
+    assert 1 <= got.distinct_answers <= 8 and got.entropy > 0 and got.tokens > 0
+    assert got.summary()["solved_any"] == sum(w > 0 for w in want)

@@ -1,0 +1,66 @@
+"""pass@k and the diversity measures against hand-computed values and exact binomials."""
+
+from __future__ import annotations
+
+from math import comb
+
+import numpy as np
+import pytest
+
+from pipeline.rollout.passk import (
+    distinct_answers,
+    entropy_estimate,
+    final_answer,
+    pass_at_k,
+    pass_at_k_curve,
+    solved_beyond,
+)
+
+
+def test_pass_at_k_by_hand():
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)  # 1 - C(3,1)/C(4,1)
+    assert pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
+    assert pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)  # 1 - C(7,5)/C(10,5)
+    assert pass_at_k(5, 0, 3) == 0.0 and pass_at_k(5, 5, 1) == 1.0
+    assert pass_at_k(5, 2, 4) == 1.0  # fewer than k wrong samples: any k contain a correct one
+    assert pass_at_k(64, 16, 1) == pytest.approx(16 / 64)  # pass@1 is the fraction correct
+
+
+def test_pass_at_k_matches_exact_binomials_and_takes_arrays():
+    rng = np.random.default_rng(0)
+    n = 64
+    c = rng.integers(0, n + 1, size=200)
+    for k in (1, 2, 8, 33, 64):
+        exact = np.array([1 - comb(n - ci, k) / comb(n, k) for ci in c])
+        np.testing.assert_allclose(pass_at_k(n, c, k), exact, rtol=1e-9, atol=1e-12)
+    curve = pass_at_k_curve(np.array([0, 1, 64]), 64, ks=(1, 8, 64, 128))
+    assert list(curve) == [1, 8, 64]  # k above n is left out
+    assert curve[1] == pytest.approx((0 + 1 / 64 + 1) / 3) and curve[64] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        pass_at_k(4, 1, 5)
+    with pytest.raises(ValueError, match=r"\[0, 4\]"):
+        pass_at_k(4, 5, 1)
+
+
+def test_solved_beyond_counts_problems_only_the_policy_solved():
+    base, policy = np.array([0, 0, 3, 1, 0]), np.array([2, 0, 0, 5, 1])
+    assert solved_beyond(base, policy) == 2  # problems 0 and 4
+    with pytest.raises(ValueError, match="shape"):
+        solved_beyond(base, policy[:3])
+
+
+def test_final_answers_and_their_diversity():
+    assert final_answer("so the total is \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
+    assert final_answer("3 + 4 = 7, then 1,200") == "1200"
+    assert final_answer("  no   number ") == "no number"
+    assert distinct_answers([["7", " 7", "8"], ["\\boxed{2}", "2"]]) == pytest.approx((2 + 1) / 2)
+    assert np.isnan(distinct_answers([]))
+
+
+def test_entropy_estimate_is_the_mean_negative_logprob():
+    assert entropy_estimate([np.log([0.5, 0.25]), np.array([]), np.log([0.5])]) == pytest.approx(
+        -(np.log(0.5) * 2 + np.log(0.25)) / 3)
+    # Sampling from a known distribution, the estimate converges to its entropy.
+    p = np.array([0.7, 0.2, 0.1])
+    y = np.random.default_rng(1).choice(3, size=200_000, p=p)
+    assert entropy_estimate([np.log(p[y])]) == pytest.approx(-(p * np.log(p)).sum(), rel=0.01)
