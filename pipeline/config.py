@@ -297,8 +297,6 @@ class ErpoConfig(_Strict):
     """Pass rates kept per prompt."""
     decay: float = Field(0.0, ge=0.0, le=1.0)
     """Fraction of the distance to tau0 removed after an informative group (0: temperature stays)."""
-    drop_all_wrong: bool = False
-    """Drop all-wrong groups from the learner's batches (DAPO-style dynamic sampling)."""
     ra_delta: float = Field(0.1, ge=0.0, le=10.0)
     """RA: advantage of every sample of an all-correct group is -ra_delta (0 turns RA off)."""
     snapshot_every: int = Field(10, ge=1)
@@ -489,6 +487,14 @@ class LearnerConfig(_Strict):
     torch AdamW on one process (no compile step; the light fallback)."""
     deepspeed_config: Path = Path("infra/deepspeed/zero0.json")
     """DeepSpeed JSON (ZeRO stage, precision); relative paths resolve against the repository."""
+    dynamic_sampling: Literal["off", "all_wrong", "zero_variance"] = "off"
+    """Groups left out of training because they carry no signal (`pipeline.flow.intake`).
+    `zero_variance`: DAPO's dynamic sampling, every group whose rewards are all equal (all correct
+    or all wrong: zero advantage, no gradient; ledger fates `dropped_all_correct`,
+    `dropped_all_wrong`); `all_wrong`: only all-wrong groups (ERPO's RA still acts on all-correct
+    ones). A dropped group frees its place in flight, so the learner issues another ticket: a step
+    always trains `groups_per_step` groups with signal, and the run samples as many more as it
+    drops (its sampled tokens show the cost)."""
     offline: bool = False
     """Train on recorded groups (`rlstream replay` into this run's topics) instead of live ones:
     their behaviour policy versions belong to the recorded run, so they are neither checked

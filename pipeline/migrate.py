@@ -6,6 +6,8 @@ applies it to every file it loads, so old run files and the `config.json` of old
 loading (with a warning naming each move); `rlstream migrate-config FILE` rewrites a file.
 
 Changes so far:
+- `erpo.drop_all_wrong = true` became `learner.dynamic_sampling = "all_wrong"` (DAPO's dynamic
+  sampling, `"zero_variance"`, is the other filter).
 - The flat `[learner]` settings went into sections (`optimizer`, `loss`, `kl`, `staleness`,
   `tickets`, `checkpoint`; `LEARNER_MOVES`), and `learner.kl` became a section
   whose `kind` selects the term and its parameters (`kl = "rapo"` is `kl = {kind = "rapo"}`).
@@ -42,10 +44,21 @@ KL_PARAMETERS = {"none": (), "k3": ("coef",), "rapo": ("coef", "phi_floor"), "ra
 
 def migrate_config(data: MutableMapping, new_table: Callable[[], MutableMapping] = dict) -> list[str]:
     """Bring ``data`` (a parsed run config) to the current shape, in place; one line per change."""
+    notes = []
+    erpo = data.get("erpo")
+    if isinstance(erpo, MutableMapping) and "drop_all_wrong" in erpo:
+        drop = erpo["drop_all_wrong"]
+        del erpo["drop_all_wrong"]
+        if drop is True:
+            if not isinstance(data.get("learner"), MutableMapping):
+                data["learner"] = new_table()
+            data["learner"]["dynamic_sampling"] = "all_wrong"
+            notes.append('erpo.drop_all_wrong = true -> learner.dynamic_sampling = "all_wrong"')
+        else:
+            notes.append("erpo.drop_all_wrong dropped (off is the default of learner.dynamic_sampling)")
     learner = data.get("learner")
     if not isinstance(learner, MutableMapping):
-        return []
-    notes = []
+        return notes
     if isinstance(learner.get("kl"), str):
         kind = str(learner["kl"])
         table = new_table()

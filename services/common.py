@@ -124,5 +124,4 @@ def erpo_rule(cfg: RunConfig):
 
     e = cfg.erpo
     return ErpoRule(tau0=e.tau0, delta_tau=e.delta_tau, tau_max=e.tau_max, engine_max=MAX_TEMPERATURE,
-                    history=e.history, decay=e.decay, drop_all_wrong=e.drop_all_wrong,
-                    ra_delta=e.ra_delta, enabled=e.enabled)
+                    history=e.history, decay=e.decay, ra_delta=e.ra_delta, enabled=e.enabled)

@@ -107,7 +107,6 @@ class Lead:
                  limits: Limits, resumed: bool) -> None:
         self.cfg, self.lc, self.trainer, self.state = cfg, cfg.learner, trainer, state
         self.learn, self.channel = learn, channel
-        self.rule = erpo_rule(cfg)
         self.stop = StopFlag()
         self.capacity = max(1, self.lc.staleness.max_versions) * self.lc.groups_per_step
         self.book = TicketBook(TicketSource(train_problems(cfg), cfg.seed), self.lc.tickets.lease_floor_s,
@@ -169,7 +168,8 @@ class Lead:
             state.invalid += 1
         for group in groups:
             out = triage(group, book=self.book, learner_version=state.version, now=time.monotonic(),
-                         draining=draining, offline=lc.offline, max_staleness=lc.staleness.max_versions, rule=self.rule)
+                         draining=draining, offline=lc.offline, max_staleness=lc.staleness.max_versions,
+                         dynamic_sampling=lc.dynamic_sampling)
             if out.fate == DEAD_LETTER:
                 self.consumer.dead_letter(d, group, out.code, out.reason)
                 continue

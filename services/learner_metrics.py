@@ -24,7 +24,7 @@ REISSUED = Counter("rlstream_learner_tickets_reissued_total",
                    "Tickets issued again (next attempt) because no group came back within their lease.")
 LEASE = Gauge("rlstream_learner_lease_seconds", "Current ticket lease: max(floor, factor x p99 ticket-to-group latency).")
 GROUPS = Counter("rlstream_learner_groups_total",
-                 "Scored groups by fate (see pipeline.flow.ledger: trained, dropped_stale, dropped_all_wrong, "
+                 "Scored groups by fate (see pipeline.flow.ledger: trained, dropped_stale, dropped_all_wrong, dropped_all_correct, "
                  "abandoned, duplicate, unused, unresolved).", ["fate"])
 LAG = Histogram("rlstream_learner_staleness_versions",
                 "Policy-version lag of each scored group on arrival (learner - behaviour).",

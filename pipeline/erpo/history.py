@@ -32,7 +32,7 @@ Rule, applied to each scored group of a prompt with pass rate ``s`` (in row orde
   distance; if the previous group was all-correct the prompt is *reactivated*
   (``times_reactivated`` += 1).
 * ``s == 0`` (residual, all wrong): τ unchanged, ``all_wrong_streak`` += 1 (the learner may drop
-  the samples, :func:`drop_mask`).
+  the group: ``learner.dynamic_sampling``, `pipeline.flow.intake`).
 
 where ``cap = min(tau_max, engine_max)``; every new temperature is clamped to ``[tau_min, cap]``.
 Temperatures are stored as Float32: each step computes in float64 from the stored float32 value and
@@ -86,7 +86,6 @@ __all__ = [
     "to_dict_table",
     "from_dict_table",
     "ra_advantages",
-    "drop_mask",
     "snapshot",
     "load_snapshot",
     "temperature_lookup",
@@ -172,9 +171,6 @@ class ErpoRule:
     history: int = 4
     #: Fraction of the distance to tau0 removed after an informative group (0 = τ stays).
     decay: float = 0.0
-    #: Drop the samples of all-wrong groups from the learner batch (DAPO dynamic sampling).
-    #: Independent of `enabled`.
-    drop_all_wrong: bool = False
     #: RA: advantage given to every sample of an all-correct group is -ra_delta.
     ra_delta: float = 0.1
     #: False = plain GRPO: temperatures stay tau0, no updates are emitted, RA is off (the history
@@ -186,9 +182,8 @@ class ErpoRule:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"ErpoRule.{name} must be a finite number, got {value!r}")
-        for name in ("drop_all_wrong", "enabled"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"ErpoRule.{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"ErpoRule.enabled must be a bool, got {self.enabled!r}")
         if isinstance(self.history, bool) or not isinstance(self.history, int) or self.history < 1:
             raise ValueError(f"ErpoRule.history must be an int >= 1, got {self.history!r}")
         if self.tau_min < 0:
@@ -773,14 +768,6 @@ def ra_advantages(pass_rate_per_sample: np.ndarray, advantages: np.ndarray, rule
     if rule.enabled:
         out[p.astype(np.float32) == np.float32(1.0)] = -rule.ra_delta
     return out
-
-
-def drop_mask(pass_rate_per_sample: np.ndarray, rule: ErpoRule) -> np.ndarray:
-    """True where a sample should be dropped: its group was all wrong and ``drop_all_wrong``."""
-    p = np.asarray(pass_rate_per_sample)
-    if not rule.drop_all_wrong:
-        return np.zeros(p.shape, dtype=bool)
-    return p.astype(np.float32) == np.float32(0.0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ counts according to the `Outcome`. The order of the checks is part of the rule:
 2. The ticket book (`pipeline.flow.tickets.TicketBook.arrival`) knows the ticket or not (dead letter
    ``unknown_ticket``), and whether it is already decided or queued (``duplicate``, ignored).
 3. A new group is ``unused`` while draining, ``dropped_stale`` when its lag exceeds
-   ``max_staleness`` (live runs), ``dropped_all_wrong`` under ERPO's `drop_all_wrong`, else
-   ``queued`` for training.
+   ``max_staleness`` (live runs), ``dropped_all_wrong`` / ``dropped_all_correct`` when
+   ``learner.dynamic_sampling`` leaves groups without signal out (`no_signal`), else ``queued``
+   for training.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.erpo.history import ErpoRule, drop_mask
 from pipeline.flow.tickets import TicketBook
 from schemas import Columns
 
@@ -29,7 +29,8 @@ QUEUED = "queued"
 @dataclass(frozen=True)
 class Outcome:
     fate: str
-    """``deadletter``, ``duplicate``, ``unused``, ``dropped_stale``, ``dropped_all_wrong`` or ``queued``."""
+    """``deadletter``, ``duplicate``, ``unused``, ``dropped_stale``, ``dropped_all_wrong``,
+    ``dropped_all_correct`` or ``queued``."""
     reason: str = ""
     code: str = ""
     """The dead-letter code (``future_version``, ``unknown_ticket``); empty otherwise."""
@@ -42,8 +43,24 @@ class Outcome:
         return self.fate not in (DEAD_LETTER, "duplicate")
 
 
+def no_signal(group: Columns, dynamic_sampling: str) -> str | None:
+    """``all_wrong`` or ``all_correct`` if ``dynamic_sampling`` leaves this group out, else None.
+    ``zero_variance`` (DAPO) drops every group whose rewards are all equal, named by its pass rate
+    (all equal and in between, with graded rewards, counts as ``all_wrong``: no sample did better);
+    ``all_wrong`` drops only groups with pass rate 0; ``off`` none."""
+    if dynamic_sampling == "off":
+        return None
+    pass_rate = float(np.asarray(group["group_pass_rate"])[0])
+    if dynamic_sampling == "all_wrong":
+        return "all_wrong" if pass_rate == 0.0 else None
+    rewards = np.asarray(group["reward"], dtype=np.float64)
+    if rewards.size and np.ptp(rewards) == 0.0:
+        return "all_correct" if pass_rate == 1.0 else "all_wrong"
+    return None
+
+
 def triage(group: Columns, *, book: TicketBook, learner_version: int, now: float, draining: bool,
-           offline: bool, max_staleness: int, rule: ErpoRule) -> Outcome:
+           offline: bool, max_staleness: int, dynamic_sampling: str = "off") -> Outcome:
     """The fate of one valid group (see the module doc). Records its arrival in ``book`` and, for
     a ``queued`` group, queues its ticket."""
     tid, pid = str(group["ticket_id"][0]), str(group["prompt_id"][0])
@@ -62,7 +79,9 @@ def triage(group: Columns, *, book: TicketBook, learner_version: int, now: float
         return Outcome("unused", "arrived after the final step", lag=lag)
     if lag > max_staleness and not offline:
         return Outcome("dropped_stale", f"lag {lag} > max_staleness {max_staleness}", lag=lag)
-    if drop_mask(np.asarray(group["group_pass_rate"][:1]), rule)[0]:
-        return Outcome("dropped_all_wrong", "all samples wrong (erpo.drop_all_wrong)", lag=lag)
+    kind = no_signal(group, dynamic_sampling)
+    if kind is not None:
+        return Outcome(f"dropped_{kind}", f"{kind.replace('_', ' ')}: no signal (learner.dynamic_sampling = "
+                                          f"{dynamic_sampling!r})", lag=lag)
     book.queue(tid)
     return Outcome(QUEUED, lag=lag)

@@ -9,7 +9,7 @@ The learner appends one JSON line per decision to ``<workdir>/ledger/learner.jso
 none and read as attempt 0.)
 
 Fates: ``trained``; ``dropped_stale`` (behaviour policy more than ``max_staleness`` versions
-behind); ``dropped_all_wrong`` (ERPO's ``drop_all_wrong``); ``abandoned`` (no valid group within
+behind); ``dropped_all_wrong`` / ``dropped_all_correct`` (no signal: ``learner.dynamic_sampling``); ``abandoned`` (no valid group within
 ``learner.tickets.max_attempts`` leases); ``duplicate`` (a second group for a ticket already decided;
 ignored); ``unused`` (arrived after the final step, while the learner drained); ``unresolved``
 (no group arrived before the drain timed out). (``invalid``, in ledgers written before ticket
@@ -36,7 +36,8 @@ import polars as pl
 
 RESUMED = "resumed"
 """Marker row: the run continued from the checkpoint of its step."""
-FINAL_FATES = ("trained", "dropped_stale", "dropped_all_wrong", "abandoned", "invalid", "unused", "unresolved")
+FINAL_FATES = ("trained", "dropped_stale", "dropped_all_wrong", "dropped_all_correct", "abandoned", "invalid", "unused",
+               "unresolved")
 LEDGER_SCHEMA = {"step": pl.Int64, "ticket_id": pl.String, "attempt": pl.Int64, "group_id": pl.String,
                  "prompt_id": pl.String, "fate": pl.String, "reason": pl.String, "lag": pl.Int64}
 

@@ -83,7 +83,7 @@ class LearnerState:
         self.received += fate not in ("deadletter", "duplicate")
         self.duplicates += fate == "duplicate"
         self.dropped += fate == "dropped_stale"
-        self.filtered += fate == "dropped_all_wrong"
+        self.filtered += fate in ("dropped_all_wrong", "dropped_all_correct")
 
     def to_json(self) -> str:
         d = {k: v for k, v in self.__dict__.items() if k != "offsets"}

@@ -18,7 +18,6 @@ from pipeline.erpo.history import (
     UPDATE_SCHEMA,
     ErpoRule,
     HistoryStore,
-    drop_mask,
     empty_table,
     from_dict_table,
     load_snapshot,
@@ -195,12 +194,6 @@ def test_all_wrong_keeps_tau_and_counts_streak() -> None:
     assert r["temperature"] == approx(1.1)
     assert (r["all_wrong_streak"], r["all_correct_streak"], r["was_residual"]) == (2, 0, False)
     assert ups[1].height == 0 and ups[2].height == 0
-
-
-def test_drop_mask_honours_drop_all_wrong() -> None:
-    p = np.array([0.0, 0.0, 0.5, 1.0], dtype=np.float32)
-    assert drop_mask(p, ErpoRule()).tolist() == [False, False, False, False]
-    assert drop_mask(p, ErpoRule(drop_all_wrong=True)).tolist() == [True, True, False, False]
 
 
 def test_ra_advantages_exactly_minus_delta_for_all_correct() -> None:

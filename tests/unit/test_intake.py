@@ -4,8 +4,7 @@ checks run; the ticket book and the clock are plain objects."""
 from __future__ import annotations
 
 from pipeline.data.tasks import Problem
-from pipeline.erpo.history import ErpoRule
-from pipeline.flow.intake import triage
+from pipeline.flow.intake import no_signal, triage
 from pipeline.flow.tickets import TicketBook, TicketSource
 
 
@@ -14,14 +13,13 @@ def _book() -> TicketBook:
     return TicketBook(TicketSource(problems, seed=0), lease_floor_s=10, lease_p99_factor=3, adopt_window=4)
 
 
-def _group(ticket, version: int = 3, pass_rate: float = 0.5, attempt: int = 0) -> dict:
+def _group(ticket, version: int = 3, rewards=(1.0, 0.0, 0.0, 1.0), attempt: int = 0) -> dict:
     return {"ticket_id": [ticket.ticket_id], "prompt_id": [ticket.problem.prompt_id], "policy_version": [version],
-            "attempt": [attempt], "group_pass_rate": [pass_rate] * 4}
+            "attempt": [attempt], "reward": list(rewards), "group_pass_rate": [sum(rewards) / len(rewards)] * 4}
 
 
 def _triage(book, group, **kw):
-    args = dict(book=book, learner_version=5, now=1.0, draining=False, offline=False, max_staleness=2,
-                rule=ErpoRule())
+    args = dict(book=book, learner_version=5, now=1.0, draining=False, offline=False, max_staleness=2)
     return triage(group, **(args | kw))
 
 
@@ -36,13 +34,31 @@ def test_each_fate_in_the_order_the_checks_run():
     assert _triage(book, _group(a, version=9), offline=True).fate == "queued"
     assert _triage(book, _group(a)).fate == "duplicate"  # queued already
     stranger = _triage(book, {"ticket_id": ["e0-000001"], "prompt_id": ["not-its-prompt"], "policy_version": [1],
-                              "attempt": [0], "group_pass_rate": [0.5]})
+                              "attempt": [0], "reward": [1.0, 0.0], "group_pass_rate": [0.5, 0.5]})
     assert (stranger.fate, stranger.code) == ("deadletter", "unknown_ticket")
     stale = _triage(book, _group(b, version=2))
     assert (stale.fate, stale.lag, stale.reason, stale.received) == ("dropped_stale", 3, "lag 3 > max_staleness 2",
                                                                       True)
     assert _triage(book, _group(c, version=3)).fate == "queued"  # lag 2 is within the bound
-    # All-wrong groups are kept unless ERPO's drop_all_wrong says otherwise.
-    assert _triage(book, _group(d, pass_rate=0.0), rule=ErpoRule(drop_all_wrong=True)).fate == "dropped_all_wrong"
-    assert _triage(book, _group(e, pass_rate=0.0), draining=True).fate == "unused"  # after the final step
+    # Groups without signal are kept unless learner.dynamic_sampling leaves them out.
+    assert _triage(book, _group(d, rewards=[0.0] * 4), dynamic_sampling="all_wrong").fate == "dropped_all_wrong"
+    assert _triage(book, _group(e, rewards=[0.0] * 4), draining=True).fate == "unused"  # after the final step
     assert book.queued == {a.ticket_id, c.ticket_id}
+
+
+def test_dynamic_sampling_leaves_out_the_groups_without_signal():
+    right, wrong, mixed = [1.0] * 4, [0.0] * 4, [1.0, 0.0, 0.0, 0.0]
+
+    def group(rewards):
+        return {"reward": rewards, "group_pass_rate": [sum(rewards) / len(rewards)] * len(rewards)}
+
+    assert [no_signal(group(r), "off") for r in (right, wrong, mixed)] == [None, None, None]
+    assert [no_signal(group(r), "all_wrong") for r in (right, wrong, mixed)] == [None, "all_wrong", None]
+    assert [no_signal(group(r), "zero_variance") for r in (right, wrong, mixed)] == ["all_correct", "all_wrong", None]
+    # Graded rewards: all equal (no sample did better than another) is no signal either.
+    assert no_signal({"reward": [0.5] * 4, "group_pass_rate": [0.0] * 4}, "zero_variance") == "all_wrong"
+    book = _book()
+    (t,) = book.issue(limit=1, now=0.0)
+    out = _triage(book, _group(t, rewards=right), dynamic_sampling="zero_variance")
+    assert (out.fate, out.received) == ("dropped_all_correct", True) and "learner.dynamic_sampling" in out.reason
+    assert t.ticket_id not in book.queued

@@ -11,10 +11,12 @@ import json
 import threading
 import uuid
 
+import polars as pl
 import pytest
 
 from pipeline.config import load_config
 from pipeline.flow.ledger import VIOLATIONS, ledger_path, read_ledger
+from pipeline.lake.store import read_topic
 from pipeline.transport.kafka import ensure_topics
 from pipeline.transport.memory import MemoryBroker
 from pipeline.verify.verifier import VerifierPool
@@ -27,8 +29,8 @@ from services.rollout import Rollout
 STEPS, GROUPS, G = 3, 4, 4
 
 
-@pytest.fixture()
-def cfg(tmp_path):
+@pytest.fixture(params=["off", "zero_variance"], ids=["grpo", "dapo-dynamic-sampling"])
+def cfg(tmp_path, request):
     sets = {
         "name": '"loop"', "workdir": f'"{tmp_path / "run"}"', "cache_dir": f'"{tmp_path / "cache"}"',
         "kafka.bootstrap_servers": f'"memory://{uuid.uuid4().hex[:8]}"', "kafka.poll_stall_timeout_s": "0",
@@ -40,6 +42,7 @@ def cfg(tmp_path):
         "learner.backend": '"torch"', "learner.groups_per_step": str(GROUPS), "learner.total_steps": str(STEPS),
         "learner.staleness.max_versions": "1", "learner.poll_timeout_ms": "20", "learner.tickets.drain_timeout_s": "20",
         "learner.checkpoint.every": "2", "erpo.snapshot_every": "1",
+        "learner.dynamic_sampling": f'"{request.param}"',
     }
     cfg = load_config(shipped_config(), [f"{k}={v}" for k, v in sets.items()])
     ensure_topics(cfg.kafka, cfg.name)
@@ -83,3 +86,13 @@ def test_the_whole_loop_runs_in_one_process(cfg):
     table, totals = reconcile_run(cfg.workdir)
     assert totals["fate_trained"] == STEPS * GROUPS and not any(totals[k] for k in VIOLATIONS), totals
     assert table.height == totals["tickets"] >= STEPS * GROUPS
+    if cfg.learner.dynamic_sampling == "zero_variance":
+        # DAPO: every trained group has signal; those without it were dropped and replaced by more
+        # tickets, so the steps still trained full batches.
+        dropped = ledger.filter(ledger["fate"].is_in(["dropped_all_wrong", "dropped_all_correct"]))
+        assert dropped.height > 0  # the barely warm-started tiny model gives mostly all-wrong groups
+        assert progress[-1]["issued"] >= STEPS * GROUPS + dropped.height
+        rates = read_topic(cfg.workdir / "lake", "scored").group_by("ticket_id").agg(pl.col("group_pass_rate").first())
+        trained_rates = trained.join(rates, on="ticket_id")["group_pass_rate"]
+        assert trained_rates.len() == STEPS * GROUPS and ((trained_rates > 0) & (trained_rates < 1)).all()
+        assert totals.get("fate_dropped_all_wrong", 0) + totals.get("fate_dropped_all_correct", 0) == dropped.height
