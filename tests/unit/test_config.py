@@ -245,3 +245,12 @@ def test_migrate_config_rewrites_a_file_keeping_its_comments(tmp_path):
     with pytest.raises(ConfigError, match=r"still invalid after the conversion \(learner\.lr -> learner\.optimizer\.lr\)"):
         migrate_file(broken)
     assert broken.read_text() == "[learner]\nlr = -1.0\n"
+
+
+def test_erpo_drop_all_wrong_becomes_the_learners_dynamic_sampling(tmp_path, caplog):
+    cfg = load_config(_write(tmp_path, "[erpo]\ndrop_all_wrong = true\n"))
+    assert cfg.learner.dynamic_sampling == "all_wrong"
+    assert 'erpo.drop_all_wrong = true -> learner.dynamic_sampling = "all_wrong"' in caplog.text
+    assert load_config(_write(tmp_path, "[erpo]\ndrop_all_wrong = false\n")).learner.dynamic_sampling == "off"
+    assert load_config(_write(tmp_path, '[learner]\ndynamic_sampling = "zero_variance"\n')).learner.dynamic_sampling \
+        == "zero_variance"
