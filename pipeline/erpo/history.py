@@ -1,6 +1,6 @@
 """ERPO: the per-prompt history table and the temperature rule, as pure vectorised functions.
 
-Long (~860 lines, a third of it this docstring and the rule's specification) because the pure
+Long (~840 lines, a third of it this docstring and the rule's specification) because the pure
 form, the in-place store and the loop oracle of one rule must stay side by side to stay equal;
 the per-partition state around it is `pipeline.erpo.partitions`.
 

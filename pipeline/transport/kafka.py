@@ -1,6 +1,6 @@
 """Kafka transport: typed producer and consumer of Arrow messages (kafka-python).
 
-One file of ~700 lines on purpose: the consumer's guarantees (what is dead-lettered, what a
+One file of ~770 lines on purpose: the consumer's guarantees (what is dead-lettered, what a
 position means, when a commit is refused) are one argument that reads top to bottom; the
 in-memory client it can run on is its own module (`pipeline.transport.memory`).
 
