@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import os
 import shutil
 import time
@@ -45,6 +46,24 @@ def _noisy_answers(answers: list[int], noise: float, rng: np.random.Generator) -
     offsets = rng.integers(1, 11, size=len(values)) * rng.choice([-1, 1], size=len(values))
     noisy = rng.random(len(values)) < noise
     return [str(v) for v in np.where(noisy, values + offsets, values)]
+
+
+def habit_answer(text: str) -> int:
+    """The value of ``a±b±...±z=`` without its last operand (the warm-start's bad habit)."""
+    terms = re.findall(r"[+-]?\d+", text.rstrip("="))
+    return sum(int(t) for t in terms[:-1])
+
+
+def _habit_targets(problems, targets: list[str], cfg: WarmstartConfig, rng: np.random.Generator) -> list[str]:
+    """Replace the targets of a `habit_rate` fraction of the problems with enough operands by
+    their `habit_answer`."""
+    if cfg.habit_rate <= 0:
+        return targets
+    out = list(targets)
+    for i, p in enumerate(problems):
+        if len(re.findall(r"\d+", p.text)) >= cfg.habit_min_terms and rng.random() < cfg.habit_rate:
+            out[i] = str(habit_answer(p.text))
+    return out
 
 
 def warmstart(cfg: WarmstartConfig, task: ArithmeticTaskConfig, cache_dir: Path,
@@ -80,12 +99,14 @@ def _build(cfg: WarmstartConfig, task: ArithmeticTaskConfig, out: Path, say: Cal
     eos = tokenizer.eos_token_id
     prompt_format = PromptFormat(tokenizer, PromptConfig(template="plain"))
     noise_rng = np.random.default_rng(cfg.seed + 1)
+    habit_rng = np.random.default_rng(cfg.seed + 2)
     model.train()
     t0 = time.monotonic()
     for step in range(1, cfg.steps + 1):
         problems = [next(stream) for _ in range(cfg.batch_size)]
         prompts = [np.asarray(p, dtype=np.int32) for p in prompt_format.encode([p.text for p in problems])]
         targets = _noisy_answers([int(p.answer) for p in problems], cfg.label_noise, noise_rng)
+        targets = _habit_targets(problems, targets, cfg, habit_rng)
         answers = [np.asarray(tokenizer.encode(a, add_special_tokens=False) + [eos], dtype=np.int32)
                    for a in targets]
         batch = pack(prompts, answers, [1.0] * len(problems), tokenizer.pad_token_id)
