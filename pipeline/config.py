@@ -164,14 +164,17 @@ class WarmstartConfig(_Strict):
     answer plus a random non-zero offset in [-10, 10]). Real SFT corpora contain wrong solutions;
     this makes the warm-started policy put that much probability on plausible wrong answers, which
     reward-driven RL must learn to remove (see docs/results.md, "The default task")."""
+    habit: Literal["drop_minus_sign", "drop_last_operand"] = "drop_minus_sign"
+    """A systematic wrong procedure in part of the warm-start data (a bad habit of its source),
+    applied at `habit_rate`: `drop_minus_sign` writes a negative answer without its minus sign;
+    `drop_last_operand` answers a problem of at least `habit_min_terms` operands without its last
+    operand."""
     habit_rate: float = Field(0.0, ge=0.0, le=1.0)
-    """Fraction of the warm-start examples with at least `habit_min_terms` operands whose target
-    is the value without the last operand: a systematic wrong procedure (a bad habit in the SFT
-    data) next to correct examples of the same kind. Above 0.5 the warm-started policy's greedy
-    answer to such problems follows the habit while its samples still contain the right answer,
-    the situation in which RL with a verifier can fix the mode itself (docs/results.md)."""
+    """Fraction of the examples the habit applies to whose target follows it (0: no habit). Above
+    0.5 the warm-started policy's greedy answer follows the habit while its samples still contain
+    the right answer: the situation in which RL with a verifier can fix the mode itself."""
     habit_min_terms: int = Field(4, ge=2, le=16)
-    """Operands a problem needs for the habit to apply."""
+    """Operands a problem needs for `drop_last_operand` to apply."""
     seed: int = 0
     """Seed of the initial weights, the problem stream and the label noise."""
 

@@ -34,9 +34,13 @@ log = logging.getLogger(__name__)
 
 
 def warmstart_key(cfg: WarmstartConfig, task: ArithmeticTaskConfig) -> str:
-    """Hash of the settings that determine the warm-started weights."""
-    blob = json.dumps([cfg.model_dump(mode="json"), task.difficulty_weights, task.ops,
-                       task.heldout_per_mille], sort_keys=True)
+    """Hash of the settings that determine the warm-started weights (the habit's settings only
+    when it is on, so the caches of warm-starts without one stay valid)."""
+    settings = cfg.model_dump(mode="json")
+    if cfg.habit_rate == 0:
+        for key in ("habit", "habit_rate", "habit_min_terms"):
+            settings.pop(key)
+    blob = json.dumps([settings, task.difficulty_weights, task.ops, task.heldout_per_mille], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -48,21 +52,26 @@ def _noisy_answers(answers: list[int], noise: float, rng: np.random.Generator) -
     return [str(v) for v in np.where(noisy, values + offsets, values)]
 
 
-def habit_answer(text: str) -> int:
-    """The value of ``a±b±...±z=`` without its last operand (the warm-start's bad habit)."""
+def habit_answer(text: str, answer: int, habit: str, min_terms: int = 4) -> int | None:
+    """What the warm-start's bad habit answers to ``text`` (correct answer ``answer``), or None
+    where it does not apply: ``drop_minus_sign`` gives ``|answer|`` for a negative answer,
+    ``drop_last_operand`` the value without the last operand for ``min_terms`` operands or more."""
+    if habit == "drop_minus_sign":
+        return -answer if answer < 0 else None
     terms = re.findall(r"[+-]?\d+", text.rstrip("="))
-    return sum(int(t) for t in terms[:-1])
+    return sum(int(t) for t in terms[:-1]) if len(terms) >= min_terms else None
 
 
 def _habit_targets(problems, targets: list[str], cfg: WarmstartConfig, rng: np.random.Generator) -> list[str]:
-    """Replace the targets of a `habit_rate` fraction of the problems with enough operands by
-    their `habit_answer`."""
+    """Replace the targets of a `habit_rate` fraction of the problems the habit applies to by the
+    habit's answer."""
     if cfg.habit_rate <= 0:
         return targets
     out = list(targets)
     for i, p in enumerate(problems):
-        if len(re.findall(r"\d+", p.text)) >= cfg.habit_min_terms and rng.random() < cfg.habit_rate:
-            out[i] = str(habit_answer(p.text))
+        wrong = habit_answer(p.text, int(p.answer), cfg.habit, cfg.habit_min_terms)
+        if wrong is not None and rng.random() < cfg.habit_rate:
+            out[i] = str(wrong)
     return out
 
 

@@ -140,19 +140,24 @@ def test_parquet_round_trip(tmp_path: Path):
     assert problems[1].prompt_id == prompt_id_of("half of 1?")
 
 
-def test_the_warm_start_habit_drops_the_last_operand_of_long_problems():
+def test_the_warm_start_habits():
     import numpy as np
 
     from pipeline.config import WarmstartConfig
     from pipeline.model.warmstart import _habit_targets, habit_answer
 
-    assert habit_answer("8+1+5+8=") == 14 and habit_answer("2-6+2+8-7=") == 6 and habit_answer("12-3=") == 12
-    problems = [Problem("a", "1+2=", "3"), Problem("b", "1+2+3+4=", "10"), Problem("c", "9-1-1-1-1=", "5")]
+    assert habit_answer("8+1+5+8=", 22, "drop_last_operand") == 14
+    assert habit_answer("2-6+2+8-7=", -1, "drop_last_operand") == 6
+    assert habit_answer("12-3=", 9, "drop_last_operand") is None  # fewer than 4 operands
+    assert habit_answer("3-8=", -5, "drop_minus_sign") == 5 and habit_answer("8-3=", 5, "drop_minus_sign") is None
+    problems = [Problem("a", "1+2=", "3"), Problem("b", "1+2+3+4=", "10"), Problem("c", "1-9-1-1-1=", "-11")]
     targets = [p.answer for p in problems]
-    cfg = WarmstartConfig(habit_rate=1.0, habit_min_terms=4)
-    assert _habit_targets(problems, targets, cfg, np.random.default_rng(0)) == ["3", "6", "6"]
+    last = WarmstartConfig(habit="drop_last_operand", habit_rate=1.0, habit_min_terms=4)
+    assert _habit_targets(problems, targets, last, np.random.default_rng(0)) == ["3", "6", "-10"]
+    sign = WarmstartConfig(habit="drop_minus_sign", habit_rate=1.0)
+    assert _habit_targets(problems, targets, sign, np.random.default_rng(0)) == ["3", "10", "11"]
     assert _habit_targets(problems, targets, WarmstartConfig(), np.random.default_rng(0)) == targets
-    half = WarmstartConfig(habit_rate=0.5)
-    many = [Problem(str(i), "1+2+3+4=", "10") for i in range(2000)]
-    rate = np.mean([t == "6" for t in _habit_targets(many, ["10"] * 2000, half, np.random.default_rng(1))])
+    half = WarmstartConfig(habit="drop_minus_sign", habit_rate=0.5)
+    many = [Problem(str(i), "1-4=", "-3") for i in range(2000)]
+    rate = np.mean([t == "3" for t in _habit_targets(many, ["-3"] * 2000, half, np.random.default_rng(1))])
     assert 0.45 < rate < 0.55
