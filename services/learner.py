@@ -2,7 +2,7 @@
 
 Loop (rank 0, `Lead`):
 1. Issue tickets while those outstanding (issued, not yet decided) stay within
-   ``max(1, max_staleness) x groups_per_step``: AReaL's capacity rule ``(max_staleness + 1) x batch``
+   ``max(1, staleness.max_versions) x groups_per_step``: AReaL's capacity rule ``(max_staleness + 1) x batch``
    less one version, because our rollout's behaviour version trails the learner's by up to one
    (the full AReaL budget dropped 706 of 5,506 demo groups as stale). Every ticket is under a lease
    (`pipeline.flow.tickets`): one whose group has not come back in time is issued again, same id, next
@@ -11,11 +11,11 @@ Loop (rank 0, `Lead`):
 2. Poll scored groups, check them (`pipeline.flow.validate`) and triage each (`pipeline.flow.intake`):
    forged, unknown or future-version groups are dead-lettered; every ticket gets exactly one fate in
    the ledger (`pipeline.flow.ledger`); a later group of a decided ticket is a ``duplicate``; groups with
-   lag > ``max_staleness`` are ``dropped_stale``.
+   lag > ``staleness.max_versions`` are ``dropped_stale``.
 3. Every ``groups_per_step`` groups: the learning step (`pipeline.rl.learn`).
 4. Every ``sync_every`` steps: publish the weights (gathered across ranks) as a new policy version
    (`services.learner_publish`).
-5. Every ``checkpoint_every`` steps: save model, optimiser and the learner state together
+5. Every ``checkpoint.every`` steps: save model, optimiser and the learner state together
    (`pipeline.rl.checkpoints`; consumed offsets only up to the oldest group not yet trained), then
    commit those offsets. A learner started on a run folder with a checkpoint resumes from it
    (``resume = "auto"``), marks the ledger as resumed, seeks to the saved offsets and announces the

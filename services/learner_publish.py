@@ -50,7 +50,7 @@ class Publisher:
 
     def export(self, weights: dict[str, torch.Tensor], step: int) -> None:
         """A complete Hugging Face folder of these weights (`pipeline.model.policy.export_pretrained`):
-        ``export/step-<N>`` (the newest `keep_checkpoints` kept) and, after the final step,
+        ``export/step-<N>`` (the newest `checkpoint.keep` kept) and, after the final step,
         ``export/final``."""
         lc = self.cfg.learner
         root = self.cfg.workdir / "export"

@@ -8,7 +8,7 @@ counts according to the `Outcome`. The order of the checks is part of the rule:
 2. The ticket book (`pipeline.flow.tickets.TicketBook.arrival`) knows the ticket or not (dead letter
    ``unknown_ticket``), and whether it is already decided or queued (``duplicate``, ignored).
 3. A new group is ``unused`` while draining, ``dropped_stale`` when its lag exceeds
-   ``max_staleness`` (live runs), ``dropped_all_wrong`` / ``dropped_all_correct`` when
+   ``learner.staleness.max_versions`` (live runs), ``dropped_all_wrong`` / ``dropped_all_correct`` when
    ``learner.dynamic_sampling`` leaves groups without signal out (`no_signal`), else ``queued``
    for training.
 """
@@ -78,7 +78,7 @@ def triage(group: Columns, *, book: TicketBook, learner_version: int, now: float
     if draining:
         return Outcome("unused", "arrived after the final step", lag=lag)
     if lag > max_staleness and not offline:
-        return Outcome("dropped_stale", f"lag {lag} > max_staleness {max_staleness}", lag=lag)
+        return Outcome("dropped_stale", f"lag {lag} > learner.staleness.max_versions {max_staleness}", lag=lag)
     kind = no_signal(group, dynamic_sampling)
     if kind is not None:
         return Outcome(f"dropped_{kind}", f"{kind.replace('_', ' ')}: no signal (learner.dynamic_sampling = "

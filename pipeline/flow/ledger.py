@@ -8,13 +8,13 @@ The learner appends one JSON line per decision to ``<workdir>/ledger/learner.jso
 (``attempt``: which issue of the ticket the group answered; ledgers written before leases have
 none and read as attempt 0.)
 
-Fates: ``trained``; ``dropped_stale`` (behaviour policy more than ``max_staleness`` versions
-behind); ``dropped_all_wrong`` / ``dropped_all_correct`` (no signal: ``learner.dynamic_sampling``); ``abandoned`` (no valid group within
-``learner.tickets.max_attempts`` leases); ``duplicate`` (a second group for a ticket already decided;
-ignored); ``unused`` (arrived after the final step, while the learner drained); ``unresolved``
-(no group arrived before the drain timed out). (``invalid``, in ledgers written before ticket
-leases: a group that failed a check decided its ticket; now it is dead-lettered and the ticket
-stays outstanding.)
+Fates: ``trained``; ``dropped_stale`` (behaviour policy more than ``learner.staleness.max_versions``
+versions behind); ``dropped_all_wrong`` / ``dropped_all_correct`` (no signal:
+``learner.dynamic_sampling``); ``abandoned`` (no valid group within ``learner.tickets.max_attempts``
+leases); ``duplicate`` (a second group for a ticket already decided; ignored); ``unused`` (arrived
+after the final step, while the learner drained); ``unresolved`` (no group arrived before the drain
+timed out). (``invalid``, in ledgers written before ticket leases: a group that failed a check
+decided its ticket; now it is dead-lettered and the ticket stays outstanding.)
 
 ``step`` is the checkpoint that makes the decision durable: the step that trained the group, or
 for the other fates the next step to complete. A learner that resumes from checkpoint N appends a

@@ -37,7 +37,7 @@ def test_each_fate_in_the_order_the_checks_run():
                               "attempt": [0], "reward": [1.0, 0.0], "group_pass_rate": [0.5, 0.5]})
     assert (stranger.fate, stranger.code) == ("deadletter", "unknown_ticket")
     stale = _triage(book, _group(b, version=2))
-    assert (stale.fate, stale.lag, stale.reason, stale.received) == ("dropped_stale", 3, "lag 3 > max_staleness 2",
+    assert (stale.fate, stale.lag, stale.reason, stale.received) == ("dropped_stale", 3, "lag 3 > learner.staleness.max_versions 2",
                                                                       True)
     assert _triage(book, _group(c, version=3)).fate == "queued"  # lag 2 is within the bound
     # Groups without signal are kept unless learner.dynamic_sampling leaves them out.
