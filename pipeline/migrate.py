@@ -38,8 +38,17 @@ LEARNER_MOVES = {
 }
 """Flat `[learner]` keys of configs before the sections (before December 2026) and where each went."""
 
-KL_PARAMETERS = {"none": (), "k3": ("coef",), "rapo": ("coef", "phi_floor"), "rapo_sampled": ("coef", "phi_floor")}
-"""Parameters each KL kind takes (the rest are dropped by the migration, which says so)."""
+def kl_parameters(kind: str) -> set[str] | None:
+    """The parameters a KL kind takes, read from its variant in `pipeline.config` (None for a kind
+    no variant has: validation then names it)."""
+    from typing import get_args
+
+    from pipeline.config import NoKL, RapoKL, ReverseKL
+
+    for variant in (NoKL, ReverseKL, RapoKL):
+        if kind in get_args(variant.model_fields["kind"].annotation):
+            return set(variant.model_fields) - {"kind"}
+    return None
 
 
 def migrate_config(data: MutableMapping, new_table: Callable[[], MutableMapping] = dict) -> list[str]:
@@ -75,7 +84,8 @@ def migrate_config(data: MutableMapping, new_table: Callable[[], MutableMapping]
             if section == "kl":
                 learner[section]["kind"] = "none"
         kind = str(learner["kl"].get("kind", "none")) if section == "kl" else ""
-        if section == "kl" and field not in KL_PARAMETERS.get(kind, (field,)):
+        takes = kl_parameters(kind) if section == "kl" else None
+        if takes is not None and field not in takes:
             notes.append(f"learner.{old} dropped: the KL kind {kind!r} takes no {field}")
             continue
         learner[section][field] = value

@@ -98,10 +98,10 @@ def run(cfg: RunConfig) -> int:
     ev = cfg.eval
     before = evaluate(engine, heldout, ev.temperature, ev.samples, ev.batch_size)
     budget_set = heldout[: ev.budget_problems]
+    budget_batch = max(1, ev.batch_size // max(1, ev.budget_samples))  # problems per call, n samples each
     budget_before = None
     if ev.budget_samples:
-        budget_before = sample_budget(engine, budget_set, ev.budget_samples, ev.temperature,
-                                      max(1, ev.batch_size // ev.budget_samples))
+        budget_before = sample_budget(engine, budget_set, ev.budget_samples, ev.temperature, budget_batch)
         print(f"held-out before RL ({len(budget_set)} problems x {ev.budget_samples} samples): "
               f"{_budget_line(budget_before)}", flush=True)
     if gpu:
@@ -198,8 +198,7 @@ def run(cfg: RunConfig) -> int:
     after = evaluate(engine, heldout, ev.temperature, ev.samples, ev.batch_size)
     budget = {}
     if budget_before is not None:
-        budget_after = sample_budget(engine, budget_set, ev.budget_samples, ev.temperature,
-                                     max(1, ev.batch_size // ev.budget_samples))
+        budget_after = sample_budget(engine, budget_set, ev.budget_samples, ev.temperature, budget_batch)
         beyond = solved_beyond(budget_before.correct, budget_after.correct)
         print(f"held-out after RL  ({len(budget_set)} problems x {ev.budget_samples} samples): "
               f"{_budget_line(budget_after)}; solved beyond the base model: {beyond}", flush=True)
