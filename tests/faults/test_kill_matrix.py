@@ -14,7 +14,7 @@ process killed must have been restarted by the supervisor.
   must then equal what one worker rebuilds by replaying the run's scored topic, with no prompt's
   history split between partitions.
 - ``broker``: Tansu on durable SeaweedFS storage killed -9 and restarted, once after a 45-second
-  outage and then after 2 s (``RLSTREAM_BROKER_RUNS`` runs, 2 by default; 20 for the closing
+  outage and then after 2 s (``RLSTREAM_BROKER_RUNS`` runs, 3 by default; 20 for the closing
   figure). Tansu can acknowledge a produce and lose it when killed; ticket leases re-issue what
   never came back.
 
@@ -49,7 +49,7 @@ pytestmark = pytest.mark.faults
 REPO = Path(__file__).resolve().parents[2]
 STEPS, GROUPS_PER_STEP, G = 30, 4, 4
 RESULTS: list[dict] = []
-BROKER_RUNS = int(os.environ.get("RLSTREAM_BROKER_RUNS", "2"))
+BROKER_RUNS = int(os.environ.get("RLSTREAM_BROKER_RUNS", "3"))
 
 
 def _sets(run: str, workdir: Path, cache: Path, bootstrap: str, extra: dict[str, str] | None = None) -> list[str]:
