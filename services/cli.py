@@ -63,6 +63,85 @@ def _load(args: argparse.Namespace):
         sys.exit(f"rlstream: {e}")
 
 
+def _worker_index(value: str) -> int | str:
+    """`--worker-index`: a number >= 0, or `auto` (see `claim_worker_index`)."""
+    if value == "auto":
+        return value
+    try:
+        index = int(value)
+    except ValueError:
+        index = -1
+    if index < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a worker index: give a number >= 0 or 'auto'")
+    return index
+
+
+_CLAIMED: list = []
+"""Open, locked claim files of `claim_worker_index`: held until the process exits."""
+
+
+def claim_worker_index(workdir: Path, service: str, limit: int = 1024) -> int:
+    """The lowest worker index no live process of `service` holds in this run: an exclusive
+    `flock` on `<workdir>/workers/<service>-<i>.lock`, held until this process exits (the kernel
+    releases it when the process dies, however it dies). For replicas that share the run folder
+    and cannot be numbered from outside (`docker compose up --scale rollout=N`). The folder must be
+    on a file system whose locks every replica sees: one host's volume, not a multi-node NFS share
+    (on Kubernetes, number StatefulSet pods by their ordinal instead)."""
+    import fcntl
+    import os
+    import socket
+
+    folder = Path(workdir) / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(limit):
+        f = open(folder / f"{service}-{index}.lock", "a+")  # noqa: SIM115 (held for the process's life)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            continue
+        f.truncate(0)
+        f.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+        f.flush()
+        _CLAIMED.append(f)
+        return index
+    sys.exit(f"rlstream {service}: --worker-index auto found all {limit} indexes of {folder} held by live processes")
+
+
+def _partition_counts(items: list[str]) -> dict[str, int]:
+    """`--partitions TOPIC=N` of `rlstream topics`, checked against the run's logical topics."""
+    from pipeline.transport.kafka import TOPICS
+
+    counts: dict[str, int] = {}
+    for item in items:
+        topic, sep, raw = item.partition("=")
+        if not sep or topic not in TOPICS or not raw.isascii() or not raw.isdigit() or int(raw) < 1:
+            sys.exit(f"rlstream topics: --partitions {item!r} must be TOPIC=N with N >= 1 and TOPIC one of "
+                     f"{sorted(TOPICS)}")
+        counts[topic] = int(raw)
+    merged = {t: spec.partitions for t, spec in TOPICS.items()} | counts
+    if merged["trajectories"] != merged["scored"]:
+        sys.exit(f"rlstream topics: trajectories ({merged['trajectories']}) and scored ({merged['scored']}) need the "
+                 "same partition count: ERPO's state follows the trajectories partitions, and the check that "
+                 "rebuilds it from the scored topic assumes the same keys land on the same partitions")
+    return counts
+
+
+def _partitions_now(kafka_cfg, names: list[str]) -> dict[str, int]:
+    """Partition count of each topic as the broker reports it."""
+    from pipeline.transport.kafka import KafkaAdminClient, client_kwargs
+    from pipeline.transport.memory import MemoryBroker, is_memory
+
+    if is_memory(kafka_cfg.bootstrap_servers):
+        broker = MemoryBroker.named(kafka_cfg.bootstrap_servers)
+        return {name: broker.partitions_of(name) for name in names}
+    admin = KafkaAdminClient(client_id="rlstream-topics", **client_kwargs(kafka_cfg, "admin"))
+    try:
+        return {t["name"]: len(t["partitions"]) for t in admin.describe_topics(names)}
+    finally:
+        admin.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlstream", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,7 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _add_config(p, join=True)
         if name != "learner":
-            p.add_argument("--worker-index", type=int, default=0)
+            p.add_argument("--worker-index", type=_worker_index, default=0, metavar="N|auto",
+                           help="this worker's number in the run (seeds, progress file, metrics label); 'auto' "
+                                "takes the lowest one no live worker of the run holds (replicas sharing the "
+                                "run folder on one host, e.g. docker compose --scale)")
+
+    p = sub.add_parser("topics", help="create the run's topics (partitions, compaction, retention) if missing and "
+                                      "print them; idempotent")
+    _add_config(p)
+    p.add_argument("--partitions", action="append", default=[], metavar="TOPIC=N",
+                   help="partition count of a logical topic instead of its default, e.g. prompts=8 for more than 4 "
+                        "rollout workers (repeatable; trajectories and scored must stay equal)")
 
     p = sub.add_parser("replay", help="re-publish a recorded lake's topic into the topics of the configured run")
     p.add_argument("lake", type=Path)
@@ -159,6 +248,28 @@ def main(argv: list[str] | None = None) -> None:
     from services.common import setup_logging
 
     setup_logging(args.command, args.log_level)
+    if getattr(args, "worker_index", None) == "auto":
+        args.worker_index = claim_worker_index(cfg.workdir, args.command)
+    if args.command == "topics":
+        from kafka.errors import KafkaError
+
+        from pipeline.transport.kafka import TOPICS, TransportError, ensure_topics, topic_configs, topic_name
+
+        counts = _partition_counts(args.partitions)
+        names = [topic_name(cfg.name, topic) for topic in TOPICS]
+        try:
+            ensure_topics(cfg.kafka, cfg.name, counts)
+            found = _partitions_now(cfg.kafka, names)
+        except (TransportError, KafkaError) as e:
+            detail = str(e) if type(e).__name__ in str(e) else f"{type(e).__name__}: {e}"
+            sys.exit(f"rlstream topics: creating the topics of run {cfg.name!r} on {cfg.kafka.bootstrap_servers} "
+                     f"failed: {detail}")
+        for name, (topic, spec) in zip(names, TOPICS.items(), strict=True):
+            configs = " ".join(f"{k}={v}" for k, v in topic_configs(spec, cfg.kafka).items())
+            wanted = counts.get(topic, spec.partitions)
+            kept = "" if found[name] == wanted else f" (exists; {wanted} asked for, kept as it is)"
+            print(f"{name}  partitions={found[name]}{kept}  {configs}")
+        return
     if args.command == "rollout":
         from services import rollout
 

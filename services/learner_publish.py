@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from pipeline.atomic import write_atomic
 from pipeline.config import RunConfig
 from pipeline.failpoints import failpoint
 from pipeline.model.policy import export_pretrained
+from pipeline.model.weight_store import S3Policies
 from pipeline.model.weights import publish
 from pipeline.transport.kafka import POLICY_KEY, Producer, topic_name
 from schemas import POLICY_UPDATE
@@ -30,23 +32,32 @@ class Publisher:
         # read and hash), everything else the fp32 masters.
         self.dtype = ({"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.rollout.dtype)
                       if cfg.rollout.engine == "vllm" else None)
+        # `[weights] store = "s3"`: each version also goes to the object store, and its URI there is
+        # what the rollouts are told (workers on other nodes cannot read this node's folder).
+        self.store = S3Policies(cfg.weights, cfg.name) if cfg.weights.store == "s3" else None
 
     def announce(self, weights: dict[str, torch.Tensor], version: int, step: int) -> None:
         """Publish ``weights`` as policy ``version`` and tell the rollouts; `final_policy.txt` names
         the newest."""
         lc = self.cfg.learner
         pub = publish(weights, self.cfg.workdir / "policies", version, lc.keep_policies, self.dtype)
+        uri = pub.uri
+        if self.store is not None:
+            t0 = time.monotonic()
+            uri = self.store.upload(Path(pub.uri), pub.version)
+            self.store.prune(lc.keep_policies)
+            log.info("uploaded policy v%d to %s (%.1fs)", pub.version, uri, time.monotonic() - t0)
         failpoint("learner.publish")
         self.producer.send(self.topic, POLICY_UPDATE, {
             "version": np.array([pub.version], dtype=np.int64),
             "step": np.array([step], dtype=np.int64),
-            "uri": np.array([pub.uri], dtype=object),
+            "uri": np.array([uri], dtype=object),
             "sha256": np.array([pub.sha256], dtype=object),
             "dtype": np.array([pub.dtype], dtype=object),
             "created_at": np.array([time.time()], dtype=np.float64),
         }, key=POLICY_KEY)
         self.producer.flush()
-        write_atomic(self.cfg.workdir / "final_policy.txt", f"{pub.version} {pub.sha256} {pub.uri}\n")
+        write_atomic(self.cfg.workdir / "final_policy.txt", f"{pub.version} {pub.sha256} {uri}\n")
 
     def export(self, weights: dict[str, torch.Tensor], step: int) -> None:
         """A complete Hugging Face folder of these weights (`pipeline.model.policy.export_pretrained`):

@@ -31,7 +31,8 @@ from pipeline.dedupe import BoundedSet
 from pipeline.failpoints import failpoint
 from pipeline.flow.validate import Limits, check_message
 from pipeline.model.prompts import PromptFormat
-from pipeline.model.weights import PolicyMissing, WeightsError, verify_published
+from pipeline.model.weight_store import PolicySource, StoreUnavailable, policy_source
+from pipeline.model.weights import PolicyMissing, WeightsError
 from pipeline.rollout.engine import Sample, TorchEngine
 from pipeline.transport.kafka import Consumer, Delivery, Producer, RecordRejected, topic_name
 from schemas import TRAJECTORY, Columns, Ragged
@@ -108,14 +109,15 @@ def drain(consumer: Consumer, apply, timeout_ms: int, max_polls: int) -> int:
 class PolicyFollower:
     """Tracks the newest PolicyUpdate on the `policy` topic and loads it into an engine.
 
-    Only a folder of this run (``root``/v<version>) that passes `verify_published` is loaded; an
+    Only this run's version folder (local, or in the object store: `pipeline.model.weight_store`)
+    that passes `verify_published` is loaded; an
     announcement that fails is dead-lettered and the next newest is tried, so a forged "version
     10^9" cannot stop a rollout from following the learner. A folder that is gone (pruned) is
     skipped with a warning."""
 
-    def __init__(self, policies: Consumer, root: Path) -> None:
+    def __init__(self, policies: Consumer, source: PolicySource) -> None:
         self._policies = policies
-        self._root = root
+        self._source = source
         self._pending: list[tuple[int, Delivery]] = []
 
     def refresh(self, engine, timeout_ms: int = 0, max_polls: int = 10) -> None:
@@ -127,12 +129,16 @@ class PolicyFollower:
             uri, sha = str(d.columns["uri"][0]), str(d.columns["sha256"][0])
             try:
                 t0 = time.monotonic()
-                files = verify_published(uri, sha, self._root, version)
+                files = self._source.files(uri, sha, version)
                 engine.load_files(files, version)
                 log.debug("loaded policy v%d in %.3fs", version, time.monotonic() - t0)
                 break
             except PolicyMissing as e:
                 log.warning("skipping policy v%d: %s", version, e)
+            except StoreUnavailable as e:  # the announcement is fine; try it again at the next refresh
+                log.warning("policy v%d not fetched, will retry: %s", version, e)
+                self._pending.insert(0, (version, d))
+                break
             except (WeightsError, OSError, ValueError, RuntimeError) as e:
                 self._policies.reject(d, "bad_weights", f"bad_weights: policy v{version}: {type(e).__name__}: {e}")
         self._pending = [vd for vd in self._pending if vd[0] > engine.version]
@@ -211,7 +217,7 @@ class Rollout:
         self.follower = PolicyFollower(
             Consumer(cfg.kafka, cfg.name, ["policy"], group_id=None, client_id=f"{cfg.name}-rollout-policy-{wid}",
                      deadletter=self.producer),
-            cfg.workdir / "policies")
+            policy_source(cfg, f"rollout-{worker_index}"))
         self.temperatures = TemperatureFollower(
             Consumer(cfg.kafka, cfg.name, ["temperature"], group_id=None,
                      client_id=f"{cfg.name}-rollout-temperature-{wid}", deadletter=self.producer),

@@ -66,3 +66,10 @@ def qwen3_tokenizer_dir() -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return folder
+
+
+def pytest_collection_modifyitems(config, items):
+    """End-to-end tests first. `make test` runs two pytest-xdist workers that each start with a
+    contiguous share of the list; the longest test (the hostile-records demo, several minutes)
+    then overlaps the rest of the suite instead of starting halfway and finishing last."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)

@@ -35,8 +35,8 @@ from safetensors.torch import load_file, save_file
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "rlstream-policy/1"
-_MAX_MANIFEST_BYTES = 1 << 20
-_FOLDER = re.compile(r"v([0-9]{6,})", re.ASCII)
+MAX_MANIFEST_BYTES = 1 << 20
+VERSION_FOLDER = re.compile(r"v([0-9]{6,})", re.ASCII)
 
 
 class WeightsError(RuntimeError):
@@ -120,7 +120,7 @@ def published_versions(root: Path) -> list[tuple[int, Path]]:
     there (a FIFO, a link, a folder someone made) is neither counted nor pruned."""
     out = []
     for p in Path(root).glob("v[0-9]*"):
-        m = _FOLDER.fullmatch(p.name)
+        m = VERSION_FOLDER.fullmatch(p.name)
         try:
             if m is None or not stat.S_ISDIR(os.lstat(p).st_mode) or not stat.S_ISREG(os.lstat(p / MANIFEST).st_mode):
                 continue
@@ -147,7 +147,7 @@ def _locate(uri: str, root: Path | None, version: int | None) -> Path:
         if not folder.is_absolute():
             raise WeightsError(f"policy uri {uri!r} is not an absolute path")
         root_real = Path(os.path.realpath(root))
-        m = _FOLDER.fullmatch(folder.name)
+        m = VERSION_FOLDER.fullmatch(folder.name)
         if folder.parent != root_real and Path(os.path.realpath(folder.parent)) != root_real:
             raise WeightsError(f"policy uri {uri!r} is outside this run's policy folder {root_real}")
         if m is None or (version is not None and int(m.group(1)) != version):
@@ -172,8 +172,8 @@ def verify_published(uri: str, sha256: str, root: Path | None = None, version: i
         st = _regular(manifest_path, "manifest")
     except FileNotFoundError:
         raise PolicyMissing(f"announced weights not found: {manifest_path} (pruned or never written?)") from None
-    if st.st_size > _MAX_MANIFEST_BYTES:
-        raise WeightsError(f"{manifest_path} is {st.st_size} bytes; a manifest is at most {_MAX_MANIFEST_BYTES}")
+    if st.st_size > MAX_MANIFEST_BYTES:
+        raise WeightsError(f"{manifest_path} is {st.st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}")
     raw = manifest_path.read_bytes()
     actual = hashlib.sha256(raw).hexdigest()
     if actual != sha256:

@@ -1,0 +1,123 @@
+"""Weights across nodes: the learner's publisher uploads each policy version to an S3-compatible
+store (a real local SeaweedFS, `weed mini`) and a rollout worker that cannot see the learner's
+folder fetches it by URI, checks every hash and loads it. Tampered objects and forged URIs are
+dead-lettered; the store keeps the newest `learner.keep_policies` versions.
+
+The services' loops run in-process on the in-memory broker (the transport is not what is tested
+here); the object store is real.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+
+import pytest
+import torch
+
+from infra.objectstore import ObjectStore
+from pipeline.config import load_config
+from pipeline.model.weight_store import S3Policies, policy_source
+from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
+from pipeline.transport.memory import MemoryBroker
+from schemas import POLICY_UPDATE
+from services.cli import shipped_config
+from services.learner_publish import Publisher
+from services.rollout import Rollout
+from factories import policy_update
+
+pytestmark = pytest.mark.integration
+BUCKET = "rlweights"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    with ObjectStore(tmp_path_factory.mktemp("weed"), bucket=BUCKET) as s:
+        yield s
+
+
+@pytest.fixture()
+def cfg(tmp_path, store, monkeypatch):
+    for k, v in store.client_env().items():
+        monkeypatch.setenv(k, v)
+    sets = {
+        "name": f'"w{uuid.uuid4().hex[:6]}"', "workdir": f'"{tmp_path / "run"}"', "cache_dir": f'"{tmp_path / "cache"}"',
+        "kafka.bootstrap_servers": f'"memory://{uuid.uuid4().hex[:8]}"', "kafka.poll_stall_timeout_s": "0",
+        "metrics.enabled": "false", "model.warmstart.steps": "5", "model.warmstart.hidden_size": "32",
+        "model.warmstart.layers": "1", "model.warmstart.heads": "2", "model.warmstart.kv_heads": "1",
+        "model.warmstart.intermediate_size": "64", "rollout.engine": '"torch"', "rollout.group_size": "4",
+        "learner.keep_policies": "2",
+        "weights.store": '"s3"', "weights.bucket": f'"{BUCKET}"', "weights.endpoint_url": f'"{store.endpoint}"',
+        "weights.cache_dir": f'"{tmp_path / "node-b-cache"}"',
+    }
+    cfg = load_config(shipped_config(), [f"{k}={v}" for k, v in sets.items()])
+    ensure_topics(cfg.kafka, cfg.name)
+    yield cfg
+    MemoryBroker.reset()
+
+
+def _shifted(rollout: Rollout, by: float) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() + by for k, v in rollout.engine.model.state_dict().items()}
+
+
+def _dead(cfg) -> list[str]:
+    c = Consumer(cfg.kafka, cfg.name, ["deadletter"], group_id=None, client_id="read-dead", deadletter=None)
+    return [str(r) for _ in range(3) for d in c.poll(timeout_ms=5) for r in d.columns["reason"]]
+
+
+def test_a_rollout_loads_weights_published_to_the_object_store(cfg, tmp_path):
+    rollout = Rollout(cfg, 0)
+    publisher = Publisher(cfg, Producer(cfg.kafka, "learner"))
+    want = _shifted(rollout, 0.01)
+    publisher.announce(want, version=1, step=1)
+    # The worker is on another node: the learner's own folder is not there.
+    shutil.rmtree(cfg.workdir / "policies")
+    rollout.follower.refresh(rollout.engine, timeout_ms=50)
+    assert rollout.engine.version == 1
+    got = rollout.engine.model.state_dict()
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
+    assert (tmp_path / "node-b-cache" / "v000001" / "model.safetensors").is_file()
+    assert S3Policies(cfg.weights, cfg.name).versions() == [1]
+    assert _dead(cfg) == []
+
+
+def test_tampered_objects_and_forged_uris_are_dead_lettered_and_old_versions_pruned(cfg):
+    rollout = Rollout(cfg, 0)
+    publisher = Publisher(cfg, Producer(cfg.kafka, "learner"))
+    store = S3Policies(cfg.weights, cfg.name)
+    publisher.announce(_shifted(rollout, 0.01), version=1, step=1)
+    rollout.follower.refresh(rollout.engine, timeout_ms=50)
+    assert rollout.engine.version == 1
+
+    # Version 2 is changed in the store after it was announced: same size, other bytes.
+    publisher.announce(_shifted(rollout, 0.02), version=2, step=2)
+    key = f"{store.key(2)}/model.safetensors"
+    body = bytearray(store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    body[-1] ^= 0xFF
+    store.client.put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
+    # An announcement pointing at another run's keys, with a hash that would match them.
+    other = S3Policies(cfg.weights, "another-run")
+    producer = Producer(cfg.kafka, "forger")
+    producer.send(topic_name(cfg.name, "policy"), POLICY_UPDATE,
+                  policy_update(3, other.uri(3), "a" * 64), key=b"policy")
+    producer.flush()
+    rollout.follower.refresh(rollout.engine, timeout_ms=50)
+    assert rollout.engine.version == 1
+    reasons = _dead(cfg)
+    assert any("bad_weights" in r and "sha256 mismatch" in r and "v000002" in r for r in reasons), reasons
+    assert any("bad_weights" in r and "not this run's version 3" in r for r in reasons), reasons
+    assert not (cfg.weights.cache_dir / "v000002").exists()  # a bad download is not kept
+
+    # Newer versions load again, and the store keeps only the newest keep_policies (2).
+    publisher.announce(_shifted(rollout, 0.03), version=4, step=4)
+    rollout.follower.refresh(rollout.engine, timeout_ms=50)
+    assert rollout.engine.version == 4
+    assert store.versions() == [2, 4]
+    assert sorted(p.name for p in cfg.weights.cache_dir.iterdir()) == ["v000001", "v000004"]
+
+
+def test_policy_source_follows_the_config(cfg, tmp_path):
+    assert type(policy_source(cfg, "rollout-0")).__name__ == "S3Source"
+    local = load_config(shipped_config(), [f'workdir="{tmp_path}"'])
+    assert type(policy_source(local, "rollout-0")).__name__ == "LocalSource"
