@@ -1,200 +1,238 @@
-"""Transport benchmark: Arrow codec vs JSON, and trajectory throughput through a real Tansu broker.
+"""Transport benchmark: the services' own produce/consume/commit path through a real broker, by
+trajectory size, and the Arrow codec against JSON.
 
-(a) encode+decode cost per trajectory, batches of 64 rows (prompt 24 tokens, completion 64
-    tokens): our Arrow codec against `json.dumps`/`json.loads` of the equivalent list of dicts;
-    median over many repetitions.
-(b) trajectories/s through an embedded Tansu broker it starts itself (zstd, acks=all, messages of
-    64 rows): produce-only, consume-only (consumer group, commit after every poll; group join
-    time excluded and printed separately), and end to end (producer and consumer running
-    together, group already joined).
+(a) Codec: encode+decode cost per trajectory, one message per group of 8 (prompt 24 tokens,
+    completion 64 tokens): our Arrow codec against `json.dumps`/`json.loads` of the same rows.
+(b) End to end, as the services do it, for trajectories of about 1 KB, 16 KB and 256 KB on the
+    wire: a producer *process* sends one message per group (`Producer.send`, key = prompt id,
+    `flush()` after every batch of `rollout.max_prompts_per_batch` groups, as a rollout worker
+    does) while a consumer *process* in a consumer group polls and decodes (`Consumer.poll`) and
+    commits every `--commit-every` polls (the reward worker commits after each ERPO snapshot,
+    `erpo.snapshot_every` batches). The baseline beside it commits after every poll (what this
+    bench measured before). Throughput = trajectories / (last one consumed - first one sent);
+    the group is joined before the first send.
+(c) What a 4,096-token completion costs on the wire, and whether the size limits carry a group of
+    them.
 
-Usage: python bench/transport.py [--n 20000] [--reps 2000]
-The last line is `RESULT arrow_us=… json_us=… ratio=… traj_per_s=…` (traj_per_s = end to end).
+The broker is an embedded Tansu it starts itself (memory storage), or `--bootstrap host:port` for
+a real Kafka. Usage: python bench/transport.py [--seconds 8] [--sizes 1,16,256]
+The last line is `RESULT traj_per_s_1k=… mb_per_s_1k=… traj_per_s_16k=… … traj_per_s_256k=…
+mb_per_s_256k=… baseline_traj_per_s_1k=… arrow_us=… json_us=…`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import statistics
-import threading
 import time
 import uuid
 
 import numpy as np
 
-from infra.broker import Broker
-from pipeline.config import KafkaConfig
+from pipeline.config import KafkaConfig, RolloutConfig, ErpoConfig
 from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
 from schemas import TRAJECTORY, Columns, Ragged, decode, encode, headers_for
 
-ROWS = 64
+G = 8
 PROMPT_TOKENS = 24
-COMPLETION_TOKENS = 64
+TEXT = "She sold 48 / 2 = 24 clips in May, so 48 + 24 = 72 in total. \\boxed{72}"
 
 
-def trajectory_batch(rng: np.random.Generator, n: int = ROWS) -> Columns:
-    """A realistic message: n/8 groups of 8 samples, fixed prompt/completion lengths."""
-    group = np.arange(n) // 8
+def trajectory_group(rng: np.random.Generator, completion_tokens: int, prompt_tokens: int = PROMPT_TOKENS,
+                     n: int = G, group: int = 0) -> Columns:
+    """One group's message: n samples of one prompt, token ids and behaviour log-probs of
+    `completion_tokens` each (ids drawn from a Qwen-sized vocabulary, so they barely compress)."""
     s = lambda values: np.array(values, dtype=object)  # noqa: E731
     return {
         "traj_id": s([uuid.uuid4().hex for _ in range(n)]),
-        "group_id": s([f"group-{g:06d}" for g in group]),
-        "ticket_id": s([f"ticket-{g:06d}" for g in group]),
-        "prompt_id": s([f"gsm8k-{g:05d}" for g in group]),
-        "sample_idx": (np.arange(n) % 8).astype(np.int32),
-        "group_size": np.full(n, 8, dtype=np.int32),
+        "group_id": s([f"group-{group:08d}"] * n),
+        "ticket_id": s([f"e0-{group:06d}"] * n),
+        "prompt_id": s([f"gsm8k-{group % 7473:05d}"] * n),
+        "sample_idx": np.arange(n, dtype=np.int32),
+        "group_size": np.full(n, n, dtype=np.int32),
         "policy_version": np.full(n, 12, dtype=np.int64),
         "temperature": np.full(n, 1.1, dtype=np.float32),
         "prompt_text": s(["Natalia sold clips to 48 of her friends in April. How many clips did she sell?"] * n),
-        "prompt_token_ids": Ragged(
-            rng.integers(0, 151_000, n * PROMPT_TOKENS, dtype=np.int32),
-            np.arange(n + 1, dtype=np.int32) * PROMPT_TOKENS,
-        ),
-        "completion_token_ids": Ragged(
-            rng.integers(0, 151_000, n * COMPLETION_TOKENS, dtype=np.int32),
-            np.arange(n + 1, dtype=np.int32) * COMPLETION_TOKENS,
-        ),
-        "behavior_logprobs": Ragged(
-            -rng.exponential(0.7, n * COMPLETION_TOKENS).astype(np.float32),
-            np.arange(n + 1, dtype=np.int32) * COMPLETION_TOKENS,
-        ),
-        "completion_text": s(["She sold 48 / 2 = 24 clips in May, so 48 + 24 = 72 in total. \\boxed{72}"] * n),
+        "prompt_token_ids": Ragged(rng.integers(0, 151_000, n * prompt_tokens, dtype=np.int32),
+                                   np.arange(n + 1, dtype=np.int32) * prompt_tokens),
+        "completion_token_ids": Ragged(rng.integers(0, 151_000, n * completion_tokens, dtype=np.int32),
+                                       np.arange(n + 1, dtype=np.int32) * completion_tokens),
+        "behavior_logprobs": Ragged(-rng.exponential(0.7, n * completion_tokens).astype(np.float32),
+                                    np.arange(n + 1, dtype=np.int32) * completion_tokens),
+        "completion_text": s([(TEXT * (1 + completion_tokens * 4 // len(TEXT)))[: completion_tokens * 4]] * n),
         "finish_reason": s(["stop"] * n),
         "answer": s(["72"] * n),
         "created_at": np.full(n, time.time()),
     }
 
 
+def completion_tokens_for(kib: float) -> int:
+    """Completion length whose trajectories encode to about `kib` KiB each (ids, log-probs, text:
+    about 12 bytes per token)."""
+    lo, hi = 1, 1 << 17
+    while lo < hi:
+        mid = (lo + hi) // 2
+        size = len(encode(TRAJECTORY, trajectory_group(np.random.default_rng(0), mid))) / G
+        lo, hi = (mid + 1, hi) if size < kib * 1024 else (lo, mid)
+    return lo
+
+
 def as_dicts(cols: Columns) -> list[dict[str, object]]:
-    """The same rows as JSON-ready dicts (token ids and logprobs as Python lists)."""
     n = len(cols["traj_id"])
-    rows: list[dict[str, object]] = []
-    for i in range(n):
-        row: dict[str, object] = {}
-        for name, col in cols.items():
-            row[name] = col[i].tolist() if isinstance(col, Ragged) else col[i].item() if col.dtype != object else col[i]
-        rows.append(row)
-    return rows
+    return [{name: (col[i].tolist() if isinstance(col, Ragged) else col[i].item() if col.dtype != object else col[i])
+             for name, col in cols.items()} for i in range(n)]
 
 
-def median_us_per_row(fn: object, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()  # type: ignore[operator]
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) / ROWS * 1e6
-
-
-def bench_codec(reps: int) -> tuple[float, float, int, int]:
-    cols = trajectory_batch(np.random.default_rng(0))
+def bench_codec(reps: int) -> tuple[float, float]:
+    cols = trajectory_group(np.random.default_rng(0), 64)
     headers = headers_for(TRAJECTORY)
     rows = as_dicts(cols)
 
-    def arrow() -> None:
-        decode(TRAJECTORY, encode(TRAJECTORY, cols), headers)
+    def median_us(fn) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) / G * 1e6
 
-    def as_json() -> None:
-        json.loads(json.dumps(rows).encode())
-
-    arrow()
-    as_json()
-    arrow_us = median_us_per_row(arrow, reps)
-    json_us = median_us_per_row(as_json, reps)
-    return arrow_us, json_us, len(encode(TRAJECTORY, cols)), len(json.dumps(rows).encode())
+    return (median_us(lambda: decode(TRAJECTORY, encode(TRAJECTORY, cols), headers)),
+            median_us(lambda: json.loads(json.dumps(rows).encode())))
 
 
-def produce(producer: Producer, topic: str, batch: Columns, messages: int) -> None:
-    for i in range(messages):
-        producer.send(topic, TRAJECTORY, batch, key=f"gsm8k-{i:05d}".encode())
+# -- the two processes --------------------------------------------------------------------------------
+def _produce(cfg: KafkaConfig, run: str, completion_tokens: int, groups: int, batch: int, ready, out) -> None:
+    rng = np.random.default_rng(1)
+    templates = [trajectory_group(rng, completion_tokens, group=i) for i in range(16)]
+    producer = Producer(cfg, "bench-rollout")
+    topic = topic_name(run, "trajectories")
+    ready.wait()
+    t0 = time.time()
+    for i in range(groups):
+        cols = templates[i % len(templates)]
+        producer.send(topic, TRAJECTORY, cols, key=str(cols["prompt_id"][0]).encode() + str(i % 97).encode())
+        if (i + 1) % batch == 0:
+            producer.flush()
     producer.flush()
+    out.put(("produced", t0, time.time()))
+    producer.close()
 
 
-def consume(consumer: Consumer, rows: int) -> tuple[float, float]:
-    """Poll (committing after each non-empty poll) until `rows` rows arrived.
-    Returns (time of the first delivery, time of the last)."""
-    got = 0
-    first = 0.0
-    deadline = time.monotonic() + 300
+def _consume(cfg: KafkaConfig, run: str, rows: int, commit_every: int, ready, out) -> None:
+    consumer = Consumer(cfg, run, ["trajectories"], f"{run}.reward", "bench-reward", deadletter=None)
+    deadline = time.monotonic() + 120
+    while not consumer.assigned():  # join the group before the producer starts
+        consumer.poll(timeout_ms=100)
+        if time.monotonic() > deadline:
+            raise RuntimeError("the bench consumer never got partitions")
+    ready.set()
+    got = polls = 0
+    deadline = time.monotonic() + 600
     while got < rows:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {got}/{rows} rows consumed")
-        deliveries = consumer.poll(timeout_ms=200)
-        if deliveries:
-            first = first or time.perf_counter()
-            got += sum(len(d.columns["traj_id"]) for d in deliveries)
+            raise RuntimeError(f"only {got}/{rows} trajectories consumed")
+        deliveries = consumer.poll(timeout_ms=100)
+        if not deliveries:
+            continue
+        got += sum(len(d.columns["traj_id"]) for d in deliveries)
+        polls += 1
+        if polls % commit_every == 0:
             consumer.commit()
-    return first, time.perf_counter()
+    last = time.time()
+    consumer.commit()
+    out.put(("consumed", last, polls))
+    consumer.close()
 
 
-def bench_broker(n: int) -> dict[str, float]:
-    messages = max(1, n // ROWS)
-    rows = messages * ROWS
-    batch = trajectory_batch(np.random.default_rng(1))
-    out: dict[str, float] = {"rows": rows}
-    with Broker() as broker:
-        cfg = KafkaConfig(
-            bootstrap_servers=broker.bootstrap,
-            session_timeout_ms=2000,
-            heartbeat_interval_ms=500,
-            compression="zstd",
-            acks="all",
-        )
-        # Separate phases: produce everything, then consume it.
-        run = f"bench-{uuid.uuid4().hex[:8]}"
-        ensure_topics(cfg, run)
-        topic = topic_name(run, "trajectories")
-        producer = Producer(cfg, "bench-producer")
-        t0 = time.perf_counter()
-        produce(producer, topic, batch, messages)
-        out["produce_per_s"] = rows / (time.perf_counter() - t0)
-        consumer = Consumer(cfg, run, ["trajectories"], f"{run}-g", "bench-consumer", deadletter=None)
-        t0 = time.perf_counter()
-        first, last = consume(consumer, rows)
-        out["join_s"] = first - t0
-        out["consume_per_s"] = (rows - ROWS) / max(last - first, 1e-9)  # first message only marks the join
-        consumer.close()
+def bench_path(cfg: KafkaConfig, kib: float, seconds: float, commit_every: int, batch: int,
+               expect_traj_per_s: float) -> dict[str, float]:
+    """One producer process and one consumer process; sized to run about `seconds`."""
+    tokens = completion_tokens_for(kib)
+    msg_bytes = len(encode(TRAJECTORY, trajectory_group(np.random.default_rng(0), tokens)))
+    groups = max(batch, int(expect_traj_per_s * seconds / G) // batch * batch)
+    run = f"bench-{uuid.uuid4().hex[:8]}"
+    ensure_topics(cfg, run)
+    ctx = mp.get_context("spawn")
+    ready, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_consume, args=(cfg, run, groups * G, commit_every, ready, out)),
+             ctx.Process(target=_produce, args=(cfg, run, tokens, groups, batch, ready, out))]
+    for p in procs:
+        p.start()
+    results = {kind: rest for kind, *rest in (out.get(timeout=900) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+        if p.exitcode != 0:
+            raise RuntimeError(f"bench process {p.name} exited with {p.exitcode}")
+    t_first, _ = results["produced"]
+    t_last, polls = results["consumed"]
+    wall = t_last - t_first
+    return {"kib": kib, "tokens": tokens, "traj_bytes": msg_bytes / G, "groups": groups, "polls": polls,
+            "wall_s": wall, "traj_per_s": groups * G / wall, "mb_per_s": groups * msg_bytes / wall / 1e6}
 
-        # End to end: producer and consumer together, on a fresh run; group joined beforehand.
-        run = f"bench-{uuid.uuid4().hex[:8]}"
-        ensure_topics(cfg, run)
-        topic = topic_name(run, "trajectories")
-        consumer = Consumer(cfg, run, ["trajectories"], f"{run}-g", "bench-consumer", deadletter=None)
-        produce(producer, topic, batch, 1)
-        consume(consumer, ROWS)  # warm-up message: the group is joined once it arrives
-        result: dict[str, float] = {}
-        reader = threading.Thread(target=lambda: result.update(last=consume(consumer, rows)[1]))
-        t0 = time.perf_counter()
-        reader.start()
-        produce(producer, topic, batch, messages)
-        reader.join()
-        out["e2e_per_s"] = rows / (result["last"] - t0)
-        consumer.close()
-        producer.close()
-    return out
+
+def wire_cost(cfg: KafkaConfig) -> str:
+    """Bytes of a group of 8 trajectories with 4,096-token completions, raw and zstd-compressed,
+    against the configured message limit."""
+    import zstandard
+
+    payload = encode(TRAJECTORY, trajectory_group(np.random.default_rng(0), 4096, prompt_tokens=512))
+    packed = len(zstandard.ZstdCompressor().compress(payload))
+    return (f"a group of {G} trajectories with 512-token prompts and 4,096-token completions: {len(payload) / 1e6:.2f} MB "
+            f"as one Arrow message ({len(payload) / G / 1024:.0f} KiB per trajectory), {packed / 1e6:.2f} MB zstd-compressed; "
+            f"kafka.max_message_bytes = {cfg.max_message_bytes / 2**20:.0f} MiB carries groups up to "
+            f"{cfg.max_message_bytes // (len(payload) // G)} such trajectories (set the broker's message.max.bytes and "
+            f"the topic's max.message.bytes at least as high)")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=20_000, help="trajectories sent through the broker")
-    parser.add_argument("--reps", type=int, default=2000, help="codec repetitions (median)")
+    parser.add_argument("--sizes", default="1,16,256", help="trajectory sizes in KiB (comma-separated)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="about how long each measurement runs")
+    parser.add_argument("--reps", type=int, default=500, help="codec repetitions (median)")
+    parser.add_argument("--bootstrap", default=None, help="a running Kafka (host:port); default: embedded Tansu")
+    parser.add_argument("--commit-every", type=int, default=ErpoConfig().snapshot_every,
+                        help="polls between commits on the services' path (erpo.snapshot_every)")
+    parser.add_argument("--batch", type=int, default=RolloutConfig().max_prompts_per_batch,
+                        help="groups per producer flush (rollout.max_prompts_per_batch)")
     args = parser.parse_args(argv)
+    sizes = [float(s) for s in args.sizes.split(",")]
 
-    arrow_us, json_us, arrow_bytes, json_bytes = bench_codec(args.reps)
-    b = bench_broker(args.n)
-    print(f"codec, {ROWS} rows/message, prompt {PROMPT_TOKENS} + completion {COMPLETION_TOKENS} tokens, median of {args.reps}")
-    print(f"  {'format':<8}{'us/traj (enc+dec)':>20}{'bytes/message':>16}")
-    print(f"  {'arrow':<8}{arrow_us:>20.2f}{arrow_bytes:>16d}")
-    print(f"  {'json':<8}{json_us:>20.2f}{json_bytes:>16d}")
-    print(f"broker (tansu, zstd, acks=all), {int(b['rows'])} trajectories in messages of {ROWS}")
-    print(f"  {'produce only':<28}{b['produce_per_s']:>12,.0f} traj/s")
-    print(f"  {'consume only (group+commit)':<28}{b['consume_per_s']:>12,.0f} traj/s  (group join {b['join_s']:.2f} s excluded)")
-    print(f"  {'end to end':<28}{b['e2e_per_s']:>12,.0f} traj/s")
-    print(
-        f"RESULT arrow_us={arrow_us:.2f} json_us={json_us:.2f} ratio={json_us / arrow_us:.1f} "
-        f"traj_per_s={b['e2e_per_s']:.0f}"
-    )
+    arrow_us, json_us = bench_codec(args.reps)
+    print(f"codec, one message per group of {G} (prompt {PROMPT_TOKENS} + completion 64 tokens), median of {args.reps}: "
+          f"arrow {arrow_us:.2f} us/trajectory, json {json_us:.2f} us/trajectory ({json_us / arrow_us:.1f}x)", flush=True)
+
+    def run_all(bootstrap: str) -> dict[str, float]:
+        cfg = KafkaConfig(bootstrap_servers=bootstrap, session_timeout_ms=6000, heartbeat_interval_ms=500)
+        print(f"broker {bootstrap}: one message per group of {G}, zstd, acks=all; producer flushes every "
+              f"{args.batch} groups; consumer commits every {args.commit_every} polls (services) or every poll "
+              "(baseline)", flush=True)
+        print(f"  {'KiB/traj':>8} {'tokens':>7} {'path':<9} {'traj/s':>9} {'MB/s':>8} {'wall s':>7} {'polls':>6}", flush=True)
+        result: dict[str, float] = {}
+        expect = {1.0: 30_000, 16.0: 6_000, 256.0: 600}
+        for kib in sizes:
+            for name, every in (("services", args.commit_every), ("baseline", 1)):
+                r = bench_path(cfg, kib, args.seconds, every, args.batch, expect.get(kib, 30_000 / kib))
+                print(f"  {r['traj_bytes'] / 1024:>8.1f} {r['tokens']:>7d} {name:<9} {r['traj_per_s']:>9,.0f} "
+                      f"{r['mb_per_s']:>8.1f} {r['wall_s']:>7.1f} {r['polls']:>6d}", flush=True)
+                tag = f"{kib:g}k"
+                prefix = "" if name == "services" else "baseline_"
+                result[f"{prefix}traj_per_s_{tag}"] = r["traj_per_s"]
+                result[f"{prefix}mb_per_s_{tag}"] = r["mb_per_s"]
+        print(wire_cost(cfg))
+        return result
+
+    if args.bootstrap:
+        result = run_all(args.bootstrap)
+    else:
+        from infra.broker import Broker
+
+        with Broker() as broker:
+            result = run_all(broker.bootstrap)
+    fields = " ".join(f"{k}={v:.0f}" if "traj" in k else f"{k}={v:.1f}" for k, v in result.items())
+    print(f"RESULT {fields} arrow_us={arrow_us:.2f} json_us={json_us:.2f}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import uuid
 from pathlib import Path
 from collections.abc import Iterator
@@ -73,3 +75,43 @@ def pytest_collection_modifyitems(config, items):
     contiguous share of the list; the longest test (the hostile-records demo, several minutes)
     then overlaps the rest of the suite instead of starting halfway and finishing last."""
     items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
+
+# -- the fault matrix's reconciliation table (tests/faults/test_kill_matrix.py fills RESULTS) ---------
+# Here, not in tests/faults/conftest.py: under pytest-xdist (`make test`) the controller process
+# collects nothing and loads only this conftest. Each worker hands its rows to the controller
+# through xdist's `workeroutput`; the controller prints one table.
+FAULT_COLUMNS = ["scenario", "killed", "restarted", "tickets", "fate_trained", "fate_dropped_stale", "fate_unused",
+                 "tickets_reissued_on_lease", "reissued_copies", "generated_more_than_once", "duplicates_ignored",
+                 "trained_twice", "several_fates", "no_fate", "unresolved", "wall_s"]
+_FAULT_ROWS_FROM_WORKERS: list[dict] = []
+
+
+def _fault_rows_here() -> list[dict]:
+    module = sys.modules.get("test_kill_matrix")
+    return list(getattr(module, "RESULTS", []))
+
+
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker
+        workeroutput["fault_matrix"] = json.dumps(_fault_rows_here(), default=str)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    rows = getattr(node, "workeroutput", {}).get("fault_matrix")
+    if rows:
+        _FAULT_ROWS_FROM_WORKERS.extend(json.loads(rows))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    rows = [*_fault_rows_here(), *_FAULT_ROWS_FROM_WORKERS]
+    if not rows:
+        return
+    tr = terminalreporter
+    tr.section("fault matrix: kill -9 (and failpoints), supervisor restarts, reconcile (lake + learner ledger)")
+    widths = [max(len(c), *(len(str(r.get(c, 0))) for r in rows)) for c in FAULT_COLUMNS]
+    tr.write_line("  ".join(c.rjust(w) for c, w in zip(FAULT_COLUMNS, widths)))
+    for r in rows:
+        tr.write_line("  ".join(str(r.get(c, 0)).rjust(w) for c, w in zip(FAULT_COLUMNS, widths)))

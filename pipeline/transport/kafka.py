@@ -747,6 +747,11 @@ class Consumer:
         log.warning("commit failed (%r); the next commit will cover these offsets", e)
         return False
 
+    def assigned(self) -> set[PartitionKey]:
+        """(logical topic, partition) currently assigned to this consumer (empty until the group
+        is joined)."""
+        return {self._logical_key(tp) for tp in self._consumer.assignment()}
+
     def seek(self, offsets: dict[PartitionKey, int]) -> None:
         """Continue these assigned partitions from these next offsets. (A group member restores
         the partitions it is given through `on_assign`.)"""

@@ -18,7 +18,7 @@ process killed must have been restarted by the supervisor.
   figure). Tansu can acknowledge a produce and lose it when killed; ticket leases re-issue what
   never came back.
 
-The table is printed at the end of the session (tests/faults/conftest.py).
+The table is printed at the end of the session (tests/conftest.py).
 """
 
 from __future__ import annotations
