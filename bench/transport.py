@@ -5,8 +5,8 @@ trajectory size, and the Arrow codec against JSON.
     completion 64 tokens): our Arrow codec against `json.dumps`/`json.loads` of the same rows.
 (b) End to end, as the services do it, for trajectories of about 1 KB, 16 KB and 256 KB on the
     wire: a producer *process* sends one message per group (`Producer.send`, key = prompt id,
-    `flush()` after every batch of `rollout.max_prompts_per_batch` groups, as a rollout worker
-    does) while a consumer *process* in a consumer group polls and decodes (`Consumer.poll`) and
+    `flush()` after every batch of `rollout.max_prompts_per_batch` groups (64, as in the cluster
+    configs), as a rollout worker does) while a consumer *process* in a consumer group polls and decodes (`Consumer.poll`) and
     commits every `--commit-every` polls (the reward worker commits after each ERPO snapshot,
     `erpo.snapshot_every` batches). The baseline beside it commits after every poll (what this
     bench measured before). Throughput = trajectories / (last one consumed - first one sent);
@@ -31,7 +31,7 @@ import uuid
 
 import numpy as np
 
-from pipeline.config import KafkaConfig, RolloutConfig, ErpoConfig
+from pipeline.config import ErpoConfig, KafkaConfig
 from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
 from schemas import TRAJECTORY, Columns, Ragged, decode, encode, headers_for
 
@@ -49,6 +49,7 @@ def trajectory_group(rng: np.random.Generator, completion_tokens: int, prompt_to
         "traj_id": s([uuid.uuid4().hex for _ in range(n)]),
         "group_id": s([f"group-{group:08d}"] * n),
         "ticket_id": s([f"e0-{group:06d}"] * n),
+        "attempt": np.zeros(n, dtype=np.int32),
         "prompt_id": s([f"gsm8k-{group % 7473:05d}"] * n),
         "sample_idx": np.arange(n, dtype=np.int32),
         "group_size": np.full(n, n, dtype=np.int32),
@@ -193,10 +194,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="about how long each measurement runs")
     parser.add_argument("--reps", type=int, default=500, help="codec repetitions (median)")
     parser.add_argument("--bootstrap", default=None, help="a running Kafka (host:port); default: embedded Tansu")
+    parser.add_argument("--compression", default=KafkaConfig().compression, help="kafka.compression")
     parser.add_argument("--commit-every", type=int, default=ErpoConfig().snapshot_every,
                         help="polls between commits on the services' path (erpo.snapshot_every)")
-    parser.add_argument("--batch", type=int, default=RolloutConfig().max_prompts_per_batch,
-                        help="groups per producer flush (rollout.max_prompts_per_batch)")
+    parser.add_argument("--batch", type=int, default=64,
+                        help="groups per producer flush: rollout.max_prompts_per_batch of the cluster configs "
+                             "(infra/configs/gsm8k.toml, compose, k8s: 64; the CPU demo's: 16)")
     args = parser.parse_args(argv)
     sizes = [float(s) for s in args.sizes.split(",")]
 
@@ -205,8 +208,9 @@ def main(argv: list[str] | None = None) -> None:
           f"arrow {arrow_us:.2f} us/trajectory, json {json_us:.2f} us/trajectory ({json_us / arrow_us:.1f}x)", flush=True)
 
     def run_all(bootstrap: str) -> dict[str, float]:
-        cfg = KafkaConfig(bootstrap_servers=bootstrap, session_timeout_ms=6000, heartbeat_interval_ms=500)
-        print(f"broker {bootstrap}: one message per group of {G}, zstd, acks=all; producer flushes every "
+        cfg = KafkaConfig(bootstrap_servers=bootstrap, session_timeout_ms=6000, heartbeat_interval_ms=500,
+                          compression=args.compression)
+        print(f"broker {bootstrap}: one message per group of {G}, compression {args.compression}, acks=all; producer flushes every "
               f"{args.batch} groups; consumer commits every {args.commit_every} polls (services) or every poll "
               "(baseline)", flush=True)
         print(f"  {'KiB/traj':>8} {'tokens':>7} {'path':<9} {'traj/s':>9} {'MB/s':>8} {'wall s':>7} {'polls':>6}", flush=True)

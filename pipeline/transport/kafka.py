@@ -144,11 +144,15 @@ POLICY_KEY = b"policy"
 
 
 def topic_configs(spec: TopicSpec, cfg: KafkaConfig) -> dict[str, str]:
-    """Kafka topic configs of a logical topic: compaction, or retention from the run config."""
+    """Kafka topic configs of a logical topic: compaction, or retention from the run config; and
+    `max.message.bytes` = `kafka.max_message_bytes`, so the topic itself accepts the largest
+    message the producers may send (Kafka's broker default is 1 MiB: a group of 8 trajectories
+    with 16k-token completions is about 1.6 MB)."""
+    size = {"max.message.bytes": str(cfg.max_message_bytes)}
     if spec.compacted:
-        return {"cleanup.policy": "compact"}
+        return {"cleanup.policy": "compact"} | size
     hours = cfg.retention_hours
-    return {"cleanup.policy": "delete", "retention.ms": str(-1 if hours < 0 else int(hours * 3_600_000))}
+    return {"cleanup.policy": "delete", "retention.ms": str(-1 if hours < 0 else int(hours * 3_600_000))} | size
 
 
 def topic_name(run: str, topic: str) -> str:
@@ -182,6 +186,7 @@ def client_kwargs(cfg: KafkaConfig, role: Literal["admin", "producer", "consumer
             "enable_idempotence": cfg.acks == "all",
             "compression_type": None if cfg.compression == "none" else cfg.compression,
             "linger_ms": cfg.linger_ms,
+            "batch_size": cfg.batch_bytes,
             # Sends are retried through a broker outage for as long as `flush` waits for them.
             "delivery_timeout_ms": max(int(cfg.outage_timeout_s * 1000), cfg.request_timeout_ms + cfg.linger_ms),
             "max_request_size": cfg.max_message_bytes,
