@@ -149,26 +149,28 @@ def _consume(cfg: KafkaConfig, run: str, rows: int, commit_every: int, ready, ou
 
 
 def bench_path(cfg: KafkaConfig, kib: float, seconds: float, commit_every: int, batch: int,
-               expect_traj_per_s: float) -> dict[str, float]:
-    """One producer process and one consumer process; sized to run about `seconds`."""
+               expect_traj_per_s: float, producers: int = 1) -> dict[str, float]:
+    """`producers` producer processes (rollout workers) and one consumer process; sized to run
+    about `seconds`."""
     tokens = completion_tokens_for(kib)
     msg_bytes = len(encode(TRAJECTORY, trajectory_group(np.random.default_rng(0), tokens)))
-    groups = max(batch, int(expect_traj_per_s * seconds / G) // batch * batch)
+    groups = max(batch, int(expect_traj_per_s * seconds / G / producers) // batch * batch) * producers
     run = f"bench-{uuid.uuid4().hex[:8]}"
     ensure_topics(cfg, run)
     ctx = mp.get_context("spawn")
     ready, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_consume, args=(cfg, run, groups * G, commit_every, ready, out)),
-             ctx.Process(target=_produce, args=(cfg, run, tokens, groups, batch, ready, out))]
+    procs = [ctx.Process(target=_consume, args=(cfg, run, groups * G, commit_every, ready, out))]
+    procs += [ctx.Process(target=_produce, args=(cfg, run, tokens, groups // producers, batch, ready, out))
+              for _ in range(producers)]
     for p in procs:
         p.start()
-    results = {kind: rest for kind, *rest in (out.get(timeout=900) for _ in procs)}
+    reports = [out.get(timeout=900) for _ in procs]
     for p in procs:
         p.join(timeout=60)
         if p.exitcode != 0:
             raise RuntimeError(f"bench process {p.name} exited with {p.exitcode}")
-    t_first, _ = results["produced"]
-    t_last, polls = results["consumed"]
+    t_first = min(r[1] for r in reports if r[0] == "produced")
+    _, t_last, polls = next(r for r in reports if r[0] == "consumed")
     wall = t_last - t_first
     return {"kib": kib, "tokens": tokens, "traj_bytes": msg_bytes / G, "groups": groups, "polls": polls,
             "wall_s": wall, "traj_per_s": groups * G / wall, "mb_per_s": groups * msg_bytes / wall / 1e6}
@@ -195,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=500, help="codec repetitions (median)")
     parser.add_argument("--bootstrap", default=None, help="a running Kafka (host:port); default: embedded Tansu")
     parser.add_argument("--compression", default=KafkaConfig().compression, help="kafka.compression")
+    parser.add_argument("--producers", type=int, default=1, help="producer processes (rollout workers)")
     parser.add_argument("--commit-every", type=int, default=ErpoConfig().snapshot_every,
                         help="polls between commits on the services' path (erpo.snapshot_every)")
     parser.add_argument("--batch", type=int, default=64,
@@ -210,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     def run_all(bootstrap: str) -> dict[str, float]:
         cfg = KafkaConfig(bootstrap_servers=bootstrap, session_timeout_ms=6000, heartbeat_interval_ms=500,
                           compression=args.compression)
-        print(f"broker {bootstrap}: one message per group of {G}, compression {args.compression}, acks=all; producer flushes every "
+        print(f"broker {bootstrap}: {args.producers} producer process(es), one message per group of {G}, compression "
+              f"{args.compression}, acks=all; each producer flushes every "
               f"{args.batch} groups; consumer commits every {args.commit_every} polls (services) or every poll "
               "(baseline)", flush=True)
         print(f"  {'KiB/traj':>8} {'tokens':>7} {'path':<9} {'traj/s':>9} {'MB/s':>8} {'wall s':>7} {'polls':>6}", flush=True)
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         expect = {1.0: 30_000, 16.0: 6_000, 256.0: 600}
         for kib in sizes:
             for name, every in (("services", args.commit_every), ("baseline", 1)):
-                r = bench_path(cfg, kib, args.seconds, every, args.batch, expect.get(kib, 30_000 / kib))
+                r = bench_path(cfg, kib, args.seconds, every, args.batch, expect.get(kib, 30_000 / kib), args.producers)
                 print(f"  {r['traj_bytes'] / 1024:>8.1f} {r['tokens']:>7d} {name:<9} {r['traj_per_s']:>9,.0f} "
                       f"{r['mb_per_s']:>8.1f} {r['wall_s']:>7.1f} {r['polls']:>6d}", flush=True)
                 tag = f"{kib:g}k"

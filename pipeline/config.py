@@ -1,6 +1,6 @@
 """Run configuration: one TOML file per run, validated by pydantic at start-up.
 
-(~670 lines, mostly one documented field after another: this file is the reference of every
+(~710 lines, mostly one documented field after another: this file is the reference of every
 setting, which the README and `--set` errors point to.)
 
 Every model forbids unknown keys, so a misspelt key fails at start-up naming the field instead of

@@ -6,6 +6,9 @@ extra; without them these checks skip, unless RLSTREAM_REQUIRE_DEPLOY_TOOLS=1 (C
 failure. The cross-checks catch drift: configs that no longer load, `--set` keys, sub-commands or
 flags that no longer exist, metrics ports, mounts, selectors and versions that disagree. (That the
 Grafana dashboard plots only exported metrics is tests/unit/test_dashboard.py's job.)
+
+(~480 lines: one file for the three deployment forms, because the cross-checks compare them with
+each other and with the code; split by form, the shared parsing would be written three times.)
 """
 
 from __future__ import annotations
