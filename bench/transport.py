@@ -3,8 +3,8 @@ trajectory size, and the Arrow codec against JSON.
 
 (a) Codec: encode+decode cost per trajectory, one message per group of 8 (prompt 24 tokens,
     completion 64 tokens): our Arrow codec against `json.dumps`/`json.loads` of the same rows.
-(b) End to end, as the services do it, for trajectories of about 1 KB, 16 KB and 256 KB on the
-    wire: a producer *process* sends one message per group (`Producer.send`, key = prompt id,
+(b) End to end, as the services do it, for trajectories of about 1 KB, 16 KB and 256 KB of Arrow
+    payload (before Kafka's compression; MB/s counts those bytes): a producer *process* sends one message per group (`Producer.send`, key = prompt id,
     `flush()` after every batch of `rollout.max_prompts_per_batch` groups (64, as in the cluster
     configs), as a rollout worker does) while a consumer *process* in a consumer group polls and decodes (`Consumer.poll`) and
     commits every `--commit-every` polls (the reward worker commits after each ERPO snapshot,

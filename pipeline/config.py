@@ -629,8 +629,9 @@ class S3Weights(_Strict):
     region: str = "us-east-1"
     """Signing region (any value for SeaweedFS and MinIO)."""
     cache_dir: Path | None = None
-    """Where a rollout worker keeps the versions it downloaded (the newest `learner.keep_policies`
-    are kept); null means `<workdir>/policy-cache/<worker>`."""
+    """Where rollout workers keep the versions they downloaded (the newest `learner.keep_policies`
+    each): `<cache_dir>/<run name>/<worker>`, so runs and workers never share a folder; null means
+    `<workdir>/policy-cache/<worker>`."""
 
 
 WeightsConfig = Annotated[LocalWeights | S3Weights, Field(discriminator="store")]

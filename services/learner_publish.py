@@ -45,7 +45,6 @@ class Publisher:
         if self.store is not None:
             t0 = time.monotonic()
             uri = self.store.upload(Path(pub.uri), pub.version)
-            self.store.prune(lc.keep_policies)
             log.info("uploaded policy v%d to %s (%.1fs)", pub.version, uri, time.monotonic() - t0)
         failpoint("learner.publish")
         self.producer.send(self.topic, POLICY_UPDATE, {
@@ -57,7 +56,13 @@ class Publisher:
             "created_at": np.array([time.time()], dtype=np.float64),
         }, key=POLICY_KEY)
         self.producer.flush()
-        write_atomic(self.cfg.workdir / "final_policy.txt", f"{pub.version} {pub.sha256} {uri}\n")
+        # The learner's own local folder: what `rlstream demo` and the evaluation read back.
+        write_atomic(self.cfg.workdir / "final_policy.txt", f"{pub.version} {pub.sha256} {pub.uri}\n")
+        if self.store is not None:  # after the announcement: a store hiccup here costs only disk
+            try:
+                self.store.prune(lc.keep_policies)
+            except Exception as e:  # noqa: BLE001 -- boto3's errors; the next publish prunes again
+                log.warning("pruning old policy versions in the store failed (next time): %r", e)
 
     def export(self, weights: dict[str, torch.Tensor], step: int) -> None:
         """A complete Hugging Face folder of these weights (`pipeline.model.policy.export_pretrained`):

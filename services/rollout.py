@@ -106,6 +106,11 @@ def drain(consumer: Consumer, apply, timeout_ms: int, max_polls: int) -> int:
     return n
 
 
+STORE_ATTEMPTS = 5
+"""Refreshes in a row an announced version may fail for want of an answer from the object store
+before it is dead-lettered (`weights_unavailable`)."""
+
+
 class PolicyFollower:
     """Tracks the newest PolicyUpdate on the `policy` topic and loads it into an engine.
 
@@ -119,11 +124,13 @@ class PolicyFollower:
         self._policies = policies
         self._source = source
         self._pending: list[tuple[int, Delivery]] = []
+        self._store_failures: dict[int, int] = {}
 
     def refresh(self, engine, timeout_ms: int = 0, max_polls: int = 10) -> None:
         """Load the newest announced weights if newer than the engine's (hashes checked first)."""
         drain(self._policies, lambda d: self._pending.append((int(d.columns["version"][0]), d)), timeout_ms, max_polls)
         self._pending.sort(key=lambda vd: vd[0], reverse=True)
+        retry: list[tuple[int, Delivery]] = []
         while self._pending and self._pending[0][0] > engine.version:
             version, d = self._pending.pop(0)
             uri, sha = str(d.columns["uri"][0]), str(d.columns["sha256"][0])
@@ -135,13 +142,23 @@ class PolicyFollower:
                 break
             except PolicyMissing as e:
                 log.warning("skipping policy v%d: %s", version, e)
-            except StoreUnavailable as e:  # the announcement is fine; try it again at the next refresh
-                log.warning("policy v%d not fetched, will retry: %s", version, e)
-                self._pending.insert(0, (version, d))
-                break
+            except StoreUnavailable as e:
+                # The store did not answer: try this version again at the next refresh (older
+                # pending ones meanwhile), but not forever: an announcement of a key the store
+                # never answers for (a forged "v10^9" where a missing key reads as 403) must not
+                # hold the rollout.
+                failures = self._store_failures[version] = self._store_failures.get(version, 0) + 1
+                if failures >= STORE_ATTEMPTS:
+                    self._policies.reject(d, "weights_unavailable", f"weights_unavailable: policy v{version}: "
+                                          f"{failures} attempts: {e}")
+                else:
+                    log.warning("policy v%d not fetched (attempt %d of %d), will retry: %s", version, failures,
+                                STORE_ATTEMPTS, e)
+                    retry.append((version, d))
             except (WeightsError, OSError, ValueError, RuntimeError) as e:
                 self._policies.reject(d, "bad_weights", f"bad_weights: policy v{version}: {type(e).__name__}: {e}")
-        self._pending = [vd for vd in self._pending if vd[0] > engine.version]
+        self._pending = [vd for vd in self._pending + retry if vd[0] > engine.version]
+        self._store_failures = {v: n for v, n in self._store_failures.items() if v > engine.version}
 
     def close(self) -> None:
         self._policies.close()

@@ -51,7 +51,8 @@ def s3_client(cfg: S3Weights):
     style = "path" if cfg.endpoint_url else "auto"
     return boto3.client("s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region,
                         config=Config(signature_version="s3v4", s3={"addressing_style": style},
-                                      retries={"max_attempts": 5, "mode": "standard"}))
+                                      connect_timeout=5, read_timeout=30,
+                                      retries={"max_attempts": 3, "mode": "standard"}))
 
 
 class StoreUnavailable(Exception):
@@ -62,6 +63,7 @@ class StoreUnavailable(Exception):
 @contextmanager
 def _store_errors(what: str):
     """botocore's errors as ours: a missing key is `PolicyMissing`, anything else `StoreUnavailable`."""
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
@@ -71,7 +73,7 @@ def _store_errors(what: str):
         if code in ("404", "NoSuchKey", "NotFound"):
             raise PolicyMissing(f"{what} is not in the store (pruned or never uploaded?)") from None
         raise StoreUnavailable(f"object store error on {what}: {e}") from e
-    except BotoCoreError as e:
+    except (BotoCoreError, Boto3Error) as e:  # Boto3Error: e.g. a download out of retries
         raise StoreUnavailable(f"object store error on {what}: {e}") from e
 
 
@@ -132,13 +134,17 @@ class S3Policies:
 
     def fetch(self, uri: str, sha256: str, version: int, cache: Path) -> Path:
         """Download version ``version`` announced as ``uri`` into ``cache/v<version>`` (reused if
-        already there) and return that folder; the caller loads it with `verify_published`."""
+        its manifest there has the announced sha256) and return that folder; the caller loads it
+        with `verify_published`."""
         if uri != self.uri(version):
             raise WeightsError(f"policy uri {uri!r} is not this run's version {version} in the store "
                                f"({self.uri(version)})")
         final = Path(cache) / folder_name(version)
-        if final.is_dir():
-            return final
+        try:
+            if hashlib.sha256((final / MANIFEST).read_bytes()).hexdigest() == sha256:
+                return final  # downloaded before (`verify_published` still checks every file)
+        except OSError:
+            pass  # not cached; a cached copy of other contents is replaced below
         raw = self._get_manifest(version)
         if len(raw) > MAX_MANIFEST_BYTES:
             raise WeightsError(f"{uri}/{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
@@ -210,5 +216,5 @@ def policy_source(cfg: RunConfig, worker: str) -> PolicySource:
     w = cfg.weights
     if w.store == "local":
         return LocalSource(cfg.workdir / "policies")
-    return S3Source(S3Policies(w, cfg.name), w.cache_dir or cfg.workdir / "policy-cache" / worker,
-                    cfg.learner.keep_policies)
+    cache = (w.cache_dir / cfg.name if w.cache_dir is not None else cfg.workdir / "policy-cache") / worker
+    return S3Source(S3Policies(w, cfg.name), cache, cfg.learner.keep_policies)

@@ -186,7 +186,7 @@ def client_kwargs(cfg: KafkaConfig, role: Literal["admin", "producer", "consumer
             "enable_idempotence": cfg.acks == "all",
             "compression_type": None if cfg.compression == "none" else cfg.compression,
             "linger_ms": cfg.linger_ms,
-            "batch_size": cfg.batch_bytes,
+            "batch_size": min(cfg.batch_bytes, cfg.max_message_bytes),
             # Sends are retried through a broker outage for as long as `flush` waits for them.
             "delivery_timeout_ms": max(int(cfg.outage_timeout_s * 1000), cfg.request_timeout_ms + cfg.linger_ms),
             "max_request_size": cfg.max_message_bytes,

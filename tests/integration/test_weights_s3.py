@@ -77,7 +77,7 @@ def test_a_rollout_loads_weights_published_to_the_object_store(cfg, tmp_path):
     got = rollout.engine.model.state_dict()
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
-    assert (tmp_path / "node-b-cache" / "v000001" / "model.safetensors").is_file()
+    assert (tmp_path / "node-b-cache" / cfg.name / "rollout-0" / "v000001" / "model.safetensors").is_file()
     assert S3Policies(cfg.weights, cfg.name).versions() == [1]
     assert _dead(cfg) == []
 
@@ -107,17 +107,60 @@ def test_tampered_objects_and_forged_uris_are_dead_lettered_and_old_versions_pru
     reasons = _dead(cfg)
     assert any("bad_weights" in r and "sha256 mismatch" in r and "v000002" in r for r in reasons), reasons
     assert any("bad_weights" in r and "not this run's version 3" in r for r in reasons), reasons
-    assert not (cfg.weights.cache_dir / "v000002").exists()  # a bad download is not kept
+    cache = cfg.weights.cache_dir / cfg.name / "rollout-0"
+    assert not (cache / "v000002").exists()  # a bad download is not kept
 
     # Newer versions load again, and the store keeps only the newest keep_policies (2).
     publisher.announce(_shifted(rollout, 0.03), version=4, step=4)
     rollout.follower.refresh(rollout.engine, timeout_ms=50)
     assert rollout.engine.version == 4
     assert store.versions() == [2, 4]
-    assert sorted(p.name for p in cfg.weights.cache_dir.iterdir()) == ["v000001", "v000004"]
+    assert sorted(p.name for p in cache.iterdir()) == ["v000001", "v000004"]
 
 
 def test_policy_source_follows_the_config(cfg, tmp_path):
     assert type(policy_source(cfg, "rollout-0")).__name__ == "S3Source"
     local = load_config(shipped_config(), [f'workdir="{tmp_path}"'])
     assert type(policy_source(local, "rollout-0")).__name__ == "LocalSource"
+
+
+def test_a_store_that_does_not_answer_is_retried_then_given_up(cfg, tmp_path):
+    """Nothing listens at the endpoint: each refresh fails for want of an answer (not for bad
+    weights), the announcement is kept for the next refresh, and after STORE_ATTEMPTS it is
+    dead-lettered so a version the store never serves cannot hold the rollout."""
+    from services.rollout import STORE_ATTEMPTS
+
+    dead_store = cfg.model_copy(update={"weights": cfg.weights.model_copy(update={"endpoint_url": "http://127.0.0.1:9"})})
+    rollout = Rollout(dead_store, 0)
+    producer = Producer(cfg.kafka, "learner")
+    producer.send(topic_name(cfg.name, "policy"), POLICY_UPDATE,
+                  policy_update(1, S3Policies(dead_store.weights, cfg.name).uri(1), "b" * 64), key=b"policy")
+    producer.flush()
+    for _ in range(STORE_ATTEMPTS - 1):
+        rollout.follower.refresh(rollout.engine, timeout_ms=20)
+    assert rollout.engine.version == 0 and _dead(cfg) == []
+    rollout.follower.refresh(rollout.engine, timeout_ms=20)
+    reasons = _dead(cfg)
+    assert len(reasons) == 1 and reasons[0].startswith("weights_unavailable: policy v1"), reasons
+
+
+def test_a_version_published_again_replaces_the_cached_copy(cfg):
+    """The cache is trusted only when its manifest has the announced sha256: a learner that
+    publishes a version number again (a fresh run folder) is followed, not refused."""
+    rollout = Rollout(cfg, 0)
+    publisher = Publisher(cfg, Producer(cfg.kafka, "learner"))
+    source = policy_source(cfg, "rollout-0")
+    store = S3Policies(cfg.weights, cfg.name)
+    first = _shifted(rollout, 0.01)
+    publisher.announce(first, version=1, step=1)
+    sha1 = (cfg.workdir / "final_policy.txt").read_text().split()[1]
+    source.files(store.uri(1), sha1, 1)
+    second = _shifted(rollout, 0.05)
+    publisher.announce(second, version=1, step=1)
+    sha2 = (cfg.workdir / "final_policy.txt").read_text().split()[1]
+    assert sha2 != sha1
+    from pipeline.model.weights import load_files
+
+    got = load_files(source.files(store.uri(1), sha2, 1))
+    name = next(iter(second))
+    torch.testing.assert_close(got[name], second[name], rtol=0, atol=0)
