@@ -64,7 +64,7 @@ def _load(args: argparse.Namespace):
 
 
 def _worker_index(value: str) -> int | str:
-    """`--worker-index`: a number >= 0, or `auto` (see `claim_worker_index`)."""
+    """`--worker-index`: a number >= 0, or `auto` (see `services.common.claim_worker_index`)."""
     if value == "auto":
         return value
     try:
@@ -74,72 +74,6 @@ def _worker_index(value: str) -> int | str:
     if index < 0:
         raise argparse.ArgumentTypeError(f"{value!r} is not a worker index: give a number >= 0 or 'auto'")
     return index
-
-
-_CLAIMED: list = []
-"""Open, locked claim files of `claim_worker_index`: held until the process exits."""
-
-
-def claim_worker_index(workdir: Path, service: str, limit: int = 1024) -> int:
-    """The lowest worker index no live process of `service` holds in this run: an exclusive
-    `flock` on `<workdir>/workers/<service>-<i>.lock`, held until this process exits (the kernel
-    releases it when the process dies, however it dies). For replicas that share the run folder
-    and cannot be numbered from outside (`docker compose up --scale rollout=N`). The folder must be
-    on a file system whose locks every replica sees: one host's volume, not a multi-node NFS share
-    (on Kubernetes, number StatefulSet pods by their ordinal instead)."""
-    import fcntl
-    import os
-    import socket
-
-    folder = Path(workdir) / "workers"
-    folder.mkdir(parents=True, exist_ok=True)
-    for index in range(limit):
-        f = open(folder / f"{service}-{index}.lock", "a+")  # noqa: SIM115 (held for the process's life)
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            continue
-        f.truncate(0)
-        f.write(f"{socket.gethostname()} pid {os.getpid()}\n")
-        f.flush()
-        _CLAIMED.append(f)
-        return index
-    sys.exit(f"rlstream {service}: --worker-index auto found all {limit} indexes of {folder} held by live processes")
-
-
-def _partition_counts(items: list[str]) -> dict[str, int]:
-    """`--partitions TOPIC=N` of `rlstream topics`, checked against the run's logical topics."""
-    from pipeline.transport.kafka import TOPICS
-
-    counts: dict[str, int] = {}
-    for item in items:
-        topic, sep, raw = item.partition("=")
-        if not sep or topic not in TOPICS or not raw.isascii() or not raw.isdigit() or int(raw) < 1:
-            sys.exit(f"rlstream topics: --partitions {item!r} must be TOPIC=N with N >= 1 and TOPIC one of "
-                     f"{sorted(TOPICS)}")
-        counts[topic] = int(raw)
-    merged = {t: spec.partitions for t, spec in TOPICS.items()} | counts
-    if merged["trajectories"] != merged["scored"]:
-        sys.exit(f"rlstream topics: trajectories ({merged['trajectories']}) and scored ({merged['scored']}) need the "
-                 "same partition count: ERPO's state follows the trajectories partitions, and the check that "
-                 "rebuilds it from the scored topic assumes the same keys land on the same partitions")
-    return counts
-
-
-def _partitions_now(kafka_cfg, names: list[str]) -> dict[str, int]:
-    """Partition count of each topic as the broker reports it."""
-    from pipeline.transport.kafka import KafkaAdminClient, client_kwargs
-    from pipeline.transport.memory import MemoryBroker, is_memory
-
-    if is_memory(kafka_cfg.bootstrap_servers):
-        broker = MemoryBroker.named(kafka_cfg.bootstrap_servers)
-        return {name: broker.partitions_of(name) for name in names}
-    admin = KafkaAdminClient(client_id="rlstream-topics", **client_kwargs(kafka_cfg, "admin"))
-    try:
-        return {t["name"]: len(t["partitions"]) for t in admin.describe_topics(names)}
-    finally:
-        admin.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,26 +183,13 @@ def main(argv: list[str] | None = None) -> None:
 
     setup_logging(args.command, args.log_level)
     if getattr(args, "worker_index", None) == "auto":
+        from services.common import claim_worker_index
+
         args.worker_index = claim_worker_index(cfg.workdir, args.command)
     if args.command == "topics":
-        from kafka.errors import KafkaError
+        from services.topics import create_and_show
 
-        from pipeline.transport.kafka import TOPICS, TransportError, ensure_topics, topic_configs, topic_name
-
-        counts = _partition_counts(args.partitions)
-        names = [topic_name(cfg.name, topic) for topic in TOPICS]
-        try:
-            ensure_topics(cfg.kafka, cfg.name, counts)
-            found = _partitions_now(cfg.kafka, names)
-        except (TransportError, KafkaError) as e:
-            detail = str(e) if type(e).__name__ in str(e) else f"{type(e).__name__}: {e}"
-            sys.exit(f"rlstream topics: creating the topics of run {cfg.name!r} on {cfg.kafka.bootstrap_servers} "
-                     f"failed: {detail}")
-        for name, (topic, spec) in zip(names, TOPICS.items(), strict=True):
-            configs = " ".join(f"{k}={v}" for k, v in topic_configs(spec, cfg.kafka).items())
-            wanted = counts.get(topic, spec.partitions)
-            kept = "" if found[name] == wanted else f" (exists; {wanted} asked for, kept as it is)"
-            print(f"{name}  partitions={found[name]}{kept}  {configs}")
+        create_and_show(cfg, args.partitions)
         return
     if args.command == "rollout":
         from services import rollout

@@ -125,3 +125,34 @@ def erpo_rule(cfg: RunConfig):
     e = cfg.erpo
     return ErpoRule(tau0=e.tau0, delta_tau=e.delta_tau, tau_max=e.tau_max, engine_max=MAX_TEMPERATURE,
                     history=e.history, decay=e.decay, ra_delta=e.ra_delta, enabled=e.enabled)
+
+
+_CLAIMED: list = []
+"""Open, locked claim files of `claim_worker_index`: held until the process exits."""
+
+
+def claim_worker_index(workdir: Path, service: str, limit: int = 1024) -> int:
+    """The lowest worker index no live process of `service` holds in this run: an exclusive
+    `flock` on `<workdir>/workers/<service>-<i>.lock`, held until this process exits (the kernel
+    releases it when the process dies, however it dies). For replicas that share the run folder
+    and cannot be numbered from outside (`docker compose up --scale rollout=N`). The folder must be
+    on a file system whose locks every replica sees: one host's volume, not a multi-node NFS share
+    (on Kubernetes, number StatefulSet pods by their ordinal instead)."""
+    import fcntl
+    import socket
+
+    folder = Path(workdir) / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(limit):
+        f = open(folder / f"{service}-{index}.lock", "a+")  # noqa: SIM115 (held for the process's life)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            continue
+        f.truncate(0)
+        f.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+        f.flush()
+        _CLAIMED.append(f)
+        return index
+    sys.exit(f"rlstream {service}: --worker-index auto found all {limit} indexes of {folder} held by live processes")

@@ -28,7 +28,7 @@ import yaml
 from pipeline.config import ConfigError, load_config
 from pipeline.transport.kafka import TOPICS, topic_configs, topic_name
 from pipeline.transport.memory import MemoryBroker
-from services import cli
+from services import cli, common
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = [ROOT / "infra/docker/Dockerfile", ROOT / "infra/docker/Dockerfile.cpu"]
@@ -460,16 +460,16 @@ def test_topics_command_refuses_bad_partition_counts(bad, message):
 
 
 def test_worker_index_auto_takes_the_lowest_index_no_live_worker_holds(tmp_path):
-    held = len(cli._CLAIMED)
+    held = len(common._CLAIMED)
     try:
-        assert [cli.claim_worker_index(tmp_path, "rollout") for _ in range(3)] == [0, 1, 2]
-        assert cli.claim_worker_index(tmp_path, "reward") == 0, "each service numbers its own workers"
-        cli._CLAIMED.pop(held + 1).close()  # rollout 1 dies: the kernel drops its lock
-        assert cli.claim_worker_index(tmp_path, "rollout") == 1
+        assert [common.claim_worker_index(tmp_path, "rollout") for _ in range(3)] == [0, 1, 2]
+        assert common.claim_worker_index(tmp_path, "reward") == 0, "each service numbers its own workers"
+        common._CLAIMED.pop(held + 1).close()  # rollout 1 dies: the kernel drops its lock
+        assert common.claim_worker_index(tmp_path, "rollout") == 1
         assert "pid" in (tmp_path / "workers" / "rollout-1.lock").read_text()
     finally:
-        while len(cli._CLAIMED) > held:
-            cli._CLAIMED.pop().close()
+        while len(common._CLAIMED) > held:
+            common._CLAIMED.pop().close()
 
 
 def test_worker_index_flag_takes_a_number_or_auto():
