@@ -4,13 +4,14 @@ trajectory size, and the Arrow codec against JSON.
 (a) Codec: encode+decode cost per trajectory, one message per group of 8 (prompt 24 tokens,
     completion 64 tokens): our Arrow codec against `json.dumps`/`json.loads` of the same rows.
 (b) End to end, as the services do it, for trajectories of about 1 KB, 16 KB and 256 KB of Arrow
-    payload (before Kafka's compression; MB/s counts those bytes): a producer *process* sends one message per group (`Producer.send`, key = prompt id,
+    payload (before compression; MB/s counts those bytes, wire MB/s what was sent): a producer *process* sends one message per group (`Producer.send`, key = prompt id,
     `flush()` after every batch of `rollout.max_prompts_per_batch` groups (64, as in the cluster
     configs), as a rollout worker does) while a consumer *process* in a consumer group polls and decodes (`Consumer.poll`) and
     commits every `--commit-every` polls (the reward worker commits after each ERPO snapshot,
     `erpo.snapshot_every` batches). The baseline beside it commits after every poll (what this
     bench measured before). Throughput = trajectories / (last one consumed - first one sent);
-    the group is joined before the first send.
+    the group is joined before the first send. Where a group's message is Arrow-compressed
+    (`kafka.arrow_compression_min_bytes`), a third arm sends it uncompressed for Kafka to compress.
 (c) What a 4,096-token completion costs on the wire, and whether the size limits carry a group of
     them.
 
@@ -78,6 +79,11 @@ def completion_tokens_for(kib: float) -> int:
         size = len(encode(TRAJECTORY, trajectory_group(np.random.default_rng(0), mid))) / G
         lo, hi = (mid + 1, hi) if size < kib * 1024 else (lo, mid)
     return lo
+
+
+def completion_bytes(kib: float) -> int:
+    """Arrow bytes of one group's message of `kib`-KiB trajectories."""
+    return len(encode(TRAJECTORY, trajectory_group(np.random.default_rng(0), completion_tokens_for(kib))))
 
 
 def as_dicts(cols: Columns) -> list[dict[str, object]]:
@@ -153,7 +159,10 @@ def bench_path(cfg: KafkaConfig, kib: float, seconds: float, commit_every: int, 
     """`producers` producer processes (rollout workers) and one consumer process; sized to run
     about `seconds`."""
     tokens = completion_tokens_for(kib)
-    msg_bytes = len(encode(TRAJECTORY, trajectory_group(np.random.default_rng(0), tokens)))
+    sample = trajectory_group(np.random.default_rng(0), tokens)
+    msg_bytes = len(encode(TRAJECTORY, sample))
+    arrow = None if cfg.arrow_compression == "none" else cfg.arrow_compression
+    wire_bytes = len(encode(TRAJECTORY, sample, arrow if msg_bytes >= cfg.arrow_compression_min_bytes else None))
     groups = max(batch, int(expect_traj_per_s * seconds / G / producers) // batch * batch) * producers
     run = f"bench-{uuid.uuid4().hex[:8]}"
     ensure_topics(cfg, run)
@@ -173,7 +182,8 @@ def bench_path(cfg: KafkaConfig, kib: float, seconds: float, commit_every: int, 
     _, t_last, polls = next(r for r in reports if r[0] == "consumed")
     wall = t_last - t_first
     return {"kib": kib, "tokens": tokens, "traj_bytes": msg_bytes / G, "groups": groups, "polls": polls,
-            "wall_s": wall, "traj_per_s": groups * G / wall, "mb_per_s": groups * msg_bytes / wall / 1e6}
+            "wall_s": wall, "traj_per_s": groups * G / wall, "mb_per_s": groups * msg_bytes / wall / 1e6,
+            "wire_mb_per_s": groups * wire_bytes / wall / 1e6}
 
 
 def wire_cost(cfg: KafkaConfig) -> str:
@@ -197,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=500, help="codec repetitions (median)")
     parser.add_argument("--bootstrap", default=None, help="a running Kafka (host:port); default: embedded Tansu")
     parser.add_argument("--compression", default=KafkaConfig().compression, help="kafka.compression")
+    parser.add_argument("--arrow-compression", default=KafkaConfig().arrow_compression, help="kafka.arrow_compression")
     parser.add_argument("--producers", type=int, default=1, help="producer processes (rollout workers)")
     parser.add_argument("--commit-every", type=int, default=ErpoConfig().snapshot_every,
                         help="polls between commits on the services' path (erpo.snapshot_every)")
@@ -212,21 +223,27 @@ def main(argv: list[str] | None = None) -> None:
 
     def run_all(bootstrap: str) -> dict[str, float]:
         cfg = KafkaConfig(bootstrap_servers=bootstrap, session_timeout_ms=6000, heartbeat_interval_ms=500,
-                          compression=args.compression)
-        print(f"broker {bootstrap}: {args.producers} producer process(es), one message per group of {G}, compression "
-              f"{args.compression}, acks=all; each producer flushes every "
+                          compression=args.compression, arrow_compression=args.arrow_compression)
+        print(f"broker {bootstrap}: {args.producers} producer process(es), one message per group of {G}, Kafka "
+              f"compression {args.compression}, Arrow compression {args.arrow_compression} of messages from "
+              f"{cfg.arrow_compression_min_bytes // 1024} KiB, acks=all; each producer flushes every "
               f"{args.batch} groups; consumer commits every {args.commit_every} polls (services) or every poll "
               "(baseline)", flush=True)
-        print(f"  {'KiB/traj':>8} {'tokens':>7} {'path':<9} {'traj/s':>9} {'MB/s':>8} {'wall s':>7} {'polls':>6}", flush=True)
+        print(f"  {'KiB/traj':>8} {'tokens':>7} {'path':<9} {'traj/s':>9} {'MB/s':>8} {'wire MB/s':>9} {'wall s':>7} {'polls':>6}", flush=True)
         result: dict[str, float] = {}
         expect = {1.0: 30_000, 16.0: 6_000, 256.0: 600}
         for kib in sizes:
-            for name, every in (("services", args.commit_every), ("baseline", 1)):
-                r = bench_path(cfg, kib, args.seconds, every, args.batch, expect.get(kib, 30_000 / kib), args.producers)
+            arms = [("services", cfg, args.commit_every), ("baseline", cfg, 1)]
+            if cfg.arrow_compression != "none" and completion_bytes(kib) >= cfg.arrow_compression_min_bytes:
+                # The same path with Kafka compressing the message instead of Arrow (before this bench's fix).
+                arms.append(("no-arrow", cfg.model_copy(update={"arrow_compression": "none"}), args.commit_every))
+            for name, arm_cfg, every in arms:
+                r = bench_path(arm_cfg, kib, args.seconds, every, args.batch, expect.get(kib, 30_000 / kib),
+                               args.producers)
                 print(f"  {r['traj_bytes'] / 1024:>8.1f} {r['tokens']:>7d} {name:<9} {r['traj_per_s']:>9,.0f} "
-                      f"{r['mb_per_s']:>8.1f} {r['wall_s']:>7.1f} {r['polls']:>6d}", flush=True)
+                      f"{r['mb_per_s']:>8.1f} {r['wire_mb_per_s']:>9.1f} {r['wall_s']:>7.1f} {r['polls']:>6d}", flush=True)
                 tag = f"{kib:g}k"
-                prefix = "" if name == "services" else "baseline_"
+                prefix = {"services": "", "baseline": "baseline_", "no-arrow": "noarrow_"}[name]
                 result[f"{prefix}traj_per_s_{tag}"] = r["traj_per_s"]
                 result[f"{prefix}mb_per_s_{tag}"] = r["mb_per_s"]
         print(wire_cost(cfg))

@@ -26,6 +26,10 @@ from schemas.messages import KINDS, MessageKind
 SCHEMA_HEADER = "schema"
 VERSION_HEADER = "schema_version"
 _INT32_MAX = np.iinfo(np.int32).max
+COMPRESSIONS = ("zstd", "lz4")
+"""Arrow IPC body compressions `encode` accepts (Arrow's own buffer codecs, run in C++)."""
+MAX_DECODED_BYTES = 256 * 1024 * 1024
+"""Default bound on what one compressed message may declare it decompresses to."""
 
 
 class SchemaError(ValueError):
@@ -40,7 +44,8 @@ class DecodeError(ValueError):
     stream of exactly one record batch), `schema_mismatch` (IPC fields differ from the kind's),
     `invalid_arrow` (buffers that fail Arrow's full validation, e.g. list offsets out of range),
     `unexpected_null` (a null in a non-nullable field), `empty` (no rows: every producer sends at
-    least one).
+    least one), `too_large` (compressed buffers that declare more than the decoder's bound: a
+    decompression bomb).
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -223,22 +228,31 @@ def _to_arrow(field: pa.Field, col: np.ndarray | Ragged) -> pa.Array:
         raise SchemaError(f"column {field.name!r} does not fit {field.type}: {e}") from e
 
 
-def encode(kind: MessageKind, columns: Columns) -> bytes:
+def encode(kind: MessageKind, columns: Columns, compression: str | None = None) -> bytes:
     """Columns -> Arrow IPC stream bytes holding one record batch of `kind`.
+
+    `compression` (one of `COMPRESSIONS`, or None) compresses each buffer of the body with Arrow's
+    own codec; any Arrow reader decompresses it. It pays for large messages only: it costs about
+    0.3 ms per message whatever its size (bench/transport.py).
 
     Raises `SchemaError` (naming the column) for missing or extra columns, unequal lengths,
     values that do not fit the field type, or nulls in non-nullable fields.
     """
-    return encode_batch(kind, to_record_batch(kind, columns))
+    return encode_batch(kind, to_record_batch(kind, columns), compression)
 
 
-def encode_batch(kind: MessageKind, batch: pa.RecordBatch) -> bytes:
+def encode_batch(kind: MessageKind, batch: pa.RecordBatch, compression: str | None = None) -> bytes:
     """One record batch already in `kind`'s schema -> Arrow IPC stream bytes (e.g. a replayed
-    message read back from the lake)."""
+    message read back from the lake); `compression` as for `encode`."""
     if not batch.schema.equals(kind.schema, check_metadata=False):
         raise SchemaError(f"{kind.name}: record batch schema {batch.schema} differs from {kind.schema}")
+    if compression is not None and compression not in COMPRESSIONS:
+        raise SchemaError(f"unknown Arrow compression {compression!r}; known: {list(COMPRESSIONS)} or None")
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, kind.schema) as writer:
+    # One thread: every service is a process of its own, and Arrow's pool only adds hand-offs
+    # (a 2 MB message compressed in 1.5 ms on one thread, 2.2 ms with the pool on 2 cores).
+    options = pa.ipc.IpcWriteOptions(compression=compression, use_threads=False)
+    with pa.ipc.new_stream(sink, kind.schema, options=options) as writer:
         writer.write_batch(batch)
     return sink.getvalue().to_pybytes()
 
@@ -300,17 +314,78 @@ def _from_arrow(arr: pa.Array) -> np.ndarray | Ragged:
     return arr.to_numpy(zero_copy_only=False)
 
 
+def _fb_table(buf: memoryview, pos: int) -> tuple[int, memoryview]:
+    """A flatbuffer table at `pos`: (its position, its vtable's field offsets)."""
+    vtable = pos - int.from_bytes(buf[pos : pos + 4], "little", signed=True)
+    size = int.from_bytes(buf[vtable : vtable + 2], "little")
+    return pos, buf[vtable + 4 : vtable + size].cast("H")
+
+
+def _fb_ref(buf: memoryview, table: tuple[int, memoryview], field: int) -> int | None:
+    """Where table field `field` (a table or vector) points, None if absent."""
+    pos, fields = table
+    if field >= len(fields) or fields[field] == 0:
+        return None
+    at = pos + fields[field]
+    return at + int.from_bytes(buf[at : at + 4], "little")
+
+
+def declared_bytes(payload: bytes) -> int:
+    """What the record batches of an Arrow IPC stream will occupy once decompressed, read from
+    the stream's framing before anything is allocated.
+
+    A compressed body buffer starts with its uncompressed length (int64, -1: stored as is), and
+    Arrow allocates what it declares; a few kilobytes of zstd can declare gigabytes. Reads the
+    RecordBatch flatbuffer (Message.fbs: `header` is field 2, RecordBatch's `buffers` field 2,
+    `compression` field 3). Raises `ValueError` on framing it cannot read; Arrow's reader then
+    reports the same stream as undecodable.
+    """
+    total = 0
+    for message in pa.ipc.MessageReader.open_stream(payload):
+        if message.type != "record batch":
+            continue
+        meta, body = memoryview(message.metadata), memoryview(message.body)
+        root = _fb_table(meta, int.from_bytes(meta[0:4], "little"))
+        header = _fb_ref(meta, root, 2)
+        if header is None:
+            raise ValueError("record batch message without a header")
+        batch = _fb_table(meta, header)
+        buffers = _fb_ref(meta, batch, 2)
+        count = 0 if buffers is None else int.from_bytes(meta[buffers : buffers + 4], "little")
+        spans = np.frombuffer(meta, dtype="<i8", count=2 * count, offset=buffers + 4).reshape(-1, 2) if count else ()
+        compressed = _fb_ref(meta, batch, 3) is not None
+        for offset, length in spans:
+            if not compressed or length < 8:
+                total += int(length)
+                continue
+            if offset < 0 or offset + 8 > len(body):
+                raise ValueError(f"buffer at {offset} lies outside the {len(body)}-byte body")
+            declared = int.from_bytes(body[offset : offset + 8], "little", signed=True)
+            total += int(length) - 8 if declared == -1 else declared
+    return total
+
+
 def decode(
-    kind: MessageKind | None, payload: bytes, headers: Sequence[tuple[str, bytes | None]]
+    kind: MessageKind | None, payload: bytes, headers: Sequence[tuple[str, bytes | None]],
+    max_decoded_bytes: int = MAX_DECODED_BYTES,
 ) -> tuple[MessageKind, Columns]:
     """Arrow IPC bytes + Kafka headers -> (kind, columns).
 
-    `kind` is the kind the consumer expects (None accepts any known kind). Raises `DecodeError`
-    with a `reason` code; see its docstring.
+    `kind` is the kind the consumer expects (None accepts any known kind). A message whose
+    buffers would take more than `max_decoded_bytes` once decompressed is refused before any is
+    decompressed. Raises `DecodeError` with a `reason` code; see its docstring.
     """
     found = kind_from_headers(headers, kind)
     try:
-        reader = pa.ipc.open_stream(payload)
+        size = declared_bytes(payload)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError, ValueError, TypeError,
+            IndexError) as e:
+        raise DecodeError("undecodable", f"{found.name}: not a valid Arrow IPC stream: {e}") from e
+    if size > max_decoded_bytes:
+        raise DecodeError("too_large", f"{found.name}: its buffers declare {size:,} bytes once decompressed, "
+                                       f"over the bound of {max_decoded_bytes:,}")
+    try:
+        reader = pa.ipc.open_stream(payload, options=pa.ipc.IpcReadOptions(use_threads=False))
         batches = list(reader)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError) as e:
         raise DecodeError("undecodable", f"{found.name}: not a valid Arrow IPC stream: {e}") from e
@@ -318,11 +393,11 @@ def decode(
         raise DecodeError("undecodable", f"{found.name}: expected 1 record batch, got {len(batches)}")
     batch = batches[0]
     if not batch.schema.equals(found.schema, check_metadata=False):
-        raise DecodeError(
-            "schema_mismatch",
-            f"{found.name} v{found.version}: IPC schema differs: got "
-            f"[{', '.join(f'{f.name}: {f.type}' + ('' if f.nullable else ' not null') for f in batch.schema)}]",
-        )
+        try:
+            got = ", ".join(f"{f.name}: {f.type}" + ("" if f.nullable else " not null") for f in batch.schema)
+        except UnicodeDecodeError:
+            got = "field names that are not UTF-8"
+        raise DecodeError("schema_mismatch", f"{found.name} v{found.version}: IPC schema differs: got [{got}]")
     try:
         # Reading an IPC stream checks only its framing: offsets pointing outside their buffers
         # (which would read foreign memory or crash later) need the full, O(n) validation.
@@ -337,5 +412,8 @@ def decode(
             raise DecodeError("unexpected_null", f"{found.name}: {arr.null_count} nulls in non-nullable {field.name!r}")
         if isinstance(arr, pa.ListArray) and arr.values.null_count:
             raise DecodeError("unexpected_null", f"{found.name}: null list items in {field.name!r}")
-        columns[field.name] = _from_arrow(arr)
+        try:
+            columns[field.name] = _from_arrow(arr)
+        except (UnicodeDecodeError, pa.ArrowException) as e:  # what full validation let through
+            raise DecodeError("invalid_arrow", f"{found.name}: column {field.name!r} does not convert: {e}") from e
     return found, columns

@@ -174,6 +174,15 @@ def _bad_offsets(kind, cols: dict) -> bytes:
     return payload.replace(good, struct.pack("<2i", 0, 1 << 30), 1)
 
 
+def _bomb(kind, cols: dict) -> bytes:
+    """A zstd-compressed message whose first buffer declares 1 TiB once decompressed (Arrow
+    allocates what a buffer declares; the consumer must refuse it from the framing)."""
+    payload = encode(kind, cols, "zstd")
+    body = next(m for m in pa.ipc.MessageReader.open_stream(payload) if m.type == "record batch").body.to_pybytes()
+    start = payload.rindex(body)  # the body's first bytes: its first non-empty buffer's declared length
+    return payload[:start] + struct.pack("<q", 1 << 40) + payload[start + 8 :]
+
+
 def _semantic_breaks(topic: str, rng: np.random.Generator, policy_root: Path, prompt_ids: list[str]) -> dict:
     """name -> columns that decode but carry a value the topic's consumer must refuse
     (``prompt_ids``: the run's own, so a check that looks past the prompt is reached)."""
@@ -291,6 +300,7 @@ class Injector:
             "null_in_required_field": lambda: (_null_in(kind, cols), hdr),
             "zero_rows": lambda: (encode(kind, take(cols, np.array([], dtype=np.int64))), hdr),
             "arrow_offsets_out_of_range": lambda: (_bad_offsets(kind, cols), hdr),
+            "decompression_bomb": lambda: (_bomb(kind, cols), hdr),
         }
         semantic = _semantic_breaks(topic, rng, self.policy_root, self.prompt_ids)
         choice = int(rng.integers(0, len(generic) + len(semantic) + len(UNREADABLE)))

@@ -334,5 +334,7 @@ class BatchChannel:
             return None
         buf = torch.empty(int(header[0]), dtype=torch.uint8, device=self.device)
         dist.broadcast(buf, src=0)
-        _, cols = decode(SCORED_TRAJECTORY, buf.cpu().numpy().tobytes(), headers_for(SCORED_TRAJECTORY))
+        # Rank 0's own uncompressed encoding: its buffers hold no more than the payload itself.
+        payload = buf.cpu().numpy().tobytes()
+        _, cols = decode(SCORED_TRAJECTORY, payload, headers_for(SCORED_TRAJECTORY), max_decoded_bytes=len(payload))
         return split_groups(cols)

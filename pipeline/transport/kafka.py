@@ -84,7 +84,9 @@ from schemas import (
     MessageKind,
     decode,
     encode,
+    encode_batch,
     headers_for,
+    to_record_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -279,14 +281,19 @@ class Producer:
                           else KafkaProducer(client_id=client_id, **client_kwargs(cfg, "producer")))
         self._flush_timeout_s = cfg.outage_timeout_s
         self.max_message_bytes = cfg.max_message_bytes
+        self.arrow_compression = None if cfg.arrow_compression == "none" else cfg.arrow_compression
+        self.arrow_min_bytes = cfg.arrow_compression_min_bytes
         self._failures: list[tuple[str, BaseException]] = []
         self.stats: dict[str, int] = {}
         """Messages handed to the client, per full topic name (failures surface in `flush`)."""
 
     def send(self, topic: str, kind: MessageKind, columns: Columns, key: bytes | None = None) -> FutureRecordMetadata:
-        """Encode `columns` as one `kind` message and send it to full topic name `topic`."""
+        """Encode `columns` as one `kind` message (Arrow-compressed if large) and send it to full
+        topic name `topic`."""
         _check_topic_kind(topic, kind)
-        return self.send_raw(topic, encode(kind, columns), headers_for(kind), key)
+        batch = to_record_batch(kind, columns)
+        compression = self.arrow_compression if batch.get_total_buffer_size() >= self.arrow_min_bytes else None
+        return self.send_raw(topic, encode_batch(kind, batch, compression), headers_for(kind), key)
 
     def send_raw(
         self, topic: str, payload: bytes, headers: list[tuple[str, bytes]], key: bytes | None = None
@@ -492,6 +499,7 @@ class Consumer:
         """What `on_assign`/`on_revoke` raised inside the client, to raise from `poll` as it was."""
         self._positions: dict[PartitionKey, int] = {}
         self._dead_letter_max = max(1024, cfg.max_message_bytes - 64 * 1024)
+        self._max_decoded_bytes = cfg.max_decoded_bytes
         self.stats: dict[str, int] = {"delivered": 0, "deadlettered": 0, "dropped": 0}
         """Records decoded and returned; sent to dead letters; unusable and not kept."""
         reset = "earliest" if from_beginning else "latest"
@@ -606,7 +614,7 @@ class Consumer:
                 headers = tuple(rec.headers or ())
                 BYTES.labels(logical, "consumed").inc(len(value))
                 try:
-                    kind, columns = decode(expected, value, headers)
+                    kind, columns = decode(expected, value, headers, self._max_decoded_bytes)
                 except Exception as e:  # noqa: BLE001 -- DecodeError, or anything else the bytes provoke
                     code = e.reason if isinstance(e, DecodeError) else "undecodable"
                     self._dead(tp.topic, tp.partition, rec.offset, value, headers, code, f"{code}: {e}")

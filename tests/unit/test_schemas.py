@@ -27,7 +27,7 @@ from schemas import (
     headers_for,
     take,
 )
-from schemas.codec import _from_arrow
+from schemas.codec import COMPRESSIONS, _from_arrow, declared_bytes, to_record_batch
 
 
 def _s(*values: str | None) -> np.ndarray:
@@ -228,11 +228,69 @@ def test_take_and_concat() -> None:
 # --- decode failures, one per reason ------------------------------------------------------------
 
 
-def _reason(kind: MessageKind | None, payload: bytes, headers: list[tuple[str, bytes]]) -> str:
+def _reason(kind: MessageKind | None, payload: bytes, headers: list[tuple[str, bytes]], **bound: int) -> str:
     with pytest.raises(DecodeError) as info:
-        decode(kind, payload, headers)
+        decode(kind, payload, headers, **bound)
     assert str(info.value)  # a message for the dead-letter record
     return info.value.reason
+
+
+@pytest.mark.parametrize("compression", [None, *COMPRESSIONS])
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_compressed_round_trip_and_declared_bytes(name: str, compression: str | None) -> None:
+    kind = KINDS[name]
+    payload = encode(kind, COLUMNS[name], compression)
+    assert decode(kind, payload, headers_for(kind))[0] is kind
+    assert_columns_equal(decode(kind, payload, headers_for(kind))[1], _ordered(kind, COLUMNS[name]))
+    # What a consumer checks before decompressing is what the batch occupies once decoded.
+    assert declared_bytes(payload) == to_record_batch(kind, COLUMNS[name]).get_total_buffer_size()
+
+
+def test_compression_shrinks_a_large_message_and_unknown_codecs_are_refused() -> None:
+    n = 4096
+    ids = np.tile(np.arange(64, dtype=np.int32), 8 * n // 64)  # a repetitive completion
+    cols = take(COLUMNS["Trajectory"], np.zeros(8, dtype=np.int64))
+    cols["completion_token_ids"] = Ragged(ids, np.arange(9, dtype=np.int32) * n)
+    cols["behavior_logprobs"] = Ragged(np.zeros(8 * n, dtype=np.float32), np.arange(9, dtype=np.int32) * n)
+    plain, packed = encode(TRAJECTORY, cols), encode(TRAJECTORY, cols, "zstd")
+    assert len(packed) < len(plain) // 10
+    assert declared_bytes(packed) == declared_bytes(plain) > 8 * n * 8
+    with pytest.raises(SchemaError, match="unknown Arrow compression 'gzip'"):
+        encode(TRAJECTORY, cols, "gzip")
+
+
+def test_decompression_bomb_is_too_large_before_decompressing() -> None:
+    # 64 MiB of zeros compress to a few kilobytes; the consumer's bound refuses the message from
+    # its framing alone.
+    n = 8 << 20
+    cols = take(COLUMNS["Trajectory"], np.zeros(1, dtype=np.int64))
+    cols["completion_token_ids"] = Ragged(np.zeros(n, dtype=np.int32), np.array([0, n], dtype=np.int32))
+    cols["behavior_logprobs"] = Ragged(np.zeros(n, dtype=np.float32), np.array([0, n], dtype=np.int32))
+    bomb = encode(TRAJECTORY, cols, "zstd")
+    assert len(bomb) < 64 * 1024
+    assert _reason(TRAJECTORY, bomb, headers_for(TRAJECTORY), max_decoded_bytes=16 << 20) == "too_large"
+    assert decode(TRAJECTORY, bomb, headers_for(TRAJECTORY), max_decoded_bytes=128 << 20)[1]["answer"].tolist() == ["4"]
+
+
+def test_forged_uncompressed_length_is_too_large() -> None:
+    # A compressed buffer's first 8 bytes say how much Arrow allocates for it: forged to 1 TiB.
+    payload = encode(TRAJECTORY, COLUMNS["Trajectory"], "zstd")
+    at = payload.rfind(struct.pack("<q", 10 * 4))  # the body's last buffer: 10 float32 log-probs
+    assert at > 0
+    forged = payload[:at] + struct.pack("<q", 1 << 40) + payload[at + 8 :]
+    assert _reason(TRAJECTORY, forged, headers_for(TRAJECTORY)) == "too_large"
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_corrupted_compressed_messages_never_escape_decode_error(data: st.DataObject) -> None:
+    payload = bytearray(encode(TRAJECTORY, COLUMNS["Trajectory"], data.draw(st.sampled_from(COMPRESSIONS))))
+    for _ in range(data.draw(st.integers(1, 8))):
+        payload[data.draw(st.integers(0, len(payload) - 1))] = data.draw(st.integers(0, 255))
+    try:
+        decode(TRAJECTORY, bytes(payload), headers_for(TRAJECTORY))
+    except DecodeError as e:
+        assert e.reason in {"undecodable", "too_large", "schema_mismatch", "invalid_arrow", "unexpected_null", "empty"}
 
 
 def test_garbage_bytes_are_undecodable() -> None:

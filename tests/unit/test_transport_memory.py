@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import uuid
 
+import numpy as np
 import pytest
 
 from factories import trajectory_group
 from pipeline.config import KafkaConfig
 from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
 from pipeline.transport.memory import MemoryBroker
-from schemas import TRAJECTORY, headers_for
+from schemas import TRAJECTORY, Ragged, encode, headers_for
+from schemas.codec import declared_bytes
 
 
 @pytest.fixture()
@@ -163,3 +165,31 @@ def test_a_commit_asked_for_in_on_revoke_lands_and_a_blocking_one_in_a_raw_liste
     raw.poll(10)
     with pytest.raises(RuntimeError, match="Cannot block on net.run"):
         raw.close()
+
+
+def test_large_groups_go_arrow_compressed_and_a_bomb_is_dead_lettered_as_too_large(mem):
+    # Over `arrow_compression_min_bytes` a group is sent Arrow-compressed (zstd) and decodes as it
+    # was sent; over the consumer's `max_decoded_bytes` it is dead-lettered before decompressing.
+    cfg = mem.model_copy(update={"arrow_compression_min_bytes": 64 * 1024, "max_decoded_bytes": 16 << 20})
+    small = trajectory_group("e0-000000", "p0")
+    big = trajectory_group("e0-000001", "p1")
+    n = 8 << 20  # 64 MiB of zeros once decoded
+    big["completion_token_ids"] = Ragged(np.zeros(n, dtype=np.int32), np.linspace(0, n, 5).astype(np.int32))
+    big["behavior_logprobs"] = Ragged(np.zeros(n, dtype=np.float32), np.linspace(0, n, 5).astype(np.int32))
+    medium = {k: v for k, v in big.items()}
+    m = 32 * 1024  # 256 KiB of ids and log-probs: over the compression threshold, under the bound
+    medium["ticket_id"] = np.array(["e0-000002"] * 4, dtype=object)
+    medium["completion_token_ids"] = Ragged(np.arange(m, dtype=np.int32) % 7, np.linspace(0, m, 5).astype(np.int32))
+    medium["behavior_logprobs"] = Ragged(np.zeros(m, dtype=np.float32), np.linspace(0, m, 5).astype(np.int32))
+    p = Producer(cfg, "test")
+    for g in (small, big, medium):
+        p.send(topic_name("r", "trajectories"), TRAJECTORY, g, key=b"k")
+    p.flush()
+    c = Consumer(cfg, "r", ["trajectories"], group_id="g", client_id="c", deadletter=p)
+    got = _drain(c)
+    assert [d.columns["ticket_id"][0] for d in got] == ["e0-000000", "e0-000002"]
+    assert len(got[1].value) < 64 * 1024 < declared_bytes(got[1].value)  # compressed on the wire
+    assert got[0].value == encode(TRAJECTORY, small)  # small: sent uncompressed
+    np.testing.assert_array_equal(got[1].columns["completion_token_ids"].values, medium["completion_token_ids"].values)
+    dead = _drain(Consumer(cfg, "r", ["deadletter"], group_id=None, client_id="d", deadletter=None))
+    assert len(dead) == 1 and dead[0].columns["reason"][0].startswith("too_large")
