@@ -417,14 +417,17 @@ class ReverseKL(_Strict):
 
 class RapoKL(_Strict):
     """RAPO: forward KL to the reward-reweighted reference pi_ref(y) phi(r) / Z. `rapo`: exact, over
-    the vocabulary at every completion token; `rapo_sampled`: its sampled-token estimate (high
-    variance; see `pipeline.rl.losses`)."""
+    the vocabulary at every completion token; `rapo_sampled`: its sampled-token estimate with
+    truncated importance weights (see `pipeline.rl.losses`)."""
 
     kind: Literal["rapo", "rapo_sampled"]
     coef: float = Field(0.05, ge=0)
     """Coefficient of the KL term."""
     phi_floor: float = Field(0.1, gt=0, le=1)
     """phi(r) = clamp(r, floor, 1): how far a wrong sample's reference is flattened."""
+    max_weight: float = Field(5.0, gt=1, le=1000)
+    """`rapo_sampled` only: truncation of the importance weight pi_hat_ref(y) / pi_theta(y) of a
+    sampled token; bounds each token's gradient by max_weight - 1 (see `pipeline.rl.losses`)."""
 
 
 KLConfig = Annotated[NoKL | ReverseKL | RapoKL, Field(discriminator="kind")]
@@ -436,6 +439,23 @@ class StalenessConfig(_Strict):
     max_versions: int = Field(2, ge=0, le=1000)
     """Groups whose behaviour policy is more than this many versions behind are dropped; tickets
     are issued only while in-flight work stays within max(1, max_versions) x groups_per_step."""
+    lockstep: bool = False
+    """Synchronous training, the baseline of the asynchronous dataflow: the learner issues one
+    step's tickets after publishing the weights of the step before (needs `max_versions = 0` and
+    `learner.sync_every = 1`), and a rollout worker generates a ticket only with weights at least
+    as new as the ticket's `issued_version`, waiting for them (`lockstep_wait_s`). Without it,
+    `max_versions = 0` only drops the groups a worker sampled before its next reload."""
+    lockstep_wait_s: float = Field(60.0, gt=0)
+    """Longest a lockstep rollout worker waits for a ticket's policy version; then it generates
+    with what it has (the learner drops the group as stale and issues the ticket again). The
+    learner announces the weights before it issues the tickets, so a wait is normally one poll
+    of the policy topic; this bounds a forged `issued_version`."""
+
+    @model_validator(mode="after")
+    def _lockstep_is_synchronous(self) -> StalenessConfig:
+        if self.lockstep and self.max_versions != 0:
+            raise ValueError(f"learner.staleness.lockstep needs max_versions = 0, not {self.max_versions}")
+        return self
 
 
 class TicketsConfig(_Strict):
@@ -554,6 +574,12 @@ class LearnerConfig(_Strict):
                 raise ValueError(f"learner.kl is a section now: kl = {{kind = {data['kl']!r}}} (run files are "
                                  "converted when loaded; `rlstream migrate-config FILE` rewrites one)")
         return data
+
+    @model_validator(mode="after")
+    def _lockstep_publishes_every_step(self) -> LearnerConfig:
+        if self.staleness.lockstep and self.sync_every != 1:
+            raise ValueError(f"learner.staleness.lockstep needs learner.sync_every = 1, not {self.sync_every}")
+        return self
 
 
 

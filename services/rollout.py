@@ -49,6 +49,9 @@ POLICY_VERSION = Gauge("rlstream_rollout_policy_version", "Policy version the en
 BATCH_PROMPTS = Gauge("rlstream_rollout_batch_prompts", "Prompts in the latest generate call (engine fill).")
 SKIPPED = Counter("rlstream_rollout_tickets_skipped_total",
                   "Tickets not generated again because this process already answered them.")
+POLICY_WAIT = Histogram("rlstream_rollout_policy_wait_seconds",
+                        "Lockstep: time a batch waited for the weights its tickets were issued at.",
+                        buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 DONE_WINDOW = 50_000
 SAMPLE_TEMPERATURE = Histogram("rlstream_rollout_sample_temperature", "Temperature each prompt was sampled at.",
                                buckets=(0.5, 0.75, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0))
@@ -192,7 +195,7 @@ class TemperatureFollower:
         self._consumer.close()
 
 
-TICKET_FIELDS = ("ticket_id", "attempt", "prompt_id", "text", "answer")
+TICKET_FIELDS = ("ticket_id", "attempt", "prompt_id", "text", "answer", "issued_version")
 
 
 class Rollout:
@@ -268,6 +271,19 @@ class Rollout:
                     out.append((d, r))
         return out
 
+    def await_policy(self, version: int) -> None:
+        """Lockstep: load announced weights until the engine's are at least `version`, for at
+        most `learner.staleness.lockstep_wait_s` (then generate with what there is)."""
+        t0 = time.monotonic()
+        wait_s = self.cfg.learner.staleness.lockstep_wait_s
+        while self.engine.version < version and not self.stop:
+            if time.monotonic() - t0 > wait_s:
+                log.warning("lockstep: no policy v%d after %.0f s (learner.staleness.lockstep_wait_s); generating "
+                            "with v%d", version, wait_s, self.engine.version)
+                break
+            self.follower.refresh(self.engine, timeout_ms=100, max_polls=1)
+        POLICY_WAIT.observe(time.monotonic() - t0)
+
     def generate(self, batch: list[tuple[Delivery, dict]], temps: list[float]) -> list[list[Sample]]:
         """G samples per ticket, grouped by ticket. If the batch's engine call fails, each ticket
         is generated alone and the one that fails is dead-lettered (an empty list in its place)."""
@@ -300,6 +316,8 @@ class Rollout:
             self.producer.flush()  # dead letters
             self.tickets.commit()
             return
+        if self.cfg.learner.staleness.lockstep:
+            self.await_policy(max(int(r["issued_version"]) for _, r in batch))
         temps = self.temperatures.lookup([r["prompt_id"] for _, r in batch])
         t0 = time.monotonic()
         by_ticket = self.generate(batch, temps)

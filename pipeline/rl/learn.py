@@ -225,7 +225,7 @@ def _micro_loss(trainer: Trainer, ref_model: torch.nn.Module | None, data: _Rows
         if bool(counted.any()):
             maxima["is_weight_max"] = max(maxima["is_weight_max"], float(st["w_raw"][counted].max()))
         if term.sampled is not None:
-            k = term.sampled(lp, ref_lp, ref_hat_lp)
+            k = term.sampled(lp, ref_lp, ref_hat_lp, lc.kl)
             sums["_kl"] += float((k.detach() * w).sum()) / trainer.world_size
             if bool(counted.any()):
                 maxima["kl_max"] = max(maxima["kl_max"], float(k.detach()[counted].max()))

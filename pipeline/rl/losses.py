@@ -33,12 +33,15 @@ temperature:
   - log pi_theta(v)) (:func:`rapo_exact_kl`); its gradient with respect to the logits is
   pi_theta - pi_hat_ref: bounded, and straight toward pi_hat_ref.
 - ``rapo_sampled``: the same KL estimated from the sampled token only, with
-  w_t = pi_hat_ref(y_t|s) / pi_theta(y_t|s) and K_t = w_t log w_t - w_t + 1 >= 0 (:func:`rapo_kl`),
-  whose mean under y ~ pi_theta is the exact value above (so ``rapo`` is its Rao-Blackwellised
-  form). dK/dlog pi_theta(y_t) = -w_t log w_t pushes pi_theta toward pi_hat_ref too, but w is
-  unbounded: on the demo a rare token with w ~ e^6 gave K ~ 400 and a gradient that swamped the
-  policy term (held-out accuracy did not move), hence the exact form as the default. log w is
-  clamped to [-LOG_W_CLAMP, LOG_W_CLAMP].
+  w_t = pi_hat_ref(y_t|s) / pi_theta(y_t|s). Its value is K_t = w_t log w_t - w_t + 1 >= 0, whose
+  mean under y ~ pi_theta is the exact value above. Its gradient is *not* dK_t: the samples' own
+  distribution depends on theta, and the score-function gradient of E_{y~pi_theta}[K(y)] is
+  E[(1 - w_t) grad log pi_theta(y_t)] (grad K + K grad log pi, minus the baseline E[grad log pi] = 0),
+  i.e. in expectation exactly pi_theta - pi_hat_ref on the logits, as the exact form's. (Until
+  2026-12 this used dK_t = -w_t log w_t grad log pi_theta(y_t): biased, and a rare token with
+  w ~ e^6 gave K ~ 400 and a gradient that swamped the policy term.) w_t is truncated at
+  ``max_weight`` c in both (:func:`rapo_kl`): the gradient is bounded by c - 1 per token, and the
+  reported value is the truncated estimate (biased low where pi_theta has left pi_hat_ref's mass).
 
 **Our formulation**: the paper's exact phi, coefficient and normalisation are not public in what we
 could read; it tilts whole sequences, this normalises per position. phi's floor and the
@@ -51,6 +54,7 @@ verl and OpenRLHF, the KL estimate uses them as they are).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -58,6 +62,8 @@ from typing import Literal
 import torch
 
 LOG_W_CLAMP = 20.0
+RAPO_MAX_WEIGHT = 5.0
+"""Default truncation of RAPO's sampled importance weight (`learner.kl.max_weight`)."""
 
 
 @dataclass
@@ -214,11 +220,15 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(x) - x - 1.0
 
 
-def rapo_kl(logprobs: torch.Tensor, ref_hat_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token RAPO penalty w log w - w + 1, w = pi_hat_ref(y_t) / pi_theta(y_t)."""
-    log_w = (ref_hat_logprobs.detach() - logprobs).clamp(-LOG_W_CLAMP, LOG_W_CLAMP)
+def rapo_kl(logprobs: torch.Tensor, ref_hat_logprobs: torch.Tensor,
+            max_weight: float = RAPO_MAX_WEIGHT) -> torch.Tensor:
+    """Per-token RAPO penalty from the sampled token: value w log w - w + 1, gradient
+    (1 - w) d log pi_theta(y_t), with w = min(pi_hat_ref(y_t) / pi_theta(y_t), max_weight)."""
+    if not max_weight > 1.0:
+        raise ValueError(f"max_weight must be above 1, got {max_weight}")
+    log_w = (ref_hat_logprobs.detach() - logprobs.detach()).clamp(-LOG_W_CLAMP, math.log(max_weight))
     w = torch.exp(log_w)
-    return w * log_w - w + 1.0
+    return (w * log_w - w + 1.0) + (1.0 - w) * (logprobs - logprobs.detach())
 
 
 @dataclass(frozen=True)
@@ -233,17 +243,18 @@ class KLTerm:
     """Needs RAPO's reward-reweighted reference (``phi(r)`` per sample)."""
     exact: bool
     """Computed over the whole vocabulary inside the chunked output layer (`pipeline.rl.head`)."""
-    sampled: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor] | None = None
-    """Per-token estimator from (log pi_theta, log pi_ref, log pi_hat_ref) of the sampled tokens."""
+    sampled: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None, object], torch.Tensor] | None = None
+    """Per-token estimator from (log pi_theta, log pi_ref, log pi_hat_ref) of the sampled tokens and
+    the `learner.kl` section."""
 
 
 KL_TERMS: dict[str, KLTerm] = {
     "none": KLTerm("none", reference=False, reweighted=False, exact=False),
     "k3": KLTerm("k3", reference=True, reweighted=False, exact=False,
-                 sampled=lambda lp, ref_lp, ref_hat_lp: k3_kl(lp, ref_lp)),
+                 sampled=lambda lp, ref_lp, ref_hat_lp, cfg: k3_kl(lp, ref_lp)),
     "rapo": KLTerm("rapo", reference=True, reweighted=True, exact=True),
     "rapo_sampled": KLTerm("rapo_sampled", reference=True, reweighted=True, exact=False,
-                           sampled=lambda lp, ref_lp, ref_hat_lp: rapo_kl(lp, ref_hat_lp)),
+                           sampled=lambda lp, ref_lp, ref_hat_lp, cfg: rapo_kl(lp, ref_hat_lp, cfg.max_weight)),
 }
 """The KL terms by `learner.kl.kind` name: reverse KL (k3), RAPO's forward KL exact or sampled, or none."""
 

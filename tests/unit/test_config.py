@@ -254,3 +254,17 @@ def test_erpo_drop_all_wrong_becomes_the_learners_dynamic_sampling(tmp_path, cap
     assert load_config(_write(tmp_path, "[erpo]\ndrop_all_wrong = false\n")).learner.dynamic_sampling == "off"
     assert load_config(_write(tmp_path, '[learner]\ndynamic_sampling = "zero_variance"\n')).learner.dynamic_sampling \
         == "zero_variance"
+
+
+def test_lockstep_needs_no_staleness_and_a_publish_every_step(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, "[learner]\nsync_every = 1\n[learner.staleness]\nmax_versions = 0\nlockstep = true\n"))
+    assert cfg.learner.staleness.lockstep and cfg.learner.staleness.lockstep_wait_s == 60.0
+    with pytest.raises(ValueError, match="lockstep needs max_versions = 0, not 2"):
+        load_config(_write(tmp_path, "[learner.staleness]\nlockstep = true\n"))
+    with pytest.raises(ValueError, match="lockstep needs learner.sync_every = 1, not 2"):
+        load_config(_write(tmp_path, "[learner]\nsync_every = 2\n[learner.staleness]\nmax_versions = 0\nlockstep = true\n"))
+
+
+def test_kafka_decode_bound_covers_the_largest_message(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_decoded_bytes=1048576 must be at least kafka.max_message_bytes"):
+        load_config(_write(tmp_path, "[kafka]\nmax_decoded_bytes = 1048576\n"))

@@ -212,8 +212,32 @@ def test_rapo_gradient_sign_per_token():
     hat = torch.tensor([[L2, LH]], dtype=torch.float64)
     loss, _ = kl_term(rapo_kl(inp.logprobs, hat), inp.mask)
     torch.testing.assert_close(loss, torch.tensor((0.3862943611 + 0.1534264097) / 2, dtype=torch.float64))
-    # dK/dlog pi = -w ln w = [-2 ln 2, 0.5 ln 2], over 2 tokens: w > 1 is pushed up, w < 1 down
-    torch.testing.assert_close(_grad(inp, loss), torch.tensor([[-L2, 0.25 * L2]], dtype=torch.float64))
+    # gradient (1 - w) per token = [-1, 0.5], over 2 tokens: w > 1 is pushed up, w < 1 down
+    torch.testing.assert_close(_grad(inp, loss), torch.tensor([[-0.5, 0.25]], dtype=torch.float64))
+
+
+def test_rapo_sampled_weight_is_truncated_in_value_and_gradient():
+    # log w = [6, ln 3]: w = [e^6 ~ 403, 3]; truncated at 5: value 5 ln 5 - 4 = 4.0471896, gradient 1 - 5 = -4
+    lp = torch.tensor([-7.0, -2.0], dtype=torch.float64, requires_grad=True)
+    k = rapo_kl(lp, torch.tensor([-1.0, -2.0 + math.log(3.0)], dtype=torch.float64), max_weight=5.0)
+    torch.testing.assert_close(k.detach(), torch.tensor([4.0471895622, 3 * math.log(3) - 2], dtype=torch.float64))
+    (g,) = torch.autograd.grad(k.sum(), lp)
+    torch.testing.assert_close(g, torch.tensor([-4.0, -2.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="max_weight"):
+        rapo_kl(lp, lp, max_weight=1.0)
+
+
+def test_rapo_sampled_gradient_in_expectation_is_the_exact_forward_kl_gradient():
+    # Summed over the vocabulary with each token's sampling probability pi_theta(y) as weight (the
+    # expectation over y ~ pi_theta), the sampled penalty's gradient on the logits equals the exact
+    # forward KL's: pi_theta - pi_hat. (The old gradient, -w log w, did not.)
+    hat = torch.tensor([0.2411809, 0.3410813, 0.4177378], dtype=torch.float64).log()
+    theta = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
+    logp = torch.log_softmax(theta, 0)
+    (sampled,) = torch.autograd.grad((logp.exp().detach() * rapo_kl(logp, hat, max_weight=1000.0)).sum(), theta)
+    (exact,) = torch.autograd.grad(rapo_exact_kl(torch.log_softmax(theta, 0).unsqueeze(0), hat.unsqueeze(0)).sum(), theta)
+    torch.testing.assert_close(sampled, exact)
+    torch.testing.assert_close(exact, torch.softmax(theta.detach(), 0) - hat.exp())
 
 
 def test_reweighted_reference_on_three_tokens():

@@ -1,10 +1,12 @@
 """The rollout service's loop in-process on the in-memory broker (torch engine): each prompt is
 sampled at the temperature last announced for it on the `temperature` topic, never-announced ones
-at tau0, and the behaviour log-probs are those of the distribution at that temperature. (vLLM's
+at tau0, and the behaviour log-probs are those of the distribution at that temperature; in lockstep
+a ticket is generated with the weights it was issued at, waiting for them within a bound. (vLLM's
 variant runs as a process over the real broker: tests/integration/test_erpo_loop.py.)"""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from factories import temperature_update, ticket
-from pipeline.config import load_config
+from pipeline.config import StalenessConfig, load_config
 from pipeline.model.policy import load_policy
 from pipeline.rollout.engine import pack, token_logprobs
 from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
@@ -21,6 +23,7 @@ from pipeline.transport.memory import MemoryBroker
 from schemas import PROMPT_TICKET, TEMPERATURE_UPDATE
 from services.cli import shipped_config
 from services.common import initial_policy_path
+from services.learner_publish import Publisher
 from services.rollout import Rollout
 
 G = 4
@@ -75,3 +78,49 @@ def test_each_prompt_is_sampled_at_its_announced_temperature(cfg):
             lp, _ = token_logprobs(model, batch)
         np.testing.assert_allclose(lp[batch.completion_mask.bool()].numpy(), c["behavior_logprobs"].values,
                                    atol=1e-5, rtol=0)
+
+
+def _lockstep(cfg, wait_s: float):
+    return cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"staleness": StalenessConfig(
+        max_versions=0, lockstep=True, lockstep_wait_s=wait_s)})})
+
+
+def _behaviour_versions(cfg) -> dict[str, int]:
+    reader = Consumer(cfg.kafka, cfg.name, ["trajectories"], group_id=None, client_id="check-v", deadletter=None)
+    out = {d.columns["ticket_id"][0]: int(d.columns["policy_version"][0]) for _ in range(3)
+           for d in reader.poll(timeout_ms=50)}
+    reader.close()
+    return out
+
+
+def test_lockstep_waits_for_the_weights_its_ticket_was_issued_at(cfg):
+    cfg = _lockstep(cfg, wait_s=60)
+    rollout = Rollout(cfg, 0)
+    producer = Producer(cfg.kafka, "learner")
+    producer.send(topic_name(cfg.name, "prompts"), PROMPT_TICKET, ticket("e0-000000", "a", text="3+4=", version=1),
+                  key=b"a")
+    producer.flush()
+    weights = {k: v.detach().clone() for k, v in rollout.engine.model.state_dict().items()}
+    # The learner announces v1 while the worker already holds the ticket (after its step's refresh).
+    announcer = threading.Timer(0.5, lambda: Publisher(cfg, Producer(cfg.kafka, "pub")).announce(weights, 1, 1))
+    announcer.start()
+    deadline = time.monotonic() + 60
+    while rollout.groups < 1 and time.monotonic() < deadline:
+        rollout.step()
+    announcer.join()
+    assert _behaviour_versions(cfg) == {"e0-000000": 1}
+
+
+def test_lockstep_wait_is_bounded_for_a_version_that_never_comes(cfg):
+    cfg = _lockstep(cfg, wait_s=0.3)
+    rollout = Rollout(cfg, 0)
+    producer = Producer(cfg.kafka, "forger")
+    producer.send(topic_name(cfg.name, "prompts"), PROMPT_TICKET, ticket("e0-000000", "a", text="3+4=", version=10**9),
+                  key=b"a")
+    producer.flush()
+    t0 = time.monotonic()
+    deadline = t0 + 60
+    while rollout.groups < 1 and time.monotonic() < deadline:
+        rollout.step()
+    assert _behaviour_versions(cfg) == {"e0-000000": 0}  # generated with what it had, after the bound
+    assert time.monotonic() - t0 >= 0.3
