@@ -271,6 +271,11 @@ class DeepSpeedTrainer:
         if tdist.is_available() and tdist.is_initialized():
             self.barrier()
             tdist.destroy_process_group()
+            # DeepSpeed keeps a clone of the world group; a trainer built later in this process
+            # (an in-process run after another, the tests) would get a group that no longer exists.
+            from deepspeed.utils import groups
+
+            groups._WORLD_GROUP = None
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 master weights of every parameter (a collective under ZeRO-3: call on all ranks)."""

@@ -136,3 +136,13 @@ def test_extension_builds_are_kept_per_python_environment(monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/chosen")
     ensure_extensions_dir()
     assert os.environ["TORCH_EXTENSIONS_DIR"] == "/chosen"
+
+
+def test_a_deepspeed_trainer_after_a_closed_one_in_the_same_process(repo_root):
+    # close() destroys the process group; DeepSpeed's cached clone of the world group must go too
+    # (a stale one failed the next trainer's init with "Group ... is not registered").
+    first = DeepSpeedTrainer(_model(), LC, repo_root / "infra/deepspeed/zero0.json")
+    first.close()
+    second = DeepSpeedTrainer(_model(), LC, repo_root / "infra/deepspeed/zero0.json")
+    assert second.world_size == 1
+    second.close()
