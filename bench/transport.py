@@ -33,8 +33,8 @@ import uuid
 import numpy as np
 
 from pipeline.config import ErpoConfig, KafkaConfig
-from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
-from schemas import TRAJECTORY, Columns, Ragged, decode, encode, headers_for
+from pipeline.transport.kafka import Consumer, Producer, arrow_compression_for, ensure_topics, topic_name
+from schemas import TRAJECTORY, Columns, Ragged, decode, encode, encode_batch, headers_for, to_record_batch
 
 G = 8
 PROMPT_TOKENS = 24
@@ -79,11 +79,6 @@ def completion_tokens_for(kib: float) -> int:
         size = len(encode(TRAJECTORY, trajectory_group(np.random.default_rng(0), mid))) / G
         lo, hi = (mid + 1, hi) if size < kib * 1024 else (lo, mid)
     return lo
-
-
-def completion_bytes(kib: float) -> int:
-    """Arrow bytes of one group's message of `kib`-KiB trajectories."""
-    return len(encode(TRAJECTORY, trajectory_group(np.random.default_rng(0), completion_tokens_for(kib))))
 
 
 def as_dicts(cols: Columns) -> list[dict[str, object]]:
@@ -159,10 +154,9 @@ def bench_path(cfg: KafkaConfig, kib: float, seconds: float, commit_every: int, 
     """`producers` producer processes (rollout workers) and one consumer process; sized to run
     about `seconds`."""
     tokens = completion_tokens_for(kib)
-    sample = trajectory_group(np.random.default_rng(0), tokens)
-    msg_bytes = len(encode(TRAJECTORY, sample))
-    arrow = None if cfg.arrow_compression == "none" else cfg.arrow_compression
-    wire_bytes = len(encode(TRAJECTORY, sample, arrow if msg_bytes >= cfg.arrow_compression_min_bytes else None))
+    sample = to_record_batch(TRAJECTORY, trajectory_group(np.random.default_rng(0), tokens))
+    msg_bytes = len(encode_batch(TRAJECTORY, sample))
+    wire_bytes = len(encode_batch(TRAJECTORY, sample, arrow_compression_for(cfg, sample)))
     groups = max(batch, int(expect_traj_per_s * seconds / G / producers) // batch * batch) * producers
     run = f"bench-{uuid.uuid4().hex[:8]}"
     ensure_topics(cfg, run)
@@ -234,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
         expect = {1.0: 30_000, 16.0: 6_000, 256.0: 600}
         for kib in sizes:
             arms = [("services", cfg, args.commit_every), ("baseline", cfg, 1)]
-            if cfg.arrow_compression != "none" and completion_bytes(kib) >= cfg.arrow_compression_min_bytes:
+            group = to_record_batch(TRAJECTORY, trajectory_group(np.random.default_rng(0), completion_tokens_for(kib)))
+            if arrow_compression_for(cfg, group) is not None:
                 # The same path with Kafka compressing the message instead of Arrow (before this bench's fix).
                 arms.append(("no-arrow", cfg.model_copy(update={"arrow_compression": "none"}), args.commit_every))
             for name, arm_cfg, every in arms:

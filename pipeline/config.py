@@ -54,8 +54,8 @@ class KafkaConfig(_Strict):
     """Arrow's own compression of each buffer of a large message (`arrow_compression_min_bytes`),
     done by the encoder in C++ before the message reaches Kafka. A group of long completions is
     one message of megabytes that Kafka would compress alone in its sender thread:
-    bench/transport.py measured 150 MB/s of 256 KiB trajectories that way, 200-225 MB/s with Arrow
-    compressing them. Consumers decompress it transparently."""
+    bench/transport.py measured 118-135 MB/s of 256 KiB trajectories that way, 226-240 MB/s with
+    Arrow compressing them. Consumers decompress it transparently."""
     arrow_compression_min_bytes: int = Field(512 * 1024, ge=0)
     """Messages whose record batch holds fewer bytes are not Arrow-compressed: Arrow's codec costs
     about 0.3 ms per message whatever its size, which would cut 1 KiB trajectories from about

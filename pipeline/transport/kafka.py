@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 from prometheus_client import Counter
 from kafka import (
     AsyncConsumerRebalanceListener,
@@ -268,6 +269,14 @@ def _check_topic_kind(topic: str, kind: MessageKind) -> None:
         raise ValueError(f"topic {topic!r} carries {spec.kind.name}, not {kind.name}")
 
 
+def arrow_compression_for(cfg: KafkaConfig, batch: pa.RecordBatch) -> str | None:
+    """The Arrow codec a message of `batch` is sent with: `kafka.arrow_compression` from
+    `kafka.arrow_compression_min_bytes` of buffers up, else None (left to Kafka's compression)."""
+    if cfg.arrow_compression == "none" or batch.get_total_buffer_size() < cfg.arrow_compression_min_bytes:
+        return None
+    return cfg.arrow_compression
+
+
 class Producer:
     """Sends Arrow messages with their `schema`/`schema_version` headers.
 
@@ -281,8 +290,7 @@ class Producer:
                           else KafkaProducer(client_id=client_id, **client_kwargs(cfg, "producer")))
         self._flush_timeout_s = cfg.outage_timeout_s
         self.max_message_bytes = cfg.max_message_bytes
-        self.arrow_compression = None if cfg.arrow_compression == "none" else cfg.arrow_compression
-        self.arrow_min_bytes = cfg.arrow_compression_min_bytes
+        self._cfg = cfg
         self._failures: list[tuple[str, BaseException]] = []
         self.stats: dict[str, int] = {}
         """Messages handed to the client, per full topic name (failures surface in `flush`)."""
@@ -292,8 +300,8 @@ class Producer:
         topic name `topic`."""
         _check_topic_kind(topic, kind)
         batch = to_record_batch(kind, columns)
-        compression = self.arrow_compression if batch.get_total_buffer_size() >= self.arrow_min_bytes else None
-        return self.send_raw(topic, encode_batch(kind, batch, compression), headers_for(kind), key)
+        return self.send_raw(topic, encode_batch(kind, batch, arrow_compression_for(self._cfg, batch)),
+                             headers_for(kind), key)
 
     def send_raw(
         self, topic: str, payload: bytes, headers: list[tuple[str, bytes]], key: bytes | None = None
