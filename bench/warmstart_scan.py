@@ -30,7 +30,7 @@ def main() -> None:
     import torch
 
     from pipeline.config import load_config
-    from pipeline.data.tasks import arithmetic_problems
+    from pipeline.data.tasks import heldout_problems
     from pipeline.model.prompts import PromptFormat
     from pipeline.rollout.engine import TorchEngine
     from pipeline.rollout.evaluate import evaluate, sample_budget
@@ -45,9 +45,7 @@ def main() -> None:
         initial_policy_path(cfg)  # warm-start (or find it cached)
         warm_s = time.monotonic() - t0
         model, tok = load_initial_policy(cfg)
-        task = cfg.task
-        heldout = arithmetic_problems(task.eval_size, cfg.seed + 1, task.difficulty_weights_map(), task.ops,
-                                      "heldout", task.heldout_per_mille)
+        heldout = heldout_problems(cfg)
         engine = TorchEngine(model, tok, cfg.rollout.max_new_tokens, seed=cfg.seed,
                              prompt_format=PromptFormat(tok, cfg.prompt))
         acc = evaluate(engine, heldout, cfg.eval.temperature, cfg.eval.samples)

@@ -197,6 +197,14 @@ class WarmstartConfig(_Strict):
     the right answer: the situation in which RL with a verifier can fix the mode itself."""
     habit_min_terms: int = Field(4, ge=2, le=16)
     """Operands a problem needs for `drop_last_operand` to apply."""
+    worked_rate: float = Field(0.0, ge=0.0, le=1.0)
+    """Fraction of warm-start examples written as a worked solution instead of a bare answer: a
+    space, then the running total after each further operand, the last being the answer
+    (``3+4-2=`` -> `` 7 5``). Label noise and the habit apply to bare answers only: the corpus
+    mixes terse answers from a sloppy source with worked solutions from a careful one. Below 0.5
+    the warm-started policy answers tersely when greedy and works the solution out in a fraction
+    of its samples, the behaviour RL with a verifier can select (docs/results.md, "The default
+    task")."""
     seed: int = 0
     """Seed of the initial weights, the problem stream and the label noise."""
 

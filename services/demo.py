@@ -11,6 +11,8 @@ kernel if the launcher itself dies (PR_SET_PDEATHSIG), so nothing is left runnin
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -57,10 +59,50 @@ def _budget_line(b) -> str:
             f"token entropy {b.entropy:.3f}")
 
 
+def base_eval_key(cfg: RunConfig, policy_path: Path, heldout) -> str:
+    """Hash of everything the base model's held-out evaluation depends on: its weights, the
+    problems, the evaluation and generation settings and the sampling seed. Runs that differ only
+    in how they train (the arms of `bench/experiments.py`) share it."""
+    weights = hashlib.sha256()
+    for f in sorted(Path(policy_path).glob("*.safetensors")):
+        weights.update(f.read_bytes())
+    blob = json.dumps([weights.hexdigest(), [p.prompt_id for p in heldout], cfg.eval.model_dump(mode="json"),
+                       cfg.prompt.model_dump(mode="json"), cfg.rollout.max_new_tokens, cfg.seed], sort_keys=True)
+    return "base-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def save_base_eval(cache_dir: Path, key: str, before, budget) -> None:
+    """Keep the base model's evaluation (`base_eval_key`) for the next run with the same settings."""
+    from pipeline.atomic import write_atomic
+
+    record = {"before": dataclasses.asdict(before),
+              "budget": None if budget is None else {**dataclasses.asdict(budget), "correct": budget.correct.tolist()}}
+    path = Path(cache_dir) / "evals" / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(record, default=lambda x: x.item()))  # numpy scalars
+
+
+def load_base_eval(cache_dir: Path, key: str):
+    """(EvalResult, BudgetResult or None) saved by `save_base_eval`, or None if there is none."""
+    import numpy as np
+
+    from pipeline.rollout.evaluate import BudgetResult, EvalResult
+
+    path = Path(cache_dir) / "evals" / f"{key}.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    budget = record["budget"]
+    if budget is not None:
+        budget = BudgetResult(**{**budget, "correct": np.asarray(budget["correct"], dtype=np.int64),
+                                 "pass_at": {int(k): v for k, v in budget["pass_at"].items()}})
+    return EvalResult(**record["before"]), budget
+
+
 def run(cfg: RunConfig) -> int:
     import torch
 
-    from pipeline.data.tasks import arithmetic_problems, load_problems
+    from pipeline.data.tasks import heldout_problems
     from pipeline.model.prompts import PromptFormat
     from pipeline.rollout.engine import TorchEngine
     from pipeline.rollout.evaluate import evaluate, sample_budget
@@ -87,21 +129,25 @@ def run(cfg: RunConfig) -> int:
     gpu = torch.cuda.is_available()  # evaluate there; off it while the services run
     if gpu:
         model.to("cuda")
-    task = cfg.task
-    if task.kind == "arithmetic":
-        heldout = arithmetic_problems(task.eval_size, cfg.seed + 1, task.difficulty_weights_map(),
-                                      task.ops, "heldout", task.heldout_per_mille)
-    else:
-        heldout = load_problems(task.eval_path, task.question_field, task.answer_field)[: task.eval_size]
+    heldout = heldout_problems(cfg)
     engine = TorchEngine(model, tokenizer, cfg.rollout.max_new_tokens, seed=cfg.seed,
                          prompt_format=PromptFormat(tokenizer, cfg.prompt))
     ev = cfg.eval
-    before = evaluate(engine, heldout, ev.temperature, ev.samples, ev.batch_size)
     budget_set = heldout[: ev.budget_problems]
     budget_batch = max(1, ev.batch_size // max(1, ev.budget_samples))  # problems per call, n samples each
-    budget_before = None
-    if ev.budget_samples:
-        budget_before = sample_budget(engine, budget_set, ev.budget_samples, ev.temperature, budget_batch)
+    base_key = base_eval_key(cfg, policy_path, heldout)
+    cached = load_base_eval(cfg.cache_dir, base_key)
+    if cached is not None:
+        before, budget_before = cached
+        print(f"held-out before RL: the base model's evaluation with these settings is cached "
+              f"({cfg.cache_dir / 'evals' / base_key}.json)", flush=True)
+    else:
+        before = evaluate(engine, heldout, ev.temperature, ev.samples, ev.batch_size)
+        budget_before = None
+        if ev.budget_samples:
+            budget_before = sample_budget(engine, budget_set, ev.budget_samples, ev.temperature, budget_batch)
+        save_base_eval(cfg.cache_dir, base_key, before, budget_before)
+    if budget_before is not None:
         print(f"held-out before RL ({len(budget_set)} problems x {ev.budget_samples} samples): "
               f"{_budget_line(budget_before)}", flush=True)
     if gpu:
@@ -195,6 +241,7 @@ def run(cfg: RunConfig) -> int:
     engine.load_published(uri.strip(), sha, int(version))
     if gpu:
         model.to("cuda")
+    engine.generator.manual_seed(cfg.seed)  # the same draws whether or not `before` came from the cache
     after = evaluate(engine, heldout, ev.temperature, ev.samples, ev.batch_size)
     budget = {}
     if budget_before is not None:

@@ -149,3 +149,14 @@ def train_problems(cfg: RunConfig) -> list[Problem]:
         return arithmetic_problems(t.train_pool, cfg.seed, t.difficulty_weights_map(), t.ops,
                                    "train", t.heldout_per_mille)
     return load_problems(t.train_path, t.question_field, t.answer_field, t.limit)
+
+
+def heldout_problems(cfg: RunConfig) -> list[Problem]:
+    """The held-out problems of the run's before/after evaluation (`task.eval_size` of them)."""
+    t = cfg.task
+    if t.kind == "arithmetic":
+        return arithmetic_problems(t.eval_size, cfg.seed + 1, t.difficulty_weights_map(), t.ops,
+                                   "heldout", t.heldout_per_mille)
+    if t.eval_path is None:
+        raise ValueError("task.eval_path is not set: this run has no held-out problems")
+    return load_problems(t.eval_path, t.question_field, t.answer_field)[: t.eval_size]

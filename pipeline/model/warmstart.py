@@ -40,6 +40,8 @@ def warmstart_key(cfg: WarmstartConfig, task: ArithmeticTaskConfig) -> str:
     if cfg.habit_rate == 0:
         for key in ("habit", "habit_rate", "habit_min_terms"):
             settings.pop(key)
+    if cfg.worked_rate == 0:
+        settings.pop("worked_rate")
     blob = json.dumps([settings, task.difficulty_weights, task.ops, task.heldout_per_mille], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -73,6 +75,22 @@ def _habit_targets(problems, targets: list[str], cfg: WarmstartConfig, rng: np.r
         if wrong is not None and rng.random() < cfg.habit_rate:
             out[i] = str(wrong)
     return out
+
+
+def worked_solution(text: str) -> str:
+    """A problem's worked solution: a space, then the running total after each operand from the
+    second on (``3+4-2=`` -> `` 7 5``); its last number is the answer."""
+    terms = [int(t) for t in re.findall(r"[+-]?\d+", text.rstrip("="))]
+    totals = np.cumsum(terms)[1:]
+    return " " + " ".join(str(int(t)) for t in totals)
+
+
+def _worked_targets(problems, targets: list[str], rate: float, rng: np.random.Generator) -> list[str]:
+    """Replace a `rate` fraction of the targets by the problems' (correct) worked solutions."""
+    if rate <= 0:
+        return targets
+    worked = rng.random(len(problems)) < rate
+    return [worked_solution(p.text) if w else t for p, t, w in zip(problems, targets, worked)]
 
 
 def warmstart(cfg: WarmstartConfig, task: ArithmeticTaskConfig, cache_dir: Path,
@@ -109,6 +127,7 @@ def _build(cfg: WarmstartConfig, task: ArithmeticTaskConfig, out: Path, say: Cal
     prompt_format = PromptFormat(tokenizer, PromptConfig(template="plain"))
     noise_rng = np.random.default_rng(cfg.seed + 1)
     habit_rng = np.random.default_rng(cfg.seed + 2)
+    worked_rng = np.random.default_rng(cfg.seed + 3)
     model.train()
     t0 = time.monotonic()
     for step in range(1, cfg.steps + 1):
@@ -116,6 +135,7 @@ def _build(cfg: WarmstartConfig, task: ArithmeticTaskConfig, out: Path, say: Cal
         prompts = [np.asarray(p, dtype=np.int32) for p in prompt_format.encode([p.text for p in problems])]
         targets = _noisy_answers([int(p.answer) for p in problems], cfg.label_noise, noise_rng)
         targets = _habit_targets(problems, targets, cfg, habit_rng)
+        targets = _worked_targets(problems, targets, cfg.worked_rate, worked_rng)
         answers = [np.asarray(tokenizer.encode(a, add_special_tokens=False) + [eos], dtype=np.int32)
                    for a in targets]
         batch = pack(prompts, answers, [1.0] * len(problems), tokenizer.pad_token_id)

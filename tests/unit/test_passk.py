@@ -64,3 +64,38 @@ def test_entropy_estimate_is_the_mean_negative_logprob():
     p = np.array([0.7, 0.2, 0.1])
     y = np.random.default_rng(1).choice(3, size=200_000, p=p)
     assert entropy_estimate([np.log(p[y])]) == pytest.approx(-(p * np.log(p)).sum(), rel=0.01)
+
+
+def test_the_base_evaluation_cache_round_trips_and_is_keyed_by_what_the_evaluation_depends_on(tmp_path):
+    import numpy as np
+
+    from pipeline.config import load_config
+    from pipeline.data.tasks import Problem
+    from pipeline.rollout.evaluate import BudgetResult, EvalResult
+    from services.cli import shipped_config
+    from services.demo import base_eval_key, load_base_eval, save_base_eval
+
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "model.safetensors").write_bytes(b"weights")
+    problems = [Problem("a", "1+2=", "3"), Problem("b", "2+2=", "4")]
+
+    def key(*sets: str) -> str:
+        return base_eval_key(load_config(shipped_config(), list(sets)), policy, problems)
+
+    assert key() == key("learner.optimizer.lr=1e-3", 'learner.kl.kind="k3"', "erpo.enabled=false")  # training only
+    assert len({key(), key("seed=1"), key("eval.samples=8"), key("rollout.max_new_tokens=12")}) == 4
+    assert key() != base_eval_key(load_config(shipped_config()), policy, problems[:1])
+    (policy / "model.safetensors").write_bytes(b"other weights")
+    assert key() != base_eval_key(load_config(shipped_config()), tmp_path / "nothing", problems)
+
+    before = EvalResult(greedy_accuracy=0.5, sampled_accuracy=np.float64(0.25), problems=2, samples=4, temperature=1.0)
+    budget = BudgetResult(correct=np.array([0, 3]), samples=4, temperature=1.0, pass_at={1: 0.375, 2: 0.5, 4: 0.5},
+                          distinct_answers=2.5, entropy=np.float32(0.75), tokens=np.int64(40))
+    assert load_base_eval(tmp_path, "k") is None
+    save_base_eval(tmp_path, "k", before, budget)
+    got_before, got_budget = load_base_eval(tmp_path, "k")
+    assert got_before == before and got_budget.pass_at == budget.pass_at and got_budget.tokens == 40
+    assert got_budget.correct.tolist() == [0, 3] and got_budget.entropy == 0.75
+    save_base_eval(tmp_path, "plain", before, None)
+    assert load_base_eval(tmp_path, "plain") == (before, None)

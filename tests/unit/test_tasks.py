@@ -161,3 +161,25 @@ def test_the_warm_start_habits():
     many = [Problem(str(i), "1-4=", "-3") for i in range(2000)]
     rate = np.mean([t == "3" for t in _habit_targets(many, ["-3"] * 2000, half, np.random.default_rng(1))])
     assert 0.45 < rate < 0.55
+
+
+def test_worked_solutions_are_running_totals_whose_last_number_the_verifier_reads():
+    import numpy as np
+
+    from pipeline.model.warmstart import _worked_targets, worked_solution, warmstart_key
+    from pipeline.config import ArithmeticTaskConfig, WarmstartConfig
+    from pipeline.verify.verifier import verify_one
+
+    assert worked_solution("3+4-2=") == " 7 5"
+    assert worked_solution("2-6+2+8-7=") == " -4 -2 6 -1"
+    assert worked_solution("3-9=") == " -6"
+    assert worked_solution("12-40+7=") == " -28 -21"
+    assert verify_one(worked_solution("2-6+2+8-7="), "-1").reward == 1.0
+    assert verify_one(" -4 -2 6 0", "-1").reward == 0.0  # a wrong last total is wrong, right steps or not
+    problems = [Problem(str(i), "1+2+3=", "6") for i in range(1000)]
+    noisy = ["7"] * len(problems)  # a bare (here wrong) answer, as noise or the habit left it
+    out = _worked_targets(problems, noisy, 0.3, np.random.default_rng(0))
+    assert set(out) == {"7", " 3 6"} and abs(out.count(" 3 6") / len(out) - 0.3) < 0.05
+    assert _worked_targets(problems, noisy, 0.0, np.random.default_rng(0)) == noisy
+    task = ArithmeticTaskConfig()
+    assert warmstart_key(WarmstartConfig(), task) != warmstart_key(WarmstartConfig(worked_rate=0.3), task)
