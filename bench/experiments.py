@@ -3,7 +3,9 @@
 Each arm is a set of `--set` overrides on one run config (the shipped demo by default); every arm
 sets ERPO, the KL term and dynamic sampling explicitly, so arms differ only where they say. The
 `trl` arm is the outside reference: TRL's GRPOTrainer on the same task (`bench/trl_grpo.py`, needs
-`pip install -e .[bench]`). A run lives in `<out>/<arm>/seed<N>/<timestamp>/`; a seed whose folder
+`pip install -e .[bench]`). `grpo` is asynchronous with `learner.staleness.max_versions = 2` (the demo's);
+`async4` allows 4 versions of lag, `lockstep` none (the rollout waits for each step's weights). A
+run lives in `<out>/<arm>/seed<N>/<timestamp>/`; a seed whose folder
 holds a `summary.json` is done and skipped, so the grid can be built over several sittings (an
 interrupted run leaves a folder without one and is run again). Runs of one seed share the base
 model's evaluation (`rlstream demo` caches it by model, problems and settings).
@@ -61,6 +63,8 @@ ARMS: dict[str, list[str]] = {
     "rapo": ERPO_OFF + ['learner.kl.kind="rapo"', "learner.kl.coef=0.01"] + NO_DYNAMIC,
     "erpo_rapo": ERPO_ON + ['learner.kl.kind="rapo"', "learner.kl.coef=0.01"] + NO_DYNAMIC,
     "trl": ERPO_OFF + NO_KL + NO_DYNAMIC,
+    "lockstep": ERPO_OFF + NO_KL + NO_DYNAMIC + ["learner.staleness.max_versions=0", "learner.staleness.lockstep=true"],
+    "async4": ERPO_OFF + NO_KL + NO_DYNAMIC + ["learner.staleness.max_versions=4"],
 }
 """Arm name -> `--set` overrides (TOML values)."""
 
@@ -71,7 +75,7 @@ GRID_SETS = ["eval.budget_samples=64", "eval.budget_problems=200"]
 """Overrides every arm shares: the sampling-budget measures (pass@k up to 64)."""
 
 PAIRS = [("erpo", "grpo"), ("dapo", "grpo"), ("grpo_k3", "grpo"), ("rapo", "grpo_k3"), ("rapo", "grpo"),
-         ("erpo_rapo", "erpo"), ("grpo", "trl")]
+         ("erpo_rapo", "erpo"), ("grpo", "trl"), ("grpo", "lockstep"), ("async4", "lockstep")]
 """(arm, baseline) pairs of the paired per-seed comparison."""
 
 COLUMNS = ("acc_before", "acc_after", "greedy_before", "greedy_after", "pass@1", "pass@8", "pass@64",

@@ -85,6 +85,11 @@ def worked_solution(text: str) -> str:
     return " " + " ".join(str(int(t)) for t in totals)
 
 
+def answer_style(completion: str) -> str:
+    """``worked`` for a completion that starts like a worked solution (a space), else ``terse``."""
+    return "worked" if completion.startswith(" ") else "terse"
+
+
 def _worked_targets(problems, targets: list[str], rate: float, rng: np.random.Generator) -> list[str]:
     """Replace a `rate` fraction of the targets by the problems' (correct) worked solutions."""
     if rate <= 0:

@@ -4,12 +4,13 @@ Accuracy is the mean verifier reward over held-out problems: greedy decoding (on
 temperature 0) and sampled pass@1 (mean over ``samples`` samples at ``temperature``), the latter
 being what RL optimises and what the rollout engine generates with. `sample_budget` draws ``n``
 samples per problem for pass@k, solved-beyond-base and diversity (`pipeline.rollout.passk`).
+`by_style` splits accuracy by a style of completion (the demo task: worked solution or terse answer).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -50,6 +51,21 @@ def evaluate(engine: TorchEngine, problems: Sequence[Problem], temperature: floa
         samples=samples,
         temperature=temperature,
     )
+
+
+def by_style(engine: TorchEngine, problems: Sequence[Problem], temperature: float, samples: int,
+             style: Callable[[str], str], batch: int = 256) -> dict[str, dict[str, float]]:
+    """Per completion style (``style(text)`` names it, e.g. worked solution or terse answer): its
+    share of the ``samples`` completions per problem at ``temperature`` (0: greedy) and their
+    accuracy."""
+    counts: dict[str, list[float]] = {}
+    for i in range(0, len(problems), batch):
+        chunk = problems[i: i + batch]
+        for s in engine.generate([p.text for p in chunk], [temperature] * len(chunk), samples):
+            reward = verify_one(s.text, chunk[s.prompt_index].answer, signal_timeout_s=None).reward
+            counts.setdefault(style(s.text), []).append(reward)
+    total = sum(len(v) for v in counts.values())
+    return {k: {"share": len(v) / total, "accuracy": sum(v) / len(v)} for k, v in sorted(counts.items())}
 
 
 @dataclass(frozen=True)

@@ -99,3 +99,23 @@ def test_the_base_evaluation_cache_round_trips_and_is_keyed_by_what_the_evaluati
     assert got_budget.correct.tolist() == [0, 3] and got_budget.entropy == 0.75
     save_base_eval(tmp_path, "plain", before, None)
     assert load_base_eval(tmp_path, "plain") == (before, None)
+
+
+def test_by_style_splits_share_and_accuracy_of_worked_solutions_and_terse_answers():
+    import numpy as np
+
+    from pipeline.data.tasks import Problem
+    from pipeline.model.warmstart import answer_style
+    from pipeline.rollout.engine import Sample
+    from pipeline.rollout.evaluate import by_style
+
+    class Scripted:  # what a policy answered, to check the tally (the engine is tested on its own)
+        answers = {"1+2+3=": [" 3 6", " 3 7", "6", "5"], "4-1=": [" 3", "3", "2", "2"]}
+
+        def generate(self, prompts, temperatures, n):
+            return [Sample(i, j, np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.float32), "stop",
+                           self.answers[p][j]) for i, p in enumerate(prompts) for j in range(n)]
+
+    problems = [Problem("a", "1+2+3=", "6"), Problem("b", "4-1=", "3")]
+    got = by_style(Scripted(), problems, 1.0, 4, answer_style, batch=1)
+    assert got == {"terse": {"share": 0.625, "accuracy": 0.4}, "worked": {"share": 0.375, "accuracy": 2 / 3}}
