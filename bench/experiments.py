@@ -3,9 +3,9 @@
 Each arm is a set of `--set` overrides on one run config (the shipped demo by default); every arm
 sets ERPO, the KL term and dynamic sampling explicitly, so arms differ only where they say. The
 `trl` arm is the outside reference: TRL's GRPOTrainer on the same task (`bench/trl_grpo.py`, needs
-`pip install -e .[bench]`). `grpo` is asynchronous with `learner.staleness.max_versions = 2` (the demo's);
-`async4` allows 4 versions of lag, `lockstep` none (the rollout waits for each step's weights). A
-run lives in `<out>/<arm>/seed<N>/<timestamp>/`; a seed whose folder
+`pip install -e .[bench]`). `lockstep` (the rollout waits for each step's weights), `async2` and
+`async4` (2 and 4 versions of lag) are GRPO with the learner pinned to one core and the other services
+to the other (`demo.cpus`), for the dataflow's timings. A run lives in `<out>/<arm>/seed<N>/<timestamp>/`; a seed whose folder
 holds a `summary.json` is done and skipped, so the grid can be built over several sittings (an
 interrupted run leaves a folder without one and is run again). Runs of one seed share the base
 model's evaluation (`rlstream demo` caches it by model, problems and settings).
@@ -54,6 +54,8 @@ ERPO_OFF = ["erpo.enabled=false"]
 ERPO_ON = ["erpo.enabled=true"]
 NO_KL = ['learner.kl.kind="none"']
 NO_DYNAMIC = ['learner.dynamic_sampling="off"']
+PINNED = ['demo.cpus={learner = "0", rollout = "1", reward = "1", recorder = "1"}']
+"""The learner on one core, the rest on the other: what asynchrony overlaps shows in the timings."""
 
 ARMS: dict[str, list[str]] = {
     "grpo": ERPO_OFF + NO_KL + NO_DYNAMIC,
@@ -63,8 +65,10 @@ ARMS: dict[str, list[str]] = {
     "rapo": ERPO_OFF + ['learner.kl.kind="rapo"', "learner.kl.coef=0.01"] + NO_DYNAMIC,
     "erpo_rapo": ERPO_ON + ['learner.kl.kind="rapo"', "learner.kl.coef=0.01"] + NO_DYNAMIC,
     "trl": ERPO_OFF + NO_KL + NO_DYNAMIC,
-    "lockstep": ERPO_OFF + NO_KL + NO_DYNAMIC + ["learner.staleness.max_versions=0", "learner.staleness.lockstep=true"],
-    "async4": ERPO_OFF + NO_KL + NO_DYNAMIC + ["learner.staleness.max_versions=4"],
+    "lockstep": ERPO_OFF + NO_KL + NO_DYNAMIC + PINNED + ["learner.staleness.max_versions=0",
+                                                          "learner.staleness.lockstep=true"],
+    "async2": ERPO_OFF + NO_KL + NO_DYNAMIC + PINNED + ["learner.staleness.max_versions=2"],
+    "async4": ERPO_OFF + NO_KL + NO_DYNAMIC + PINNED + ["learner.staleness.max_versions=4"],
 }
 """Arm name -> `--set` overrides (TOML values)."""
 
@@ -75,7 +79,7 @@ GRID_SETS = ["eval.budget_samples=64", "eval.budget_problems=200"]
 """Overrides every arm shares: the sampling-budget measures (pass@k up to 64)."""
 
 PAIRS = [("erpo", "grpo"), ("dapo", "grpo"), ("grpo_k3", "grpo"), ("rapo", "grpo_k3"), ("rapo", "grpo"),
-         ("erpo_rapo", "erpo"), ("grpo", "trl"), ("grpo", "lockstep"), ("async4", "lockstep")]
+         ("erpo_rapo", "erpo"), ("grpo", "trl"), ("async2", "lockstep"), ("async4", "lockstep")]
 """(arm, baseline) pairs of the paired per-seed comparison."""
 
 COLUMNS = ("acc_before", "acc_after", "greedy_before", "greedy_after", "pass@1", "pass@8", "pass@64",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
@@ -625,6 +626,30 @@ class DemoConfig(_Strict):
     durable: bool = False
     """Broker storage in a local S3 store (SeaweedFS `weed mini`, loopback) under the run folder
     instead of memory: a broker killed and restarted loses nothing (`rlstream demo --durable`)."""
+    cpus: dict[Literal["learner", "rollout", "reward", "recorder"], str] = {}
+    """Cores each service may run on, in `taskset -c` syntax (its workers and their children
+    inherit them), e.g. `{learner = "0", rollout = "1", reward = "1", recorder = "1"}`: the learner
+    gets a core of its own, so that timings on a small machine show what the dataflow overlaps
+    rather than how the kernel shares the cores. A service not named runs on any core."""
+
+    @field_validator("cpus")
+    @classmethod
+    def _core_lists(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = {k: c for k, c in v.items() if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", c)}
+        if bad:
+            raise ValueError(f"core lists must look like taskset's (0 | 0,2 | 0-3): {bad}")
+        return v
+
+    def cores(self, service: str) -> set[int] | None:
+        """The cores of `service` (a worker's name such as `rollout-0` counts as `rollout`), or None."""
+        spec = self.cpus.get(service.split("-", 1)[0])
+        if spec is None:
+            return None
+        out: set[int] = set()
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+        return out
 
 
 class RecorderConfig(_Strict):

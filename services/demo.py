@@ -113,6 +113,14 @@ def run(cfg: RunConfig) -> int:
     if cfg.task.kind == "file" and cfg.task.eval_path is None:
         raise ConfigError("rlstream demo measures held-out accuracy before and after RL: set task.eval_path "
                           "(JSONL or Parquet of held-out problems); the services alone run without it")
+    if cfg.demo.cpus:
+        usable = os.sched_getaffinity(0)
+        missing = {name: sorted(cfg.demo.cores(name) - usable) for name in cfg.demo.cpus
+                   if not cfg.demo.cores(name) <= usable}
+        if missing:
+            raise ConfigError(f"demo.cpus names cores this process may not use (it may use {sorted(usable)}): {missing}")
+        if shutil.which("taskset") is None:
+            raise ConfigError("demo.cpus needs `taskset` (util-linux) on the PATH")
     t_start = time.monotonic()
     run_dir = (cfg.workdir / time.strftime("%Y%m%d-%H%M%S")).resolve()
     (run_dir / "logs").mkdir(parents=True)
@@ -186,14 +194,18 @@ def run(cfg: RunConfig) -> int:
         (run_dir / "config.json").write_text(child_cfg.model_dump_json(indent=2))
         serve(child_cfg, "demo", "0")  # the launcher's own metrics: rlstream_supervisor_restarts_total
         ensure_topics(child_cfg.kafka, cfg.name)
-        base = [sys.executable, "-m", "services.cli"]
         cfg_args = ["--run-dir", str(run_dir)]
-        sup.start("learner", base + ["learner"] + cfg_args)
+
+        def start(name: str, *argv: str) -> None:
+            pinned = ["taskset", "-c", cfg.demo.cpus[name.split("-")[0]]] if cfg.demo.cores(name) else []
+            sup.start(name, pinned + [sys.executable, "-m", "services.cli", *argv] + cfg_args)
+
+        start("learner", "learner")
         for i in range(cfg.demo.reward_workers):
-            sup.start(f"reward-{i}", base + ["reward", "--worker-index", str(i)] + cfg_args)
+            start(f"reward-{i}", "reward", "--worker-index", str(i))
         for i in range(cfg.demo.rollout_workers):
-            sup.start(f"rollout-{i}", base + ["rollout", "--worker-index", str(i)] + cfg_args)
-        sup.start("recorder", base + ["recorder"] + cfg_args)
+            start(f"rollout-{i}", "rollout", "--worker-index", str(i))
+        start("recorder", "recorder")
         print(f"broker {broker.bootstrap}; services: {', '.join(sup.children)} (logs in {run_dir / 'logs'}); "
               f"add a worker: rlstream rollout --run-dir {run_dir} --worker-index 9", flush=True)
         t_rl = time.monotonic()

@@ -268,3 +268,13 @@ def test_lockstep_needs_no_staleness_and_a_publish_every_step(tmp_path: Path) ->
 def test_kafka_decode_bound_covers_the_largest_message(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_decoded_bytes=1048576 must be at least kafka.max_message_bytes"):
         load_config(_write(tmp_path, "[kafka]\nmax_decoded_bytes = 1048576\n"))
+
+
+def test_demo_cpus_are_taskset_core_lists_per_service():
+    from pipeline.config import DemoConfig
+
+    demo = DemoConfig(cpus={"learner": "0", "rollout": "1,3-4"})
+    assert demo.cores("learner") == {0} and demo.cores("rollout-2") == {1, 3, 4} and demo.cores("reward-0") is None
+    for bad in ({"learner": "zero"}, {"learner": "0;1"}, {"broker": "0"}):
+        with pytest.raises(ValueError):  # pydantic's ValidationError
+            DemoConfig(cpus=bad)
