@@ -83,9 +83,9 @@ PAIRS = [("erpo", "grpo"), ("dapo", "grpo"), ("grpo_k3", "grpo"), ("rapo", "grpo
 """(arm, baseline) pairs of the paired per-seed comparison."""
 
 COLUMNS = ("acc_before", "acc_after", "greedy_before", "greedy_after", "pass@1", "pass@8", "pass@64",
-           "solved_beyond_base", "distinct", "entropy", "signal", "ra", "ra_signal", "rl_s", "tokens")
+           "solved_beyond_base", "distinct", "entropy", "signal", "ra", "ra_signal", "rl_s", "tokens", "traj_s")
 PAIRED = ("acc_after", "greedy_after", "pass@64", "solved_beyond_base", "distinct")
-WHOLE = ("rl_s", "tokens", "solved_beyond_base")  # columns shown without decimals
+WHOLE = ("rl_s", "tokens", "solved_beyond_base", "traj_s")  # columns shown without decimals
 MARK_BEGIN = "<!-- BEGIN experiment grid: written by bench/experiments.py, edits are overwritten -->"
 MARK_END = "<!-- END experiment grid -->"
 
@@ -153,6 +153,13 @@ def collect(run_dir: Path) -> dict[str, float]:
     workers = sorted((run_dir / "progress").glob("rollout-*.jsonl"))
     row["tokens"] = (sampled_tokens_by(run_dir, math.inf) if workers  # an external arm says it itself
                      else float(summary.get("completion_tokens", math.nan)))
+    if workers:
+        size = json.loads((run_dir / "config.json").read_text())["rollout"]["group_size"] \
+            if (run_dir / "config.json").exists() else math.nan
+        groups = sum(float(rows[-1]["groups"]) for rows in map(_jsonl, workers) if rows)
+        row["traj_s"] = groups * size / row["rl_s"]
+    else:
+        row["traj_s"] = float(summary.get("traj_per_s", math.nan))
     fractions = [1.0 - s["all_correct_frac"] - s["all_wrong_frac"] for s in steps
                  if "all_correct_frac" in s and "all_wrong_frac" in s]
     row["signal"] = statistics.fmean(fractions) if fractions else math.nan
@@ -227,6 +234,16 @@ def interpolate(curve: list[dict], x: str, at: float, y: str) -> float:
     return math.nan
 
 
+def time_to_reach(curve: list[dict], y: str, target: float, x: str = "rl_s") -> float:
+    """`x` at which the curve first reaches `target` in `y` (linear between points); NaN if never."""
+    if curve and curve[0][y] >= target:
+        return curve[0][x]
+    for a, b in zip(curve, curve[1:]):
+        if a[y] < target <= b[y]:
+            return a[x] + (target - a[y]) / (b[y] - a[y]) * (b[x] - a[x])
+    return math.nan
+
+
 def equal_budgets(curves: dict[str, dict[int, list[dict]]]) -> dict[str, float]:
     """The budgets every run reached: the smallest final sampled-token count and RL time."""
     finals = [c[-1] for by_seed in curves.values() for c in by_seed.values()]
@@ -277,7 +294,7 @@ def render(runs: dict[str, dict[int, dict[str, float]]], command: str,
              "(final answers per problem) and `entropy` (nats per token) from 64 samples on 200 of them; "
              "`signal` the share of trained groups whose rewards differ; `ra` the share of groups ERPO "
              "sampled hotter, `ra_signal` the share that were reactivated and differed; `tokens` the "
-             "completion tokens sampled during RL.", ""]
+             "completion tokens sampled during RL, `traj_s` trajectories sampled per second of RL.", ""]
     lines += _table(["arm", "seeds"] + list(COLUMNS),
                     [[arm, str(len(by_seed))] + [_cell(aggregate(list(by_seed.values())).get(c), c) for c in COLUMNS]
                      for arm, by_seed in runs.items()])
@@ -297,6 +314,20 @@ def render(runs: dict[str, dict[int, dict[str, float]]], command: str,
             rows.append([arm, str(len(by_seed))] + [_cell(stats.get(c), c) for c in
                                                     ("acc@tokens", "greedy@tokens", "acc@time", "greedy@time")])
         lines += _table(["arm", "seeds", "acc @ tokens", "greedy @ tokens", "acc @ time", "greedy @ time"], rows)
+    if "lockstep" in runs and len(curves) > 1:
+        target = {y: statistics.fmean(r[f"{y}_after"] for r in runs["lockstep"].values()) for y in ("acc", "greedy")}
+        lines += ["", f"{heading}# Time to the lockstep run's accuracy", "",
+                  f"RL seconds until the learning curve first reaches the lockstep arm's final held-out accuracy "
+                  f"(mean over its seeds: sampled pass@1 {target['acc']:.3f}, greedy {target['greedy']:.3f}); "
+                  f"– where a run never did.", ""]
+        rows = []
+        for arm, by_seed in curves.items():
+            reach = [{f"{y}_s": time_to_reach(c, y, target[y]) for y in ("acc", "greedy")} for c in by_seed.values()]
+            stats = aggregate(reach, ("acc_s", "greedy_s"))
+            rows.append([arm, str(len(by_seed))] + [_cell(stats.get(c), "rl_s") + (
+                f" ({stats[c][2]} of {len(by_seed)})" if c in stats and stats[c][2] < len(by_seed) else "")
+                for c in ("acc_s", "greedy_s")] + [_cell(aggregate(list(runs[arm].values())).get("traj_s"), "rl_s")])
+        lines += _table(["arm", "seeds", "s to sampled pass@1", "s to greedy", "trajectories/s"], rows)
     pairs = [(a, b) for a, b in PAIRS if a in runs and b in runs]
     if pairs:
         lines += ["", f"{heading}# Paired differences", "",

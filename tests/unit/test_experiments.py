@@ -28,9 +28,10 @@ def _run(root: Path, arm: str, seed: int, stamp: str, acc: tuple[float, float], 
         json.dumps({"step": 1, "all_correct_frac": 0.25, "all_wrong_frac": 0.25}) + "\n"
         + json.dumps({"step": 2, "all_correct_frac": 0.0, "all_wrong_frac": 0.5}) + "\n"
         + json.dumps({"step": 3}) + "\n")
-    (run / "progress" / "rollout-0.jsonl").write_text(json.dumps({"tokens": 100, "time": 10.0}) + "\n"
-                                                       + json.dumps({"tokens": 250, "time": 20.0}) + "\n")
-    (run / "progress" / "rollout-1.jsonl").write_text(json.dumps({"tokens": 50, "time": 15.0}) + "\n")
+    (run / "progress" / "rollout-0.jsonl").write_text(json.dumps({"tokens": 100, "time": 10.0, "groups": 4}) + "\n"
+                                                       + json.dumps({"tokens": 250, "time": 20.0, "groups": 10}) + "\n")
+    (run / "progress" / "rollout-1.jsonl").write_text(json.dumps({"tokens": 50, "time": 15.0, "groups": 2}) + "\n")
+    (run / "config.json").write_text(json.dumps({"rollout": {"group_size": 8}, "erpo": {"tau0": 1.0}}))
     if finished:
         summary = {"acc_before": acc[0], "acc_after": acc[1], "greedy_before": 0.6, "greedy_after": 0.7, "rl_s": 120.0}
         if budget:
@@ -55,6 +56,7 @@ def test_collect_reads_accuracy_signal_and_sampled_tokens(tmp_path):
     assert row["acc_before"] == 0.3 and row["greedy_after"] == 0.7 and row["rl_s"] == 120.0
     assert row["signal"] == pytest.approx(0.5)  # steps 1 and 2: 1 - 0.5 each; step 3 has no fractions
     assert row["tokens"] == 300.0  # the last running total of each rollout worker: 250 + 50
+    assert row["traj_s"] == pytest.approx(12 * 8 / 120.0)  # (10 + 2) groups of 8 in 120 s of RL
     assert (row["pass@1"], row["pass@8"], row["pass@64"], row["solved_beyond_base"]) == (0.4, 0.8, 0.95, 3.0)
     assert (row["distinct"], row["entropy"]) == (2.5, 0.7)
     plain = ex.collect(_run(tmp_path, "grpo", 0, "t", (0.3, 0.4)))
@@ -140,3 +142,11 @@ def test_every_arm_is_a_valid_run_config_that_sets_erpo_kl_and_dynamic_sampling(
     assert load_config(shipped_config(), ex.ARMS["erpo_rapo"]).learner.kl.kind == "rapo"
     with pytest.raises(SystemExit):
         ex.main(["--arms", "nope", "--report-only"])
+
+
+def test_time_to_reach_is_the_first_crossing_of_the_target():
+    c = [{"rl_s": 0, "acc": 0.2}, {"rl_s": 10, "acc": 0.4}, {"rl_s": 20, "acc": 0.3}, {"rl_s": 30, "acc": 0.6}]
+    assert ex.time_to_reach(c, "acc", 0.3) == pytest.approx(5.0)
+    assert ex.time_to_reach(c, "acc", 0.5) == pytest.approx(20 + 10 * 2 / 3)
+    assert ex.time_to_reach(c, "acc", 0.1) == 0
+    assert math.isnan(ex.time_to_reach(c, "acc", 0.7))
