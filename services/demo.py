@@ -59,15 +59,17 @@ def _budget_line(b) -> str:
             f"token entropy {b.entropy:.3f}")
 
 
-def base_eval_key(cfg: RunConfig, policy_path: Path, heldout) -> str:
-    """Hash of everything the base model's held-out evaluation depends on: its weights, the
-    problems, the evaluation and generation settings and the sampling seed. Runs that differ only
-    in how they train (the arms of `bench/experiments.py`) share it."""
-    weights = hashlib.sha256()
-    for f in sorted(Path(policy_path).glob("*.safetensors")):
-        weights.update(f.read_bytes())
-    blob = json.dumps([weights.hexdigest(), [p.prompt_id for p in heldout], cfg.eval.model_dump(mode="json"),
-                       cfg.prompt.model_dump(mode="json"), cfg.rollout.max_new_tokens, cfg.seed], sort_keys=True)
+def base_eval_key(cfg: RunConfig, policy_path: Path, heldout, device: str = "cpu") -> str:
+    """Hash of everything the base model's held-out evaluation depends on: its weight files (path,
+    size and modification time: a model folder is written once, and hashing a real model's
+    gigabytes would cost more than it saves), the problems, the evaluation and generation settings,
+    the sampling seed and the device. Runs that differ only in how they train (the arms of
+    `bench/experiments.py`) share it."""
+    weights = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
+               for f in sorted(Path(policy_path).glob("*.safetensors"))]
+    blob = json.dumps([weights, [p.prompt_id for p in heldout], cfg.eval.model_dump(mode="json"),
+                       cfg.prompt.model_dump(mode="json"), cfg.rollout.max_new_tokens, cfg.seed, device],
+                      sort_keys=True)
     return "base-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -143,7 +145,7 @@ def run(cfg: RunConfig) -> int:
     ev = cfg.eval
     budget_set = heldout[: ev.budget_problems]
     budget_batch = max(1, ev.batch_size // max(1, ev.budget_samples))  # problems per call, n samples each
-    base_key = base_eval_key(cfg, policy_path, heldout)
+    base_key = base_eval_key(cfg, policy_path, heldout, "cuda" if gpu else "cpu")
     cached = load_base_eval(cfg.cache_dir, base_key)
     if cached is not None:
         before, budget_before = cached

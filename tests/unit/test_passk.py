@@ -86,8 +86,10 @@ def test_the_base_evaluation_cache_round_trips_and_is_keyed_by_what_the_evaluati
     assert key() == key("learner.optimizer.lr=1e-3", 'learner.kl.kind="k3"', "erpo.enabled=false")  # training only
     assert len({key(), key("seed=1"), key("eval.samples=8"), key("rollout.max_new_tokens=12")}) == 4
     assert key() != base_eval_key(load_config(shipped_config()), policy, problems[:1])
-    (policy / "model.safetensors").write_bytes(b"other weights")
-    assert key() != base_eval_key(load_config(shipped_config()), tmp_path / "nothing", problems)
+    assert key() != base_eval_key(load_config(shipped_config()), policy, problems, "cuda")
+    first = key()
+    (policy / "model.safetensors").write_bytes(b"other weights")  # rewritten: size and time change
+    assert key() != first
 
     before = EvalResult(greedy_accuracy=0.5, sampled_accuracy=np.float64(0.25), problems=2, samples=4, temperature=1.0)
     budget = BudgetResult(correct=np.array([0, 3]), samples=4, temperature=1.0, pass_at={1: 0.375, 2: 0.5, 4: 0.5},
