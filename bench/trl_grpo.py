@@ -139,7 +139,7 @@ def main() -> None:
     from pipeline.verify.verifier import verify_one
     from services.cli import shipped_config
     from services.common import initial_policy_path, load_initial_policy
-    from services.demo import base_eval_key, load_base_eval, save_base_eval
+    from services.demo import base_evaluation
 
     try:
         cfg = load_config(args.config or shipped_config(), args.overrides)
@@ -170,16 +170,7 @@ def main() -> None:
     engine = TorchEngine(model, tok, ro.max_new_tokens, seed=cfg.seed, prompt_format=fmt)
     budget_set = heldout[: ev.budget_problems]
     budget_batch = max(1, ev.batch_size // max(1, ev.budget_samples))
-    base_key = base_eval_key(cfg, policy_path, heldout)  # the demo's cache: same model, problems, settings
-    cached = load_base_eval(cfg.cache_dir, base_key)
-    if cached is not None:
-        before, budget_before = cached
-    else:
-        before = evaluate(engine, heldout, ev.temperature, ev.samples, ev.batch_size)
-        budget_before = None
-        if ev.budget_samples:
-            budget_before = sample_budget(engine, budget_set, ev.budget_samples, ev.temperature, budget_batch)
-        save_base_eval(cfg.cache_dir, base_key, before, budget_before)
+    before, budget_before = base_evaluation(cfg, engine, policy_path, heldout)  # the demo's, cached
     print(f"held-out before RL ({before.problems} problems): sampled pass@1 {before.sampled_accuracy:.3f} "
           f"(T={ev.temperature}, {ev.samples} samples), greedy {before.greedy_accuracy:.3f}", flush=True)
 

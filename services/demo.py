@@ -101,6 +101,27 @@ def load_base_eval(cache_dir: Path, key: str):
     return EvalResult(**record["before"]), budget
 
 
+def base_evaluation(cfg: RunConfig, engine, policy_path: Path, heldout, device: str = "cpu"):
+    """(EvalResult, BudgetResult or None) of the base model on `heldout` (`engine` holds it): from
+    the cache when a run with the same `base_eval_key` made it, else measured and cached."""
+    from pipeline.rollout.evaluate import evaluate, sample_budget
+
+    ev = cfg.eval
+    key = base_eval_key(cfg, policy_path, heldout, device)
+    cached = load_base_eval(cfg.cache_dir, key)
+    if cached is not None:
+        print(f"held-out before RL: the base model's evaluation with these settings is cached "
+              f"({cfg.cache_dir / 'evals' / key}.json)", flush=True)
+        return cached
+    before = evaluate(engine, heldout, ev.temperature, ev.samples, ev.batch_size)
+    budget = None
+    if ev.budget_samples:
+        budget = sample_budget(engine, heldout[: ev.budget_problems], ev.budget_samples, ev.temperature,
+                               max(1, ev.batch_size // ev.budget_samples))  # problems per call, n samples each
+    save_base_eval(cfg.cache_dir, key, before, budget)
+    return before, budget
+
+
 def run(cfg: RunConfig) -> int:
     import torch
 
@@ -145,18 +166,7 @@ def run(cfg: RunConfig) -> int:
     ev = cfg.eval
     budget_set = heldout[: ev.budget_problems]
     budget_batch = max(1, ev.batch_size // max(1, ev.budget_samples))  # problems per call, n samples each
-    base_key = base_eval_key(cfg, policy_path, heldout, "cuda" if gpu else "cpu")
-    cached = load_base_eval(cfg.cache_dir, base_key)
-    if cached is not None:
-        before, budget_before = cached
-        print(f"held-out before RL: the base model's evaluation with these settings is cached "
-              f"({cfg.cache_dir / 'evals' / base_key}.json)", flush=True)
-    else:
-        before = evaluate(engine, heldout, ev.temperature, ev.samples, ev.batch_size)
-        budget_before = None
-        if ev.budget_samples:
-            budget_before = sample_budget(engine, budget_set, ev.budget_samples, ev.temperature, budget_batch)
-        save_base_eval(cfg.cache_dir, base_key, before, budget_before)
+    before, budget_before = base_evaluation(cfg, engine, policy_path, heldout, "cuda" if gpu else "cpu")
     if budget_before is not None:
         print(f"held-out before RL ({len(budget_set)} problems x {ev.budget_samples} samples): "
               f"{_budget_line(budget_before)}", flush=True)
