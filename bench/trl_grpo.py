@@ -139,7 +139,7 @@ def main() -> None:
     from pipeline.verify.verifier import verify_one
     from services.cli import shipped_config
     from services.common import initial_policy_path, load_initial_policy
-    from services.demo import base_evaluation
+    from services.demo import base_evaluation, budget_batch
 
     try:
         cfg = load_config(args.config or shipped_config(), args.overrides)
@@ -169,7 +169,6 @@ def main() -> None:
     fmt = PromptFormat(tok, cfg.prompt)
     engine = TorchEngine(model, tok, ro.max_new_tokens, seed=cfg.seed, prompt_format=fmt)
     budget_set = heldout[: ev.budget_problems]
-    budget_batch = max(1, ev.batch_size // max(1, ev.budget_samples))
     before, budget_before = base_evaluation(cfg, engine, policy_path, heldout)  # the demo's, cached
     print(f"held-out before RL ({before.problems} problems): sampled pass@1 {before.sampled_accuracy:.3f} "
           f"(T={ev.temperature}, {ev.samples} samples), greedy {before.greedy_accuracy:.3f}", flush=True)
@@ -370,7 +369,7 @@ def main() -> None:
     after = evaluate(engine, heldout, ev.temperature, ev.samples, ev.batch_size)
     budget = {}
     if budget_before is not None:
-        budget_after = sample_budget(engine, budget_set, ev.budget_samples, ev.temperature, budget_batch)
+        budget_after = sample_budget(engine, budget_set, ev.budget_samples, ev.temperature, budget_batch(ev))
         budget = {"budget_before": budget_before.summary(), "budget_after": budget_after.summary(),
                   "solved_beyond_base": solved_beyond(budget_before.correct, budget_after.correct)}
     print(f"held-out after RL  ({after.problems} problems): sampled pass@1 {after.sampled_accuracy:.3f}, "

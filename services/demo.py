@@ -101,6 +101,11 @@ def load_base_eval(cache_dir: Path, key: str):
     return EvalResult(**record["before"]), budget
 
 
+def budget_batch(ev) -> int:
+    """Problems per generate call of the sampling-budget measures (each with `budget_samples` samples)."""
+    return max(1, ev.batch_size // max(1, ev.budget_samples))
+
+
 def base_evaluation(cfg: RunConfig, engine, policy_path: Path, heldout, device: str = "cpu"):
     """(EvalResult, BudgetResult or None) of the base model on `heldout` (`engine` holds it): from
     the cache when a run with the same `base_eval_key` made it, else measured and cached."""
@@ -117,7 +122,7 @@ def base_evaluation(cfg: RunConfig, engine, policy_path: Path, heldout, device: 
     budget = None
     if ev.budget_samples:
         budget = sample_budget(engine, heldout[: ev.budget_problems], ev.budget_samples, ev.temperature,
-                               max(1, ev.batch_size // ev.budget_samples))  # problems per call, n samples each
+                               budget_batch(ev))
     save_base_eval(cfg.cache_dir, key, before, budget)
     return before, budget
 
@@ -165,7 +170,6 @@ def run(cfg: RunConfig) -> int:
                          prompt_format=PromptFormat(tokenizer, cfg.prompt))
     ev = cfg.eval
     budget_set = heldout[: ev.budget_problems]
-    budget_batch = max(1, ev.batch_size // max(1, ev.budget_samples))  # problems per call, n samples each
     before, budget_before = base_evaluation(cfg, engine, policy_path, heldout, "cuda" if gpu else "cpu")
     if budget_before is not None:
         print(f"held-out before RL ({len(budget_set)} problems x {ev.budget_samples} samples): "
@@ -269,7 +273,7 @@ def run(cfg: RunConfig) -> int:
     after = evaluate(engine, heldout, ev.temperature, ev.samples, ev.batch_size)
     budget = {}
     if budget_before is not None:
-        budget_after = sample_budget(engine, budget_set, ev.budget_samples, ev.temperature, budget_batch)
+        budget_after = sample_budget(engine, budget_set, ev.budget_samples, ev.temperature, budget_batch(ev))
         beyond = solved_beyond(budget_before.correct, budget_after.correct)
         print(f"held-out after RL  ({len(budget_set)} problems x {ev.budget_samples} samples): "
               f"{_budget_line(budget_after)}; solved beyond the base model: {beyond}", flush=True)
