@@ -17,6 +17,18 @@ What counts as correct
     completion with ``####`` is read after its last one, as GSM8K's answers are).
     ``\\frac{1}{2}`` against gold ``0.5`` is CORRECT (math-verify reads ``$0.5$`` as 1/2).
 
+Integer lists (a fast path before math-verify)
+    A completion made only of integers separated by whitespace, each with its sign attached
+    (``" 7 12 10"``, ``" -3 -6"``, ``"42"``), against a gold that is one integer, is decided by
+    its *last* integer, in plain Python (``integer_list_verdict``). This is the rule the text above
+    states ("the last number"), made exact for the arithmetic task's worked solutions (running
+    totals): math-verify's expression extraction reads ``" -3 -6"`` as the expression ``-3-6 = -9``
+    and ``"6 -1"`` as 5 (and ``"34 63 824"`` as 63824, a space as thousands separator), which mis-scored 4.4 % of the demo's trajectories (1,667 of 38,400 in one
+    run) whenever a worked solution had a negative total after the first. A free-standing minus
+    (``"6 - 1"``) is an expression and still goes to math-verify. The fast path costs about 2 µs
+    against math-verify's ~0.9 ms, and ``VerifierPool`` applies it in the calling process, so the
+    demo's completions never cross a pipe.
+
 Statuses
     CORRECT (reward 1.0), WRONG (a math value was extracted and it does not match), NO_ANSWER
     (nothing was extracted; or only text that does not parse as math and does not string-match
@@ -62,7 +74,8 @@ from typing import Protocol
 import math_verify
 from math_verify.errors import TimeoutException as _MathVerifyTimeout
 
-__all__ = ["VerifyStatus", "Verdict", "verify_one", "VerifierPool", "DEFAULT_MAX_CHARS"]
+__all__ = ["VerifyStatus", "Verdict", "verify_one", "integer_list_verdict", "math_verify_one", "VerifierPool",
+           "DEFAULT_MAX_CHARS"]
 
 DEFAULT_MAX_CHARS = 4000
 _DETAIL_CHARS = 200
@@ -142,6 +155,23 @@ def completion_text(completion: str) -> str:
     return completion.replace("\\$", "")
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]{1,15}")
+_INTEGER_LIST = re.compile(r"[ \t\n]*(?:-?[0-9]{1,15}[ \t\n]+)*-?[0-9]{1,15}[ \t\n]*")  # ASCII only
+
+
+def integer_list_verdict(completion: str, answer: str) -> Verdict | None:
+    """CORRECT or WRONG when the completion is only whitespace-separated integers (sign attached)
+    and the gold is one integer: the completion's last integer is its answer. ``None`` for
+    anything else (math-verify decides). At most 15 digits per number, so ints compare exactly as
+    math-verify's numbers would."""
+    gold = answer.rsplit("####", 1)[-1].strip() if "####" in answer else answer.strip()
+    if not _INTEGER.fullmatch(gold) or not _INTEGER_LIST.fullmatch(completion):
+        return None
+    numbers = completion.split()  # the pattern allows only ASCII space, tab and newline between them
+    shown = f"gold={gold!r} pred={numbers[-1]!r}" + (f" (last of {len(numbers)} numbers)" if len(numbers) > 1 else "")
+    return _verdict(VerifyStatus.CORRECT if int(numbers[-1]) == int(gold) else VerifyStatus.WRONG, shown)
+
+
 def precheck(completion: str, max_chars: int) -> Verdict | None:
     """The cheap checks done before any parsing; a Verdict if they already decide the item."""
     if len(completion) > max_chars:
@@ -163,9 +193,15 @@ def verify_one(
     ``signal_timeout_s`` is math-verify's per-call alarm in whole seconds (None/0 disables it); it
     is disabled automatically off the main thread, where ``signal.alarm`` cannot be used.
     """
-    early = precheck(completion, max_chars)
+    early = precheck(completion, max_chars) or integer_list_verdict(completion, answer)
     if early is not None:
         return early
+    return math_verify_one(completion, answer, signal_timeout_s=signal_timeout_s)
+
+
+def math_verify_one(completion: str, answer: str, *, signal_timeout_s: int | None = 5) -> Verdict:
+    """``verify_one`` without its cheap checks: math-verify alone (parse gold, parse completion,
+    compare)."""
     if threading.current_thread() is not threading.main_thread():
         signal_timeout_s = None
     stage = "parse gold"
@@ -211,6 +247,7 @@ def _resolve(spec: str) -> VerifyFn:
 
 
 _READY = "ready"
+_DEFAULT_VERIFY_FN = "pipeline.verify.verifier:verify_one"
 
 
 def _worker_main(conn, verify_fn: str, max_chars: int, signal_timeout_s: int | None) -> None:
@@ -276,7 +313,7 @@ class VerifierPool:
         timeout_s: float = 5.0,
         max_chars: int = DEFAULT_MAX_CHARS,
         *,
-        _verify_fn: str = "pipeline.verify.verifier:verify_one",
+        _verify_fn: str = _DEFAULT_VERIFY_FN,
         startup_timeout_s: float = 60.0,
     ) -> None:
         if workers < 0:
@@ -316,7 +353,11 @@ class VerifierPool:
         for i, (completion, answer) in enumerate(pairs):
             if type(completion) is not str or type(answer) is not str:  # only plain str is sent
                 raise TypeError(f"pair {i}: completion and answer must be str")
-        results: list[Verdict | None] = [precheck(c, self.max_chars) for c, _ in pairs]
+        # The cheap checks run here; with the default verify function, so does the integer-list
+        # fast path (a custom one, e.g. a test hook, sees every item that passes precheck).
+        fast = self._verify_fn_spec == _DEFAULT_VERIFY_FN
+        results: list[Verdict | None] = [precheck(c, self.max_chars) or (integer_list_verdict(c, a) if fast else None)
+                                         for c, a in pairs]
         queue = deque(i for i, r in enumerate(results) if r is None)
         if self.workers == 0:
             for i in queue:
