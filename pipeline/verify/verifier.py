@@ -78,6 +78,9 @@ __all__ = ["VerifyStatus", "Verdict", "verify_one", "integer_list_verdict", "mat
            "DEFAULT_MAX_CHARS"]
 
 DEFAULT_MAX_CHARS = 4000
+VERIFIER_VERSION = 2
+"""Raised whenever the same completion can get a different verdict (2: integer lists read by their
+last number). Cached evaluations (`services.demo.base_eval_key`) include it."""
 _DETAIL_CHARS = 200
 _MATH_DELIMITERS = ("$", "\\(", "\\[", "\\boxed")
 _THOUSANDS = re.compile(r"(?<=\d),\\!\s*(?=\d{3}(?!\d))")
