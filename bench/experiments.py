@@ -10,6 +10,12 @@ holds a `summary.json` is done and skipped, so the grid can be built over severa
 interrupted run leaves a folder without one and is run again). Runs of one seed share the base
 model's evaluation (`rlstream demo` caches it by model, problems and settings).
 
+Every finished run is also kept as a small record, `<records>/<arm>-seed<N>.json` (docs/experiments/runs/
+by default, committed with the report): its row of numbers, its learning curve and its pass@k
+curves, with the commit and config it ran at. The report is built from the records, so it can be
+rewritten, and the grid resumed, on a clean checkout where the run folders (gigabytes, not
+committed) are gone. A record is written once; delete it to run that arm and seed again.
+
 Per run:
 - sampled pass@1 and greedy accuracy before and after RL (`eval.samples` samples per problem);
 - pass@1/8/64, problems solved beyond the base model, distinct final answers per problem and token
@@ -33,7 +39,7 @@ plots (`--figures`, docs/experiments/ by default).
 Usage:
     python bench/experiments.py [--arms grpo,dapo,...] [--seeds 0,1,2] [--config run.toml]
         [--set KEY=VALUE ...] [--out runs/experiments] [--results docs/results.md]
-    python bench/experiments.py --report-only   # rewrite the report from finished runs
+    python bench/experiments.py --report-only   # rewrite the report from the records
 The last line is `RESULT runs=N arms=… <arm>_acc_gain=… <arm>_greedy_gain=…`.
 """
 
@@ -104,6 +110,38 @@ def curve_sets(config: str | None, sets: list[str], points: int) -> list[str]:
     steps = load_config(Path(config) if config else shipped_config(), sets).learner.total_steps
     every = max(1, steps // points)
     return [f"learner.checkpoint.export_every={every}", f"learner.checkpoint.keep={steps // every + 2}"]
+
+
+def record_path(records: Path, arm: str, seed: int) -> Path:
+    return records / f"{arm}-seed{seed}.json"
+
+
+def _git_commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False)
+    return done.stdout.strip() or "unknown"
+
+
+def make_record(run_dir: Path, arm: str, seed: int, curve: list[dict] | None) -> dict:
+    """What the report needs of one finished run (module docstring), without the run folder."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = run_dir / "config.json"
+    return {"arm": arm, "seed": seed, "run_dir": str(run_dir), "commit": _git_commit(),
+            "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "row": collect(run_dir), "curve": curve,
+            "budget_before": summary.get("budget_before", {}), "budget_after": summary.get("budget_after", {}),
+            "config": json.loads(config.read_text()) if config.exists() else None}
+
+
+def load_record(path: Path) -> dict:
+    record = json.loads(path.read_text())
+    record["row"] = {k: math.nan if v is None else float(v) for k, v in record["row"].items()}
+    return record
+
+
+def save_record(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record["row"].items()}
+    path.write_text(json.dumps(record | {"row": row}, indent=1) + "\n")  # NaN is not JSON: null
 
 
 def finished(out: Path, arm: str, seed: int) -> Path | None:
@@ -447,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=REPO / "docs" / "results.md",
                         help="markdown file whose experiment-grid block is rewritten ('-': none)")
     parser.add_argument("--figures", type=Path, default=REPO / "docs" / "experiments", help="folder for the plots")
+    parser.add_argument("--records", type=Path, default=REPO / "docs" / "experiments" / "runs",
+                        help="folder of the finished runs' records (module docstring)")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
     args = parser.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
@@ -457,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
 
     grid = [(arm, seed) for seed in seeds for arm in arms]  # seed by seed: a partial grid compares every arm
-    todo = [(arm, seed) for arm, seed in grid if finished(out, arm, seed) is None]
+    todo = [(arm, seed) for arm, seed in grid
+            if not record_path(args.records, arm, seed).exists() and finished(out, arm, seed) is None]
     print(f"{len(grid)} runs in the grid, {len(grid) - len(todo)} finished, {len(todo)} to run", flush=True)
     failed = []
     if not args.report_only:
@@ -471,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
             code = run_one(arm, args.config, sets, out_dir, out_dir / "run.log")
             run_dir = finished(out, arm, seed)
             if code == 0 and run_dir is not None:
-                write_curve(run_dir)
+                curve = write_curve(run_dir) if args.curve_points and arm not in EXTERNAL else None
+                save_record(record_path(args.records, arm, seed), make_record(run_dir, arm, seed, curve))
                 state = "done"
             else:
                 failed.append((arm, seed))
@@ -485,16 +527,19 @@ def main(argv: list[str] | None = None) -> int:
     base_passk: dict[int, dict[int, float]] = {}
     after_passk: dict[str, dict[int, dict[int, float]]] = {}
     for arm, seed in grid:
-        run_dir = finished(out, arm, seed)
-        if run_dir is None:
-            continue
-        runs.setdefault(arm, {})[seed] = collect(run_dir)
-        curve = write_curve(run_dir) if args.curve_points and arm not in EXTERNAL else None
-        if curve:
-            curves.setdefault(arm, {})[seed] = curve
-        summary = json.loads((run_dir / "summary.json").read_text())
+        path = record_path(args.records, arm, seed)
+        if not path.exists():  # a run finished before records existed, or whose record was lost
+            run_dir = finished(out, arm, seed)
+            if run_dir is None:
+                continue
+            curve = write_curve(run_dir) if args.curve_points and arm not in EXTERNAL else None
+            save_record(path, make_record(run_dir, arm, seed, curve))
+        record = load_record(path)
+        runs.setdefault(arm, {})[seed] = record["row"]
+        if record["curve"]:
+            curves.setdefault(arm, {})[seed] = record["curve"]
         for key, into in (("budget_before", base_passk), ("budget_after", None)):
-            ks = {int(k.removeprefix("pass@")): v for k, v in summary.get(key, {}).items() if k.startswith("pass@")}
+            ks = {int(k.removeprefix("pass@")): v for k, v in record[key].items() if k.startswith("pass@")}
             if ks and into is not None:
                 into[seed] = ks
             elif ks:

@@ -150,3 +150,23 @@ def test_time_to_reach_is_the_first_crossing_of_the_target():
     assert ex.time_to_reach(c, "acc", 0.5) == pytest.approx(20 + 10 * 2 / 3)
     assert ex.time_to_reach(c, "acc", 0.1) == 0
     assert math.isnan(ex.time_to_reach(c, "acc", 0.7))
+
+
+def test_the_report_is_rebuilt_from_records_when_the_run_folders_are_gone(tmp_path):
+    runs, records, results = tmp_path / "runs", tmp_path / "records", tmp_path / "results.md"
+    _run(runs, "grpo", 0, "t", (0.3, 0.4), budget=True)
+    _run(runs, "erpo", 0, "t", (0.3, 0.5))
+    args = ["--arms", "grpo,erpo", "--seeds", "0", "--out", str(runs), "--records", str(records),
+            "--curve-points", "0", "--results", str(results), "--figures", str(tmp_path / "fig"), "--report-only"]
+    assert ex.main(args) == 0
+    first = results.read_text()
+    grpo = json.loads((records / "grpo-seed0.json").read_text())
+    assert grpo["row"]["acc_after"] == 0.4 and grpo["row"]["pass@64"] == 0.95 and grpo["arm"] == "grpo"
+    assert json.loads((records / "erpo-seed0.json").read_text())["row"]["pass@64"] is None  # NaN kept as null
+    import shutil
+    shutil.rmtree(runs)  # a clean checkout: only the records are left
+    results.unlink()
+    assert ex.main(args) == 0
+    assert results.read_text() == first
+    record = ex.load_record(records / "erpo-seed0.json")
+    assert math.isnan(record["row"]["pass@64"]) and record["row"]["acc_after"] == 0.5
