@@ -154,7 +154,9 @@ def test_demo_learns_through_10k_hostile_records_records_its_lake_and_replays(tm
     groups = scored["group_id"].n_unique()
     assert used("prompts").filter(pl.col("attempt") == 0).height == learner["issued"]
     assert used("trajectories")["group_id"].n_unique() == _last(run_dir / "progress" / "rollout-0.jsonl")["groups"]
-    assert groups == _last(run_dir / "progress" / "reward-0.jsonl")["groups"]
+    # The reward service counts the groups it applied to ERPO's table: each ticket's first scored
+    # attempt. A ticket issued again when its lease ran out can be scored twice (both are sent).
+    assert scored["ticket_id"].n_unique() == _last(run_dir / "progress" / "reward-0.jsonl")["groups"] <= groups
     assert learner["received"] <= groups and learner["step"] * 16 <= learner["received"]
     assert used("policy").height == learner["version"]
     assert "report: " in out and (run_dir / "report" / "index.html").exists()
