@@ -487,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figures", type=Path, default=REPO / "docs" / "experiments", help="folder for the plots")
     parser.add_argument("--records", type=Path, default=REPO / "docs" / "experiments" / "runs",
                         help="folder of the finished runs' records (module docstring)")
-    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rewrite the report from the records (and finished runs that have none)")
     args = parser.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in ARMS]
