@@ -1,6 +1,6 @@
 """Reward verifier: checks a model completion against a reference answer with math-verify.
 
-(~460 lines: the normalisation rules, the status semantics and the two timeout layers are one
+(~510 lines: the normalisation rules (integer lists included), the status semantics and the two timeout layers are one
 contract, documented here where they are enforced.)
 
 What counts as correct
