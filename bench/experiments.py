@@ -144,6 +144,12 @@ def save_record(path: Path, record: dict) -> None:
     path.write_text(json.dumps(record | {"row": row}, indent=1) + "\n")  # NaN is not JSON: null
 
 
+def keep_record(records: Path, run_dir: Path, arm: str, seed: int, curve_points: int) -> None:
+    """Evaluate the run's learning curve (if it has one) and save its record."""
+    curve = write_curve(run_dir) if curve_points and arm not in EXTERNAL else None
+    save_record(record_path(records, arm, seed), make_record(run_dir, arm, seed, curve))
+
+
 def finished(out: Path, arm: str, seed: int) -> Path | None:
     """The newest finished run of (arm, seed) under `out`, or None."""
     done = sorted((out / arm / f"seed{seed}").glob("*/summary.json"))
@@ -513,8 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             code = run_one(arm, args.config, sets, out_dir, out_dir / "run.log")
             run_dir = finished(out, arm, seed)
             if code == 0 and run_dir is not None:
-                curve = write_curve(run_dir) if args.curve_points and arm not in EXTERNAL else None
-                save_record(record_path(args.records, arm, seed), make_record(run_dir, arm, seed, curve))
+                keep_record(args.records, run_dir, arm, seed, args.curve_points)
                 state = "done"
             else:
                 failed.append((arm, seed))
@@ -533,8 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = finished(out, arm, seed)
             if run_dir is None:
                 continue
-            curve = write_curve(run_dir) if args.curve_points and arm not in EXTERNAL else None
-            save_record(path, make_record(run_dir, arm, seed, curve))
+            keep_record(args.records, run_dir, arm, seed, args.curve_points)
         record = load_record(path)
         runs.setdefault(arm, {})[seed] = record["row"]
         if record["curve"]:

@@ -138,11 +138,15 @@ def _shown(parsed: list) -> str:
     return _truncate(repr(strings[0]), 60) if strings else f"<{type(parsed[0]).__name__}>"
 
 
+def _gold_tail(answer: str) -> str:
+    """A reference answer's final part: a GSM8K solution's text after its last ``####``, stripped."""
+    return answer.rsplit("####", 1)[-1].strip() if "####" in answer else answer.strip()
+
+
 def gold_text(answer: str) -> str:
     """Normalise a reference answer for parsing: GSM8K tail after ``####``, no escaped dollars or
     ``\\!``, then ``$...$`` unless already delimited."""
-    text = answer.rsplit("####", 1)[-1].strip() if "####" in answer else answer.strip()
-    text = _THOUSANDS.sub("", text)  # 32,\\!348 and 11,\\! 111 are thousands separators, not tuples
+    text = _THOUSANDS.sub("", _gold_tail(answer))  # 32,\\!348 and 11,\\! 111 are thousands separators, not tuples
     text = text.replace("\\$", "").replace("\\!", "").strip()
     if text and not any(marker in text for marker in _MATH_DELIMITERS):
         text = f"${text}$"
@@ -168,7 +172,7 @@ def integer_list_verdict(completion: str, answer: str) -> Verdict | None:
     and the gold is one integer: the completion's last integer is its answer. ``None`` for
     anything else (math-verify decides). At most 15 digits per number, so ints compare exactly as
     math-verify's numbers would."""
-    gold = answer.rsplit("####", 1)[-1].strip() if "####" in answer else answer.strip()
+    gold = _gold_tail(answer)
     if not _INTEGER.fullmatch(gold) or not _INTEGER_LIST.fullmatch(completion):
         return None
     numbers = completion.split()  # the pattern allows only ASCII space, tab and newline between them
