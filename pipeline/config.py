@@ -536,6 +536,12 @@ class LearnerConfig(_Strict):
     gradient_checkpointing: bool = False
     """Recompute the decoder's activations in the backward pass instead of keeping them (less
     memory for long sequences, one more forward)."""
+    share_prompts: bool = True
+    """Run each distinct prompt of a micro-batch through the decoder once for all its samples (the
+    completions attend to its cached keys and values, `pipeline.rl.learn.shared_prompt_hidden`)
+    instead of once per sample: a group of G samples costs about P + G x C tokens instead of
+    G x (P + C). The same gradient up to float rounding. Off under `gradient_checkpointing`
+    (Hugging Face models keep no cache then)."""
     sync_every: int = Field(1, ge=1)
     """Publish weights (a new policy version) every this many training steps."""
     keep_policies: int = Field(3, ge=1)

@@ -52,6 +52,39 @@ def micro_batches(rows: np.ndarray, lengths: np.ndarray, max_tokens: int) -> lis
     return out
 
 
+def shared_micro_batches(rows: np.ndarray, prompt_of: np.ndarray, prompt_len: np.ndarray,
+                         completion_len: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Micro-batches for :func:`shared_prompt_hidden`: the decoder runs each distinct prompt of a
+    micro-batch once (padded to its longest prompt) and each row's completion (padded to its
+    longest completion), so its padded size is ``prompts x longest prompt + rows x longest
+    completion``; kept within ``max_tokens``. Rows of one prompt stay together (prompts with the
+    longest rows first, each prompt's rows longest completion first); a prompt whose rows do not
+    fit the budget together is split over micro-batches, each computing the prompt again, and a
+    row that does not fit alone is alone."""
+    rows = np.asarray(rows)
+    if len(rows) == 0:
+        return []
+    total = prompt_len[rows] + completion_len[rows]
+    keys, inverse = np.unique(prompt_of[rows], return_inverse=True)
+    longest_of_prompt = np.zeros(len(keys), dtype=np.int64)
+    np.maximum.at(longest_of_prompt, inverse, total)
+    order = rows[np.lexsort((-completion_len[rows], inverse, -longest_of_prompt[inverse]))]
+    out, current, prompts = [], [], set()
+    wp = wc = 0
+    for r in order:
+        p = int(prompt_of[r])
+        n_prompts = len(prompts | {p})
+        cost = n_prompts * max(wp, int(prompt_len[r])) + (len(current) + 1) * max(wc, int(completion_len[r]))
+        if current and cost > max_tokens:
+            out.append(np.array(current))
+            current, prompts, wp, wc = [], set(), 0, 0
+        current.append(r)
+        prompts.add(p)
+        wp, wc = max(wp, int(prompt_len[r])), max(wc, int(completion_len[r]))
+    out.append(np.array(current))
+    return out
+
+
 def completion_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     """The decoder's last hidden states at the positions that predict a completion token,
     ``[N, d]`` in row-major order. ``model`` is a Hugging Face causal LM or a DeepSpeed engine
@@ -61,14 +94,55 @@ def completion_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tenso
     return hidden[:, :-1][batch.completion_mask.bool()]
 
 
+def _right_padded(seqs: list[np.ndarray], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``[B, W]`` right-padded with ``pad_id``, and their attention mask."""
+    width = max(1, max(len(s) for s in seqs))
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+        mask[i, :len(s)] = 1
+    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+
+
+def shared_prompt_hidden(model: torch.nn.Module, prompts: list[np.ndarray], prompt_of: np.ndarray,
+                         completions: list[np.ndarray], pad_id: int, device: torch.device) -> torch.Tensor:
+    """:func:`completion_hidden` with each prompt computed once for all its samples: the distinct
+    ``prompts`` run through the decoder first (right-padded), their keys and values are repeated
+    for the rows (``prompt_of[b]``: row ``b``'s prompt), and then the ``completions`` run on top of
+    them at positions ``len(prompt) + j``; the gradient flows into the prompts' computation from
+    every sample. The same hidden states as the whole sequences give (up to float rounding), for a
+    G-sample group about (P + G x C) tokens instead of G x (P + C)."""
+    decoder = getattr(model, "module", model).get_decoder()
+    p_ids, p_mask = _right_padded(prompts, pad_id, device)
+    c_ids, c_mask = _right_padded(completions, pad_id, device)
+    p_len = p_mask.sum(1)
+    out = decoder(input_ids=p_ids, attention_mask=p_mask, position_ids=torch.arange(p_ids.shape[1], device=device)
+                  .expand_as(p_ids), use_cache=True)
+    rows = torch.as_tensor(prompt_of, device=device)
+    cache = out.past_key_values
+    cache.batch_select_indices(rows)
+    positions = p_len[rows].unsqueeze(1) + torch.arange(c_ids.shape[1], device=device)
+    hidden = decoder(input_ids=c_ids, attention_mask=torch.cat([p_mask[rows], c_mask], dim=1),
+                     position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+    # Completion token j is predicted by the prompt's last position (j = 0) or completion token j - 1.
+    last = out.last_hidden_state[torch.arange(len(prompts), device=device), p_len - 1][rows]
+    hidden = torch.cat([last.unsqueeze(1), hidden[:, :-1]], dim=1)
+    return hidden[c_mask.bool()]
+
+
 class _Rows:
     """The batch's rows as the learning step needs them (numpy, per row or per token)."""
 
-    def __init__(self, cols: Columns, lc: LearnerConfig, rule: ErpoRule, overlong: str = "keep",
+    def __init__(self, cols: Columns, lc: LearnerConfig, rule: ErpoRule, pad_id: int, overlong: str = "keep",
                  device: torch.device | str = "cpu") -> None:
         self.cols = cols
+        self.pad_id = pad_id
         self.device = torch.device(device)
         """The trainer's device: every tensor of the step is made there."""
+        self.max_tokens = lc.max_tokens_per_micro_batch
+        self.share = lc.share_prompts and not lc.gradient_checkpointing
+        """Each distinct prompt computed once for its rows (`shared_prompt_hidden`)."""
         self.cut = np.asarray(cols["finish_reason"]).astype(str) == "length"
         """Rows cut at the length limit."""
         self.in_loss = ~self.cut if overlong == "mask" else np.ones(len(self.cut), dtype=bool)
@@ -78,13 +152,32 @@ class _Rows:
         adv = get_advantage(lc.loss.advantage)(self.rewards, torch.as_tensor(self.group_index))
         self.advantages = ra_advantages(np.asarray(cols["group_pass_rate"]), adv.numpy(), rule)
         self.completion_len = cols["completion_token_ids"].lengths()
-        self.length = cols["prompt_token_ids"].lengths() + self.completion_len
+        self.prompt_len = cols["prompt_token_ids"].lengths()
+        self.length = self.prompt_len + self.completion_len
+        distinct: dict[bytes, int] = {}
+        self.prompt_of = np.array([distinct.setdefault(cols["prompt_token_ids"][i].tobytes(), len(distinct))
+                                   for i in range(len(self.length))], dtype=np.int64)
+        """Row -> index of its distinct prompt (token ids)."""
         self.phi = phi_clamp(self.rewards, lc.kl.phi_floor).numpy() if KL_TERMS[lc.kl.kind].reweighted else None
 
-    def pack(self, rows: np.ndarray, pad_id: int) -> PackedBatch:
+    def micro_batches(self, rows: np.ndarray) -> list[np.ndarray]:
+        """``rows`` cut into micro-batches within the token budget (`shared_micro_batches` when
+        prompts are shared, else `micro_batches`)."""
+        if self.share:
+            return shared_micro_batches(rows, self.prompt_of, self.prompt_len, self.completion_len, self.max_tokens)
+        return micro_batches(rows, self.length, self.max_tokens)
+
+    def hidden(self, model: torch.nn.Module, rows: np.ndarray) -> torch.Tensor:
+        """``model``'s hidden states that predict the rows' completion tokens, ``[N, d]`` row-major."""
         c = self.cols
-        return pack([c["prompt_token_ids"][i] for i in rows], [c["completion_token_ids"][i] for i in rows],
-                    np.asarray(c["temperature"], dtype=np.float32)[rows], pad_id).to(self.device)
+        completions = [c["completion_token_ids"][i] for i in rows]
+        if self.share:
+            distinct, first, local = np.unique(self.prompt_of[rows], return_index=True, return_inverse=True)
+            return shared_prompt_hidden(model, [c["prompt_token_ids"][rows[i]] for i in first], local, completions,
+                                        self.pad_id, self.device)
+        batch = pack([c["prompt_token_ids"][i] for i in rows], completions,
+                     np.asarray(c["temperature"], dtype=np.float32)[rows], self.pad_id).to(self.device)
+        return completion_hidden(model, batch)
 
     def tensor(self, values: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(values).to(self.device)
@@ -93,10 +186,12 @@ class _Rows:
         """A per-row value repeated for each of the rows' completion tokens ([N], row-major)."""
         return self.tensor(np.repeat(np.asarray(values)[rows], self.completion_len[rows]))
 
-    def targets_and_temperatures(self, batch: PackedBatch, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """The completion token ids of a packed batch and each one's temperature ([N] each)."""
-        return (batch.input_ids[:, 1:][batch.completion_mask.bool()],
-                torch.repeat_interleave(batch.temperatures, self.tensor(self.completion_len[rows])))
+    def targets_and_temperatures(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' completion token ids and each one's temperature ([N] each, row-major)."""
+        c = self.cols
+        ids = np.concatenate([c["completion_token_ids"][i] for i in rows]) if len(rows) else np.zeros(0)
+        return (self.tensor(ids.astype(np.int64)),
+                self.per_token(np.asarray(c["temperature"], dtype=np.float32), rows))
 
     def behavior(self, rows: np.ndarray) -> torch.Tensor:
         lp = self.cols["behavior_logprobs"]
@@ -118,17 +213,15 @@ def _token_weights(rows_all: np.ndarray, rows: np.ndarray, data: _Rows, aggregat
     return np.repeat(per_row * data.in_loss[rows], n[rows]).astype(np.float32)
 
 
-def proximal_logprobs(trainer: Trainer, data: _Rows, rows: np.ndarray, lc: LearnerConfig, pad_id: int,
-                      chunk: int) -> dict[int, np.ndarray]:
+def proximal_logprobs(trainer: Trainer, data: _Rows, rows: np.ndarray, chunk: int) -> dict[int, np.ndarray]:
     """log pi_prox of each row's completion tokens: the current parameters, before this step's
     updates (values only, micro-batched and chunked like the loss)."""
     inner = getattr(trainer.model, "module", trainer.model)
     out: dict[int, np.ndarray] = {}
     with torch.no_grad():
-        for micro in micro_batches(rows, data.length, lc.max_tokens_per_micro_batch):
-            batch = data.pack(micro, pad_id)
-            plan = HeadPlan(*data.targets_and_temperatures(batch, micro), chunk)
-            completion_head(inner.get_output_embeddings(), completion_hidden(trainer.model, batch), plan)
+        for micro in data.micro_batches(rows):
+            plan = HeadPlan(*data.targets_and_temperatures(micro), chunk)
+            completion_head(inner.get_output_embeddings(), data.hidden(trainer.model, micro), plan)
             lp = plan.values["logprobs"].cpu().numpy()
             for r, part in zip(micro, np.split(lp, np.cumsum(data.completion_len[micro])[:-1])):
                 out[int(r)] = part
@@ -142,7 +235,7 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
     The groups are shuffled into ``mini_batches`` updates by ``rng``; with several ranks each rank
     trains on every ``world_size``-th group of each update. ``overlong="mask"`` leaves completions
     cut at the length limit out of the loss (their group's advantages still count them)."""
-    data = _Rows(concat(groups), lc, rule, overlong, trainer.device)
+    data = _Rows(concat(groups), lc, rule, pad_id, overlong, trainer.device)
     model = trainer.model
     inner = getattr(model, "module", model)
     head = inner.get_output_embeddings()
@@ -155,7 +248,7 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
     proximal = None
     if lc.mini_batches > 1:  # the parameters before this step's first update
         mine_all = np.flatnonzero(np.isin(data.group_index, np.concatenate(mine_of)))
-        proximal = proximal_logprobs(trainer, data, mine_all, lc, pad_id, chunk)
+        proximal = proximal_logprobs(trainer, data, mine_all, chunk)
     sums: dict[str, float] = defaultdict(float)
     maxima: dict[str, float] = defaultdict(float)
     for groups_in_slice, mine in zip(slices, mine_of):
@@ -166,8 +259,8 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
             # momentum and the schedule would still move the weights). The same on every rank.
             sums["updates_skipped"] += 1
             continue
-        for micro in micro_batches(rows, data.length, lc.max_tokens_per_micro_batch):
-            loss = _micro_loss(trainer, ref_model, data, rows_all, micro, lc, pad_id, chunk, proximal, sums, maxima)
+        for micro in data.micro_batches(rows):
+            loss = _micro_loss(trainer, ref_model, data, rows_all, micro, lc, chunk, proximal, sums, maxima)
             trainer.backward(loss)
             sums["loss"] += float(loss.detach()) / lc.mini_batches
         sums["grad_norm"] += trainer.update() / lc.mini_batches
@@ -197,11 +290,10 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
 
 
 def _micro_loss(trainer: Trainer, ref_model: torch.nn.Module | None, data: _Rows, rows_all: np.ndarray,
-                micro: np.ndarray, lc: LearnerConfig, pad_id: int, chunk: int, proximal: dict | None,
+                micro: np.ndarray, lc: LearnerConfig, chunk: int, proximal: dict | None,
                 sums: dict[str, float], maxima: dict[str, float]) -> torch.Tensor:
     """The loss of one micro-batch (its share of the update's loss, weights from the whole update)
     with its gradient prepared by the chunked head; statistics added to ``sums`` and ``maxima``."""
-    batch = data.pack(micro, pad_id)
     weights = data.tensor(_token_weights(rows_all, micro, data, lc.loss.aggregation, trainer.world_size))
     behavior = data.behavior(micro)
     advantages = data.per_token(data.advantages, micro)
@@ -235,13 +327,13 @@ def _micro_loss(trainer: Trainer, ref_model: torch.nn.Module | None, data: _Rows
     ref_hidden = None
     if term.reference:
         with torch.no_grad():
-            ref_hidden = completion_hidden(ref_model, batch)
-    plan = HeadPlan(*data.targets_and_temperatures(batch, micro), chunk, token_loss, ref_hidden=ref_hidden,
+            ref_hidden = data.hidden(ref_model, micro)
+    plan = HeadPlan(*data.targets_and_temperatures(micro), chunk, token_loss, ref_hidden=ref_hidden,
                     ref_head=ref_model.get_output_embeddings() if ref_model is not None else None,
                     phi=data.per_token(data.phi, micro) if data.phi is not None else None,
                     exact_kl_weight=coef * weights if term.exact else None)
     head = getattr(trainer.model, "module", trainer.model).get_output_embeddings()
-    loss = completion_head(head, completion_hidden(trainer.model, batch), plan)
+    loss = completion_head(head, data.hidden(trainer.model, micro), plan)
     counted = weights > 0
     sums["_tokens"] += float(counted.sum())
     sums["_entropy"] += float(plan.values["entropy"][counted].sum())

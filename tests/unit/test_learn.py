@@ -10,7 +10,7 @@ import torch
 from learn_batch import batch_groups, tiny_model
 from pipeline.config import LearnerConfig
 from pipeline.erpo.history import ErpoRule
-from pipeline.rl.learn import micro_batches, train_step
+from pipeline.rl.learn import completion_hidden, micro_batches, shared_micro_batches, shared_prompt_hidden, train_step
 from pipeline.rl.losses import (
     PolicyLossInputs,
     decoupled_ppo_loss,
@@ -58,6 +58,65 @@ def test_micro_batches_fill_the_budget_and_never_split_a_row():
     parts = micro_batches(np.arange(6), lengths, max_tokens=18)
     assert [p.tolist() for p in parts] == [[4], [1, 3], [0, 5, 2]]  # longest first; 2 x 9, 3 x 5 <= 18
     assert sorted(np.concatenate(parts).tolist()) == list(range(6))
+
+
+def test_shared_micro_batches_keep_a_prompt_together_within_the_budget():
+    # rows 0-2 share prompt 0 (3 tokens), rows 3-4 prompt 1 (6 tokens), row 5 prompt 2 (2 tokens)
+    prompt_of = np.array([0, 0, 0, 1, 1, 2])
+    prompt_len = np.array([3, 3, 3, 6, 6, 2])
+    completion_len = np.array([4, 1, 2, 5, 3, 10])
+    parts = shared_micro_batches(np.arange(6), prompt_of, prompt_len, completion_len, max_tokens=20)
+    # Prompt 2 has the longest row (12), then prompt 1 (11), then prompt 0 (7). [5] costs 2 + 10;
+    # adding row 3 would cost 2 x 6 + 2 x 10 > 20. [3, 4] costs 6 + 2 x 5 = 16; adding row 0:
+    # 2 x 6 + 3 x 5 > 20. [0, 2, 1]: 3 + 3 x 4 = 15.
+    assert [p.tolist() for p in parts] == [[5], [3, 4], [0, 2, 1]]
+    # A prompt whose rows do not fit together is split; a row too long for the budget is alone.
+    parts = shared_micro_batches(np.arange(3), prompt_of, prompt_len, completion_len, max_tokens=8)
+    assert [p.tolist() for p in parts] == [[0], [2, 1]]  # 3 + 4 = 7; 3 + 2 x 4 > 8; 3 + 2 x 2 = 7
+    assert [p.tolist() for p in shared_micro_batches(np.arange(3), prompt_of, prompt_len, completion_len, 2)] == \
+        [[0], [2], [1]]
+    assert shared_micro_batches(np.arange(0), prompt_of, prompt_len, completion_len, 8) == []
+
+
+def test_shared_prompt_hidden_states_equal_the_whole_sequences():
+    """Prompts of different lengths, each computed once for its rows, give the hidden states the
+    whole right-padded sequences give, and the same gradient through them."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 29, n) for n in (2, 5, 4)]
+    prompt_of = np.array([0, 0, 1, 1, 1, 2, 0])
+    completions = [rng.integers(3, 29, n) for n in (3, 1, 6, 0, 2, 4, 5)]
+    weights = torch.randn(sum(len(c) for c in completions), 16)
+    grads = []
+    for shared in (True, False):
+        model = tiny_model()
+        if shared:
+            hidden = shared_prompt_hidden(model, prompts, prompt_of, completions, 0, torch.device("cpu"))
+        else:
+            batch = pack([prompts[p] for p in prompt_of], completions, np.ones(len(completions)), 0)
+            hidden = completion_hidden(model, batch)
+        (hidden * weights).sum().backward()
+        grads.append((hidden.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kl", ["none", "k3", "rapo"])
+@pytest.mark.parametrize("mini_batches", [1, 2])
+def test_shared_prompts_give_the_unshared_update(kl, mini_batches):
+    """Groups whose rows share their prompt: the step with each prompt computed once (micro-
+    batches that keep or split a prompt's rows) has the gradient of the step without sharing."""
+    groups = batch_groups(seed=6, size=4, one_prompt=True)
+    base = dict(optimizer=FAST, backend="torch", kl=_kl(kl), mini_batches=mini_batches, groups_per_step=4)
+    plain, m0 = _gradients(LearnerConfig(**base, share_prompts=False), groups)
+    for budget in (10**6, 14):
+        shared, m1 = _gradients(LearnerConfig(**base, share_prompts=True, max_tokens_per_micro_batch=budget), groups)
+        for g1, g2 in zip(plain, shared):
+            for a, b in zip(g1, g2):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+        for k in ("loss", "pg_loss", "entropy") + (("kl",) if kl != "none" else ()):
+            assert m0[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
