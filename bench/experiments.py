@@ -1,7 +1,9 @@
 """Experiment grid: arms x seeds of `rlstream demo`, resumable, written up in docs/results.md.
 
 Each arm is a set of `--set` overrides on one run config (the shipped demo by default); every arm
-sets ERPO, the KL term and dynamic sampling explicitly, so arms differ only where they say. The
+sets ERPO, the KL term, dynamic sampling and the lag explicitly, so arms differ only where they say.
+The comparison arms (grpo ... erpo_rapo) keep the 2 versions of lag the demo had when they were
+run; `demo` is the shipped demo (ERPO, 4 versions of lag, unpinned), the throughput claim against `trl`. The
 `trl` arm is the outside reference: TRL's GRPOTrainer on the same task (`bench/trl_grpo.py`, needs
 `pip install -e .[bench]`). `lockstep` (the rollout waits for each step's weights), `async2` and
 `async4` (2 and 4 versions of lag) are GRPO with the learner pinned to one core and the other services
@@ -60,21 +62,24 @@ ERPO_OFF = ["erpo.enabled=false"]
 ERPO_ON = ["erpo.enabled=true"]
 NO_KL = ['learner.kl.kind="none"']
 NO_DYNAMIC = ['learner.dynamic_sampling="off"']
+LAG2 = ["learner.staleness.max_versions=2"]
+"""Two versions of lag: the demo's setting until 2026-12-03, which the comparison arms keep."""
 PINNED = ['demo.cpus={learner = "0", rollout = "1", reward = "1", recorder = "1"}']
 """The learner on one core, the rest on the other: what asynchrony overlaps shows in the timings."""
 
 ARMS: dict[str, list[str]] = {
-    "grpo": ERPO_OFF + NO_KL + NO_DYNAMIC,
-    "dapo": ERPO_OFF + NO_KL + ['learner.dynamic_sampling="zero_variance"'],
-    "erpo": ERPO_ON + NO_KL + NO_DYNAMIC,
-    "grpo_k3": ERPO_OFF + ['learner.kl.kind="k3"', "learner.kl.coef=0.01"] + NO_DYNAMIC,
-    "rapo": ERPO_OFF + ['learner.kl.kind="rapo"', "learner.kl.coef=0.01"] + NO_DYNAMIC,
-    "erpo_rapo": ERPO_ON + ['learner.kl.kind="rapo"', "learner.kl.coef=0.01"] + NO_DYNAMIC,
-    "trl": ERPO_OFF + NO_KL + NO_DYNAMIC,
+    "grpo": ERPO_OFF + NO_KL + NO_DYNAMIC + LAG2,
+    "dapo": ERPO_OFF + NO_KL + ['learner.dynamic_sampling="zero_variance"'] + LAG2,
+    "erpo": ERPO_ON + NO_KL + NO_DYNAMIC + LAG2,
+    "grpo_k3": ERPO_OFF + ['learner.kl.kind="k3"', "learner.kl.coef=0.01"] + NO_DYNAMIC + LAG2,
+    "rapo": ERPO_OFF + ['learner.kl.kind="rapo"', "learner.kl.coef=0.01"] + NO_DYNAMIC + LAG2,
+    "erpo_rapo": ERPO_ON + ['learner.kl.kind="rapo"', "learner.kl.coef=0.01"] + NO_DYNAMIC + LAG2,
+    "trl": ERPO_OFF + NO_KL + NO_DYNAMIC + LAG2,  # TRL is synchronous: the lag is ours, unused
     "lockstep": ERPO_OFF + NO_KL + NO_DYNAMIC + PINNED + ["learner.staleness.max_versions=0",
                                                           "learner.staleness.lockstep=true"],
     "async2": ERPO_OFF + NO_KL + NO_DYNAMIC + PINNED + ["learner.staleness.max_versions=2"],
     "async4": ERPO_OFF + NO_KL + NO_DYNAMIC + PINNED + ["learner.staleness.max_versions=4"],
+    "demo": ERPO_ON + NO_KL + NO_DYNAMIC + ["learner.staleness.max_versions=4"],
 }
 """Arm name -> `--set` overrides (TOML values)."""
 
@@ -85,7 +90,8 @@ GRID_SETS = ["eval.budget_samples=64", "eval.budget_problems=200"]
 """Overrides every arm shares: the sampling-budget measures (pass@k up to 64)."""
 
 PAIRS = [("erpo", "grpo"), ("dapo", "grpo"), ("grpo_k3", "grpo"), ("rapo", "grpo_k3"), ("rapo", "grpo"),
-         ("erpo_rapo", "erpo"), ("grpo", "trl"), ("async2", "lockstep"), ("async4", "lockstep")]
+         ("erpo_rapo", "erpo"), ("grpo", "trl"), ("async2", "lockstep"), ("async4", "lockstep"),
+         ("demo", "trl"), ("demo", "erpo")]
 """(arm, baseline) pairs of the paired per-seed comparison."""
 
 COLUMNS = ("acc_before", "acc_after", "greedy_before", "greedy_after", "pass@1", "pass@8", "pass@64",

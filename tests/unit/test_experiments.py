@@ -132,7 +132,8 @@ def test_aggregate_and_render_mean_and_sample_sd(tmp_path):
 def test_every_arm_is_a_valid_run_config_that_sets_erpo_kl_and_dynamic_sampling():
     for arm, sets in ex.ARMS.items():
         keys = {s.split("=", 1)[0] for s in sets}
-        assert {"erpo.enabled", "learner.kl.kind", "learner.dynamic_sampling"} <= keys, arm
+        assert {"erpo.enabled", "learner.kl.kind", "learner.dynamic_sampling",
+                "learner.staleness.max_versions"} <= keys, arm
         cfg = load_config(shipped_config(), ex.GRID_SETS + sets + ex.seed_sets(2))
         assert cfg.seed == 2 and cfg.rollout.seed == 2 and cfg.eval.budget_samples == 64, arm
     exports = load_config(shipped_config(), ex.curve_sets(None, [], 4)).learner
