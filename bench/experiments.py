@@ -3,7 +3,8 @@
 Each arm is a set of `--set` overrides on one run config (the shipped demo by default); every arm
 sets ERPO, the KL term, dynamic sampling and the lag explicitly, so arms differ only where they say.
 The comparison arms (grpo ... erpo_rapo) keep the 2 versions of lag the demo had when they were
-run; `demo` is the shipped demo (ERPO, 4 versions of lag, unpinned), the throughput claim against `trl`. The
+run; `demo` is the shipped demo (ERPO, 4 versions of lag, unpinned), the throughput claim against `trl`;
+`demo_torch` the same with the torch rollout engine (transformers-style sampling, as TRL's `generate`). The
 `trl` arm is the outside reference: TRL's GRPOTrainer on the same task (`bench/trl_grpo.py`, needs
 `pip install -e .[bench]`). `lockstep` (the rollout waits for each step's weights), `async2` and
 `async4` (2 and 4 versions of lag) are GRPO with the learner pinned to one core and the other services
@@ -80,6 +81,7 @@ ARMS: dict[str, list[str]] = {
     "async2": ERPO_OFF + NO_KL + NO_DYNAMIC + PINNED + ["learner.staleness.max_versions=2"],
     "async4": ERPO_OFF + NO_KL + NO_DYNAMIC + PINNED + ["learner.staleness.max_versions=4"],
     "demo": ERPO_ON + NO_KL + NO_DYNAMIC + ["learner.staleness.max_versions=4"],
+    "demo_torch": ERPO_ON + NO_KL + NO_DYNAMIC + ["learner.staleness.max_versions=4", 'rollout.engine="torch"'],
 }
 """Arm name -> `--set` overrides (TOML values)."""
 
@@ -91,13 +93,13 @@ GRID_SETS = ["eval.budget_samples=64", "eval.budget_problems=200"]
 
 PAIRS = [("erpo", "grpo"), ("dapo", "grpo"), ("grpo_k3", "grpo"), ("rapo", "grpo_k3"), ("rapo", "grpo"),
          ("erpo_rapo", "erpo"), ("grpo", "trl"), ("async2", "lockstep"), ("async4", "lockstep"),
-         ("demo", "trl"), ("demo", "erpo")]
+         ("demo", "trl"), ("demo", "erpo"), ("demo_torch", "trl"), ("demo_torch", "demo")]
 """(arm, baseline) pairs of the paired per-seed comparison."""
 
 COLUMNS = ("acc_before", "acc_after", "greedy_before", "greedy_after", "pass@1", "pass@8", "pass@64",
-           "solved_beyond_base", "distinct", "entropy", "signal", "ra", "ra_signal", "rl_s", "tokens", "traj_s")
+           "solved_beyond_base", "distinct", "entropy", "signal", "ra", "ra_signal", "rl_s", "tokens", "traj_s", "train_traj_s")
 PAIRED = ("acc_after", "greedy_after", "pass@64", "solved_beyond_base", "distinct")
-WHOLE = ("rl_s", "tokens", "solved_beyond_base", "traj_s")  # columns shown without decimals
+WHOLE = ("rl_s", "tokens", "solved_beyond_base", "traj_s", "train_traj_s")  # columns shown without decimals
 MARK_BEGIN = "<!-- BEGIN experiment grid: written by bench/experiments.py, edits are overwritten -->"
 MARK_END = "<!-- END experiment grid -->"
 
@@ -189,6 +191,21 @@ def lake_signal(run_dir: Path, tau0: float) -> dict[str, float]:
     return {"ra": float(hot.mean()), "ra_signal": float((hot & differs).mean())}
 
 
+def steady_traj_s(steps: list[dict], workers: list[list[dict]], size: float) -> float:
+    """Trajectories sampled per second between the learner's first and last progress rows (after
+    the services' start-up): the rollout workers' running group totals at those two times."""
+    timed = [s["time"] for s in steps if "time" in s]
+    if len(timed) < 2 or timed[-1] <= timed[0]:
+        return math.nan
+    t0, t1 = timed[0], timed[-1]
+
+    def total_at(rows: list[dict], t: float) -> float:
+        return max((float(r["groups"]) for r in rows if r["time"] <= t), default=0.0)
+
+    groups = sum(total_at(rows, t1) - total_at(rows, t0) for rows in workers)
+    return groups * size / (t1 - t0)
+
+
 def collect(run_dir: Path) -> dict[str, float]:
     """One finished run's numbers (see the module docstring); absent measures are NaN."""
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -206,10 +223,12 @@ def collect(run_dir: Path) -> dict[str, float]:
     if workers:
         size = json.loads((run_dir / "config.json").read_text())["rollout"]["group_size"] \
             if (run_dir / "config.json").exists() else math.nan
-        groups = sum(float(rows[-1]["groups"]) for rows in map(_jsonl, workers) if rows)
+        worker_rows = [rows for rows in map(_jsonl, workers) if rows]
+        groups = sum(float(rows[-1]["groups"]) for rows in worker_rows)
         row["traj_s"] = groups * size / row["rl_s"]
+        row["train_traj_s"] = steady_traj_s(steps, worker_rows, size)
     else:
-        row["traj_s"] = float(summary.get("traj_per_s", math.nan))
+        row["traj_s"] = row["train_traj_s"] = float(summary.get("traj_per_s", math.nan))
     fractions = [1.0 - s["all_correct_frac"] - s["all_wrong_frac"] for s in steps
                  if "all_correct_frac" in s and "all_wrong_frac" in s]
     row["signal"] = statistics.fmean(fractions) if fractions else math.nan
@@ -344,7 +363,9 @@ def render(runs: dict[str, dict[int, dict[str, float]]], command: str,
              "(final answers per problem) and `entropy` (nats per token) from 64 samples on 200 of them; "
              "`signal` the share of trained groups whose rewards differ; `ra` the share of groups ERPO "
              "sampled hotter, `ra_signal` the share that were reactivated and differed; `tokens` the "
-             "completion tokens sampled during RL, `traj_s` trajectories sampled per second of RL.", ""]
+             "completion tokens sampled during RL, `traj_s` trajectories sampled per second of RL (`rl_s`: from "
+             "the services' start, their start-up included), `train_traj_s` per second from the learner's first "
+             "step to its last (TRL: its `train()`, which has no services to start).", ""]
     lines += _table(["arm", "seeds"] + list(COLUMNS),
                     [[arm, str(len(by_seed))] + [_cell(aggregate(list(by_seed.values())).get(c), c) for c in COLUMNS]
                      for arm, by_seed in runs.items()])
@@ -501,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder of the finished runs' records (module docstring)")
     parser.add_argument("--report-only", action="store_true",
                         help="only rewrite the report from the records (and finished runs that have none)")
+    parser.add_argument("--refresh-rows", action="store_true",
+                        help="recompute each record's row of numbers from its run folder where that is still on "
+                             "disk (after a measure was added to the report); curves and pass@k are kept")
     args = parser.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in ARMS]
@@ -546,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             keep_record(args.records, run_dir, arm, seed, args.curve_points)
         record = load_record(path)
+        if args.refresh_rows and (Path(record["run_dir"]) / "summary.json").exists():
+            record["row"] = collect(Path(record["run_dir"]))
+            save_record(path, record)
         runs.setdefault(arm, {})[seed] = record["row"]
         if record["curve"]:
             curves.setdefault(arm, {})[seed] = record["curve"]

@@ -25,9 +25,9 @@ def _run(root: Path, arm: str, seed: int, stamp: str, acc: tuple[float, float], 
     run = root / arm / f"seed{seed}" / stamp
     (run / "progress").mkdir(parents=True)
     (run / "progress" / "learner.jsonl").write_text(
-        json.dumps({"step": 1, "all_correct_frac": 0.25, "all_wrong_frac": 0.25}) + "\n"
+        json.dumps({"step": 1, "all_correct_frac": 0.25, "all_wrong_frac": 0.25, "time": 10.0}) + "\n"
         + json.dumps({"step": 2, "all_correct_frac": 0.0, "all_wrong_frac": 0.5}) + "\n"
-        + json.dumps({"step": 3}) + "\n")
+        + json.dumps({"step": 3, "time": 20.0}) + "\n")
     (run / "progress" / "rollout-0.jsonl").write_text(json.dumps({"tokens": 100, "time": 10.0, "groups": 4}) + "\n"
                                                        + json.dumps({"tokens": 250, "time": 20.0, "groups": 10}) + "\n")
     (run / "progress" / "rollout-1.jsonl").write_text(json.dumps({"tokens": 50, "time": 15.0, "groups": 2}) + "\n")
@@ -57,6 +57,9 @@ def test_collect_reads_accuracy_signal_and_sampled_tokens(tmp_path):
     assert row["signal"] == pytest.approx(0.5)  # steps 1 and 2: 1 - 0.5 each; step 3 has no fractions
     assert row["tokens"] == 300.0  # the last running total of each rollout worker: 250 + 50
     assert row["traj_s"] == pytest.approx(12 * 8 / 120.0)  # (10 + 2) groups of 8 in 120 s of RL
+    # From the learner's first step (t = 10) to its last (t = 20): worker 0 went from 4 to 10 groups,
+    # worker 1 from 0 to 2.
+    assert row["train_traj_s"] == pytest.approx((6 + 2) * 8 / 10.0)
     assert (row["pass@1"], row["pass@8"], row["pass@64"], row["solved_beyond_base"]) == (0.4, 0.8, 0.95, 3.0)
     assert (row["distinct"], row["entropy"]) == (2.5, 0.7)
     plain = ex.collect(_run(tmp_path, "grpo", 0, "t", (0.3, 0.4)))
@@ -171,3 +174,23 @@ def test_the_report_is_rebuilt_from_records_when_the_run_folders_are_gone(tmp_pa
     assert results.read_text() == first
     record = ex.load_record(records / "erpo-seed0.json")
     assert math.isnan(record["row"]["pass@64"]) and record["row"]["acc_after"] == 0.5
+
+
+def test_refresh_rows_recomputes_a_record_from_its_run_folder(tmp_path):
+    """A record made before a measure existed gets it from its run folder (still on disk); without
+    the flag, or without the folder, the record stays as it was."""
+    runs, records = tmp_path / "runs", tmp_path / "records"
+    _run(runs, "grpo", 0, "t", (0.3, 0.4))
+    args = ["--arms", "grpo", "--seeds", "0", "--out", str(runs), "--records", str(records),
+            "--curve-points", "0", "--results", "-", "--figures", str(tmp_path / "fig"), "--report-only"]
+    assert ex.main(args) == 0
+    path = records / "grpo-seed0.json"
+    old = json.loads(path.read_text())
+    del old["row"]["train_traj_s"]  # as recorded before the measure was added
+    old["row"]["acc_after"] = 0.1  # and a value that the run folder disagrees with
+    path.write_text(json.dumps(old))
+    assert ex.main(args) == 0
+    assert json.loads(path.read_text())["row"]["acc_after"] == 0.1  # records are not rewritten by default
+    assert ex.main(args + ["--refresh-rows"]) == 0
+    row = json.loads(path.read_text())["row"]
+    assert row["acc_after"] == 0.4 and row["train_traj_s"] == pytest.approx(6.4)
