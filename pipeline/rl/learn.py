@@ -11,7 +11,10 @@ Memory: each update's groups are cut into micro-batches of at most
 ``learner.max_tokens_per_micro_batch`` padded tokens, whose gradients add up before the update
 (`Trainer.backward` / `Trainer.update`); within a micro-batch the output layer works through the
 completion tokens a chunk at a time and computes each chunk's gradient inside the chunk
-(`pipeline.rl.head`), so no ``[tokens, vocabulary]`` tensor exists for more than a chunk. Every
+(`pipeline.rl.head`), so no ``[tokens, vocabulary]`` tensor exists for more than a chunk. With
+``learner.share_prompts`` each distinct prompt of a micro-batch runs through the decoder once and
+its samples' completions run on its cached keys and values (`shared_prompt_hidden`; the micro-
+batches keep a prompt's rows together, `shared_micro_batches`). Every
 token's weight in the loss is fixed by the whole update (all micro-batches, all ranks): token-mean
 divides by the update's completion tokens, sequence-mean by its sequences, so the accumulated
 gradient equals that of the update as one batch, and with several ranks (whose gradients the
@@ -94,6 +97,17 @@ def completion_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tenso
     return hidden[:, :-1][batch.completion_mask.bool()]
 
 
+def _sliding_window(config) -> bool:
+    """Whether a model attends through a sliding window in some layer: its cache then keeps only the
+    window's last keys, so a long prompt's cache does not line up with the mask of the whole
+    prompt, and the learner does not share prompts (`_Rows.share`)."""
+    if config is None:
+        return False
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        return True
+    return bool(getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None))
+
+
 def _right_padded(seqs: list[np.ndarray], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids ``[B, W]`` right-padded with ``pad_id``, and their attention mask."""
     width = max(1, max(len(s) for s in seqs))
@@ -135,13 +149,13 @@ class _Rows:
     """The batch's rows as the learning step needs them (numpy, per row or per token)."""
 
     def __init__(self, cols: Columns, lc: LearnerConfig, rule: ErpoRule, pad_id: int, overlong: str = "keep",
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", model_config=None) -> None:
         self.cols = cols
         self.pad_id = pad_id
         self.device = torch.device(device)
         """The trainer's device: every tensor of the step is made there."""
         self.max_tokens = lc.max_tokens_per_micro_batch
-        self.share = lc.share_prompts and not lc.gradient_checkpointing
+        self.share = lc.share_prompts and not lc.gradient_checkpointing and not _sliding_window(model_config)
         """Each distinct prompt computed once for its rows (`shared_prompt_hidden`)."""
         self.cut = np.asarray(cols["finish_reason"]).astype(str) == "length"
         """Rows cut at the length limit."""
@@ -172,7 +186,7 @@ class _Rows:
         c = self.cols
         completions = [c["completion_token_ids"][i] for i in rows]
         if self.share:
-            distinct, first, local = np.unique(self.prompt_of[rows], return_index=True, return_inverse=True)
+            _, first, local = np.unique(self.prompt_of[rows], return_index=True, return_inverse=True)
             return shared_prompt_hidden(model, [c["prompt_token_ids"][rows[i]] for i in first], local, completions,
                                         self.pad_id, self.device)
         batch = pack([c["prompt_token_ids"][i] for i in rows], completions,
@@ -235,9 +249,9 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
     The groups are shuffled into ``mini_batches`` updates by ``rng``; with several ranks each rank
     trains on every ``world_size``-th group of each update. ``overlong="mask"`` leaves completions
     cut at the length limit out of the loss (their group's advantages still count them)."""
-    data = _Rows(concat(groups), lc, rule, pad_id, overlong, trainer.device)
     model = trainer.model
     inner = getattr(model, "module", model)
+    data = _Rows(concat(groups), lc, rule, pad_id, overlong, trainer.device, getattr(inner, "config", None))
     head = inner.get_output_embeddings()
     exact = KL_TERMS[lc.kl.kind].exact
     chunk = chunk_tokens(int(head.weight.shape[0]) if head.weight.numel() else int(inner.config.vocab_size),

@@ -217,3 +217,15 @@ def test_an_update_whose_completions_were_all_cut_and_masked_is_skipped():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     kept = train_step(TorchTrainer(tiny_model(), lc), None, groups, lc, ErpoRule(), 0, np.random.default_rng(0), "keep")
     assert kept["updates_skipped"] == 0 and kept["tokens"] > 0
+
+
+def test_prompts_are_not_shared_through_a_sliding_window():
+    """A sliding-window layer's cache keeps only the window's last keys: such models train on whole
+    sequences."""
+    from transformers import Qwen2Config
+
+    from pipeline.rl.learn import _sliding_window
+
+    assert not _sliding_window(tiny_model().config) and not _sliding_window(None)
+    assert _sliding_window(Qwen2Config(use_sliding_window=True, sliding_window=16, max_window_layers=0,
+                                       num_hidden_layers=2))
