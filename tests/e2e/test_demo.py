@@ -175,7 +175,11 @@ def test_demo_learns_through_10k_hostile_records_records_its_lake_and_replays(tm
     subprocess.run([sys.executable, "-m", "services.cli", "learner"] + sets, cwd=REPO, check=True, env=env,
                    timeout=600, capture_output=True)
     replayed = _last(tmp_path / "replayed" / "progress" / "learner.jsonl")
-    assert replayed["step"] == 10 and replayed["duplicates"] == 0
+    # A ticket issued again when its lease ran out can have two scored groups in the lake: the
+    # replayed learner trains the first it reads and ignores the other as a duplicate.
+    extra_copies = groups - scored["ticket_id"].n_unique()
+    assert replayed["step"] == 10 and replayed["duplicates"] <= extra_copies, (replayed, extra_copies)
     saved = json.loads((tmp_path / "replayed" / "checkpoints" / "step-00000010" / "learner.json").read_text())
     trained = pl.Series(saved["seen"])  # tickets decided: the replayed run's, trained offline
     assert trained.len() >= 10 * 16 and trained.is_in(scored["ticket_id"].unique().implode()).all()
+    assert not trained.is_duplicated().any()  # no ticket decided twice
