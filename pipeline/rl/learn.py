@@ -100,7 +100,7 @@ def completion_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tenso
 def _sliding_window(config) -> bool:
     """Whether a model attends through a sliding window in some layer: its cache then keeps only the
     window's last keys, so a long prompt's cache does not line up with the mask of the whole
-    prompt, and the learner does not share prompts (`_Rows.share`)."""
+    prompt, and the learner does not share prompts (`train_step`)."""
     if config is None:
         return False
     if "sliding_attention" in (getattr(config, "layer_types", None) or []):
@@ -149,13 +149,13 @@ class _Rows:
     """The batch's rows as the learning step needs them (numpy, per row or per token)."""
 
     def __init__(self, cols: Columns, lc: LearnerConfig, rule: ErpoRule, pad_id: int, overlong: str = "keep",
-                 device: torch.device | str = "cpu", model_config=None) -> None:
+                 device: torch.device | str = "cpu", share: bool = False) -> None:
         self.cols = cols
         self.pad_id = pad_id
         self.device = torch.device(device)
         """The trainer's device: every tensor of the step is made there."""
         self.max_tokens = lc.max_tokens_per_micro_batch
-        self.share = lc.share_prompts and not lc.gradient_checkpointing and not _sliding_window(model_config)
+        self.share = share
         """Each distinct prompt computed once for its rows (`shared_prompt_hidden`)."""
         self.cut = np.asarray(cols["finish_reason"]).astype(str) == "length"
         """Rows cut at the length limit."""
@@ -251,7 +251,8 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
     cut at the length limit out of the loss (their group's advantages still count them)."""
     model = trainer.model
     inner = getattr(model, "module", model)
-    data = _Rows(concat(groups), lc, rule, pad_id, overlong, trainer.device, getattr(inner, "config", None))
+    share = lc.share_prompts and not lc.gradient_checkpointing and not _sliding_window(getattr(inner, "config", None))
+    data = _Rows(concat(groups), lc, rule, pad_id, overlong, trainer.device, share)
     head = inner.get_output_embeddings()
     exact = KL_TERMS[lc.kl.kind].exact
     chunk = chunk_tokens(int(head.weight.shape[0]) if head.weight.numel() else int(inner.config.vocab_size),
