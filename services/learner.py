@@ -50,8 +50,8 @@ from pipeline.rl.trainer import BatchChannel, Trainer, make_trainer
 from pipeline.transport.kafka import Consumer, Delivery, Producer, topic_name
 from schemas import PROMPT_TICKET, Columns
 from services.common import JsonlWriter, StopFlag, erpo_rule, load_learner_models, set_threads, worker_id
-from services.learner_metrics import (CHECKPOINT_SECONDS, GROUPS, IN_FLIGHT, LAG, LEASE, REISSUED, TICKETS,
-                                      observe_step, progress_row)
+from services.learner_metrics import (CHECKPOINT_SECONDS, GENERATION_SPEED, GROUPS, IN_FLIGHT, LAG, LEASE, REISSUED,
+                                      TICKETS, observe_step, progress_row)
 from services.learner_publish import Publisher
 from services.metrics import serve
 
@@ -109,8 +109,11 @@ class Lead:
         self.learn, self.channel = learn, channel
         self.stop = StopFlag()
         self.capacity = max(1, self.lc.staleness.max_versions) * self.lc.groups_per_step
-        self.book = TicketBook(TicketSource(train_problems(cfg), cfg.seed), self.lc.tickets.lease_floor_s,
-                               self.lc.tickets.lease_p99_factor, self.lc.tickets.max_attempts, adopt_window=4 * self.capacity)
+        tc = self.lc.tickets
+        self.book = TicketBook(TicketSource(train_problems(cfg), cfg.seed), tc.lease_floor_s, tc.lease_p99_factor,
+                               tc.max_attempts, adopt_window=4 * self.capacity,
+                               ticket_tokens=cfg.rollout.group_size * cfg.rollout.max_new_tokens,
+                               first_group_s=tc.first_group_s)
         self.limits = replace(limits, known_prompts=frozenset(p.prompt_id for p in self.book.source.problems))
         self.issue_log = IssueLog(cfg.workdir / "ledger" / "issued.json")
         # The ledger reads as the history of the surviving run: what happened after the checkpoint
@@ -213,8 +216,10 @@ class Lead:
                         f"no valid group after {t.attempt + 1} attempts (learner.tickets.max_attempts)")
         if again:
             REISSUED.inc(len(again))
-            log.warning("%d tickets had no group after their %.0f s lease; issued again (e.g. %s attempt %d)",
-                        len(again), self.book.lease_s(), again[0].ticket_id, again[0].attempt)
+            speed = self.book.speed.tokens_per_s()
+            log.warning("%d tickets had no group within their lease (generation %s); issued again (e.g. %s attempt "
+                        "%d)", len(again), f"at {speed:.0f} tokens/s" if speed else "speed not measured yet",
+                        again[0].ticket_id, again[0].attempt)
         for t in new + again:
             self.producer.send(self.prompts_topic, PROMPT_TICKET, ticket_columns(t, self.state.version),
                                key=t.problem.prompt_id.encode())
@@ -222,7 +227,8 @@ class Lead:
         if new or again:
             TICKETS.inc(len(new))
             self.issue_log.write(self.book.source.position, self.book.attempts())
-        LEASE.set(self.book.lease_s())
+        LEASE.set(self.book.lease_s(self.book.awaited() + 1))
+        GENERATION_SPEED.set(self.book.speed.tokens_per_s() or 0.0)
         IN_FLIGHT.set(len(self.book.outstanding))
 
     def train_ready(self, t_start: float) -> None:

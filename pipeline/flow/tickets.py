@@ -11,8 +11,12 @@ injected (`now` arguments), so the rules are unit-tested without a broker:
   group has not come back by its deadline is issued again, same id, ``attempt + 1``. A broker can
   acknowledge a message and lose it (Tansu on SeaweedFS, killed), a rollout can die holding a
   batch: without leases the learner would wait forever for that group. The lease is the larger of
-  a floor and a multiple of the observed p99 ticket-to-group latency, so a slow but healthy
-  pipeline is not flooded with re-issues. Stages de-duplicate their own output by (ticket, attempt)
+  a floor, a multiple of the observed p99 ticket-to-group latency, and the same multiple of the
+  time the rollouts need for the work queued ahead of the ticket and the ticket itself (its token
+  budget, group size x longest completion, over the generation speed `GenerationSpeed` measures
+  from the groups that come back), so a slow but healthy pipeline is not flooded with re-issues.
+  Until the first group of a run has come back the speed is unknown, and a lease lasts
+  ``first_group_s`` (a model that generates slowly is not re-issued from its first ticket on). Stages de-duplicate their own output by (ticket, attempt)
   and effects by ticket: the learner trains the first complete group of a ticket and records any
   later one as a duplicate.
 - `IssueLog`: the position reached and the attempts of outstanding tickets, rewritten after every
@@ -98,6 +102,9 @@ class Lease:
     attempt: int
     issued_at: float
     deadline: float
+    ahead: int = 1
+    """Tickets awaiting their group when this attempt was issued, itself included: the queue a
+    rollout works through before this one's group can come back."""
 
 
 def lease_seconds(floor_s: float, p99_factor: float, latencies: list[float] | np.ndarray,
@@ -107,6 +114,41 @@ def lease_seconds(floor_s: float, p99_factor: float, latencies: list[float] | np
     if len(latencies) < min_samples:
         return floor_s
     return max(floor_s, p99_factor * float(np.percentile(np.asarray(latencies, dtype=np.float64), 99)))
+
+
+class GenerationSpeed:
+    """Completion tokens per second the rollouts deliver, measured at the learner: tokens of the
+    groups that came back over the time tickets were awaited (time with nothing outstanding does
+    not count, so a learner that paces the run slowly does not read as a slow rollout), over the
+    last ``window`` groups; None until a group has come back."""
+
+    def __init__(self, window: int = 256) -> None:
+        self.busy_s = 0.0
+        """Seconds so far during which at least one ticket was awaited."""
+        self._last: float | None = None
+        self._busy = False
+        self._marks: deque[tuple[float, int]] = deque([(0.0, 0)], maxlen=window + 1)
+        """(busy seconds, cumulative tokens) at each arrival, after an origin."""
+
+    def tick(self, now: float, busy: bool) -> None:
+        """Account the time since the last tick (as busy if tickets were awaited then); ``busy``:
+        whether tickets are awaited from now on."""
+        if self._last is not None and self._busy:
+            self.busy_s += max(0.0, now - self._last)
+        self._last, self._busy = now, busy
+
+    def arrived(self, tokens: int) -> None:
+        """A group of ``tokens`` completion tokens came back (after a `tick` at its arrival)."""
+        self._marks.append((self.busy_s, self._marks[-1][1] + max(0, int(tokens))))
+
+    def measured(self) -> bool:
+        return len(self._marks) > 1 and self._marks[-1][0] > self._marks[0][0]
+
+    def tokens_per_s(self) -> float | None:
+        if not self.measured():
+            return None
+        (s0, n0), (s1, n1) = self._marks[0], self._marks[-1]
+        return max((n1 - n0) / (s1 - s0), 1e-9)
 
 
 class TicketBook:
@@ -122,8 +164,14 @@ class TicketBook:
 
     def __init__(self, source: TicketSource, lease_floor_s: float, lease_p99_factor: float,
                  max_attempts: int = 10, adopt_window: int = 1024, decided_window: int = 20_000,
-                 latency_window: int = 1000) -> None:
+                 latency_window: int = 1000, ticket_tokens: int = 0, first_group_s: float = 600.0) -> None:
         self.source = source
+        self.ticket_tokens = ticket_tokens
+        """A ticket's token budget (group size x longest completion): the rollout work it stands
+        for. 0: leases ignore generation speed (floor and p99 only)."""
+        self.first_group_s = first_group_s
+        """With ``ticket_tokens``: the lease while no group has come back yet (speed unknown)."""
+        self.speed = GenerationSpeed()
         self.adopt_window = adopt_window
         """How far beyond the issue position a previous life of the learner can have issued
         tickets (it logs its position after every flush, which issues at most the capacity): a
@@ -143,19 +191,40 @@ class TicketBook:
         self.reissued = 0
         """Re-issues so far (leases that expired)."""
 
-    def lease_s(self) -> float:
-        return lease_seconds(self.lease_floor_s, self.lease_p99_factor, list(self.latencies))
+    def lease_s(self, ahead: int = 1) -> float:
+        """The lease of a ticket issued now with ``ahead`` tickets awaited (itself included):
+        ``max(floor, f x p99 latency, f x ahead x ticket_tokens / tokens_per_s)``, f the p99 factor;
+        ``max(floor, first_group_s)`` while the speed is unknown."""
+        lease = lease_seconds(self.lease_floor_s, self.lease_p99_factor, list(self.latencies))
+        if not self.ticket_tokens:
+            return lease
+        speed = self.speed.tokens_per_s()
+        if speed is None:
+            return max(lease, self.first_group_s)
+        return max(lease, self.lease_p99_factor * ahead * self.ticket_tokens / speed)
+
+    def awaited(self) -> int:
+        """Tickets issued whose group has not come back (queued groups have)."""
+        return len(self.outstanding) - len(self.queued)
+
+    def _tick(self, now: float) -> None:
+        self.speed.tick(now, self.awaited() > 0)
+
+    def _lease(self, position: int, attempt: int, now: float) -> Lease:
+        ahead = self.awaited() + 1
+        return Lease(position, attempt, now, now + self.lease_s(ahead), ahead)
 
     def issue(self, limit: int, now: float) -> list[Ticket]:
         """New tickets while fewer than ``limit`` are outstanding."""
         out = []
-        lease = self.lease_s()
+        self._tick(now)
         while len(self.outstanding) < limit:
             t = self.source.next()
             if t.ticket_id in self.decided or t.ticket_id in self.outstanding:
                 continue  # adopted from a previous life of the learner: decided or awaited already
-            self.outstanding[t.ticket_id] = Lease(t.position, 0, now, now + lease)
+            self.outstanding[t.ticket_id] = self._lease(t.position, 0, now)
             out.append(t)
+        self._tick(now)
         return out
 
     def expired(self, now: float) -> tuple[list[Ticket], list[Ticket]]:
@@ -163,21 +232,29 @@ class TicketBook:
         that had `max_attempts` already, to be given up: a ticket whose groups never come or
         never pass the checks must not hold the run forever)."""
         again, abandoned = [], []
-        lease = self.lease_s()
+        self._tick(now)
         for tid, l in self.outstanding.items():
-            if l.deadline <= now and tid not in self.queued:
-                if l.attempt + 1 >= self.max_attempts:
-                    abandoned.append(self.source.at(l.position, l.attempt))
-                    continue
-                l.attempt, l.issued_at, l.deadline = l.attempt + 1, now, now + lease
-                again.append(self.source.at(l.position, l.attempt))
+            # A deadline follows the generation speed measured since the lease began: the same
+            # queue ahead at the speed known now.
+            if tid in self.queued or l.issued_at + self.lease_s(l.ahead) > now:
+                continue
+            if l.attempt + 1 >= self.max_attempts:
+                abandoned.append(self.source.at(l.position, l.attempt))
+                continue
+            renewed = self._lease(l.position, l.attempt + 1, now)
+            l.attempt, l.issued_at, l.deadline, l.ahead = renewed.attempt, now, renewed.deadline, renewed.ahead
+            again.append(self.source.at(l.position, l.attempt))
         self.reissued += len(again)
         return again, abandoned
 
-    def arrival(self, ticket_id: str, prompt_id: str, attempt: int, now: float) -> str:
+    def arrival(self, ticket_id: str, prompt_id: str, attempt: int, now: float, tokens: int = 0) -> str:
         """``unknown``, ``duplicate`` or ``new`` for a group of ``ticket_id`` (see the class doc).
-        A new group of the current attempt records its ticket-to-group latency."""
+        A new group of the current attempt records its ticket-to-group latency; every group of a
+        ticket of this run counts its ``tokens`` (completion tokens) in the generation speed."""
         k = self.source.position_of(ticket_id, prompt_id, below=self.source.position + self.adopt_window)
+        if k is not None:
+            self._tick(now)
+            self.speed.arrived(tokens)
         if k is None:
             return "unknown"
         lease = self.outstanding.get(ticket_id)
@@ -209,7 +286,8 @@ class TicketBook:
         for tid in decided:
             self.decided.add(tid)
         outstanding = dict(outstanding)
-        lease = self.lease_s()
+        ahead = len(outstanding) + max(0, logged_position - position)
+        lease = self.lease_s(ahead)
         positions = {self.source.at(k).ticket_id: k for k in range(position, max(position, logged_position))}
         for tid, k in positions.items():
             outstanding.setdefault(tid, 0)
@@ -221,7 +299,7 @@ class TicketBook:
                     continue
                 k = parsed[0] * len(self.source.problems) + parsed[1]
             a = max(attempt, logged_attempts.get(tid, 0))
-            self.outstanding[tid] = Lease(k, a, now, now + lease)
+            self.outstanding[tid] = Lease(k, a, now, now + lease, ahead)
         self.source.position = max(position, logged_position)
         return self.source.position - position
 

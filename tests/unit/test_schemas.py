@@ -464,3 +464,68 @@ def test_random_ragged_shapes_round_trip(rows: list[tuple[list[int], list[float]
     for i, (ids, lps) in enumerate(rows):
         assert got["completion_token_ids"][i].tolist() == ids
         assert got["behavior_logprobs"][i].tolist() == lps
+
+
+def _length_fields(payload: bytes) -> tuple[list[int], list[int]]:
+    """Where, in an encoded message, the sender writes lengths: each body buffer's offset and
+    length in the record batch's metadata, and (compressed buffers) the uncompressed length that
+    starts each buffer in the body. Returns (positions of int64 fields in the metadata vector,
+    positions of the 8-byte uncompressed lengths), as offsets into ``payload``."""
+    from schemas.codec import _fb_ref, _fb_table
+
+    for message in pa.ipc.MessageReader.open_stream(payload):
+        if message.type != "record batch":
+            continue
+        meta, body = bytes(message.metadata), bytes(message.body)
+        meta_at, body_at = payload.find(meta), payload.rfind(body)
+        view = memoryview(meta)
+        batch = _fb_table(view, _fb_ref(view, _fb_table(view, int.from_bytes(meta[:4], "little")), 2))
+        buffers = _fb_ref(view, batch, 2)
+        count = int.from_bytes(meta[buffers: buffers + 4], "little")
+        spans = np.frombuffer(meta, dtype="<i8", count=2 * count, offset=buffers + 4).reshape(-1, 2)
+        fields = [meta_at + buffers + 4 + 8 * i for i in range(2 * count)]
+        prefixes = [body_at + int(off) for off, length in spans if length >= 8]
+        return fields, prefixes
+    raise AssertionError("no record batch")
+
+
+def test_negative_lengths_cannot_talk_the_decompression_bound_down() -> None:
+    # The attack: the first compressed buffer declares 768 MiB, the last -768 MiB, so the sum is
+    # small and the bound passes, and Arrow allocates the 768 MiB before it rejects the negative.
+    payload = encode(TRAJECTORY, COLUMNS["Trajectory"], "zstd")
+    _, prefixes = _length_fields(payload)
+    forged = bytearray(payload)
+    forged[prefixes[0]: prefixes[0] + 8] = struct.pack("<q", 768 << 20)
+    forged[prefixes[-1]: prefixes[-1] + 8] = struct.pack("<q", -(768 << 20))
+    with pytest.raises(ValueError, match="negative length"):
+        declared_bytes(bytes(forged))
+    assert _reason(TRAJECTORY, bytes(forged), headers_for(TRAJECTORY), max_decoded_bytes=64 << 20) == "undecodable"
+
+
+_HOSTILE_LENGTHS = [-(1 << 63), -(1 << 40), -(768 << 20), -9, -2, -1, 0, 1, 7, 8, 4096, 768 << 20, 1 << 40,
+                    (1 << 63) - 1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_framing_fuzz_never_allocates_past_the_bound(data: st.DataObject) -> None:
+    # Every length field a sender writes (buffer offsets and lengths in the metadata, uncompressed
+    # lengths in the body), set to hostile values, one to three at once: decode either refuses the
+    # message or decodes it, and Arrow never allocates more than the bound on the way.
+    bound = 16 << 20
+    compression = data.draw(st.sampled_from(COMPRESSIONS))
+    payload = bytearray(encode(TRAJECTORY, COLUMNS["Trajectory"], compression))
+    fields, prefixes = _length_fields(bytes(payload))
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.sampled_from(fields + prefixes))
+        payload[at: at + 8] = struct.pack("<q", data.draw(st.sampled_from(_HOSTILE_LENGTHS)))
+    pool = pa.proxy_memory_pool(pa.system_memory_pool())
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        decode(TRAJECTORY, bytes(payload), headers_for(TRAJECTORY), max_decoded_bytes=bound)
+    except DecodeError as e:
+        assert e.reason in {"undecodable", "too_large", "schema_mismatch", "invalid_arrow", "unexpected_null", "empty"}
+    finally:
+        pa.set_memory_pool(previous)
+    assert pool.max_memory() <= bound

@@ -183,3 +183,35 @@ def test_worked_solutions_are_running_totals_whose_last_number_the_verifier_read
     assert _worked_targets(problems, noisy, 0.0, np.random.default_rng(0)) == noisy
     task = ArithmeticTaskConfig()
     assert warmstart_key(WarmstartConfig(), task) != warmstart_key(WarmstartConfig(worked_rate=0.3), task)
+
+
+def test_word_problems_have_the_answers_their_words_say():
+    import re as _re
+
+    from pipeline.data.tasks import WORD_LEVELS, word_problems
+
+    for level in WORD_LEVELS:
+        problems = word_problems(50, seed=1, difficulties={level: 1.0})
+        assert len({p.prompt_id for p in problems}) == 50 and {p.difficulty for p in problems} == {level}
+        for p in problems:
+            n = [int(x) for x in _re.findall(r"\d+", p.text)]
+            expected = {1: lambda: n[0] + n[1], 2: lambda: n[0] - n[1], 3: lambda: n[0] * n[1],
+                        4: lambda: n[0] + n[1] - n[2], 5: lambda: n[0] // n[1]}[level]()
+            assert int(p.answer) == expected and expected > 0, p.text
+            if level == 5:
+                assert n[0] % n[1] == 0
+    # The wording: "<name> has <a> boxes with <b> <items> in each box. How many <items> does <name> have in all?"
+    [p] = word_problems(1, seed=0, difficulties={3: 1.0})
+    assert p.text.endswith("How many " + p.text.split()[6] + " does " + p.text.split()[0] + " have in all?")
+
+
+def test_word_problem_splits_are_disjoint_and_stable():
+    from pipeline.data.tasks import word_problems
+
+    weights = {1: 0.3, 2: 0.3, 3: 0.3, 5: 0.1}
+    train, held = word_problems(500, 0, weights), word_problems(100, 1, weights, "heldout")
+    assert not {p.prompt_id for p in train} & {p.prompt_id for p in held}
+    assert all(is_heldout(p.prompt_id) for p in held) and not any(is_heldout(p.prompt_id) for p in train)
+    assert word_problems(500, 0, weights) == train
+    with pytest.raises(ValueError, match="unknown word-problem level 9"):
+        word_problems(1, 0, {9: 1.0})

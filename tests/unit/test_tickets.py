@@ -8,7 +8,7 @@ import re
 import pytest
 
 from pipeline.data.tasks import Problem
-from pipeline.flow.tickets import IssueLog, TicketBook, TicketSource, lease_seconds
+from pipeline.flow.tickets import GenerationSpeed, IssueLog, TicketBook, TicketSource, lease_seconds
 
 
 def _problems(n: int = 5) -> list[Problem]:
@@ -107,3 +107,64 @@ def test_a_ticket_is_given_up_after_max_attempts():
     assert [x.attempt for x in book.expired(2.0)[0]] == [2]
     again, abandoned = book.expired(3.0)  # attempts 0, 1 and 2 all expired
     assert again == [] and [(x.ticket_id, x.attempt) for x in abandoned] == [(t.ticket_id, 2)]
+
+
+def test_generation_speed_counts_tokens_over_the_time_tickets_were_awaited():
+    speed = GenerationSpeed()
+    assert speed.tokens_per_s() is None and not speed.measured()
+    speed.tick(0.0, busy=True)
+    speed.tick(10.0, busy=False)  # 10 s awaited, then 30 s with nothing awaited (not counted)
+    speed.tick(40.0, busy=True)
+    speed.tick(50.0, busy=True)  # 10 s more: 20 s awaited in all
+    speed.arrived(400)
+    assert speed.busy_s == 20.0 and speed.tokens_per_s() == 20.0  # 400 tokens / 20 s
+    speed.tick(60.0, busy=True)
+    speed.arrived(600)
+    assert speed.tokens_per_s() == pytest.approx(1000 / 30)  # (400 + 600) / (20 + 10)
+
+
+def test_leases_follow_the_queue_and_the_measured_speed():
+    # Tickets of 8 x 100 = 800 tokens, factor 3, floor 10 s. Until a group came back every lease is
+    # first_group_s (100 s). The first group (800 tokens after 40 s awaited: 20 tokens/s) sets the
+    # speed; a ticket issued then with 3 awaited (itself included) gets 3 x 3 x 800 / 20 = 360 s.
+    book = TicketBook(TicketSource(_problems(), seed=0), lease_floor_s=10, lease_p99_factor=3,
+                      ticket_tokens=800, first_group_s=100.0)
+    issued = book.issue(limit=3, now=0.0)
+    assert [book.outstanding[t.ticket_id].deadline for t in issued] == [100.0, 100.0, 100.0]
+    assert book.arrival(issued[0].ticket_id, issued[0].problem.prompt_id, 0, now=40.0, tokens=800) == "new"
+    book.queue(issued[0].ticket_id)
+    book.decide(issued[0].ticket_id)
+    assert book.speed.tokens_per_s() == 20.0
+    [t] = book.issue(limit=3, now=40.0)
+    assert book.outstanding[t.ticket_id].ahead == 3 and book.outstanding[t.ticket_id].deadline == 40.0 + 360.0
+    # The two tickets issued at 0 read the speed known now: 3 x k x 800 / 20 = 120 k seconds after
+    # their issue (k = 2, 3: the tickets awaited when they were issued).
+    assert book.expired(239.0) == ([], [])
+    assert [x.ticket_id for x in book.expired(240.0)[0]] == [issued[1].ticket_id]
+
+
+def test_generation_slower_than_the_floor_reissues_nothing():
+    # A rollout that takes 90 s per group (8 x 128 tokens, ~11 tokens/s) against a 60 s floor, 4
+    # tickets in flight: the first group comes back after 90 s, well within first_group_s, and
+    # measures the speed; every later ticket's lease then covers the queue ahead of it. Groups come
+    # back in order; nothing is issued twice.
+    book = TicketBook(TicketSource(_problems(20), seed=0), lease_floor_s=60, lease_p99_factor=3,
+                      ticket_tokens=8 * 128, first_group_s=600.0)
+    per_group = 90.0
+    now, done = 0.0, 0
+    queue = list(book.issue(limit=4, now=now))
+    while done < 12:
+        now += per_group
+        assert book.expired(now - 1e-6) == ([], [])
+        t = queue.pop(0)
+        assert book.arrival(t.ticket_id, t.problem.prompt_id, t.attempt, now, tokens=8 * 128) == "new"
+        book.queue(t.ticket_id)
+        book.decide(t.ticket_id)
+        done += 1
+        queue += book.issue(limit=4, now=now)
+        assert book.expired(now) == ([], [])
+    assert book.reissued == 0
+    # At the measured 1024 / 90 tokens/s, a ticket lost now is issued again after 3 x 4 x 90 s
+    # (the 4 awaited tickets' work, itself included), not before.
+    lease = book.outstanding[queue[-1].ticket_id]
+    assert lease.ahead == 4 and lease.deadline - lease.issued_at == pytest.approx(3 * 4 * 90.0)
