@@ -570,6 +570,12 @@ class LearnerConfig(_Strict):
     logit_chunk_mb: float = Field(256.0, gt=0)
     """Memory for the output layer's temporaries: completion tokens go through the vocabulary
     projection in chunks of about this many MiB of ``[tokens, vocabulary]`` floats."""
+    autocast: Literal["off", "bfloat16"] = "off"
+    """Mixed precision for the learner's forward passes: matmuls in bfloat16 under `torch.autocast`,
+    parameters, gradients, optimiser state and the loss's log-softmax in fp32. On CPUs with
+    AVX512-BF16 a real model's step is about 1.6x faster (docs/results.md, "A real model"); the
+    importance ratios then see bf16 rounding as off-policy noise. For DeepSpeed's own bf16 (weights
+    in bf16) use a `*_bf16.json` config instead."""
     gradient_checkpointing: bool = False
     """Recompute the decoder's activations in the backward pass instead of keeping them (less
     memory for long sequences, one more forward)."""
@@ -640,6 +646,11 @@ class EvalConfig(_Strict):
     """Held-out evaluation before and after RL: greedy accuracy, and sampled pass@1 (the mean
     reward of `samples` samples per problem at `temperature`, what RL optimises)."""
 
+    engine: Literal["torch", "vllm"] = "torch"
+    """What generates the evaluation's samples: the torch engine (`pipeline.rollout.engine.TorchEngine`,
+    transformers' forward pass; on the GPU when there is one), or vLLM with the rollout's settings
+    (`rollout.dtype`, `max_model_len`, `kv_cache_gib`), several times faster on a real model's
+    long completions on a CPU. Before and after RL use the same engine and seeds."""
     temperature: float = Field(1.0, gt=0, le=2.0)
     """Sampling temperature of the sampled pass@1."""
     samples: int = Field(4, ge=1, le=64)

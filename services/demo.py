@@ -12,6 +12,7 @@ kernel if the launcher itself dies (PR_SET_PDEATHSIG), so nothing is left runnin
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -50,6 +51,10 @@ def _progress_line(run_dir: Path, cfg: RunConfig, t0: float) -> str:
             f"reward {lr['reward']:.3f} all-correct {lr['all_correct_frac']:.2f} "
             f"lag {lr['lag_mean']:.2f} dropped {lr['dropped']} "
             f"| {lr['groups_per_s']:.1f} groups/s, {tok / max(el, 1e-9):.0f} tok/s generated")
+
+
+def _eval_progress(message: str) -> None:
+    print(f"  held-out evaluation, {message}", flush=True)
 
 
 def _budget_line(b) -> str:
@@ -121,7 +126,7 @@ def base_evaluation(cfg: RunConfig, engine, policy_path: Path, heldout, device: 
         print(f"held-out before RL: the base model's evaluation with these settings is cached "
               f"({cfg.cache_dir / 'evals' / key}.json)", flush=True)
         return cached
-    before = evaluate(engine, heldout, ev.temperature, ev.samples, ev.batch_size)
+    before = evaluate(engine, heldout, ev.temperature, ev.samples, ev.batch_size, _eval_progress)
     budget = None
     if ev.budget_samples:
         budget = sample_budget(engine, heldout[: ev.budget_problems], ev.budget_samples, ev.temperature,
@@ -130,12 +135,29 @@ def base_evaluation(cfg: RunConfig, engine, policy_path: Path, heldout, device: 
     return before, budget
 
 
+def eval_engine(cfg: RunConfig, model, tokenizer, policy_path: Path):
+    """The held-out evaluation's engine (`eval.engine`): the torch engine on ``model``, or vLLM on
+    the folder ``policy_path`` with the rollout's dtype and cache settings."""
+    from pipeline.model.prompts import PromptFormat
+
+    fmt = PromptFormat(tokenizer, cfg.prompt)
+    if cfg.eval.engine == "vllm":
+        from pipeline.rollout.engine_vllm import VllmEngine
+
+        r = cfg.rollout
+        return VllmEngine(policy_path, tokenizer, r.max_new_tokens, seed=cfg.seed, dtype=r.dtype,
+                          max_model_len=r.max_model_len, kv_cache_gib=r.kv_cache_gib, prompt_format=fmt,
+                          trust_remote_code=cfg.model.trust_remote_code)
+    from pipeline.rollout.engine import TorchEngine
+
+    return TorchEngine(model, tokenizer, cfg.rollout.max_new_tokens, seed=cfg.seed,
+                       prompt_format=fmt)
+
+
 def run(cfg: RunConfig) -> int:
     import torch
 
     from pipeline.data.tasks import heldout_problems
-    from pipeline.model.prompts import PromptFormat
-    from pipeline.rollout.engine import TorchEngine
     from pipeline.rollout.evaluate import evaluate, sample_budget
     from pipeline.rollout.passk import solved_beyond
     from pipeline.transport.kafka import ensure_topics
@@ -169,11 +191,14 @@ def run(cfg: RunConfig) -> int:
     if gpu:
         model.to("cuda")
     heldout = heldout_problems(cfg)
-    engine = TorchEngine(model, tokenizer, cfg.rollout.max_new_tokens, seed=cfg.seed,
-                         prompt_format=PromptFormat(tokenizer, cfg.prompt))
     ev = cfg.eval
+    engine = eval_engine(cfg, model, tokenizer, policy_path)
     budget_set = heldout[: ev.budget_problems]
     before, budget_before = base_evaluation(cfg, engine, policy_path, heldout, "cuda" if gpu else "cpu")
+    if ev.engine == "vllm":  # its weights and KV cache leave the machine to the services
+        engine.close()
+        del engine
+        gc.collect()
     if budget_before is not None:
         print(f"held-out before RL ({len(budget_set)} problems x {ev.budget_samples} samples): "
               f"{_budget_line(budget_before)}", flush=True)
@@ -269,11 +294,14 @@ def run(cfg: RunConfig) -> int:
             print("all stopped", file=sys.stderr)
 
     version, sha, uri = (run_dir / "final_policy.txt").read_text().split(maxsplit=2)
+    if ev.engine == "vllm":
+        engine = eval_engine(cfg, model, tokenizer, policy_path)  # its seeds start over, as before RL
     engine.load_published(uri.strip(), sha, int(version))
     if gpu:
         model.to("cuda")
-    engine.generator.manual_seed(cfg.seed)  # the same draws whether or not `before` came from the cache
-    after = evaluate(engine, heldout, ev.temperature, ev.samples, ev.batch_size)
+    if ev.engine == "torch":
+        engine.generator.manual_seed(cfg.seed)  # the same draws whether or not `before` came from the cache
+    after = evaluate(engine, heldout, ev.temperature, ev.samples, ev.batch_size, _eval_progress)
     budget = {}
     if budget_before is not None:
         budget_after = sample_budget(engine, budget_set, ev.budget_samples, ev.temperature, budget_batch(ev))

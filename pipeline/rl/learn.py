@@ -24,6 +24,8 @@ tensors in `pipeline.rl.losses`.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections import defaultdict
 
 import numpy as np
@@ -242,6 +244,13 @@ def proximal_logprobs(trainer: Trainer, data: _Rows, rows: np.ndarray, chunk: in
     return out
 
 
+def autocast(device: torch.device, mode: str):
+    """`learner.autocast`: bfloat16 matmuls in the forward passes inside the block, or nothing."""
+    if mode == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
 def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list[Columns], lc: LearnerConfig,
                rule: ErpoRule, pad_id: int, rng: np.random.Generator, overlong: str = "keep") -> dict[str, float]:
     """One training step on a batch of groups (see the module docstring).
@@ -263,7 +272,8 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
     proximal = None
     if lc.mini_batches > 1:  # the parameters before this step's first update
         mine_all = np.flatnonzero(np.isin(data.group_index, np.concatenate(mine_of)))
-        proximal = proximal_logprobs(trainer, data, mine_all, chunk)
+        with autocast(trainer.device, lc.autocast):
+            proximal = proximal_logprobs(trainer, data, mine_all, chunk)
     sums: dict[str, float] = defaultdict(float)
     maxima: dict[str, float] = defaultdict(float)
     for groups_in_slice, mine in zip(slices, mine_of):
@@ -275,7 +285,8 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
             sums["updates_skipped"] += 1
             continue
         for micro in data.micro_batches(rows):
-            loss = _micro_loss(trainer, ref_model, data, rows_all, micro, lc, chunk, proximal, sums, maxima)
+            with autocast(trainer.device, lc.autocast):
+                loss = _micro_loss(trainer, ref_model, data, rows_all, micro, lc, chunk, proximal, sums, maxima)
             trainer.backward(loss)
             sums["loss"] += float(loss.detach()) / lc.mini_batches
         sums["grad_norm"] += trainer.update() / lc.mini_batches

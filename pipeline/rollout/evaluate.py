@@ -31,22 +31,25 @@ class EvalResult:
 
 
 def accuracy(engine: TorchEngine, problems: Sequence[Problem], temperature: float, samples: int,
-             batch: int = 256) -> float:
-    """Mean verifier reward of ``samples`` completions per problem."""
+             batch: int = 256, progress: Callable[[str], None] | None = None) -> float:
+    """Mean verifier reward of ``samples`` completions per problem; ``progress`` hears of each batch."""
     rewards = []
     for i in range(0, len(problems), batch):
         chunk = problems[i: i + batch]
         out = engine.generate([p.text for p in chunk], [temperature] * len(chunk), samples)
         rewards += [verify_one(s.text, chunk[s.prompt_index].answer, signal_timeout_s=None).reward
                     for s in out]
+        if progress is not None:
+            progress(f"{'greedy' if temperature == 0 else f'T={temperature} x {samples}'}: "
+                     f"{min(i + batch, len(problems))}/{len(problems)} problems, mean reward {np.mean(rewards):.3f}")
     return float(np.mean(rewards)) if rewards else float("nan")
 
 
 def evaluate(engine: TorchEngine, problems: Sequence[Problem], temperature: float = 1.0,
-             samples: int = 4, batch: int = 256) -> EvalResult:
+             samples: int = 4, batch: int = 256, progress: Callable[[str], None] | None = None) -> EvalResult:
     return EvalResult(
-        greedy_accuracy=accuracy(engine, problems, 0.0, 1, batch),
-        sampled_accuracy=accuracy(engine, problems, temperature, samples, batch),
+        greedy_accuracy=accuracy(engine, problems, 0.0, 1, batch, progress),
+        sampled_accuracy=accuracy(engine, problems, temperature, samples, batch, progress),
         problems=len(problems),
         samples=samples,
         temperature=temperature,

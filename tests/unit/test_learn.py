@@ -229,3 +229,17 @@ def test_prompts_are_not_shared_through_a_sliding_window():
     assert not _sliding_window(tiny_model().config) and not _sliding_window(None)
     assert _sliding_window(Qwen2Config(use_sliding_window=True, sliding_window=16, max_window_layers=0,
                                        num_hidden_layers=2))
+
+
+@pytest.mark.parametrize("kl", ["none", "rapo"])
+def test_bf16_autocast_trains_the_fp32_update_to_bf16_precision(kl):
+    # learner.autocast = "bfloat16": the same gradient as fp32 up to bf16 rounding of the matmuls
+    # (8 bits of mantissa: relative error ~1e-2), with fp32 parameters and gradients throughout.
+    groups = batch_groups(one_prompt=True)
+    fp32, m32 = _gradients(LearnerConfig(backend="torch", optimizer=FAST, kl=_kl(kl)), groups)
+    bf16, m16 = _gradients(LearnerConfig(backend="torch", optimizer=FAST, kl=_kl(kl), autocast="bfloat16"), groups)
+    assert all(g.dtype == torch.float32 for g in bf16[0])
+    flat32, flat16 = torch.cat([g.flatten() for g in fp32[0]]), torch.cat([g.flatten() for g in bf16[0]])
+    assert not torch.equal(flat32, flat16)  # bf16 matmuls did run
+    assert torch.linalg.vector_norm(flat16 - flat32) <= 0.05 * torch.linalg.vector_norm(flat32)
+    assert m16["loss"] == pytest.approx(m32["loss"], abs=0.02)

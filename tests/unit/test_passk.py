@@ -121,3 +121,4 @@ def test_by_style_splits_share_and_accuracy_of_worked_solutions_and_terse_answer
     problems = [Problem("a", "1+2+3=", "6"), Problem("b", "4-1=", "3")]
     got = by_style(Scripted(), problems, 1.0, 4, answer_style, batch=1)
     assert got == {"terse": {"share": 0.625, "accuracy": 0.4}, "worked": {"share": 0.375, "accuracy": 2 / 3}}
+
