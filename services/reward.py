@@ -180,7 +180,14 @@ class Reward:
             GROUP_FATES.labels("invalid").inc()
         fresh = []
         for g in groups:
-            if self.history.scored_already(d.partition, str(g["ticket_id"][0]), int(g["attempt"][0])):
+            pid = str(g["prompt_id"][0])
+            if d.key is None or d.key != pid.encode():
+                # A prompt's ERPO history lives in the partition its key hashes to: a group under
+                # another key would start a second history of its prompt elsewhere.
+                self.consumer.dead_letter(d, g, "miskeyed", f"miskeyed: record key {d.key!r} is not the group's "
+                                                            f"prompt_id {pid!r}")
+                GROUP_FATES.labels("invalid").inc()
+            elif self.history.scored_already(d.partition, str(g["ticket_id"][0]), int(g["attempt"][0])):
                 GROUP_FATES.labels("duplicate").inc()
             else:
                 fresh.append(g)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,6 +36,8 @@ from pipeline.model.weights import (
     MANIFEST, MAX_MANIFEST_BYTES, VERSION_FOLDER, PolicyMissing, WeightsError, folder_name, published_versions,
     verify_published,
 )
+
+log = logging.getLogger(__name__)
 
 SCHEME = "s3://"
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,200}", re.ASCII)
@@ -202,9 +205,18 @@ class S3Source:
         folder = self.store.fetch(uri, sha256, version, self.cache)
         try:
             files = verify_published(str(folder.resolve()), sha256, self.cache, version)
-        except WeightsError:
-            shutil.rmtree(folder, ignore_errors=True)  # a bad download is not kept for next time
-            raise
+        except WeightsError as e:
+            # The local copy is not what was announced: a file damaged in the cache since it was
+            # downloaded, or a bad download. Fetch it again once; only a copy fresh from the store
+            # that still fails its check makes the announcement bad.
+            log.warning("policy v%d in %s fails its check (%s): fetching it again", version, folder, e)
+            shutil.rmtree(folder, ignore_errors=True)
+            folder = self.store.fetch(uri, sha256, version, self.cache)
+            try:
+                files = verify_published(str(folder.resolve()), sha256, self.cache, version)
+            except WeightsError:
+                shutil.rmtree(folder, ignore_errors=True)  # a bad download is not kept for next time
+                raise
         for _, old in published_versions(self.cache)[:-self.keep]:
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)

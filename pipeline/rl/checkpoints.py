@@ -103,10 +103,16 @@ def checkpoint_root(cfg: RunConfig) -> Path:
     return cfg.workdir / "checkpoints"
 
 
-def latest_checkpoint(cfg: RunConfig) -> Path | None:
-    """The newest complete checkpoint (a `step-*` folder with its learner.json), or None."""
+def complete_checkpoints(cfg: RunConfig) -> list[Path]:
+    """The complete checkpoints (`step-*` folders with their learner.json), newest first."""
     done = [p for p in checkpoint_root(cfg).glob("step-*") if (p / LEARNER_STATE).exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+
+
+def latest_checkpoint(cfg: RunConfig) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    done = complete_checkpoints(cfg)
+    return done[0] if done else None
 
 
 def save_checkpoint(cfg: RunConfig, trainer: Trainer, state: LearnerState) -> Path:
@@ -163,14 +169,28 @@ def restore_learner(cfg: RunConfig, trainer: Trainer) -> tuple[LearnerState, boo
     ``trainer``) or a fresh one (moving a previous life aside under ``fresh``). Returns the state and
     whether it came from a checkpoint."""
     lc = cfg.learner
-    ckpt = latest_checkpoint(cfg) if lc.checkpoint.resume != "fresh" else None
-    if lc.checkpoint.resume == "require" and ckpt is None:
+    candidates = complete_checkpoints(cfg) if lc.checkpoint.resume != "fresh" else []
+    if lc.checkpoint.resume == "require" and not candidates:
         raise FileNotFoundError(f"learner.checkpoint.resume = 'require' but {checkpoint_root(cfg)} holds no checkpoint")
-    if ckpt is not None:
-        trainer.load(ckpt / "trainer")
-        state = LearnerState.from_json((ckpt / LEARNER_STATE).read_text())
-        log.info("resumed from %s: step %d, policy v%d", ckpt, state.step, state.version)
+    unreadable = []
+    for ckpt in candidates:
+        # A checkpoint that does not load (a disk that lost a file, a torn copy) must not make the
+        # learner crash-loop: the previous one is a complete state too, and the ledger and the
+        # ticket leases make the steps after it safe to redo.
+        try:
+            state = LearnerState.from_json((ckpt / LEARNER_STATE).read_text())
+            trainer.load(ckpt / "trainer")
+        except Exception as e:  # noqa: BLE001 -- whatever the damage, try the previous checkpoint
+            log.error("checkpoint %s does not load (%s: %s); trying the previous one", ckpt, type(e).__name__,
+                      str(e)[:300])
+            unreadable.append(ckpt.name)
+            continue
+        log.log(logging.WARNING if unreadable else logging.INFO, "resumed from %s: step %d, policy v%d%s", ckpt,
+                state.step, state.version, f" (newer, unreadable: {', '.join(unreadable)})" if unreadable else "")
         return state, True
+    if candidates:
+        raise RuntimeError(f"no checkpoint under {checkpoint_root(cfg)} loads ({', '.join(unreadable)}): move them "
+                           "aside to start over, or set learner.checkpoint.resume = 'fresh'")
     if lc.checkpoint.resume == "fresh" and trainer.rank == 0:
         aside = start_fresh(cfg)
         if aside is not None:

@@ -119,6 +119,27 @@ class TransportError(RuntimeError):
     """Messages could not be delivered to the broker."""
 
 
+_RECORD_CODE = (os.sep + os.path.join("kafka", "record") + os.sep, os.sep + os.path.join("kafka", "codec.py"))
+_RECORD_FUNCTIONS = frozenset({"_unpack_records", "_parse_fetched_data", "_maybe_raise_next_inline_exception",
+                               "_maybe_skip_record"})
+"""Where kafka-python reads a fetched record: its record-format and codec modules, and the fetcher
+functions that unpack batches (kafka-python is pinned to the minor version this was checked on)."""
+
+
+def raised_reading_records(error: BaseException) -> bool:
+    """Whether the client raised ``error`` while reading a fetched record (a corrupt batch, a codec
+    whose library is missing, a header key that is not UTF-8): then the record is at fault and is
+    skipped. Raised anywhere else, the same exception types are a failure of the client or the
+    connection, and skipping a record for them would lose it."""
+    import traceback
+
+    for frame in traceback.extract_tb(error.__traceback__):
+        if any(part in frame.filename for part in _RECORD_CODE) or (
+                frame.filename.endswith("fetcher.py") and frame.name in _RECORD_FUNCTIONS):
+            return True
+    return False
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     """What a logical topic carries."""
@@ -563,11 +584,15 @@ class Consumer:
                         log.warning("poll failed (%r); retrying", e)
                         time.sleep(min(timeout_ms / 1000, 1.0))
                         return {}
-                    if isinstance(e, KafkaConfigurationError):
+                    if isinstance(e, KafkaConfigurationError) or not raised_reading_records(e):
                         raise
                     self._skip_unreadable(e)
                 except (ValueError, OSError, EOFError, ArithmeticError, LookupError, TypeError) as e:
-                    # Decompression of a hostile batch raises the codec library's own errors.
+                    # Decompression of a hostile batch raises the codec library's own errors; the
+                    # same exception types from anywhere else in the client are the client's.
+                    if not raised_reading_records(e):
+                        raise TransportError(f"the Kafka client failed outside reading a record: "
+                                             f"{type(e).__name__}: {e}") from e
                     self._skip_unreadable(e)
                 timeout_ms = 0
             return {}

@@ -43,3 +43,32 @@ def test_checkpoints_from_before_leases_load():
 def test_an_override_into_a_value_names_it():
     with pytest.raises(ConfigError, match="seed is a value, not a section"):
         load_config(shipped_config(), ["seed.x=1"])
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    import torch
+
+    from learn_batch import tiny_model
+    from pipeline.config import LearnerConfig
+    from pipeline.rl.checkpoints import restore_learner, save_checkpoint
+    from pipeline.rl.trainer import TRAINER_FILE, TorchTrainer
+
+    cfg = load_config(shipped_config(), [f'workdir="{tmp_path}"'])
+    trainer = TorchTrainer(tiny_model(), LearnerConfig(backend="torch"))
+    at_step_1 = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    save_checkpoint(cfg, trainer, LearnerState(step=1, version=1))
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(1.0)
+    newest = save_checkpoint(cfg, trainer, LearnerState(step=2, version=2))
+    (newest / "trainer" / TRAINER_FILE).write_bytes(b"not a checkpoint")  # a torn or damaged file
+
+    fresh = TorchTrainer(tiny_model(seed=5), LearnerConfig(backend="torch"))
+    state, resumed = restore_learner(cfg, fresh)
+    assert resumed and state.step == 1 and state.version == 1
+    assert all(torch.equal(fresh.model.state_dict()[k], v) for k, v in at_step_1.items())
+    assert "does not load" in caplog.text and newest.name in caplog.text
+
+    (tmp_path / "checkpoints" / "step-00000001" / "learner.json").write_text("{")  # none loads now
+    with pytest.raises(RuntimeError, match="no checkpoint .* loads"):
+        restore_learner(cfg, TorchTrainer(tiny_model(), LearnerConfig(backend="torch")))

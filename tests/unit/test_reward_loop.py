@@ -129,3 +129,23 @@ def test_a_failed_step_commits_nothing_and_saves_no_state(cfg, monkeypatch):
     again = Reward(cfg, 1)  # the group's next member redoes every record
     _steps(again)
     assert again.groups == 6
+
+
+def test_a_group_under_another_prompts_key_is_dead_lettered_not_scored(cfg):
+    # One record keyed "p1" carrying a group of p1 and one of p2 (a multi-prompt record), and one
+    # keyed "p3" carrying p4's group: p2's and p4's ERPO history would start in a partition their
+    # own key does not hash to. Only p1's group is scored; the others are dead-lettered as miskeyed.
+    from schemas import concat
+
+    both = concat([trajectory_group("e0-000001", "p1"), trajectory_group("e0-000002", "p2")])
+    p = Producer(cfg.kafka, "rollout")
+    p.send(topic_name("r", "trajectories"), TRAJECTORY, both, key=b"p1")
+    p.send(topic_name("r", "trajectories"), TRAJECTORY, trajectory_group("e0-000003", "p4"), key=b"p3")
+    p.flush()
+    worker = Reward(cfg, 0)
+    _steps(worker)
+    scored = _read(cfg, "scored")
+    assert sorted({d.columns["prompt_id"][0] for d in scored}) == ["p1"]
+    dead = _read(cfg, "deadletter")
+    assert sorted(d.columns["reason"][0].split(":")[0] for d in dead) == ["miskeyed", "miskeyed"]
+    assert worker.groups == 1

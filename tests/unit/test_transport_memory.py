@@ -4,6 +4,7 @@ services depend on them."""
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import numpy as np
@@ -193,3 +194,52 @@ def test_large_groups_go_arrow_compressed_and_a_bomb_is_dead_lettered_as_too_lar
     np.testing.assert_array_equal(got[1].columns["completion_token_ids"].values, medium["completion_token_ids"].values)
     dead = _drain(Consumer(cfg, "r", ["deadletter"], group_id=None, client_id="d", deadletter=None))
     assert len(dead) == 1 and dead[0].columns["reason"][0].startswith("too_large")
+
+
+def _raiser(filename: str, name: str):
+    """A function that raises ValueError, compiled as if it were ``name`` in ``filename``."""
+    scope: dict = {}
+    exec(compile(f"def {name}():\n    raise ValueError('boom')\n", filename, "exec"), scope)
+    return scope[name]
+
+
+def test_only_errors_raised_reading_a_record_mark_it_unreadable():
+    import os
+
+    from pipeline.transport.kafka import raised_reading_records
+
+    site = os.path.join(os.sep, "venv", "site-packages", "kafka")
+    cases = {(os.path.join(site, "record", "default_records.py"), "_maybe_uncompress"): True,
+             (os.path.join(site, "codec.py"), "snappy_decode"): True,
+             (os.path.join(site, "consumer", "fetcher.py"), "_unpack_records"): True,
+             (os.path.join(site, "consumer", "fetcher.py"), "send_fetches"): False,
+             (os.path.join(site, "conn.py"), "recv"): False,
+             (os.path.join(site, "coordinator", "base.py"), "ensure_coordinator_ready"): False}
+    for (filename, name), expected in cases.items():
+        try:
+            _raiser(filename, name)()
+        except ValueError as e:
+            assert raised_reading_records(e) is expected, (filename, name)
+
+
+def test_a_client_error_outside_record_reading_loses_no_record(mem):
+    # The client raises a ValueError that has nothing to do with a record (a bug or a failure in
+    # its connection code): before, any ValueError marked the record at the consumer's position
+    # unreadable and skipped it, with no payload kept. Now it is the transport's failure.
+    from pipeline.transport.kafka import TransportError
+
+    ensure_topics(mem, "one", partitions={"trajectories": 1})  # the error is then pinned on the only partition
+    p = Producer(mem, "test")
+    for i in range(3):
+        p.send(topic_name("one", "trajectories"), TRAJECTORY, trajectory_group(f"e0-{i:06d}", f"p{i}"), key=b"k")
+    p.flush()
+    sent = range(3)
+    consumer = Consumer(mem, "one", ["trajectories"], group_id="g", client_id="c", deadletter=None)
+    real_poll = consumer._consumer.poll
+    consumer._consumer.poll = lambda **kw: _raiser(os.path.join(os.sep, "kafka", "conn.py"), "recv")()
+    with pytest.raises(TransportError, match="outside reading a record"):
+        consumer.poll(timeout_ms=5)
+    assert consumer.stats["dropped"] == 0 and consumer.stats.get("deadlettered", 0) == 0
+    consumer._consumer.poll = real_poll
+    got = [d for _ in range(5) for d in consumer.poll(timeout_ms=5)]
+    assert len(got) == len(sent)

@@ -188,3 +188,45 @@ def test_only_real_published_folders_are_counted_and_pruned(tmp_path: Path):
     assert [v for v, _ in published_versions(tmp_path)] == [1, 2]
     publish(_state(), tmp_path, version=3, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v000002", "v000003", "v000900", "v000901", "v000902"]
+
+
+class _Store:
+    """The object store's `fetch` semantics over a folder `publish` wrote: download into
+    ``cache/v<version>`` unless a copy whose manifest has the announced hash is there already."""
+
+    def __init__(self, published: Path) -> None:
+        self.published, self.downloads = published, 0
+
+    def fetch(self, uri: str, sha256: str, version: int, cache: Path) -> Path:
+        import shutil
+
+        final = Path(cache) / Path(uri).name
+        if (final / MANIFEST).exists() and hashlib.sha256((final / MANIFEST).read_bytes()).hexdigest() == sha256:
+            return final
+        self.downloads += 1
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(self.published, final)
+        return final
+
+
+def test_a_damaged_cached_copy_is_fetched_again_not_taken_for_a_bad_announcement(tmp_path: Path):
+    from pipeline.model.weight_store import S3Source
+
+    pub = publish(_state(), tmp_path / "store", version=3, keep=1)
+    store = _Store(Path(pub.uri))
+    source = S3Source(store, tmp_path / "cache", keep=2)
+    [first] = source.files(pub.uri, pub.sha256, 3)
+    assert store.downloads == 1
+    data = bytearray(first.read_bytes())
+    data[-1] ^= 0xFF  # the cached file is damaged after it was downloaded and checked
+    first.write_bytes(bytes(data))
+    [again] = source.files(pub.uri, pub.sha256, 3)  # the manifest still matches: the cache is used, fails, refetched
+    assert store.downloads == 2 and again.read_bytes() == (Path(pub.uri) / WEIGHTS_FILE).read_bytes()
+    # A copy that fails fresh from the store is a bad announcement: an error, and nothing kept.
+    (Path(pub.uri) / WEIGHTS_FILE).write_bytes(bytes(data))
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache" / "v000003")
+    with pytest.raises(WeightsError, match="sha256 mismatch"):
+        source.files(pub.uri, pub.sha256, 3)
+    assert not (tmp_path / "cache" / "v000003").exists()
