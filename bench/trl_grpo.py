@@ -6,7 +6,7 @@ warm-started (or `model.path`) policy loaded by `services.common.load_initial_po
 training prompts in the order our learner issues them (`pipeline.flow.tickets.TicketSource` over
 `pipeline.data.tasks.train_problems`), the reward (`verify_one(completion, answer).reward`, the
 answer from a dataset column), the hyper-parameters below, and the demo's held-out evaluation
-before and after (same problems, same `pipeline.rollout.evaluate.evaluate` call on a `TorchEngine`
+before and after (same problems, same `pipeline.rollout.evaluate.evaluate` call on the demo's engine, `eval.engine`,
 with `PromptFormat`, same `[eval]` settings), so its `acc_before/acc_after/greedy_before/
 greedy_after` sit next to the demo's. Everything runs on the CPU, in one process.
 
@@ -61,8 +61,9 @@ What maps to what (ours -> TRL 1.16 `GRPOConfig`)
               constant) passed to TRL as `optimizers=` (HF's "constant_with_warmup" starts at lr 0, one
               update behind ours, and its default AdamW exempts biases and norms from weight decay);
               `max_grad_norm = grad_clip`; `gradient_checkpointing = learner.gradient_checkpointing`.
-    run       `seed = cfg.seed`, `use_cpu`, `bf16 = False` (GRPOConfig's default is True, and under CPU
-              autocast TRL's log-probs of the tiny model move by up to 0.03 nats: asserted off),
+    run       `seed = cfg.seed`, `use_cpu`, `bf16 = (learner.autocast == "bfloat16")` (GRPOConfig's
+              default is True, and under CPU autocast TRL's log-probs of the tiny model move by up to
+              0.03 nats: off unless our learner uses bf16 autocast too, asserted),
               `report_to = []`, no checkpoints, `torch.set_num_threads(--threads)`.
     Checked once (2026-12, trl 1.16, a scratch script, not kept): on one batch of 6 groups x 8 of the
     tiny model, TRL's gradient with these settings equals that of our `pipeline.rl.learn.train_step`
@@ -81,6 +82,7 @@ What maps to what (ours -> TRL 1.16 `GRPOConfig`)
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -133,13 +135,12 @@ def main() -> None:
     from pipeline.data.tasks import heldout_problems, train_problems
     from pipeline.flow.tickets import TicketSource
     from pipeline.model.prompts import PromptFormat, stop_token_ids
-    from pipeline.rollout.engine import TorchEngine
     from pipeline.rollout.evaluate import evaluate, sample_budget
     from pipeline.rollout.passk import solved_beyond
     from pipeline.verify.verifier import verify_one
     from services.cli import shipped_config
     from services.common import initial_policy_path, load_initial_policy
-    from services.demo import base_evaluation, budget_batch
+    from services.demo import base_evaluation, budget_batch, eval_engine
 
     try:
         cfg = load_config(args.config or shipped_config(), args.overrides)
@@ -167,9 +168,13 @@ def main() -> None:
     model, tok = load_initial_policy(cfg)
     heldout = heldout_problems(cfg)
     fmt = PromptFormat(tok, cfg.prompt)
-    engine = TorchEngine(model, tok, ro.max_new_tokens, seed=cfg.seed, prompt_format=fmt)
+    engine = eval_engine(cfg, model, tok, policy_path)  # the demo's: torch engine, or vLLM (`eval.engine`)
     budget_set = heldout[: ev.budget_problems]
     before, budget_before = base_evaluation(cfg, engine, policy_path, heldout)  # the demo's, cached
+    if ev.engine == "vllm":  # its memory and threads go back to training, as in the demo
+        engine.close()
+        del engine
+        gc.collect()
     print(f"held-out before RL ({before.problems} problems): sampled pass@1 {before.sampled_accuracy:.3f} "
           f"(T={ev.temperature}, {ev.samples} samples), greedy {before.greedy_accuracy:.3f}", flush=True)
 
@@ -233,7 +238,7 @@ def main() -> None:
         "gradient_checkpointing": lc.gradient_checkpointing,
         "seed": cfg.seed,
         "use_cpu": True,
-        "bf16": False,
+        "bf16": lc.autocast == "bfloat16",
         "report_to": [],
         "save_strategy": "no",
         "logging_steps": PROGRESS_EVERY * k,
@@ -312,8 +317,10 @@ def main() -> None:
     assert generation["do_sample"] and generation["temperature"] == cfg.erpo.tau0 and generation["top_p"] == 1.0 \
         and not generation["top_k"] and generation["max_new_tokens"] == ro.max_new_tokens, generation
     assert set(trainer.eos_token_ids) == stops, (trainer.eos_token_ids, stops)
-    # GRPOConfig's bf16 defaults to True; under CPU autocast TRL's log-probs move by up to 0.03 nats.
-    assert trainer.accelerator.mixed_precision == "no", trainer.accelerator.mixed_precision
+    # GRPOConfig's bf16 defaults to True; under CPU autocast TRL's log-probs move by up to 0.03 nats:
+    # mixed precision exactly when our learner uses it (`learner.autocast`).
+    want = "bf16" if lc.autocast == "bfloat16" else "no"
+    assert trainer.accelerator.mixed_precision == want, (trainer.accelerator.mixed_precision, want)
 
     # --- the prompt ids TRL feeds the model are ours: all at start, then every batch -------------
     if not hasattr(trainer, "_tokenize_prompts"):
@@ -363,9 +370,13 @@ def main() -> None:
 
     # --- the demo's end: evaluation after RL on the same engine, its generator reseeded -----------
     trained = trainer.accelerator.unwrap_model(trainer.model)
-    assert trained is engine.model, "TRL trained a copy of the policy, not the evaluated one"
+    assert trained is model, "TRL trained a copy of the policy, not the evaluated one"
     trained.eval()
-    engine.generator.manual_seed(cfg.seed)  # as the demo: the same draws whether or not `before` was cached
+    if ev.engine == "vllm":  # a fresh engine (its seeds start over, as before RL) on the trained weights
+        engine = eval_engine(cfg, model, tok, policy_path)
+        engine.load_weights({k: v.detach().float() for k, v in trained.state_dict().items()}, steps)
+    else:
+        engine.generator.manual_seed(cfg.seed)  # as the demo: the same draws whether or not `before` was cached
     after = evaluate(engine, heldout, ev.temperature, ev.samples, ev.batch_size)
     budget = {}
     if budget_before is not None:

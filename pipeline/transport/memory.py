@@ -93,6 +93,9 @@ class MemoryBroker:
         self.groups: dict[str, _Group] = {}
         self.cond = threading.Condition()
         self._member_ids = itertools.count()
+        self._to_lose: dict[str, int] = {}
+        self.lost: list[Record] = []
+        """Records acknowledged and lost on purpose (`lose_acknowledged`)."""
 
     @classmethod
     def named(cls, bootstrap_servers: str) -> MemoryBroker:
@@ -125,9 +128,20 @@ class MemoryBroker:
             parts = self.topics[topic]
             p = zlib.crc32(key) % len(parts) if key is not None else min(range(len(parts)), key=lambda i: len(parts[i]))
             rec = Record(topic, p, len(parts[p]), int(time.time() * 1000), key, bytes(value), list(headers or []))
-            parts[p].append(rec)
+            lost = self._to_lose.get(topic, 0) > 0
+            if lost:
+                self._to_lose[topic] -= 1
+                self.lost.append(rec)
+            parts[p].append(None if lost else rec)  # a lost record leaves a hole at its offset
             self.cond.notify_all()
             return rec
+
+    def lose_acknowledged(self, topic: str, count: int = 1) -> None:
+        """The next ``count`` records produced to ``topic`` are acknowledged (the producer gets their
+        partition and offset) and then lost: no consumer ever reads them, as when a broker acks a
+        produce and dies before it is stored (Tansu on SeaweedFS, killed). They are kept in `lost`."""
+        with self.cond:
+            self._to_lose[topic] = self._to_lose.get(topic, 0) + count
 
     def new_member(self) -> str:
         return f"member-{next(self._member_ids)}"
@@ -298,10 +312,11 @@ class MemoryConsumerClient:
                 self._start = (self._start + 1) % max(1, len(parts))
                 for tp in parts[self._start:] + parts[: self._start]:
                     log = self.broker.topics[tp.topic][tp.partition]
-                    records = log[self.positions[tp]: self.positions[tp] + budget]
+                    span = log[self.positions[tp]: self.positions[tp] + budget]
+                    records = [r for r in span if r is not None]  # lost records are holes
+                    self.positions[tp] += len(span)
                     if records:
                         out[tp] = records
-                        self.positions[tp] += len(records)
                         budget -= len(records)
                     if budget <= 0:
                         break

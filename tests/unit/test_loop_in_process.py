@@ -29,8 +29,7 @@ from services.rollout import Rollout
 STEPS, GROUPS, G = 3, 4, 4
 
 
-@pytest.fixture(params=["off", "zero_variance"], ids=["grpo", "dapo-dynamic-sampling"])
-def cfg(tmp_path, request):
+def _config(tmp_path, dynamic_sampling: str, **extra: str):
     sets = {
         "name": '"loop"', "workdir": f'"{tmp_path / "run"}"', "cache_dir": f'"{tmp_path / "cache"}"',
         "kafka.bootstrap_servers": f'"memory://{uuid.uuid4().hex[:8]}"', "kafka.poll_stall_timeout_s": "0",
@@ -42,15 +41,21 @@ def cfg(tmp_path, request):
         "learner.backend": '"torch"', "learner.groups_per_step": str(GROUPS), "learner.total_steps": str(STEPS),
         "learner.staleness.max_versions": "1", "learner.poll_timeout_ms": "20", "learner.tickets.drain_timeout_s": "20",
         "learner.checkpoint.every": "2", "erpo.snapshot_every": "1",
-        "learner.dynamic_sampling": f'"{request.param}"',
+        "learner.dynamic_sampling": f'"{dynamic_sampling}"', **extra,
     }
     cfg = load_config(shipped_config(), [f"{k}={v}" for k, v in sets.items()])
     ensure_topics(cfg.kafka, cfg.name)
-    yield cfg
+    return cfg
+
+
+@pytest.fixture(params=["off", "zero_variance"], ids=["grpo", "dapo-dynamic-sampling"])
+def cfg(tmp_path, request):
+    yield _config(tmp_path, request.param)
     MemoryBroker.reset()
 
 
-def test_the_whole_loop_runs_in_one_process(cfg):
+def _run_loop(cfg) -> tuple[Rollout, Reward]:
+    """The learner in this thread until its last step and drain; rollout and reward in another."""
     rollout, reward = Rollout(cfg, 0), Reward(cfg, 0)
     done, errors = threading.Event(), []
 
@@ -71,6 +76,11 @@ def test_the_whole_loop_runs_in_one_process(cfg):
         done.set()
         thread.join(60)
     assert not errors, errors
+    return rollout, reward
+
+
+def test_the_whole_loop_runs_in_one_process(cfg):
+    rollout, reward = _run_loop(cfg)
     progress = [json.loads(line) for line in (cfg.workdir / "progress" / "learner.jsonl").read_text().splitlines()]
     assert [p["step"] for p in progress] == [1, 2, 3] and progress[-1]["version"] == STEPS
     ledger = read_ledger(ledger_path(cfg.workdir))
@@ -96,3 +106,30 @@ def test_the_whole_loop_runs_in_one_process(cfg):
         trained_rates = trained.join(rates, on="ticket_id")["group_pass_rate"]
         assert trained_rates.len() == STEPS * GROUPS and ((trained_rates > 0) & (trained_rates < 1)).all()
         assert totals.get("fate_dropped_all_wrong", 0) + totals.get("fate_dropped_all_correct", 0) == dropped.height
+
+
+def test_an_acknowledged_then_lost_ticket_is_issued_again_and_trained_once(tmp_path):
+    # The broker acknowledges the first ticket and loses it (as Tansu on SeaweedFS did, killed):
+    # no rollout ever sees it. Its lease runs out (first_group_s 3 s: the speed is unknown before
+    # the first group), it is issued again under the same id, attempt 1, and trained once.
+    cfg = _config(tmp_path, "off", **{"learner.tickets.lease_floor_s": "3", "learner.tickets.first_group_s": "3"})
+    try:
+        broker = MemoryBroker.named(cfg.kafka.bootstrap_servers)
+        broker.lose_acknowledged(f"{cfg.name}.prompts", 1)
+        _run_loop(cfg)
+        [lost] = broker.lost
+        ledger = read_ledger(ledger_path(cfg.workdir))
+        trained = ledger.filter(ledger["fate"] == "trained")
+        assert trained.height == STEPS * GROUPS and trained["ticket_id"].n_unique() == STEPS * GROUPS
+        from schemas import PROMPT_TICKET, decode
+
+        ticket_id = decode(PROMPT_TICKET, lost.value, lost.headers)[1]["ticket_id"][0]
+        mine = ledger.filter(ledger["ticket_id"] == ticket_id)
+        assert mine["fate"].to_list() == ["trained"] and mine["attempt"].to_list() == [1]
+        progress = [json.loads(line) for line in (cfg.workdir / "progress" / "learner.jsonl").read_text().splitlines()]
+        assert progress[-1]["reissued"] >= 1
+        recorder.run(cfg, 0, stop=True)
+        _, totals = reconcile_run(cfg.workdir)
+        assert totals["fate_trained"] == STEPS * GROUPS and not any(totals[k] for k in VIOLATIONS), totals
+    finally:
+        MemoryBroker.reset()
