@@ -9,6 +9,7 @@ per-ticket table to `<run>/reconcile.csv`. Exit status 1 if any violation.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import polars as pl
@@ -25,7 +26,15 @@ def reconcile_run(run_dir: Path) -> tuple[pl.DataFrame, dict[str, int]]:
     if not ledger.exists():
         raise FileNotFoundError(f"{ledger} does not exist (is {run_dir} a learner's workdir?)")
     return reconcile(read_topic(lake, "prompts"), read_topic(lake, "trajectories"), read_topic(lake, "scored"),
-                     read_ledger(ledger), read_topic(lake, "deadletter"))
+                     read_ledger(ledger), read_topic(lake, "deadletter"), run_name(run_dir))
+
+
+def run_name(run_dir: Path) -> str | None:
+    """The run's name from the config its launcher wrote (`<run>/config.json`), None without one."""
+    try:
+        return str(json.loads((run_dir / "config.json").read_text())["name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def summary_line(totals: dict[str, int]) -> str:

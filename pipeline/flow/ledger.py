@@ -103,32 +103,47 @@ def read_ledger(path: Path) -> pl.DataFrame:
             .filter(pl.col("fate") != RESUMED))
 
 
-def without_dead_letters(rows: pl.DataFrame, topic: str, dead_letters: pl.DataFrame | None) -> pl.DataFrame:
-    """Lake rows of logical ``topic`` minus the records a consumer dead-lettered whole (a record
-    that failed to decode or validate was never a ticket, group or score of the run). Groups
-    dead-lettered one by one out of a valid message (reason ``invalid_group: ...``) stay: their
-    message's other groups were used."""
+NOT_A_RECORD = ("missing_header", "unknown_schema", "wrong_schema", "unknown_version", "undecodable",
+                "schema_mismatch", "invalid_arrow", "unexpected_null", "empty", "too_large", "unreadable_record",
+                "invalid_message")
+"""Dead-letter reason codes that say a record was never a message of the run: it did not decode
+(`schemas.codec.DecodeError`'s reasons), the client could not read it, or its values failed the
+checks. Any other code (``prompt_too_long``, ``apply_failed``, ``bad_weights``, ...) is a consumer's
+verdict on a valid message, which stays in the accounts."""
+
+
+def without_dead_letters(rows: pl.DataFrame, topic: str, dead_letters: pl.DataFrame | None,
+                         run: str | None = None) -> pl.DataFrame:
+    """Lake rows of logical ``topic`` minus the records a consumer dead-lettered whole because they
+    were never messages of the run (`NOT_A_RECORD`). Groups dead-lettered one by one out of a
+    valid message (``invalid_group: ...``) stay: their message's other groups were used; so do
+    messages a consumer gave a verdict on. With ``run``, only dead letters of that run's own
+    topic count (one of another run, or of a topic named like it, removes nothing)."""
     if dead_letters is None or dead_letters.is_empty() or rows.is_empty() or "_partition" not in rows.columns:
         return rows
-    whole = (dead_letters.filter(pl.col("source_topic").str.ends_with(f".{topic}")
-                                 & ~pl.col("reason").str.starts_with("invalid_group:"))
+    source = (pl.col("source_topic") == f"{run}.{topic}") if run is not None else \
+        pl.col("source_topic").str.ends_with(f".{topic}")
+    code = pl.col("reason").str.split(":").list.first()
+    whole = (dead_letters.filter(source & code.is_in(list(NOT_A_RECORD)))
              .select(pl.col("source_partition").cast(pl.Int32).alias("_partition"),
                      pl.col("source_offset").cast(pl.Int64).alias("_offset")).unique())
     return rows.join(whole, on=["_partition", "_offset"], how="anti")
 
 
 def reconcile(tickets: pl.DataFrame, trajectories: pl.DataFrame, scored: pl.DataFrame,
-              ledger: pl.DataFrame, dead_letters: pl.DataFrame | None = None) -> tuple[pl.DataFrame, dict[str, int]]:
+              ledger: pl.DataFrame, dead_letters: pl.DataFrame | None = None,
+              run: str | None = None) -> tuple[pl.DataFrame, dict[str, int]]:
     """Per issued ticket: copies issued, attempts (issues under a new lease), groups generated and
     scored, and its ledger fates; plus the run's totals and its violations (each must be 0).
 
     ``tickets``, ``trajectories`` and ``scored`` are lake rows (``pipeline.lake.store.read_topic``);
     only their ``ticket_id`` and ``group_id`` columns (and ``attempt``) are used. With the lake's
-    ``dead_letters``, records dead-lettered whole are left out (`without_dead_letters`).
+    ``dead_letters``, records dead-lettered whole as never messages of run ``run`` are left out
+    (`without_dead_letters`).
     """
-    tickets = without_dead_letters(tickets, "prompts", dead_letters)
-    trajectories = without_dead_letters(trajectories, "trajectories", dead_letters)
-    scored = without_dead_letters(scored, "scored", dead_letters)
+    tickets = without_dead_letters(tickets, "prompts", dead_letters, run)
+    trajectories = without_dead_letters(trajectories, "trajectories", dead_letters, run)
+    scored = without_dead_letters(scored, "scored", dead_letters, run)
     def groups_per_ticket(rows: pl.DataFrame, name: str) -> pl.DataFrame:
         if rows.height == 0:
             return pl.DataFrame(schema={"ticket_id": pl.String, name: pl.UInt32})

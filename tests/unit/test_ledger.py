@@ -79,3 +79,19 @@ def test_ledgers_before_leases_read_as_attempt_zero(tmp_path):
     path.write_text('{"step":1,"ticket_id":"e0-000001","group_id":"g","prompt_id":"p","fate":"trained",'
                     '"reason":"","lag":0}\n')
     assert read_ledger(path)["attempt"].to_list() == [0]
+
+
+def test_only_this_runs_dead_letters_of_records_that_never_were_messages_leave_the_accounts():
+    tickets = pl.DataFrame({"ticket_id": ["a", "b", "c", "d"], "group_id": [None] * 4, "attempt": [0] * 4,
+                            "_partition": [0, 0, 0, 0], "_offset": [0, 1, 2, 3]}, schema_overrides={
+                                "_partition": pl.Int32, "_offset": pl.Int64, "attempt": pl.Int32})
+    empty = _rows([])
+    ledger = _ledger([(1, t, "trained") for t in "abcd"])
+    dead = pl.DataFrame({"source_topic": ["run.prompts", "other.prompts", "run.prompts", "evilrun.prompts"],
+                         "source_partition": [0, 0, 0, 0], "source_offset": [0, 1, 2, 3],
+                         "reason": ["invalid_message: bad_id: ...", "undecodable: forged, another run's topic",
+                                    "prompt_too_long: a verdict on a real ticket", "undecodable: x"]})
+    _, totals = reconcile(tickets, empty, empty, ledger, dead, run="run")
+    # a is no ticket of the run; b, c and d stay: b's and d's letters name other runs' topics, c's is a
+    # consumer's verdict on a valid ticket (before: all four left out, and the ledger read as lying).
+    assert totals["tickets"] == 3 and totals["ledger_without_ticket"] == 1
