@@ -3,7 +3,9 @@
 Joins the recorded lake (`<run>/lake`: tickets issued, groups generated, groups scored; records
 dead-lettered whole left out) with the learner's ledger (`<run>/ledger/learner.jsonl`) through `pipeline.flow.ledger.reconcile`, prints the
 totals (fates, re-issues, duplicates caught) and the violations, which must all be zero: a ticket
-trained twice, with several fates, with none, or a fate for a ticket the lake never saw. Writes the
+trained twice, with several fates, with none, a fate for a ticket the lake never saw, or a record
+the recorder could not write as rows (the lake's `unrecorded-<topic>` tables: the accounts would
+be incomplete). Writes the
 per-ticket table to `<run>/reconcile.csv`. Exit status 1 if any violation.
 """
 
@@ -15,7 +17,8 @@ from pathlib import Path
 import polars as pl
 
 from pipeline.flow.ledger import VIOLATIONS, ledger_path, read_ledger, reconcile
-from pipeline.lake.store import read_topic
+from pipeline.lake.store import read_topic, unrecorded_table
+from pipeline.transport.kafka import TOPICS
 
 
 def reconcile_run(run_dir: Path) -> tuple[pl.DataFrame, dict[str, int]]:
@@ -25,8 +28,9 @@ def reconcile_run(run_dir: Path) -> tuple[pl.DataFrame, dict[str, int]]:
     ledger = ledger_path(run_dir)
     if not ledger.exists():
         raise FileNotFoundError(f"{ledger} does not exist (is {run_dir} a learner's workdir?)")
+    unrecorded = sum(read_topic(lake, unrecorded_table(t)).height for t in TOPICS)
     return reconcile(read_topic(lake, "prompts"), read_topic(lake, "trajectories"), read_topic(lake, "scored"),
-                     read_ledger(ledger), read_topic(lake, "deadletter"), run_name(run_dir))
+                     read_ledger(ledger), read_topic(lake, "deadletter"), run_name(run_dir), unrecorded)
 
 
 def run_name(run_dir: Path) -> str | None:

@@ -17,7 +17,7 @@ from prometheus_client import Counter, Gauge
 
 from pipeline.config import RunConfig
 from pipeline.lake.store import LakeWriter
-from pipeline.transport.kafka import TOPICS, Consumer
+from pipeline.transport.kafka import TOPICS, Consumer, dead_letter_row, topic_name
 from schemas import num_rows
 from services.common import StopFlag, worker_id
 from services.metrics import serve
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 ROWS = Counter("rlstream_recorder_rows_total", "Rows written to the lake, by logical topic.", ["topic"])
 FILES = Counter("rlstream_recorder_files_total", "Parquet files written to the lake.")
 BUFFERED = Gauge("rlstream_recorder_buffered_bytes", "Bytes of decoded messages waiting to be written.")
+UNRECORDED = Counter("rlstream_recorder_unrecorded_total", "Records that decoded but could not be written as rows "
+                     "(kept as bytes in the lake's unrecorded-<topic> table), by logical topic.", ["topic"])
 
 
 def lake_dir(cfg: RunConfig):
@@ -60,9 +62,20 @@ def run(cfg: RunConfig, worker_index: int = 0, stop=None) -> None:
 
     def take(deliveries) -> None:
         for d in deliveries:
-            with consumer.guard(d):  # never dies on one record (the topic's own consumer dead-letters it)
+            try:
                 writer.add(d.topic, d.columns, d.partition, d.offset, d.timestamp_ms)
-                rows_by_topic[d.topic] = rows_by_topic.get(d.topic, 0) + num_rows(d.columns)
+            except Exception as e:  # noqa: BLE001 -- one record must not end the recorder, nor vanish
+                # It decoded but cannot be written as rows: its bytes go to the lake's table of
+                # unrecorded records (the reconciliation counts them), never silently past the commit.
+                # If even that fails, the recorder stops before committing past it.
+                log.exception("cannot record %s[%d]@%d as rows; keeping its bytes", d.topic, d.partition, d.offset)
+                reason = f"unrecordable: {type(e).__name__}: {e}"
+                writer.add_unrecorded(d.topic, dead_letter_row(topic_name(cfg.name, d.topic), d.partition, d.offset,
+                                                               d.value, d.headers, reason, len(d.value)),
+                                      d.partition, d.offset, d.timestamp_ms)
+                UNRECORDED.labels(d.topic).inc()
+                continue
+            rows_by_topic[d.topic] = rows_by_topic.get(d.topic, 0) + num_rows(d.columns)
         BUFFERED.set(writer.buffered_bytes)
 
     try:

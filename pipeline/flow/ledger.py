@@ -132,14 +132,15 @@ def without_dead_letters(rows: pl.DataFrame, topic: str, dead_letters: pl.DataFr
 
 def reconcile(tickets: pl.DataFrame, trajectories: pl.DataFrame, scored: pl.DataFrame,
               ledger: pl.DataFrame, dead_letters: pl.DataFrame | None = None,
-              run: str | None = None) -> tuple[pl.DataFrame, dict[str, int]]:
+              run: str | None = None, unrecorded: int = 0) -> tuple[pl.DataFrame, dict[str, int]]:
     """Per issued ticket: copies issued, attempts (issues under a new lease), groups generated and
     scored, and its ledger fates; plus the run's totals and its violations (each must be 0).
 
     ``tickets``, ``trajectories`` and ``scored`` are lake rows (``pipeline.lake.store.read_topic``);
     only their ``ticket_id`` and ``group_id`` columns (and ``attempt``) are used. With the lake's
     ``dead_letters``, records dead-lettered whole as never messages of run ``run`` are left out
-    (`without_dead_letters`).
+    (`without_dead_letters`). ``unrecorded``: records the recorder kept only as bytes (a violation:
+    the lake's accounts miss them).
     """
     tickets = without_dead_letters(tickets, "prompts", dead_letters, run)
     trajectories = without_dead_letters(trajectories, "trajectories", dead_letters, run)
@@ -180,9 +181,10 @@ def reconcile(tickets: pl.DataFrame, trajectories: pl.DataFrame, scored: pl.Data
         no_fate=int((table["fates"] == 0).sum()),
         ledger_without_ticket=int(final.join(issued, on="ticket_id", how="anti").height),
         unresolved=int((table["fate"] == "unresolved").sum()),
+        unrecorded=unrecorded,
     )
     return table, totals
 
 
-VIOLATIONS = ("trained_twice", "several_fates", "no_fate", "ledger_without_ticket", "unresolved")
+VIOLATIONS = ("trained_twice", "several_fates", "no_fate", "ledger_without_ticket", "unresolved", "unrecorded")
 """Totals of :func:`reconcile` that must be zero: nothing counted twice, nothing silently lost."""

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path
 from pipeline.transport.kafka import TOPICS
-from schemas import Columns, to_record_batch
+from schemas import DEAD_LETTER, Columns, to_record_batch
 
 #: The column holding the policy version of each topic's rows (None: no version, stored as -1).
 VERSION_COLUMN: dict[str, str | None] = {
@@ -41,6 +41,11 @@ VERSION_COLUMN: dict[str, str | None] = {
     "deadletter": None,
 }
 META_COLUMNS = ("_partition", "_offset", "_timestamp_ms")
+
+
+def unrecorded_table(topic: str) -> str:
+    """The lake table of the records of logical ``topic`` the recorder could not write as rows."""
+    return f"unrecorded-{topic}"
 
 
 class LakeWriter:
@@ -75,6 +80,18 @@ class LakeWriter:
             rows = batch if versions.size and (versions == v).all() else batch.filter(pa.array(versions == v))
             self._buffers[(topic, int(v))].append(rows)
         self.buffered_rows += n
+        self.buffered_bytes += batch.nbytes
+
+    def add_unrecorded(self, topic: str, dead_letter: Columns, partition: int, offset: int, timestamp_ms: int) -> None:
+        """Buffer a record of logical ``topic`` that could not be recorded as its rows: its bytes
+        and the reason, as a DeadLetter row (``dead_letter``), in the table `unrecorded_table`
+        (``topic`` partition and offset as for any row), so the lake says what it lacks."""
+        batch = to_record_batch(DEAD_LETTER, dead_letter)
+        batch = batch.append_column("_partition", pa.array(np.full(1, partition, np.int32)))
+        batch = batch.append_column("_offset", pa.array(np.full(1, offset, np.int64)))
+        batch = batch.append_column("_timestamp_ms", pa.array(np.full(1, timestamp_ms, np.int64)))
+        self._buffers[(unrecorded_table(topic), -1)].append(batch)
+        self.buffered_rows += 1
         self.buffered_bytes += batch.nbytes
 
     def flush(self) -> list[Path]:

@@ -119,6 +119,33 @@ class TransportError(RuntimeError):
     """Messages could not be delivered to the broker."""
 
 
+def dead_letter_row(full_topic: str, partition: int, offset: int, payload: bytes | None, headers, reason: str,
+                    max_bytes: int) -> Columns:
+    """A DeadLetter message for one record (``payload`` None: it could not be read at all): its
+    source, reason, schema headers, and its bytes cut to ``max_bytes`` with their whole size and
+    sha256."""
+
+    def header(name: str) -> str | None:
+        for key, value in headers:
+            if key == name:
+                return None if value is None else value.decode("utf-8", "replace")
+        return None
+
+    whole = payload if payload is not None else b""
+    return {
+        "source_topic": np.array([full_topic], dtype=object),
+        "source_partition": np.array([partition], dtype=np.int32),
+        "source_offset": np.array([offset], dtype=np.int64),
+        "reason": np.array([reason[:4000]], dtype=object),
+        "schema_header": np.array([header(SCHEMA_HEADER)], dtype=object),
+        "schema_version_header": np.array([header(VERSION_HEADER)], dtype=object),
+        "payload": np.array([whole[:max_bytes]], dtype=object),
+        "payload_bytes": np.array([len(whole) if payload is not None else -1], dtype=np.int64),
+        "payload_sha256": np.array([hashlib.sha256(whole).hexdigest() if payload is not None else ""], dtype=object),
+        "dead_at": np.array([time.time()], dtype=np.float64),
+    }
+
+
 _RECORD_CODE = (os.sep + os.path.join("kafka", "record") + os.sep, os.sep + os.path.join("kafka", "codec.py"))
 _RECORD_FUNCTIONS = frozenset({"_unpack_records", "_parse_fetched_data", "_maybe_raise_next_inline_exception",
                                "_maybe_skip_record"})
@@ -710,27 +737,7 @@ class Consumer:
         log.warning("dead-lettering %s[%d]@%d: %s", full_topic, partition, offset, reason[:500])
         DEAD_LETTERS.labels(_logical_of(full_topic), code).inc()
         self.stats["deadlettered"] += 1
-
-        def header(name: str) -> str | None:
-            for key, value in headers:
-                if key == name:
-                    return None if value is None else value.decode("utf-8", "replace")
-            return None
-
-        whole = payload if payload is not None else b""
-        row: Columns = {
-            "source_topic": np.array([full_topic], dtype=object),
-            "source_partition": np.array([partition], dtype=np.int32),
-            "source_offset": np.array([offset], dtype=np.int64),
-            "reason": np.array([reason[:4000]], dtype=object),
-            "schema_header": np.array([header(SCHEMA_HEADER)], dtype=object),
-            "schema_version_header": np.array([header(VERSION_HEADER)], dtype=object),
-            "payload": np.array([whole[: self._dead_letter_max]], dtype=object),
-            "payload_bytes": np.array([len(whole) if payload is not None else -1], dtype=np.int64),
-            "payload_sha256": np.array([hashlib.sha256(whole).hexdigest() if payload is not None else ""],
-                                       dtype=object),
-            "dead_at": np.array([time.time()], dtype=np.float64),
-        }
+        row = dead_letter_row(full_topic, partition, offset, payload, headers, reason, self._dead_letter_max)
         self._deadletter.send(topic_name(self._run, "deadletter"), DEAD_LETTER, row)
 
     def positions(self) -> dict[PartitionKey, int]:

@@ -95,3 +95,11 @@ def test_only_this_runs_dead_letters_of_records_that_never_were_messages_leave_t
     # a is no ticket of the run; b, c and d stay: b's and d's letters name other runs' topics, c's is a
     # consumer's verdict on a valid ticket (before: all four left out, and the ledger read as lying).
     assert totals["tickets"] == 3 and totals["ledger_without_ticket"] == 1
+
+
+def test_records_the_recorder_kept_only_as_bytes_are_a_violation():
+    from pipeline.flow.ledger import VIOLATIONS
+
+    tickets = _rows([("a", None)])
+    _, totals = reconcile(tickets, _rows([]), _rows([]), _ledger([(1, "a", "trained")]), unrecorded=2)
+    assert "unrecorded" in VIOLATIONS and totals["unrecorded"] == 2

@@ -1,4 +1,4 @@
-"""The reward service's loop in-process, on the in-memory transport tier: trajectories in, scored
+"""The reward service's (and the recorder's) loop in-process, on the in-memory transport tier: trajectories in, scored
 groups and ERPO temperatures out, a ticket's second group scored but not counted twice, a hostile
 record dead-lettered, commits that follow the per-partition snapshots, and a second worker taking
 half of the partitions with their state. (The real-broker and kill tests of the same service are
@@ -149,3 +149,29 @@ def test_a_group_under_another_prompts_key_is_dead_lettered_not_scored(cfg):
     dead = _read(cfg, "deadletter")
     assert sorted(d.columns["reason"][0].split(":")[0] for d in dead) == ["miskeyed", "miskeyed"]
     assert worker.groups == 1
+
+
+def test_a_record_the_recorder_cannot_write_is_kept_as_bytes_in_the_lake(cfg, monkeypatch):
+    # A trajectory that decodes but whose lake write raises: before, the recorder logged it and
+    # committed past it; the lake lost it with no trace. Now its bytes are in the lake's
+    # unrecorded-trajectories table and the reconciliation counts it.
+    from pipeline.lake.store import LakeWriter, read_topic, unrecorded_table
+    from services import recorder
+
+    _send(cfg, [trajectory_group("e0-000001", "p1"), trajectory_group("e0-000002", "p2")])
+    real_add = LakeWriter.add
+
+    def add(self, topic, columns, partition, offset, timestamp_ms):
+        if topic == "trajectories" and columns["ticket_id"][0] == "e0-000002":
+            raise OSError("no space left on device")
+        return real_add(self, topic, columns, partition, offset, timestamp_ms)
+
+    monkeypatch.setattr(LakeWriter, "add", add)
+    recorder.run(cfg, 0, stop=True)
+    lake = cfg.workdir / "lake"
+    assert read_topic(lake, "trajectories")["ticket_id"].unique().to_list() == ["e0-000001"]
+    [kept] = read_topic(lake, unrecorded_table("trajectories")).iter_rows(named=True)
+    assert kept["source_topic"] == "r.trajectories" and kept["reason"].startswith("unrecordable: OSError")
+    sent = [d for d in _read(cfg, "trajectories") if d.columns["ticket_id"][0] == "e0-000002"]
+    assert kept["payload"] == sent[0].value and kept["payload_bytes"] == len(sent[0].value)
+    assert (kept["_partition"], kept["_offset"]) == (sent[0].partition, sent[0].offset)
