@@ -261,7 +261,7 @@ class Rollout:
                 lengths = [len(ids) for ids in self.engine.format.encode([r["text"] for r in rows])]
                 if max(lengths) > self.engine.max_prompt_tokens:
                     raise RecordRejected("prompt_too_long",
-                                         f"invalid_message: prompt_too_long: {max(lengths)} prompt tokens; this engine "
+                                         f"prompt_too_long: {max(lengths)} prompt tokens; this engine "
                                          f"takes at most {self.engine.max_prompt_tokens} (context - max_new_tokens)")
                 for r in rows:
                     if (r["ticket_id"], int(r["attempt"])) in self.done:
