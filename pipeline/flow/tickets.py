@@ -16,7 +16,8 @@ injected (`now` arguments), so the rules are unit-tested without a broker:
   budget, group size x longest completion, over the generation speed `GenerationSpeed` measures
   from the groups that come back), so a slow but healthy pipeline is not flooded with re-issues.
   Until the first group of a run has come back the speed is unknown, and a lease lasts
-  ``first_group_s`` (a model that generates slowly is not re-issued from its first ticket on). Stages de-duplicate their own output by (ticket, attempt)
+  ``first_group_s`` (a model that generates slowly is not re-issued from its first ticket on).
+  Stages de-duplicate their own output by (ticket, attempt)
   and effects by ticket: the learner trains the first complete group of a ticket and records any
   later one as a duplicate.
 - `IssueLog`: the position reached and the attempts of outstanding tickets, rewritten after every
