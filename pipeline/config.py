@@ -176,14 +176,8 @@ class WordProblemsTaskConfig(_Strict):
     eval_size: int = Field(200, ge=1, le=100_000)
     """Number of held-out problems for before/after evaluation."""
 
-    @model_validator(mode="after")
-    def _some_weight(self) -> WordProblemsTaskConfig:
-        if any(w < 0 for w in self.difficulty_weights) or sum(self.difficulty_weights) <= 0:
-            raise ValueError("task.difficulty_weights must be >= 0 with a positive sum")
-        return self
-
-    def difficulty_weights_map(self) -> dict[int, float]:
-        return {i + 1: w for i, w in enumerate(self.difficulty_weights) if w > 0}
+    _some_weight = ArithmeticTaskConfig._some_weight
+    difficulty_weights_map = ArithmeticTaskConfig.difficulty_weights_map
 
 
 TaskConfig = Annotated[ArithmeticTaskConfig | WordProblemsTaskConfig | FileTaskConfig, Field(discriminator="kind")]

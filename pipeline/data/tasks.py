@@ -64,14 +64,19 @@ def _make_problem(rng: np.random.Generator, difficulty: int, ops: str) -> Proble
     return Problem(prompt_id_of(text), text, str(total), difficulty)
 
 
-def _draws(seed: int, difficulties: dict[int, float], ops: str):
-    """Endless problems (either split), each of a difficulty drawn with the given weights."""
+def _level_weights(difficulties: dict[int, float], known, what: str) -> tuple[list[int], np.ndarray]:
+    """The levels (each checked against ``known``) and their sampling probabilities."""
     levels = sorted(difficulties)
     for d in levels:
-        if d not in DIFFICULTY_LEVELS:
-            raise ValueError(f"unknown difficulty {d}; known: {sorted(DIFFICULTY_LEVELS)}")
+        if d not in known:
+            raise ValueError(f"unknown {what} {d}; known: {sorted(known)}")
     weights = np.array([difficulties[d] for d in levels], dtype=np.float64)
-    weights /= weights.sum()
+    return levels, weights / weights.sum()
+
+
+def _draws(seed: int, difficulties: dict[int, float], ops: str):
+    """Endless problems (either split), each of a difficulty drawn with the given weights."""
+    levels, weights = _level_weights(difficulties, DIFFICULTY_LEVELS, "difficulty")
     rng = np.random.default_rng(seed)
     while True:
         yield _make_problem(rng, levels[int(rng.choice(len(levels), p=weights))], ops)
@@ -155,12 +160,7 @@ def word_problems(n: int, seed: int, difficulties: dict[int, float], split: str 
     each of a level drawn with the given weights (`WORD_LEVELS`)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    levels = sorted(difficulties)
-    for d in levels:
-        if d not in WORD_LEVELS:
-            raise ValueError(f"unknown word-problem level {d}; known: {sorted(WORD_LEVELS)}")
-    weights = np.array([difficulties[d] for d in levels], dtype=np.float64)
-    weights /= weights.sum()
+    levels, weights = _level_weights(difficulties, WORD_LEVELS, "word-problem level")
     rng = np.random.default_rng(seed)
     out: dict[str, Problem] = {}
     for _ in range(50 * n + 1000):

@@ -68,7 +68,7 @@ def triage(group: Columns, *, book: TicketBook, learner_version: int, now: float
     if version > learner_version and not offline:
         return Outcome(DEAD_LETTER, f"invalid_group: future_version: policy_version {version} is ahead of the "
                                     f"learner's v{learner_version}", code="future_version")
-    tokens = sum(len(ids) for ids in group["completion_token_ids"]) if "completion_token_ids" in group else 0
+    tokens = int(group["completion_token_ids"].lengths().sum()) if "completion_token_ids" in group else 0
     verdict = book.arrival(tid, pid, int(group["attempt"][0]), now, tokens)
     if verdict == "unknown":
         return Outcome(DEAD_LETTER, f"invalid_group: unknown_ticket: {tid!r} is not a ticket of this run for "
