@@ -92,6 +92,12 @@ class KafkaConfig(_Strict):
     """Private key (PEM) of `ssl_certfile`."""
     ssl_check_hostname: bool = True
     """Verify that the broker's certificate matches its host name."""
+    dead_letter_key_file: Path | None = None
+    """File holding the run's dead-letter key (at least 16 bytes; the embedded launcher writes 32
+    random ones to `<run>/dead-letter.key`). Every service's consumer signs its dead letters with it
+    (`pipeline.transport.signature`) and the reconcile and the replay let only signed dead letters
+    take records out of the run's accounts, so a dead letter written by anyone else hides nothing.
+    Null: dead letters go unsigned and only the source topic's run name is checked."""
     outage_timeout_s: float = Field(300.0, ge=1)
     """How long a producer waits for the broker to acknowledge its sends (a broker restart or
     outage) before the service gives up and exits for its supervisor to restart it."""

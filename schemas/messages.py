@@ -207,7 +207,7 @@ POLICY_UPDATE = MessageKind(
 
 DEAD_LETTER = MessageKind(
     name="DeadLetter",
-    version=2,
+    version=3,
     doc="A consumed record that could not be read, decoded, validated or applied (its value kept byte for byte, "
         "cut to fit the producer's request size), or one invalid group of a decoded message (re-encoded as its "
         "kind). Any consumer -> operators.",
@@ -248,6 +248,10 @@ DEAD_LETTER = MessageKind(
             _field("payload_sha256", pa.string(), "Hex sha256 of the whole value (empty if unreadable)."),
             # Unix time (s) it was dead-lettered.
             _field("dead_at", pa.float64(), "Unix time (s) it was dead-lettered."),
+            # HMAC-SHA256 under the run's dead-letter key (pipeline.transport.signature), "" unsigned (v3).
+            _field("signature", pa.string(),
+                   "Hex HMAC-SHA256 of source, reason code and payload_sha256 under the run's dead-letter key; "
+                   "empty if the consumer had no key. Only signed dead letters leave a run's accounts."),
         ]
     ),
 )

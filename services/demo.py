@@ -24,6 +24,7 @@ from pathlib import Path
 
 from infra.broker import Broker, die_with_parent
 from pipeline.config import ConfigError, RunConfig
+from pipeline.transport.signature import create_key
 from services.metrics import serve
 from services.supervisor import GaveUp, Supervisor, tail
 
@@ -232,7 +233,11 @@ def run(cfg: RunConfig) -> int:
                   f"(data in {store.data_dir})", flush=True)
         broker.start()
         child_cfg = cfg.model_copy(update={
-            "workdir": run_dir, "kafka": cfg.kafka.model_copy(update={"bootstrap_servers": broker.bootstrap}),
+            "workdir": run_dir,
+            "kafka": cfg.kafka.model_copy(update={
+                "bootstrap_servers": broker.bootstrap,
+                # the services sign their dead letters with it; the reconcile trusts only those
+                "dead_letter_key_file": cfg.kafka.dead_letter_key_file or create_key(run_dir / "dead-letter.key")}),
             "model": cfg.model.model_copy(update={"path": policy_path, "pretrained": None})})
         # The whole resolved config: `rlstream rollout --run-dir <run>` joins this run with it.
         (run_dir / "config.json").write_text(child_cfg.model_dump_json(indent=2))

@@ -1,7 +1,8 @@
 """`rlstream replay LAKE`: re-publish a recorded run into the topics of a fresh run.
 
 Reads a topic of the lake (default `scored`, what a learner consumes), de-duplicated, in broker
-order (time, then partition and offset), leaves out the records its consumers dead-lettered whole,
+order (time, then partition and offset), leaves out the records its consumers dead-lettered whole (signed dead letters of the recorded
+run only, when the lake sits in its run folder),
 and sends every other recorded message again, unchanged, to
 `<run>.<topic>` of the run named in the config (`--set name=...`): the same Arrow bytes, the same
 key (prompt_id), so a learner started on that run with ``learner.offline = true`` trains from the
@@ -23,6 +24,7 @@ from pipeline.flow.ledger import without_dead_letters
 from pipeline.lake.store import META_COLUMNS, read_topic, upgrade
 from pipeline.transport.kafka import POLICY_KEY, TOPICS, Producer, ensure_topics, topic_name
 from schemas import encode_batch, headers_for
+from services.reconcile import run_identity
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,8 @@ def run(cfg: RunConfig, lake: Path, topic: str = "scored") -> int:
     if df.is_empty():
         raise ValueError(f"{lake} holds no {topic!r} messages")
     df = upgrade(df, topic)  # a lake recorded under an older schema version
-    kept = without_dead_letters(df, topic, read_topic(lake, "deadletter"))
+    name, key = run_identity(Path(lake).parent)  # the recorded run's, when the lake is in its run folder
+    kept = without_dead_letters(df, topic, read_topic(lake, "deadletter"), name, key)
     if kept.height < df.height:
         log.info("leaving out %d rows of records a consumer dead-lettered whole", df.height - kept.height)
     df = kept

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import polars as pl
 
+from pipeline.transport import signature
+
 RESUMED = "resumed"
 """Marker row: the run continued from the checkpoint of its step."""
 FINAL_FATES = ("trained", "dropped_stale", "dropped_all_wrong", "dropped_all_correct", "abandoned", "invalid", "unused",
@@ -112,39 +114,65 @@ checks. Any other code (``prompt_too_long``, ``apply_failed``, ``bad_weights``, 
 verdict on a valid message, which stays in the accounts."""
 
 
+def trusted_dead_letters(dead_letters: pl.DataFrame | None, run: str | None = None,
+                         key: bytes | None = None) -> tuple[pl.DataFrame, int]:
+    """The dead letters that may take a record out of a run's accounts, and how many others claimed
+    to: those that say the record was never a message of the run (`NOT_A_RECORD`), name a topic of
+    run ``run`` (when given) and, with the run's dead-letter ``key``, carry a valid signature
+    (`pipeline.transport.signature`); a dead letter of another run, or forged by anyone without the
+    key, is refused. A consumer's verdict on a valid message (any other reason code) never
+    counts. Returns (source_topic, _partition, _offset) rows and the number refused."""
+    empty = pl.DataFrame(schema={"source_topic": pl.String, "_partition": pl.Int32, "_offset": pl.Int64})
+    if dead_letters is None or dead_letters.is_empty():
+        return empty, 0
+    claims = dead_letters.filter(pl.col("reason").str.split(":").list.first().is_in(list(NOT_A_RECORD)))
+    ok = pl.lit(True)
+    if run is not None:
+        ok = pl.col("source_topic").str.starts_with(f"{run}.")
+    if key is not None:
+        signed = [signature.verify(key, r["source_topic"], r["source_partition"], r["source_offset"], r["reason"],
+                                   r.get("payload_sha256") or "", r.get("signature"))
+                  for r in claims.iter_rows(named=True)]
+        ok = ok & pl.Series(signed, dtype=pl.Boolean)
+    trusted = claims.filter(ok) if claims.height else claims
+    rows = trusted.select(pl.col("source_topic").cast(pl.String),
+                          pl.col("source_partition").cast(pl.Int32).alias("_partition"),
+                          pl.col("source_offset").cast(pl.Int64).alias("_offset")).unique()
+    return rows, claims.height - trusted.height
+
+
 def without_dead_letters(rows: pl.DataFrame, topic: str, dead_letters: pl.DataFrame | None,
-                         run: str | None = None) -> pl.DataFrame:
+                         run: str | None = None, key: bytes | None = None) -> pl.DataFrame:
     """Lake rows of logical ``topic`` minus the records a consumer dead-lettered whole because they
-    were never messages of the run (`NOT_A_RECORD`). Groups dead-lettered one by one out of a
-    valid message (``invalid_group: ...``) stay: their message's other groups were used; so do
-    messages a consumer gave a verdict on. With ``run``, only dead letters of that run's own
-    topic count (one of another run, or of a topic named like it, removes nothing)."""
-    if dead_letters is None or dead_letters.is_empty() or rows.is_empty() or "_partition" not in rows.columns:
+    were never messages of the run (`trusted_dead_letters`: of run ``run`` and signed with ``key``,
+    where given). Groups dead-lettered one by one out of a valid message (``invalid_group: ...``)
+    stay: their message's other groups were used; so do messages a consumer gave a verdict on."""
+    if rows.is_empty() or "_partition" not in rows.columns:
         return rows
-    source = (pl.col("source_topic") == f"{run}.{topic}") if run is not None else \
-        pl.col("source_topic").str.ends_with(f".{topic}")
-    code = pl.col("reason").str.split(":").list.first()
-    whole = (dead_letters.filter(source & code.is_in(list(NOT_A_RECORD)))
-             .select(pl.col("source_partition").cast(pl.Int32).alias("_partition"),
-                     pl.col("source_offset").cast(pl.Int64).alias("_offset")).unique())
+    trusted, _ = trusted_dead_letters(dead_letters, run, key)
+    whole = (trusted.filter(pl.col("source_topic").str.ends_with(f".{topic}"))
+             .select("_partition", "_offset").unique())
     return rows.join(whole, on=["_partition", "_offset"], how="anti")
 
 
 def reconcile(tickets: pl.DataFrame, trajectories: pl.DataFrame, scored: pl.DataFrame,
               ledger: pl.DataFrame, dead_letters: pl.DataFrame | None = None,
-              run: str | None = None, unrecorded: int = 0) -> tuple[pl.DataFrame, dict[str, int]]:
+              run: str | None = None, unrecorded: int = 0,
+              key: bytes | None = None) -> tuple[pl.DataFrame, dict[str, int]]:
     """Per issued ticket: copies issued, attempts (issues under a new lease), groups generated and
     scored, and its ledger fates; plus the run's totals and its violations (each must be 0).
 
     ``tickets``, ``trajectories`` and ``scored`` are lake rows (``pipeline.lake.store.read_topic``);
     only their ``ticket_id`` and ``group_id`` columns (and ``attempt``) are used. With the lake's
     ``dead_letters``, records dead-lettered whole as never messages of run ``run`` are left out
-    (`without_dead_letters`). ``unrecorded``: records the recorder kept only as bytes (a violation:
-    the lake's accounts miss them).
+    (`without_dead_letters`; with the run's dead-letter ``key``, only signed dead letters count, and
+    `dead_letters_refused` says how many others claimed a record). ``unrecorded``: records the
+    recorder kept only as bytes (a violation: the lake's accounts miss them).
     """
-    tickets = without_dead_letters(tickets, "prompts", dead_letters, run)
-    trajectories = without_dead_letters(trajectories, "trajectories", dead_letters, run)
-    scored = without_dead_letters(scored, "scored", dead_letters, run)
+    tickets = without_dead_letters(tickets, "prompts", dead_letters, run, key)
+    trajectories = without_dead_letters(trajectories, "trajectories", dead_letters, run, key)
+    scored = without_dead_letters(scored, "scored", dead_letters, run, key)
+    _, refused = trusted_dead_letters(dead_letters, run, key)
     def groups_per_ticket(rows: pl.DataFrame, name: str) -> pl.DataFrame:
         if rows.height == 0:
             return pl.DataFrame(schema={"ticket_id": pl.String, name: pl.UInt32})
@@ -175,6 +203,7 @@ def reconcile(tickets: pl.DataFrame, trajectories: pl.DataFrame, scored: pl.Data
         generated_more_than_once=int((table["generated"] > 1).sum()),
         scored_more_than_once=int((table["scored"] > 1).sum()),
         duplicates_ignored=int(table["duplicates_ignored"].sum()),
+        dead_letters_refused=refused,
         # Violations:
         trained_twice=int((table["trained"] > 1).sum()),
         several_fates=int((table["fates"] > 1).sum()),

@@ -113,9 +113,11 @@ class LakeWriter:
 def upgrade(rows: pl.DataFrame, topic: str) -> pl.DataFrame:
     """Rows recorded under an older schema version, with the columns added since filled in:
     ``attempt`` 0 (before ticket leases, every group answered a ticket's first issue), a dead
-    letter's ``payload_bytes`` and ``payload_sha256`` (-1 and "" : not recorded)."""
+    letter's ``payload_bytes``, ``payload_sha256`` and ``signature`` (-1, "" and "": not recorded,
+    unsigned)."""
     names = TOPICS[topic].kind.schema.names
-    fill = {"attempt": pl.lit(0, pl.Int32), "payload_bytes": pl.lit(-1, pl.Int64), "payload_sha256": pl.lit("")}
+    fill = {"attempt": pl.lit(0, pl.Int32), "payload_bytes": pl.lit(-1, pl.Int64), "payload_sha256": pl.lit(""),
+            "signature": pl.lit("")}
     missing = [pl_col.alias(name) for name, pl_col in fill.items() if name in names and name not in rows.columns]
     return rows.with_columns(missing) if missing else rows
 

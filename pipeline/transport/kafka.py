@@ -71,6 +71,7 @@ from kafka.errors import (
 from kafka.producer.future import FutureRecordMetadata
 
 from pipeline.config import KafkaConfig
+from pipeline.transport import signature
 from pipeline.transport.memory import MemoryBroker, MemoryConsumerClient, MemoryProducerClient, is_memory
 from schemas import (
     DEAD_LETTER,
@@ -121,10 +122,10 @@ class TransportError(RuntimeError):
 
 
 def dead_letter_row(full_topic: str, partition: int, offset: int, payload: bytes | None, headers, reason: str,
-                    max_bytes: int) -> Columns:
+                    max_bytes: int, key: bytes | None = None) -> Columns:
     """A DeadLetter message for one record (``payload`` None: it could not be read at all): its
     source, reason, schema headers, and its bytes cut to ``max_bytes`` with their whole size and
-    sha256."""
+    sha256; signed with ``key`` (`pipeline.transport.signature`) when there is one."""
 
     def header(name: str) -> str | None:
         for key, value in headers:
@@ -133,17 +134,21 @@ def dead_letter_row(full_topic: str, partition: int, offset: int, payload: bytes
         return None
 
     whole = payload if payload is not None else b""
+    digest = hashlib.sha256(whole).hexdigest() if payload is not None else ""
+    reason = reason[:4000]
     return {
         "source_topic": np.array([full_topic], dtype=object),
         "source_partition": np.array([partition], dtype=np.int32),
         "source_offset": np.array([offset], dtype=np.int64),
-        "reason": np.array([reason[:4000]], dtype=object),
+        "reason": np.array([reason], dtype=object),
         "schema_header": np.array([header(SCHEMA_HEADER)], dtype=object),
         "schema_version_header": np.array([header(VERSION_HEADER)], dtype=object),
         "payload": np.array([whole[:max_bytes]], dtype=object),
         "payload_bytes": np.array([len(whole) if payload is not None else -1], dtype=np.int64),
-        "payload_sha256": np.array([hashlib.sha256(whole).hexdigest() if payload is not None else ""], dtype=object),
+        "payload_sha256": np.array([digest], dtype=object),
         "dead_at": np.array([time.time()], dtype=np.float64),
+        "signature": np.array([signature.sign(key, full_topic, partition, offset, reason, digest)
+                               if key is not None else ""], dtype=object),
     }
 
 
@@ -556,6 +561,8 @@ class Consumer:
         """What `on_assign`/`on_revoke` raised inside the client, to raise from `poll` as it was."""
         self._positions: dict[PartitionKey, int] = {}
         self._dead_letter_max = max(1024, cfg.max_message_bytes - 64 * 1024)
+        self._dead_letter_key = (signature.read_key(cfg.dead_letter_key_file)
+                                 if cfg.dead_letter_key_file is not None and deadletter is not None else None)
         self._max_decoded_bytes = cfg.max_decoded_bytes
         self.stats: dict[str, int] = {"delivered": 0, "deadlettered": 0, "dropped": 0}
         """Records decoded and returned; sent to dead letters; unusable and not kept."""
@@ -738,7 +745,8 @@ class Consumer:
         log.warning("dead-lettering %s[%d]@%d: %s", full_topic, partition, offset, reason[:500])
         DEAD_LETTERS.labels(_logical_of(full_topic), code).inc()
         self.stats["deadlettered"] += 1
-        row = dead_letter_row(full_topic, partition, offset, payload, headers, reason, self._dead_letter_max)
+        row = dead_letter_row(full_topic, partition, offset, payload, headers, reason, self._dead_letter_max,
+                              self._dead_letter_key)
         self._deadletter.send(topic_name(self._run, "deadletter"), DEAD_LETTER, row)
 
     def positions(self) -> dict[PartitionKey, int]:

@@ -103,3 +103,30 @@ def test_records_the_recorder_kept_only_as_bytes_are_a_violation():
     tickets = _rows([("a", None)])
     _, totals = reconcile(tickets, _rows([]), _rows([]), _ledger([(1, "a", "trained")]), unrecorded=2)
     assert "unrecorded" in VIOLATIONS and totals["unrecorded"] == 2
+
+
+def test_with_the_runs_key_only_signed_dead_letters_leave_the_accounts():
+    """A dead letter anyone could write (unsigned, signed with another key, a real signature moved
+    to another record or to another reason code) hides nothing; one the run's consumers signed does."""
+    from pipeline.transport.signature import sign
+
+    key, other = b"k" * 32, b"o" * 32
+    tickets = pl.DataFrame({"ticket_id": list("abcde"), "group_id": [None] * 5, "attempt": [0] * 5,
+                            "_partition": [0] * 5, "_offset": [0, 1, 2, 3, 4]}, schema_overrides={
+                                "_partition": pl.Int32, "_offset": pl.Int64, "attempt": pl.Int32})
+    ledger = _ledger([(1, t, "trained") for t in "bcde"])
+    reason, digest = "undecodable: not Arrow", "ab" * 32
+    good = sign(key, "run.prompts", 0, 0, reason, digest)
+    verdict = sign(key, "run.prompts", 0, 4, "prompt_too_long: 900 tokens", digest)
+    dead = pl.DataFrame({
+        "source_topic": ["run.prompts"] * 5, "source_partition": [0] * 5, "source_offset": [0, 1, 2, 3, 4],
+        "reason": [reason, reason, reason, reason, "undecodable: relabelled verdict"],
+        "payload_sha256": [digest] * 5,
+        "signature": [good, "", sign(other, "run.prompts", 0, 2, reason, digest), good, verdict]})
+    _, totals = reconcile(tickets, _rows([]), _rows([]), ledger, dead, run="run", key=key)
+    # only a's dead letter is the run's: b, c, d and e stay tickets, and their trained fates match
+    assert totals["tickets"] == 4 and totals["ledger_without_ticket"] == 0
+    assert totals["dead_letters_refused"] == 4
+    # without the key (a run from before signatures) the same letters would have hidden every ticket
+    _, unsigned = reconcile(tickets, _rows([]), _rows([]), ledger, dead, run="run")
+    assert unsigned["tickets"] == 0

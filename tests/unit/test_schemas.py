@@ -112,6 +112,7 @@ COLUMNS: dict[str, Columns] = {
         "payload_bytes": np.array([9, 1 << 26], dtype=np.int64),
         "payload_sha256": _s("cd" * 32, "ef" * 32),
         "dead_at": np.array([1.7e9, 1.7e9 + 1], dtype=np.float64),
+        "signature": _s("01" * 32, ""),
     },
 }
 

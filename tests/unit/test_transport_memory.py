@@ -82,6 +82,27 @@ def test_undecodable_bytes_are_dead_lettered_and_consumption_goes_on(mem):
     dead = _drain(Consumer(mem, "r", ["deadletter"], group_id=None, client_id="d", deadletter=None))
     assert len(dead) == 1 and dead[0].columns["payload"][0] == b"\x00not arrow"
     assert dead[0].columns["reason"][0].startswith("undecodable")
+    assert dead[0].columns["signature"][0] == ""  # no dead-letter key configured
+
+
+def test_dead_letters_are_signed_with_the_runs_key(mem, tmp_path):
+    from pipeline.transport.signature import create_key, read_key, verify
+
+    cfg = mem.model_copy(update={"dead_letter_key_file": create_key(tmp_path / "dead-letter.key")})
+    assert (tmp_path / "dead-letter.key").stat().st_mode & 0o777 == 0o600
+    p = Producer(cfg, "test")
+    p.send_raw(topic_name("r", "trajectories"), b"\x00not arrow", headers_for(TRAJECTORY), key=b"x")
+    p.flush()
+    c = Consumer(cfg, "r", ["trajectories"], group_id="g", client_id="c", deadletter=p)
+    _drain(c)
+    (dead,) = _drain(Consumer(mem, "r", ["deadletter"], group_id=None, client_id="d", deadletter=None))
+    row = {k: v[0] for k, v in dead.columns.items()}
+    key = read_key(tmp_path / "dead-letter.key")
+    fields = (row["source_topic"], row["source_partition"], row["source_offset"], row["reason"], row["payload_sha256"])
+    assert verify(key, *fields, row["signature"])
+    assert not verify(b"another run's key", *fields, row["signature"])
+    assert not verify(key, row["source_topic"], row["source_partition"], row["source_offset"] + 1, *fields[3:],
+                      row["signature"])
 
 
 def test_group_members_share_partitions_and_a_stale_member_cannot_commit(mem):
