@@ -187,6 +187,12 @@ class Reward:
                 self.consumer.dead_letter(d, g, "miskeyed", f"miskeyed: record key {d.key!r} is not the group's "
                                                             f"prompt_id {pid!r}")
                 GROUP_FATES.labels("invalid").inc()
+            elif (home := self.consumer.home_partition(d.topic, d.key)) is not None and home != d.partition:
+                # The right key in the wrong partition (a producer that chose the partition): the
+                # same split history.
+                self.consumer.dead_letter(d, g, "miskeyed", f"miskeyed: key {d.key!r} belongs in partition {home}, "
+                                                            f"the record was in partition {d.partition}")
+                GROUP_FATES.labels("invalid").inc()
             elif self.history.scored_already(d.partition, str(g["ticket_id"][0]), int(g["attempt"][0])):
                 GROUP_FATES.labels("duplicate").inc()
             else:

@@ -42,6 +42,7 @@ import re
 import threading
 import time
 import traceback
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -58,6 +59,7 @@ from kafka import (
     TopicPartition,
 )
 from kafka.admin import NewTopic
+from kafka.partitioner.default import murmur2
 from kafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
@@ -594,6 +596,19 @@ class Consumer:
             if time.monotonic() > deadline:
                 raise TransportError(f"topics {missing} not found (run ensure_topics first)")
             time.sleep(0.1)
+
+    def home_partition(self, topic: str, key: bytes) -> int | None:
+        """The partition a producer's partitioner sends ``key`` to on logical ``topic`` (Kafka's
+        murmur2 of the key, as kafka-python and the Java client hash it; the in-memory broker's
+        crc32), from the topic's partition count as this consumer sees it; None while that count
+        is unknown. A record found elsewhere was placed there by hand, not by its key."""
+        parts = self._consumer.partitions_for_topic(topic_name(self._run, topic))
+        if not parts:
+            return None
+        ordered = sorted(parts)
+        if isinstance(self._consumer, MemoryConsumerClient):
+            return ordered[zlib.crc32(key) % len(ordered)]
+        return ordered[(murmur2(key) & 0x7FFFFFFF) % len(ordered)]
 
     def _logical_key(self, tp: TopicPartition) -> PartitionKey:
         return self._logical[tp.topic], tp.partition

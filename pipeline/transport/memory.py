@@ -121,12 +121,18 @@ class MemoryBroker:
     def partitions_of(self, topic: str) -> int:
         return len(self.topics.get(topic, ()))
 
-    def append(self, topic: str, key: bytes | None, value: bytes, headers) -> Record:
+    def append(self, topic: str, key: bytes | None, value: bytes, headers, partition: int | None = None) -> Record:
+        """Add a record where its key hashes to (or the emptiest partition), or to ``partition``
+        when given (as a Kafka producer may choose one)."""
         with self.cond:
             if topic not in self.topics:
                 raise KafkaError(f"unknown topic {topic!r} (topics are not created automatically)")
             parts = self.topics[topic]
-            p = zlib.crc32(key) % len(parts) if key is not None else min(range(len(parts)), key=lambda i: len(parts[i]))
+            if partition is not None:
+                p = partition
+            else:
+                p = (zlib.crc32(key) % len(parts) if key is not None
+                     else min(range(len(parts)), key=lambda i: len(parts[i])))
             rec = Record(topic, p, len(parts[p]), int(time.time() * 1000), key, bytes(value), list(headers or []))
             lost = self._to_lose.get(topic, 0) > 0
             if lost:

@@ -7,6 +7,7 @@ in tests/integration and tests/faults.)"""
 from __future__ import annotations
 
 import uuid
+import zlib
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from pipeline.config import RunConfig
 from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
 from pipeline.transport.memory import MemoryBroker
 from pipeline.verify.verifier import VerifierPool
-from schemas import TRAJECTORY, headers_for
+from schemas import TRAJECTORY, encode, headers_for
 from services.reward import Reward
 
 PARTS = 4
@@ -148,6 +149,26 @@ def test_a_group_under_another_prompts_key_is_dead_lettered_not_scored(cfg):
     assert sorted({d.columns["prompt_id"][0] for d in scored}) == ["p1"]
     dead = _read(cfg, "deadletter")
     assert sorted(d.columns["reason"][0].split(":")[0] for d in dead) == ["miskeyed", "miskeyed"]
+    assert worker.groups == 1
+
+
+def test_a_group_with_its_own_key_in_another_partition_is_dead_lettered_not_scored(cfg):
+    # The right key, but a producer chose the partition: p1's ERPO history would start a second
+    # time in a partition its key does not hash to (before: scored and applied there).
+    topic = topic_name("r", "trajectories")
+    broker = MemoryBroker.named(cfg.kafka.bootstrap_servers)
+    home = zlib.crc32(b"p1") % broker.partitions_of(topic)
+    g = trajectory_group("e0-000001", "p1")
+    broker.append(topic, b"p1", encode(TRAJECTORY, g), headers_for(TRAJECTORY),
+                  partition=(home + 1) % broker.partitions_of(topic))
+    p = Producer(cfg.kafka, "rollout")
+    p.send(topic, TRAJECTORY, trajectory_group("e0-000002", "p1"), key=b"p1")  # the same prompt, at home
+    p.flush()
+    worker = Reward(cfg, 0)
+    _steps(worker)
+    assert [d.columns["ticket_id"][0] for d in _read(cfg, "scored")] == ["e0-000002"]
+    (dead,) = _read(cfg, "deadletter")
+    assert dead.columns["reason"][0].startswith(f"miskeyed: key b'p1' belongs in partition {home}")
     assert worker.groups == 1
 
 
