@@ -170,22 +170,28 @@ class Lead:
             self.consumer.dead_letter(d, r.columns, r.code, r.reason)
             state.invalid += 1
         for group in groups:
-            out = triage(group, book=self.book, learner_version=state.version, now=time.monotonic(),
-                         draining=draining, offline=lc.offline, max_staleness=lc.staleness.max_versions,
-                         dynamic_sampling=lc.dynamic_sampling)
-            if out.fate == DEAD_LETTER:
-                self.consumer.dead_letter(d, group, out.code, out.reason)
-                continue
-            state.tally(out.fate)
-            if out.received:
-                self.lags.append(out.lag)
-                if not lc.offline:
-                    LAG.observe(out.lag)
-            if out.fate == QUEUED:
-                self.offsets.add(key, 1)
-                self.ready.append((group, key))
-            else:
-                self.decide(group, out.fate, out.reason, out.lag)
+            # Once one group is queued or decided, a failure must dead-letter only its own group.
+            with self.consumer.guard_part(d, group):
+                self.accept_group(d, key, group, draining)
+
+    def accept_group(self, d: Delivery, key: tuple, group, draining: bool) -> None:
+        state, lc = self.state, self.lc
+        out = triage(group, book=self.book, learner_version=state.version, now=time.monotonic(),
+                     draining=draining, offline=lc.offline, max_staleness=lc.staleness.max_versions,
+                     dynamic_sampling=lc.dynamic_sampling)
+        if out.fate == DEAD_LETTER:
+            self.consumer.dead_letter(d, group, out.code, out.reason)
+            return
+        state.tally(out.fate)
+        if out.received:
+            self.lags.append(out.lag)
+            if not lc.offline:
+                LAG.observe(out.lag)
+        if out.fate == QUEUED:
+            self.offsets.add(key, 1)
+            self.ready.append((group, key))
+        else:
+            self.decide(group, out.fate, out.reason, out.lag)
 
     def checkpoint(self) -> None:
         state = self.state

@@ -35,7 +35,7 @@ from pipeline.model.weight_store import PolicySource, StoreUnavailable, policy_s
 from pipeline.model.weights import PolicyMissing, WeightsError
 from pipeline.rollout.engine import Sample, TorchEngine
 from pipeline.transport.kafka import Consumer, Delivery, Producer, RecordRejected, topic_name
-from schemas import TRAJECTORY, Columns, Ragged
+from schemas import TRAJECTORY, Columns, Ragged, take
 from services.common import JsonlWriter, StopFlag, initial_policy_path, load_initial_policy, set_threads, worker_id
 from services.metrics import serve
 
@@ -198,6 +198,13 @@ class TemperatureFollower:
 TICKET_FIELDS = ("ticket_id", "attempt", "prompt_id", "text", "answer", "issued_version")
 
 
+def ticket_row(d: Delivery, row: dict) -> Columns:
+    """Delivery ``d``'s ticket ``row`` (found by ticket id and attempt) as one-row columns."""
+    ids, attempts = d.columns["ticket_id"], d.columns["attempt"]
+    i = next(i for i in range(len(ids)) if ids[i] == row["ticket_id"] and int(attempts[i]) == int(row["attempt"]))
+    return take(d.columns, np.array([i]))
+
+
 class Rollout:
     """One rollout worker: its engine, consumers and the tickets it has answered."""
 
@@ -294,7 +301,8 @@ class Rollout:
         except Exception:  # noqa: BLE001 -- find the ticket that breaks the engine
             log.exception("generate failed on a batch of %d tickets; generating them one by one", n)
             for i, ((d, r), t) in enumerate(zip(batch, temps)):
-                with self.tickets.guard(d):
+                # the record's other tickets may be generated: dead-letter this ticket alone
+                with self.tickets.guard_part(d, ticket_row(d, r)):
                     by_ticket[i] = self.engine.generate([r["text"]], [t], self.rc.group_size)
             return by_ticket
         for s in samples:

@@ -737,7 +737,8 @@ class Consumer:
     def guard(self, delivery: Delivery) -> Iterator[None]:
         """Apply one delivery: `RecordRejected`, or any other exception its processing raises,
         dead-letters it (whole) and the block is left; the service goes on with the next one.
-        Broker failures (`TransportError`) are not the record's fault and propagate."""
+        Broker failures (`TransportError`) are not the record's fault and propagate. Use it only
+        where nothing of the delivery has been used yet; past that point, `guard_part`."""
         try:
             yield
         except TransportError:
@@ -747,6 +748,19 @@ class Consumer:
         except Exception as e:  # noqa: BLE001 -- one record must not end the service
             log.exception("processing %s[%d]@%d failed", delivery.topic, delivery.partition, delivery.offset)
             self.reject(delivery, "apply_failed", f"apply_failed: {type(e).__name__}: {e}")
+
+    @contextlib.contextmanager
+    def guard_part(self, delivery: Delivery, columns: Columns) -> Iterator[None]:
+        """Apply one part of a delivery (a group, a ticket) once others of it may have been used:
+        an exception dead-letters only ``columns``, re-encoded as the delivery's kind, with
+        ``apply_failed``, so a dead letter never names what was used. `TransportError` propagates."""
+        try:
+            yield
+        except TransportError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- one part must not end the service
+            log.exception("processing part of %s[%d]@%d failed", delivery.topic, delivery.partition, delivery.offset)
+            self.dead_letter(delivery, columns, "apply_failed", f"apply_failed: {type(e).__name__}: {e}")
 
     def _dead(self, full_topic: str, partition: int, offset: int, payload: bytes | None, headers, code: str,
               reason: str) -> None:

@@ -133,3 +133,53 @@ def test_an_acknowledged_then_lost_ticket_is_issued_again_and_trained_once(tmp_p
         assert totals["fate_trained"] == STEPS * GROUPS and not any(totals[k] for k in VIOLATIONS), totals
     finally:
         MemoryBroker.reset()
+
+
+def test_a_group_whose_intake_fails_is_dead_lettered_alone_and_the_records_other_group_trains(tmp_path, monkeypatch):
+    # One scored record of two groups; the learner's intake raises on the second after queueing
+    # the first. Only the second may be dead-lettered (before: the whole record, as apply_failed,
+    # while its first group went on to train), and its ticket stays outstanding for a re-issue.
+    import time
+
+    from factories import scored_group
+    from pipeline.flow.validate import Limits
+    from pipeline.rl.checkpoints import restore_learner
+    from pipeline.rl.trainer import BatchChannel, make_trainer
+    from pipeline.transport.kafka import Consumer, Delivery
+    from schemas import SCORED_TRAJECTORY, concat, decode, encode, headers_for
+    from services.common import load_learner_models
+
+    cfg = _config(tmp_path, "off")
+    try:
+        model, _, _ = load_learner_models(cfg)
+        trainer = make_trainer(model, cfg.learner)
+        state, resumed = restore_learner(cfg, trainer)
+        lead = learner.Lead(cfg, trainer, state, None, BatchChannel(trainer),
+                            Limits(vocab_size=int(model.config.vocab_size)), resumed)
+        first, second = lead.book.issue(2, time.monotonic())
+        groups = [scored_group([1.0, 0.0, 1.0, 0.0], ticket_id=t.ticket_id, prompt_id=t.problem.prompt_id,
+                               answer=t.problem.answer) for t in (first, second)]
+        real = learner.triage
+
+        def triage(group, **kwargs):
+            if group["ticket_id"][0] == second.ticket_id:
+                raise RuntimeError("intake broke on this group")
+            return real(group, **kwargs)
+
+        monkeypatch.setattr(learner, "triage", triage)
+        cols = concat(groups)
+        d = Delivery("scored", 0, 0, first.problem.prompt_id.encode(), SCORED_TRAJECTORY, cols, 0,
+                     encode(SCORED_TRAJECTORY, cols), tuple(headers_for(SCORED_TRAJECTORY)))
+        with lead.consumer.guard(d):
+            lead.accept(d, draining=False)
+        lead.producer.flush()
+        assert [g["ticket_id"][0] for g, _ in lead.ready] == [first.ticket_id]
+        assert second.ticket_id in lead.book.outstanding
+        reader = Consumer(cfg.kafka, cfg.name, ["deadletter"], group_id=None, client_id="check", deadletter=None)
+        (dead,) = reader.poll(timeout_ms=200)
+        reader.close()
+        assert dead.columns["reason"][0].startswith("apply_failed: RuntimeError")
+        _, part = decode(SCORED_TRAJECTORY, dead.columns["payload"][0], headers_for(SCORED_TRAJECTORY))
+        assert set(part["ticket_id"]) == {second.ticket_id}
+    finally:
+        MemoryBroker.reset()

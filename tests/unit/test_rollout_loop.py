@@ -124,3 +124,37 @@ def test_lockstep_wait_is_bounded_for_a_version_that_never_comes(cfg):
         rollout.step()
     assert _behaviour_versions(cfg) == {"e0-000000": 0}  # generated with what it had, after the bound
     assert time.monotonic() - t0 >= 0.3
+
+
+def test_a_ticket_that_breaks_the_engine_is_dead_lettered_alone(cfg, monkeypatch):
+    # One record of two tickets; the engine fails on one of them. The other is generated and
+    # produced, so the dead letter must hold only the failing ticket (before: the whole record was
+    # dead-lettered as apply_failed while half of it was used).
+    from schemas import DEAD_LETTER, concat, decode, headers_for
+
+    rollout = Rollout(cfg, 0)
+    real = rollout.engine.generate
+
+    def generate(texts, temps, n):
+        if "boom" in texts:
+            raise RuntimeError("engine broke on this prompt")
+        return real(texts, temps, n)
+
+    monkeypatch.setattr(rollout.engine, "generate", generate)
+    producer = Producer(cfg.kafka, "test")
+    both = concat([ticket("e0-000001", "p1", text="3+4=", answer="7"), ticket("e0-000002", "p1", text="boom")])
+    producer.send(topic_name(cfg.name, "prompts"), PROMPT_TICKET, both, key=b"p1")
+    producer.flush()
+    deadline = time.monotonic() + 60
+    while rollout.groups < 1 and time.monotonic() < deadline:
+        rollout.step()
+    rollout.step()
+    reader = Consumer(cfg.kafka, cfg.name, ["trajectories", "deadletter"], group_id=None, client_id="check",
+                      deadletter=None)
+    got = reader.poll(timeout_ms=200)
+    reader.close()
+    assert [d.columns["ticket_id"][0] for d in got if d.topic == "trajectories"] == ["e0-000001"]
+    (dead,) = [d for d in got if d.topic == "deadletter"]
+    assert dead.kind is DEAD_LETTER and dead.columns["reason"][0].startswith("apply_failed: RuntimeError")
+    _, part = decode(PROMPT_TICKET, dead.columns["payload"][0], headers_for(PROMPT_TICKET))
+    assert list(part["ticket_id"]) == ["e0-000002"]
