@@ -16,8 +16,10 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO
@@ -66,15 +68,51 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def metadata_ok(host: str, port: int) -> bool:
+    """Whether a Kafka metadata request to `host:port` succeeds."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            pass
+    except OSError:
+        return False
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=f"{host}:{port}", request_timeout_ms=2000, bootstrap_timeout_ms=2000)
+    except Exception as e:  # kafka-python raises several error types while the broker boots
+        log.debug("broker not ready yet: %r", e)
+        return False
+    try:
+        admin.list_topics()
+        return True
+    except Exception as e:
+        log.debug("metadata request failed: %r", e)
+        return False
+    finally:
+        admin.close()
+
+
+def checked_in(prefix: Sequence[str], module: str, function: str, *args) -> bool:
+    """Run `module.function(*args)` (a readiness check returning a bool) in a fresh interpreter
+    under the command `prefix` (another host's network namespace: `infra.hosts.Hosts.prefix`)."""
+    code = f"import sys; from {module} import {function} as f; sys.exit(0 if f(*{args!r}) else 1)"
+    try:
+        return subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, timeout=60).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
 class Broker:
-    """A Tansu broker subprocess on 127.0.0.1; use as a context manager or start()/stop()."""
+    """A Tansu broker subprocess on 127.0.0.1 (or `host`); use as a context manager or start()/stop()."""
 
     def __init__(self, port: int | None = None, storage: str = "memory://tansu/", log_path: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, host: str = "127.0.0.1", prefix: Sequence[str] = ()) -> None:
         """`port` None picks a free port at start; `log_path` None keeps the broker's output in an
         anonymous temporary file (shown in start-up errors); `env` adds to tansu's environment
-        (the S3 settings of `infra.objectstore.ObjectStore.client_env` for `s3://` storage)."""
-        self.port = port
+        (the S3 settings of `infra.objectstore.ObjectStore.client_env` for `s3://` storage).
+        `host` and `prefix`: the address it listens on and a command prefix that runs it there
+        (another host of `infra.hosts.Hosts`: its `address` and `prefix`; `port` then defaults to
+        9092, and readiness is checked from inside that host)."""
+        self.host, self.prefix = host, list(prefix)
+        self.port = port if port is not None or not self.prefix else 9092
         self.storage = storage
         self.log_path = log_path
         self.env = env or {}
@@ -86,7 +124,7 @@ class Broker:
         """`host:port` for Kafka clients; available once started."""
         if self.port is None:
             raise RuntimeError("broker not started")
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -99,8 +137,9 @@ class Broker:
             raise RuntimeError("broker already started")
         if self.port is None:
             self.port = _free_port()
-        url = f"tcp://127.0.0.1:{self.port}"
+        url = f"tcp://{self.host}:{self.port}"
         cmd = [
+            *self.prefix,
             str(tansu_binary()),
             "broker",
             "--listener-url",
@@ -134,24 +173,9 @@ class Broker:
             time.sleep(0.1)
 
     def _metadata_ok(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                pass
-        except OSError:
-            return False
-        try:
-            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000, bootstrap_timeout_ms=2000)
-        except Exception as e:  # kafka-python raises several error types while the broker boots
-            log.debug("broker not ready yet: %r", e)
-            return False
-        try:
-            admin.list_topics()
-            return True
-        except Exception as e:
-            log.debug("metadata request failed: %r", e)
-            return False
-        finally:
-            admin.close()
+        if self.prefix:
+            return checked_in(self.prefix, "infra.broker", "metadata_ok", self.host, self.port)
+        return metadata_ok(self.host, self.port)
 
     def _log_tail(self) -> str:
         if self._log is None:

@@ -19,10 +19,11 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from infra.broker import die_with_parent, terminate
+from infra.broker import checked_in, die_with_parent, terminate
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,24 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-class ObjectStore:
-    """`weed mini` on 127.0.0.1 with its data in `data_dir`; use as a context manager or start()/stop()."""
+def bucket_ready(endpoint: str, bucket: str) -> bool:
+    """Whether the S3 endpoint lists `bucket`."""
+    try:
+        with urllib.request.urlopen(f"{endpoint}/{bucket}/", timeout=1) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
-    def __init__(self, data_dir: Path, log_path: Path | None = None, bucket: str = BUCKET) -> None:
+
+class ObjectStore:
+    """`weed mini` on 127.0.0.1 (or `host`) with its data in `data_dir`; use as a context manager or
+    start()/stop()."""
+
+    def __init__(self, data_dir: Path, log_path: Path | None = None, bucket: str = BUCKET, host: str = "127.0.0.1",
+                 prefix: Sequence[str] = ()) -> None:
+        """`host` and `prefix`: the address it listens on and a command prefix that runs it there
+        (another host of `infra.hosts.Hosts`; readiness is then checked from inside that host)."""
+        self.host, self.prefix = host, list(prefix)
         self.data_dir = Path(data_dir)
         self.log_path = log_path
         self.bucket = bucket
@@ -71,7 +86,7 @@ class ObjectStore:
     def endpoint(self) -> str:
         if self.port is None:
             raise RuntimeError("object store not started")
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def storage_url(self) -> str:
@@ -90,9 +105,9 @@ class ObjectStore:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
         self.port = ports["s3.port"]
-        cmd = [str(weed_binary()), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               f"-bucket={self.bucket}", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-               "-metricsIp=127.0.0.1"] + [f"-{flag}={port}" for flag, port in ports.items()]
+        cmd = [*self.prefix, str(weed_binary()), "mini", f"-dir={self.data_dir}", f"-ip={self.host}",
+               f"-ip.bind={self.host}", f"-bucket={self.bucket}", "-admin.ui=false", "-s3.port.iceberg=0",
+               "-s3.port.lance=0", f"-metricsIp={self.host}"] + [f"-{flag}={port}" for flag, port in ports.items()]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         self._log = open(self.log_path, "ab") if self.log_path is not None else open(os.devnull, "wb")
         self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -112,11 +127,9 @@ class ObjectStore:
         return self
 
     def _bucket_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.endpoint}/{self.bucket}/", timeout=1) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        if self.prefix:
+            return checked_in(self.prefix, "infra.objectstore", "bucket_ready", self.endpoint, self.bucket)
+        return bucket_ready(self.endpoint, self.bucket)
 
     @property
     def running(self) -> bool:

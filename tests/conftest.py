@@ -92,7 +92,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
 
 
-# -- the fault matrix's reconciliation table (tests/faults/test_kill_matrix.py fills RESULTS) ---------
+# -- the fault matrix's reconciliation table (tests/service_runs.py's RESULTS, filled by tests/faults/) --
 # Here, not in tests/faults/conftest.py: under pytest-xdist (`make test`) the controller process
 # collects nothing and loads only this conftest. Each worker hands its rows to the controller
 # through xdist's `workeroutput`; the controller prints one table.
@@ -103,7 +103,7 @@ _FAULT_ROWS_FROM_WORKERS: list[dict] = []
 
 
 def _fault_rows_here() -> list[dict]:
-    module = sys.modules.get("test_kill_matrix")
+    module = sys.modules.get("service_runs")
     return list(getattr(module, "RESULTS", []))
 
 
