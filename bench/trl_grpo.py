@@ -61,7 +61,7 @@ What maps to what (ours -> TRL 1.16 `GRPOConfig`)
               constant) passed to TRL as `optimizers=` (HF's "constant_with_warmup" starts at lr 0, one
               update behind ours, and its default AdamW exempts biases and norms from weight decay);
               `max_grad_norm = grad_clip`; `gradient_checkpointing = learner.gradient_checkpointing`.
-    run       `seed = cfg.seed`, `use_cpu`, `bf16 = (learner.autocast == "bfloat16")` (GRPOConfig's
+    run       `seed = cfg.seed`, `use_cpu`, `bf16` = our learner's autocast on this CPU (`resolved_autocast`; GRPOConfig's
               default is True, and under CPU autocast TRL's log-probs of the tiny model move by up to
               0.03 nats: off unless our learner uses bf16 autocast too, asserted),
               `report_to = []`, no checkpoints, `torch.set_num_threads(--threads)`.
@@ -135,6 +135,7 @@ def main() -> None:
     from pipeline.data.tasks import heldout_problems, train_problems
     from pipeline.flow.tickets import TicketSource
     from pipeline.model.prompts import PromptFormat, stop_token_ids
+    from pipeline.rl.learn import resolved_autocast
     from pipeline.rollout.evaluate import evaluate, sample_budget
     from pipeline.rollout.passk import solved_beyond
     from pipeline.verify.verifier import verify_one
@@ -238,7 +239,7 @@ def main() -> None:
         "gradient_checkpointing": lc.gradient_checkpointing,
         "seed": cfg.seed,
         "use_cpu": True,
-        "bf16": lc.autocast == "bfloat16",
+        "bf16": resolved_autocast(lc.autocast, "cpu") == "bfloat16",
         "report_to": [],
         "save_strategy": "no",
         "logging_steps": PROGRESS_EVERY * k,
@@ -319,7 +320,7 @@ def main() -> None:
     assert set(trainer.eos_token_ids) == stops, (trainer.eos_token_ids, stops)
     # GRPOConfig's bf16 defaults to True; under CPU autocast TRL's log-probs move by up to 0.03 nats:
     # mixed precision exactly when our learner uses it (`learner.autocast`).
-    want = "bf16" if lc.autocast == "bfloat16" else "no"
+    want = "bf16" if resolved_autocast(lc.autocast, "cpu") == "bfloat16" else "no"
     assert trainer.accelerator.mixed_precision == want, (trainer.accelerator.mixed_precision, want)
 
     # --- the prompt ids TRL feeds the model are ours: all at start, then every batch -------------

@@ -570,12 +570,16 @@ class LearnerConfig(_Strict):
     logit_chunk_mb: float = Field(256.0, gt=0)
     """Memory for the output layer's temporaries: completion tokens go through the vocabulary
     projection in chunks of about this many MiB of ``[tokens, vocabulary]`` floats."""
-    autocast: Literal["off", "bfloat16"] = "off"
+    autocast: Literal["off", "bfloat16", "auto"] = "off"
     """Mixed precision for the learner's forward passes: matmuls in bfloat16 under `torch.autocast`,
     parameters, gradients, optimiser state and the loss's log-softmax in fp32. On CPUs with
     AVX512-BF16 a real model's step is about 1.6x faster (docs/results.md, "A real model"); the
-    importance ratios then see bf16 rounding as off-policy noise. For DeepSpeed's own bf16 (weights
-    in bf16) use a `*_bf16.json` config instead."""
+    importance ratios then see bf16 rounding as off-policy noise. On a CPU without native bf16
+    matrix instructions (no AVX512-BF16 or AMX) torch falls back to a reference kernel: a step
+    measured 0.2x as fast as fp32 (the learner warns). `auto`: bfloat16 where the device
+    multiplies bf16 natively (`pipeline.rl.learn.bf16_native`: a CUDA GPU with bf16, a CPU whose
+    oneDNN reports bf16), else off. For DeepSpeed's own bf16 (weights in bf16) use a `*_bf16.json`
+    config instead."""
     gradient_checkpointing: bool = False
     """Recompute the decoder's activations in the backward pass instead of keeping them (less
     memory for long sequences, one more forward)."""

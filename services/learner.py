@@ -45,7 +45,7 @@ from pipeline.flow.tickets import IssueLog, TicketBook, TicketSource, ticket_col
 from pipeline.flow.validate import Limits, check_groups
 from pipeline.rl.checkpoints import (LearnerState, OffsetTracker, newest_published_version, restore_learner,
                                   save_checkpoint, weights_due)
-from pipeline.rl.learn import train_step
+from pipeline.rl.learn import bf16_native, resolved_autocast, train_step
 from pipeline.rl.trainer import BatchChannel, Trainer, make_trainer
 from pipeline.transport.kafka import Consumer, Delivery, Producer, topic_name
 from schemas import PROMPT_TICKET, Columns
@@ -68,6 +68,13 @@ def run(cfg: RunConfig) -> None:
     trainer = make_trainer(model, lc)
     if ref_model is not None:
         ref_model.to(trainer.device)  # the frozen reference computes beside the policy (a GPU learner's GPU)
+    precision = resolved_autocast(lc.autocast, trainer.device)
+    log.info("learner matmuls: %s (learner.autocast = %r)", "bfloat16 autocast" if precision == "bfloat16" else "fp32",
+             lc.autocast)
+    if precision == "bfloat16" and not bf16_native(trainer.device):
+        log.warning("learner.autocast = \"bfloat16\" on a %s without native bf16 matrix instructions (oneDNN reports "
+                    "none: no AVX512-BF16 or AMX): torch falls back to a reference kernel, several times slower than "
+                    "fp32. Use learner.autocast = \"auto\" or \"off\" here.", trainer.device)
     if lc.groups_per_step < lc.mini_batches * trainer.world_size:
         raise ValueError(f"learner.groups_per_step ({lc.groups_per_step}) must be at least mini_batches x ranks "
                          f"({lc.mini_batches} x {trainer.world_size}) so every rank gets a group in every update")

@@ -244,9 +244,28 @@ def proximal_logprobs(trainer: Trainer, data: _Rows, rows: np.ndarray, chunk: in
     return out
 
 
+def bf16_native(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports bf16,
+    or a CPU for which oneDNN has bf16 kernels (AVX512-BF16 or AMX). Elsewhere torch's bf16 matmul
+    is a reference loop, several times slower than fp32."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind == "cpu":
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolved_autocast(mode: str, device: torch.device | str) -> str:
+    """`learner.autocast` on ``device``: "auto" becomes "bfloat16" where `bf16_native`, else "off"."""
+    if mode == "auto":
+        return "bfloat16" if bf16_native(device) else "off"
+    return mode
+
+
 def autocast(device: torch.device, mode: str):
     """`learner.autocast`: bfloat16 matmuls in the forward passes inside the block, or nothing."""
-    if mode == "off":
+    if resolved_autocast(mode, device) == "off":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 

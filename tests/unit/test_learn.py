@@ -243,3 +243,17 @@ def test_bf16_autocast_trains_the_fp32_update_to_bf16_precision(kl):
     assert not torch.equal(flat32, flat16)  # bf16 matmuls did run
     assert torch.linalg.vector_norm(flat16 - flat32) <= 0.05 * torch.linalg.vector_norm(flat32)
     assert m16["loss"] == pytest.approx(m32["loss"], abs=0.02)
+
+
+def test_auto_autocast_trains_in_bf16_exactly_where_the_cpu_multiplies_bf16_natively():
+    # learner.autocast = "auto": bf16 on a CPU with AVX512-BF16/AMX, fp32 elsewhere (there torch's
+    # bf16 matmul is a reference loop: a real model's step ran over 10 minutes instead of ~100 s).
+    from pipeline.rl.learn import bf16_native, resolved_autocast
+
+    groups = batch_groups(one_prompt=True)
+    auto, _ = _gradients(LearnerConfig(backend="torch", optimizer=FAST, autocast="auto"), groups)
+    like = "bfloat16" if bf16_native("cpu") else "off"
+    same, _ = _gradients(LearnerConfig(backend="torch", optimizer=FAST, autocast=like), groups)
+    assert resolved_autocast("auto", "cpu") == like
+    assert all(torch.equal(a, b) for a, b in zip(auto[0], same[0]))
+    assert resolved_autocast("bfloat16", "cpu") == "bfloat16" and resolved_autocast("off", "cpu") == "off"
