@@ -124,10 +124,10 @@ class TransportError(RuntimeError):
 
 
 def dead_letter_row(full_topic: str, partition: int, offset: int, payload: bytes | None, headers, reason: str,
-                    max_bytes: int, key: bytes | None = None) -> Columns:
+                    max_bytes: int, signing_key: bytes | None = None) -> Columns:
     """A DeadLetter message for one record (``payload`` None: it could not be read at all): its
     source, reason, schema headers, and its bytes cut to ``max_bytes`` with their whole size and
-    sha256; signed with ``key`` (`pipeline.transport.signature`) when there is one."""
+    sha256; signed with ``signing_key`` (`pipeline.transport.signature`) when there is one."""
 
     def header(name: str) -> str | None:
         for key, value in headers:
@@ -149,8 +149,8 @@ def dead_letter_row(full_topic: str, partition: int, offset: int, payload: bytes
         "payload_bytes": np.array([len(whole) if payload is not None else -1], dtype=np.int64),
         "payload_sha256": np.array([digest], dtype=object),
         "dead_at": np.array([time.time()], dtype=np.float64),
-        "signature": np.array([signature.sign(key, full_topic, partition, offset, reason, digest)
-                               if key is not None else ""], dtype=object),
+        "signature": np.array([signature.sign(signing_key, full_topic, partition, offset, reason, digest)
+                               if signing_key is not None else ""], dtype=object),
     }
 
 
