@@ -37,9 +37,11 @@ from service_runs import RESULTS, Run, warm_cache
 
 pytestmark = pytest.mark.faults
 
-STEPS = 90
+STEPS = 300
+"""Enough for the faults to happen mid-run: the tiny model steps about twice a second here, and the
+faults take at least 70 s."""
 FAULT_S = 30.0
-STEPS_BETWEEN = 4
+STEPS_BETWEEN = 10
 """Learner steps completed between one fault's end and the next fault."""
 HOSTS = ["broker", "store", "admin", "learner", "rollout-0", "rollout-1", "reward-0", "reward-1", "recorder"]
 SERVICES = ["learner", "reward-0", "reward-1", "rollout-0", "rollout-1", "recorder"]
