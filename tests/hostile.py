@@ -109,7 +109,8 @@ def _dead_letter() -> dict:
             "source_offset": np.array([0], np.int64), "reason": np.array(["undecodable: x"], object),
             "schema_header": np.array([None], object), "schema_version_header": np.array([None], object),
             "payload": np.array([b"x"], object), "payload_bytes": np.array([1], np.int64),
-            "payload_sha256": np.array(["0" * 64], object), "dead_at": np.array([0.0])}
+            "payload_sha256": np.array(["0" * 64], object), "dead_at": np.array([0.0]),
+            "signature": np.array(["ab" * 32], object)}  # forged: no key signs it
 
 
 def valid_columns(topic: str, rng: np.random.Generator) -> dict:
