@@ -63,7 +63,6 @@ class Hosts:
             raise ValueError(f"tag {self.tag!r} is longer than 8 characters")
         self.subnet = subnet
         self.switch = f"{self.tag}-sw"
-        self.throttled: set[str] = set()
 
     def ns(self, host: str) -> str:
         """The namespace of `host`."""
@@ -119,7 +118,6 @@ class Hosts:
             else:
                 _ip("netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
                     "burst", "32kbit", "latency", "400ms")
-        (self.throttled.discard if rate is None else self.throttled.add)(host)
 
     def destroy(self) -> None:
         """Delete every namespace of this tag (their interfaces go with them). Idempotent."""

@@ -147,9 +147,13 @@ def without_dead_letters(rows: pl.DataFrame, topic: str, dead_letters: pl.DataFr
     were never messages of the run (`trusted_dead_letters`: of run ``run`` and signed with ``key``,
     where given). Groups dead-lettered one by one out of a valid message (``invalid_group: ...``)
     stay: their message's other groups were used; so do messages a consumer gave a verdict on."""
+    return _minus(rows, topic, trusted_dead_letters(dead_letters, run, key)[0])
+
+
+def _minus(rows: pl.DataFrame, topic: str, trusted: pl.DataFrame) -> pl.DataFrame:
+    """``rows`` of logical ``topic`` without the records ``trusted`` (`trusted_dead_letters`) names."""
     if rows.is_empty() or "_partition" not in rows.columns:
         return rows
-    trusted, _ = trusted_dead_letters(dead_letters, run, key)
     whole = (trusted.filter(pl.col("source_topic").str.ends_with(f".{topic}"))
              .select("_partition", "_offset").unique())
     return rows.join(whole, on=["_partition", "_offset"], how="anti")
@@ -169,10 +173,10 @@ def reconcile(tickets: pl.DataFrame, trajectories: pl.DataFrame, scored: pl.Data
     `dead_letters_refused` says how many others claimed a record). ``unrecorded``: records the
     recorder kept only as bytes (a violation: the lake's accounts miss them).
     """
-    tickets = without_dead_letters(tickets, "prompts", dead_letters, run, key)
-    trajectories = without_dead_letters(trajectories, "trajectories", dead_letters, run, key)
-    scored = without_dead_letters(scored, "scored", dead_letters, run, key)
-    _, refused = trusted_dead_letters(dead_letters, run, key)
+    trusted, refused = trusted_dead_letters(dead_letters, run, key)  # each signature checked once
+    tickets = _minus(tickets, "prompts", trusted)
+    trajectories = _minus(trajectories, "trajectories", trusted)
+    scored = _minus(scored, "scored", trusted)
     def groups_per_ticket(rows: pl.DataFrame, name: str) -> pl.DataFrame:
         if rows.height == 0:
             return pl.DataFrame(schema={"ticket_id": pl.String, name: pl.UInt32})
