@@ -66,7 +66,7 @@ def unchunked_step(trainer, ref, groups, lc) -> None:
     import torch
 
     from pipeline.rl.advantages import grpo_advantages
-    from pipeline.rollout.engine import completion_logits, pack, scatter_completion, token_logprobs_full
+    from pipeline.model.batch import completion_logits, pack, scatter_completion, token_logprobs_full
     from pipeline.rl.losses import PolicyLossInputs, decoupled_ppo_loss, kl_term, phi_clamp, rapo_exact_kl, reweighted_reference
     from schemas import concat
 

@@ -2,7 +2,7 @@
 
 The rollout samples with vLLM and returns the log-prob of each sampled token under the tempered
 distribution it sampled from (`logprobs_mode="processed_logprobs"`); the learner recomputes them
-with transformers in fp32 (`pipeline.rollout.engine.token_logprobs`, what training uses). This
+with transformers in fp32 (`pipeline.model.batch.token_logprobs`, what training uses). This
 bench samples held-out word problems on the real model (SmolLM2-135M-Instruct, Q4_1 weights
 dequantised to fp32; `rlstream models fetch smollm2-135m-instruct`) with vLLM in fp32 and in
 bf16, recomputes the learner's log-probs for the same tokens, and reports
@@ -28,7 +28,7 @@ from pipeline.model.policy import load_policy
 from pipeline.model.prompts import PromptFormat
 from pipeline.config import PromptConfig
 from pipeline.rollout.agreement import logprob_agreement
-from pipeline.rollout.engine import pack, token_logprobs
+from pipeline.model.batch import pack, token_logprobs
 
 
 def learner_logprobs(model, samples, temperatures, pad_id: int, batch: int = 16) -> np.ndarray:

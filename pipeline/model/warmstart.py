@@ -28,7 +28,7 @@ from pipeline.config import ArithmeticTaskConfig, PromptConfig, WarmstartConfig
 from pipeline.data.tasks import arithmetic_stream
 from pipeline.model.policy import build_char_tokenizer, build_tiny_qwen2, count_parameters
 from pipeline.model.prompts import PromptFormat
-from pipeline.rollout.engine import pack, token_logprobs
+from pipeline.model.batch import pack, token_logprobs
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-MIN_TEMPERATURE = 1e-4
-"""Temperatures below this (greedy decoding is 0) are computed at this value (as the engines do)."""
+from pipeline.model.batch import MIN_TEMPERATURE
 
 TokenLoss = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None, slice], torch.Tensor]
 """(log-probs of a chunk's tokens, with grad; reference log-probs or None; reweighted-reference

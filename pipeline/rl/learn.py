@@ -37,7 +37,7 @@ from pipeline.rl.advantages import get_advantage
 from pipeline.rl.head import HeadPlan, chunk_tokens, completion_head
 from pipeline.rl.losses import KL_TERMS, phi_clamp, ppo_per_token
 from pipeline.rl.trainer import Trainer, lr_at
-from pipeline.rollout.engine import PackedBatch, pack
+from pipeline.model.batch import PackedBatch, pack
 from schemas import Columns, concat
 
 

@@ -39,7 +39,8 @@ import torch
 
 from pipeline.model.prompts import PromptFormat, load_generation_config, stop_token_ids
 from pipeline.model.weights import publish, verify_published
-from pipeline.rollout.engine import MIN_TEMPERATURE, Sample
+from pipeline.model.batch import MIN_TEMPERATURE
+from pipeline.rollout.engine import Sample
 
 
 def runs_in_process(in_process: bool | None, multiprocessing_env: str | None, cuda: bool) -> bool:

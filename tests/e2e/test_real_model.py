@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from pipeline.lake.store import read_topic
 from pipeline.model.policy import load_policy
 from pipeline.rollout.agreement import logprob_agreement
-from pipeline.rollout.engine import pack, token_logprobs
+from pipeline.model.batch import pack, token_logprobs
 
 pytestmark = pytest.mark.e2e
 

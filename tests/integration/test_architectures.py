@@ -20,7 +20,8 @@ from pipeline.model.policy import ModelLoadError, build_char_tokenizer, build_ti
 from pipeline.model.weights import publish
 from pipeline.rl.learn import train_step
 from pipeline.rl.trainer import TorchTrainer
-from pipeline.rollout.engine import TorchEngine, pack, token_logprobs
+from pipeline.model.batch import pack, token_logprobs
+from pipeline.rollout.engine import TorchEngine
 from services.rollout import group_columns
 
 pytestmark = pytest.mark.integration

@@ -31,7 +31,7 @@ from pipeline.config import RunConfig
 from pipeline.erpo import history as erpo
 from pipeline.erpo.partitions import load_tables
 from pipeline.model.policy import load_policy
-from pipeline.rollout.engine import pack, token_logprobs
+from pipeline.model.batch import pack, token_logprobs
 from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
 from schemas import PROMPT_TICKET, TEMPERATURE_UPDATE, TRAJECTORY, Ragged
 from services.common import erpo_rule

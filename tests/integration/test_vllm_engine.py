@@ -17,7 +17,8 @@ require_vllm()
 
 from pipeline.model.policy import load_policy  # noqa: E402
 from pipeline.model.weights import publish  # noqa: E402
-from pipeline.rollout.engine import TorchEngine, pack, token_logprobs  # noqa: E402
+from pipeline.model.batch import pack, token_logprobs  # noqa: E402
+from pipeline.rollout.engine import TorchEngine
 from pipeline.rollout.engine_vllm import VllmEngine  # noqa: E402
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,8 @@ import torch
 
 from pipeline.model.policy import build_char_tokenizer, build_tiny_qwen2
 from pipeline.model.prompts import PromptFormat
-from pipeline.rollout.engine import TorchEngine, pack, token_logprobs
+from pipeline.model.batch import pack, token_logprobs
+from pipeline.rollout.engine import TorchEngine
 
 PROMPTS = ["7=", "12+34-5=", "3+4="]  # different lengths, so the engine left-pads
 

@@ -22,7 +22,7 @@ from pipeline.rl.losses import (
     reweighted_reference,
 )
 from pipeline.rl.trainer import TorchTrainer
-from pipeline.rollout.engine import pack, scatter_completion, token_logprobs_full
+from pipeline.model.batch import pack, scatter_completion, token_logprobs_full
 from schemas import concat
 
 FAST = {"lr": 1e-2, "warmup_steps": 0}

@@ -17,7 +17,7 @@ import torch
 from factories import temperature_update, ticket
 from pipeline.config import StalenessConfig, load_config
 from pipeline.model.policy import load_policy
-from pipeline.rollout.engine import pack, token_logprobs
+from pipeline.model.batch import pack, token_logprobs
 from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
 from pipeline.transport.memory import MemoryBroker
 from schemas import PROMPT_TICKET, TEMPERATURE_UPDATE
