@@ -1,5 +1,8 @@
 """Experiment grid: arms x seeds of `rlstream demo`, resumable, written up in docs/results.md.
 
+Why one file: one command runs the arms, keeps their records and rebuilds the report from them; the
+record format and the report's columns change together.
+
 Each arm is a set of `--set` overrides on one run config (the shipped demo by default); every arm
 sets ERPO, the KL term, dynamic sampling and the lag explicitly, so arms differ only where they say.
 The comparison arms (grpo ... erpo_rapo) keep the 2 versions of lag the demo had when they were

@@ -1,7 +1,7 @@
 """Reward verifier: checks a model completion against a reference answer with math-verify.
 
-(~510 lines: the normalisation rules (integer lists included), the status semantics and the two
-timeout layers are one contract, documented here where they are enforced.)
+Why one file: the normalisation rules (integer lists included), the status semantics and the two
+timeout layers are one contract, documented here where they are enforced.
 
 What counts as correct
     The gold answer and the completion are each parsed by ``math_verify.parse`` with LaTeX and

@@ -1,5 +1,7 @@
 """The deployment files (infra/docker, infra/compose, infra/k8s) are valid and agree with the code.
 
+Why one file: the three deployment forms are cross-checked against each other and the code.
+
 Static only: no Docker daemon, no cluster, no network. hadolint, the compose specification's schema
 (check-jsonschema) and the Kubernetes schemas (kubernetes-validate, strict) come from the `[test]`
 extra; without them these checks skip, unless RLSTREAM_REQUIRE_DEPLOY_TOOLS=1 (CI) makes that a

@@ -1,4 +1,8 @@
-"""Wire schemas and the Arrow codec: round trips, every decode failure, encode validation."""
+"""Wire schemas and the Arrow codec: round trips, every decode failure, encode validation.
+
+Why one file: every hostile-bytes case of the one codec, side by side, so a new case is checked
+against all the others' framing.
+"""
 
 from __future__ import annotations
 
