@@ -5,16 +5,15 @@ The learner appends one JSON line per decision to ``<workdir>/ledger/learner.jso
     {"step": 12, "ticket_id": "e0-00042", "attempt": 0, "group_id": "…", "prompt_id": "…",
      "fate": "trained", "reason": "", "lag": 1}
 
-(``attempt``: which issue of the ticket the group answered; ledgers written before leases have
-none and read as attempt 0.)
+(``attempt``: which issue of the ticket the group answered, 0 for the first.)
 
 Fates: ``trained``; ``dropped_stale`` (behaviour policy more than ``learner.staleness.max_versions``
 versions behind); ``dropped_all_wrong`` / ``dropped_all_correct`` (no signal:
 ``learner.dynamic_sampling``); ``abandoned`` (no valid group within ``learner.tickets.max_attempts``
 leases); ``duplicate`` (a second group for a ticket already decided; ignored); ``unused`` (arrived
 after the final step, while the learner drained); ``unresolved`` (no group arrived before the drain
-timed out). (``invalid``, in ledgers written before ticket leases: a group that failed a check
-decided its ticket; now it is dead-lettered and the ticket stays outstanding.)
+timed out). A group that fails a check decides nothing: it is dead-lettered and its ticket stays
+outstanding.
 
 ``step`` is the checkpoint that makes the decision durable: the step that trained the group, or
 for the other fates the next step to complete. A learner that resumes from checkpoint N appends a
@@ -38,7 +37,7 @@ from pipeline.transport import signature
 
 RESUMED = "resumed"
 """Marker row: the run continued from the checkpoint of its step."""
-FINAL_FATES = ("trained", "dropped_stale", "dropped_all_wrong", "dropped_all_correct", "abandoned", "invalid", "unused",
+FINAL_FATES = ("trained", "dropped_stale", "dropped_all_wrong", "dropped_all_correct", "abandoned", "unused",
                "unresolved")
 LEDGER_SCHEMA = {"step": pl.Int64, "ticket_id": pl.String, "attempt": pl.Int64, "group_id": pl.String,
                  "prompt_id": pl.String, "fate": pl.String, "reason": pl.String, "lag": pl.Int64}
@@ -97,7 +96,7 @@ def read_ledger(path: Path) -> pl.DataFrame:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int):
             rows.append({k: row.get(k) for k in LEDGER_SCHEMA})
-    df = pl.DataFrame(rows, schema=LEDGER_SCHEMA, orient="row").with_columns(pl.col("attempt").fill_null(0))
+    df = pl.DataFrame(rows, schema=LEDGER_SCHEMA, orient="row")
     # Per row, the earliest resume point marked after it (null: none).
     undone_after = (pl.when(pl.col("fate") == RESUMED).then(pl.col("step")).otherwise(None)
                     .reverse().cum_min().forward_fill().reverse())
@@ -186,8 +185,6 @@ def reconcile(tickets: pl.DataFrame, trajectories: pl.DataFrame, scored: pl.Data
     fates = final.group_by("ticket_id").agg(pl.len().alias("fates"), pl.col("fate").first().alias("fate"),
                                             (pl.col("fate") == "trained").sum().alias("trained"))
     dups = ledger.filter(pl.col("fate") == "duplicate").group_by("ticket_id").agg(pl.len().alias("duplicates_ignored"))
-    if "attempt" not in tickets.columns:  # a lake recorded before leases
-        tickets = tickets.with_columns(pl.lit(0, pl.Int32).alias("attempt"))
     issued = tickets.group_by("ticket_id").agg(pl.len().alias("issued_copies"),
                                                (pl.col("attempt").max() + 1).alias("attempts"))
     table = (issued.join(groups_per_ticket(trajectories, "generated"), on="ticket_id", how="left")

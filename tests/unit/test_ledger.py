@@ -8,7 +8,9 @@ from pipeline.flow.ledger import LEDGER_SCHEMA, Ledger, read_ledger, reconcile
 
 
 def _rows(pairs):
-    return pl.DataFrame({"ticket_id": [t for t, _ in pairs], "group_id": [g for _, g in pairs]})
+    return pl.DataFrame({"ticket_id": [t for t, _ in pairs], "group_id": [g for _, g in pairs],
+                         "attempt": [0] * len(pairs)}, schema_overrides={"ticket_id": pl.String, "group_id": pl.String,
+                                                                         "attempt": pl.Int32})
 
 
 def _ledger(rows):
@@ -61,7 +63,7 @@ def test_a_resumed_ledger_reads_as_the_surviving_run_and_keeps_every_line(tmp_pa
     assert read_ledger(path)["ticket_id"].to_list() == ["t1"]
 
 
-def test_reconcile_shows_attempts_and_reads_lakes_from_before_leases():
+def test_reconcile_shows_attempts():
     tickets = pl.DataFrame({"ticket_id": ["a", "b", "b", "b"], "attempt": [0, 0, 1, 2], "group_id": [None] * 4})
     traj = _rows([("a", "ga"), ("b", "gb2")])
     ledger = _ledger([(1, "a", "trained"), (1, "b", "trained")])
@@ -69,16 +71,6 @@ def test_reconcile_shows_attempts_and_reads_lakes_from_before_leases():
     assert table.filter(pl.col("ticket_id") == "b")["attempts"].to_list() == [3]
     assert totals["tickets_reissued_on_lease"] == 1 and totals["lease_attempts"] == 2
     assert totals["reissued_copies"] == 2
-    # A lake recorded before tickets had attempts: every ticket counts one attempt.
-    _, old = reconcile(tickets.drop("attempt"), traj, traj, ledger)
-    assert old["tickets_reissued_on_lease"] == 0 and old["lease_attempts"] == 0
-
-
-def test_ledgers_before_leases_read_as_attempt_zero(tmp_path):
-    path = tmp_path / "ledger.jsonl"
-    path.write_text('{"step":1,"ticket_id":"e0-000001","group_id":"g","prompt_id":"p","fate":"trained",'
-                    '"reason":"","lag":0}\n')
-    assert read_ledger(path)["attempt"].to_list() == [0]
 
 
 def test_only_this_runs_dead_letters_of_records_that_never_were_messages_leave_the_accounts():
