@@ -53,6 +53,10 @@ class OffsetTracker:
         return out
 
 
+STATE_FORMAT = 1
+"""The format of `learner.json` this code writes and reads; another one is refused, naming both."""
+
+
 @dataclass
 class LearnerState:
     """Everything besides model and optimiser that a checkpoint must restore."""
@@ -88,14 +92,16 @@ class LearnerState:
     def to_json(self) -> str:
         d = {k: v for k, v in self.__dict__.items() if k != "offsets"}
         d["offsets"] = [[t, p, o] for (t, p), o in sorted(self.offsets.items())]
-        return json.dumps(d)
+        return json.dumps({"format": STATE_FORMAT, **d})
 
     @classmethod
     def from_json(cls, text: str) -> LearnerState:
         d = json.loads(text)
+        found = d.pop("format", None)
+        if found != STATE_FORMAT:
+            raise ValueError(f"learner state of format {found!r} (none: written before formats were numbered); "
+                             f"this rlstream reads format {STATE_FORMAT}")
         d["offsets"] = {(str(t), int(p)): int(o) for t, p, o in d["offsets"]}
-        if isinstance(d.get("outstanding"), list):  # checkpoints before leases: every ticket at attempt 0
-            d["outstanding"] = dict.fromkeys(d["outstanding"], 0)
         return cls(**d)
 
 

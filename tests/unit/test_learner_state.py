@@ -31,13 +31,14 @@ def test_resume_settings():
         load_config(shipped_config(), ["learner.checkpoint.resume=false"])
 
 
-def test_checkpoints_from_before_leases_load():
-    old = {"step": 4, "version": 4, "received": 16, "trained": 16, "dropped": 0, "filtered": 0, "duplicates": 0,
-           "invalid": 0, "ticket_position": 20, "outstanding": ["e0-000018", "e0-000019"],
-           "offsets": [["scored", 0, 7]], "seen": ["e0-000000"]}
-    state = LearnerState.from_json(json.dumps(old))
-    assert state.outstanding == {"e0-000018": 0, "e0-000019": 0} and state.offsets == {("scored", 0): 7}
+def test_learner_state_round_trips_and_refuses_another_format():
+    state = LearnerState(step=4, version=4, received=16, trained=16, ticket_position=20,
+                         outstanding={"e0-000018": 0, "e0-000019": 1}, offsets={("scored", 0): 7}, seen=["e0-000000"])
     assert LearnerState.from_json(state.to_json()) == state
+    old = json.loads(state.to_json())
+    del old["format"]
+    with pytest.raises(ValueError, match=r"format None .*this rlstream reads format 1"):
+        LearnerState.from_json(json.dumps(old))
 
 
 def test_an_override_into_a_value_names_it():
