@@ -39,6 +39,7 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.data.tasks import train_problems
+from pipeline.flow.commit import Committer
 from pipeline.flow.intake import DEAD_LETTER, QUEUED, triage
 from pipeline.flow.ledger import Ledger, ledger_path
 from pipeline.flow.tickets import IssueLog, TicketBook, TicketSource, ticket_columns
@@ -201,18 +202,23 @@ class Lead:
             self.decide(group, out.fate, out.reason, out.lag)
 
     def checkpoint(self) -> None:
+        """Flush the dead letters, save the checkpoint, then commit the offsets it holds
+        (`pipeline.flow.commit`)."""
         state = self.state
-        self.producer.flush()  # dead letters of the records these offsets cover
-        state.offsets = self.offsets.committable(self.consumer.positions())
-        state.ticket_position = self.book.source.position
-        state.outstanding = self.book.attempts()
-        state.seen = list(self.book.decided)
-        state.reissued = self.book.reissued
         t0 = time.monotonic()
-        path = save_checkpoint(self.cfg, self.trainer, state)
-        self.consumer.commit_offsets(state.offsets)  # only now: the checkpoint holds what they cover
+
+        def save(positions: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+            state.offsets = self.offsets.committable(positions)
+            state.ticket_position = self.book.source.position
+            state.outstanding = self.book.attempts()
+            state.seen = list(self.book.decided)
+            state.reissued = self.book.reissued
+            path = save_checkpoint(self.cfg, self.trainer, state)
+            log.info("checkpoint %s (%.1fs)", path, time.monotonic() - t0)
+            return state.offsets
+
+        Committer(self.consumer, [self.producer]).commit(save)
         CHECKPOINT_SECONDS.observe(time.monotonic() - t0)
-        log.info("checkpoint %s (%.1fs)", path, time.monotonic() - t0)
 
     def send_tickets(self, draining: bool) -> None:
         """New tickets within the capacity (not while draining), and the next attempt of every
