@@ -39,12 +39,13 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.data.tasks import train_problems
+from pipeline.flow.commit import Committer
 from pipeline.flow.intake import DEAD_LETTER, QUEUED, triage
 from pipeline.flow.ledger import Ledger, ledger_path
 from pipeline.flow.tickets import IssueLog, TicketBook, TicketSource, ticket_columns
 from pipeline.flow.validate import Limits, check_groups
-from pipeline.rl.checkpoints import (LearnerState, OffsetTracker, newest_published_version, restore_learner,
-                                  save_checkpoint, weights_due)
+from pipeline.rl.checkpoints import (LearnerState, OffsetTracker, after_step, newest_published_version,
+                                     restore_learner, save_checkpoint)
 from pipeline.rl.learn import bf16_native, resolved_autocast, train_step
 from pipeline.rl.trainer import BatchChannel, Trainer, make_trainer
 from pipeline.transport.kafka import Consumer, Delivery, Producer, topic_name
@@ -97,9 +98,10 @@ def run(cfg: RunConfig) -> None:
             trainer.full_state_dict()  # rank 0 announces these weights: a collective under ZeRO-3
         while (groups := channel.recv()) is not None:
             learn(groups)
-            if any(weights_due(lc, state.step)):
+            due = after_step(state.step, lc)  # rank 0 decides the same (`Lead.train_ready`)
+            if due.weights:
                 trainer.full_state_dict()  # a collective under ZeRO-3; rank 0 publishes or exports it
-            if state.step % lc.checkpoint.every == 0 or state.step == lc.total_steps:
+            if due.checkpoint:
                 save_checkpoint(cfg, trainer, state)
     else:
         Lead(cfg, trainer, state, learn, channel, limits, resumed).run(announce_first)
@@ -201,18 +203,23 @@ class Lead:
             self.decide(group, out.fate, out.reason, out.lag)
 
     def checkpoint(self) -> None:
+        """Flush the dead letters, save the checkpoint, then commit the offsets it holds
+        (`pipeline.flow.commit`)."""
         state = self.state
-        self.producer.flush()  # dead letters of the records these offsets cover
-        state.offsets = self.offsets.committable(self.consumer.positions())
-        state.ticket_position = self.book.source.position
-        state.outstanding = self.book.attempts()
-        state.seen = list(self.book.decided)
-        state.reissued = self.book.reissued
         t0 = time.monotonic()
-        path = save_checkpoint(self.cfg, self.trainer, state)
-        self.consumer.commit_offsets(state.offsets)  # only now: the checkpoint holds what they cover
+
+        def save(positions: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+            state.offsets = self.offsets.committable(positions)
+            state.ticket_position = self.book.source.position
+            state.outstanding = self.book.attempts()
+            state.seen = list(self.book.decided)
+            state.reissued = self.book.reissued
+            path = save_checkpoint(self.cfg, self.trainer, state)
+            log.info("checkpoint %s (%.1fs)", path, time.monotonic() - t0)
+            return state.offsets
+
+        Committer(self.consumer, [self.producer]).commit(save)
         CHECKPOINT_SECONDS.observe(time.monotonic() - t0)
-        log.info("checkpoint %s (%.1fs)", path, time.monotonic() - t0)
 
     def send_tickets(self, draining: bool) -> None:
         """New tickets within the capacity (not while draining), and the next attempt of every
@@ -258,14 +265,14 @@ class Lead:
                 self.decide(group, "trained", lag=state.version - int(group["policy_version"].min()))
                 self.offsets.done(key)
             self.ledger.flush()
-            publish_due, export_due = weights_due(lc, state.step)
-            weights = self.trainer.full_state_dict() if publish_due or export_due else None
-            if publish_due:
+            due = after_step(state.step, lc)  # the other ranks decide the same (`run`)
+            weights = self.trainer.full_state_dict() if due.weights else None
+            if due.publish:
                 state.version += 1
                 self.publisher.announce(weights, state.version, state.step)
-            if export_due:
+            if due.export:
                 self.publisher.export(weights, state.step)
-            if state.step % lc.checkpoint.every == 0 or state.step == lc.total_steps:
+            if due.checkpoint:
                 self.checkpoint()
             observe_step(state, metrics, step_s)
             self.progress.write(**progress_row(state, self.book, self.lags, step_s, time.monotonic() - t_start,

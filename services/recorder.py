@@ -16,6 +16,7 @@ import time
 from prometheus_client import Counter, Gauge
 
 from pipeline.config import RunConfig
+from pipeline.flow.commit import Committer
 from pipeline.lake.store import LakeWriter
 from pipeline.transport.kafka import TOPICS, Consumer, dead_letter_row, topic_name
 from schemas import num_rows
@@ -43,17 +44,20 @@ def run(cfg: RunConfig, worker_index: int = 0, stop=None) -> None:
     root = lake_dir(cfg)
     consumer = Consumer(cfg.kafka, cfg.name, list(TOPICS), group_id=f"{cfg.name}.recorder",
                         client_id=f"{cfg.name}-recorder-{worker_id()}", deadletter=None)
+    committer = Committer(consumer)  # no producer: the recorder sends nothing
     writer = LakeWriter(root, f"{worker_index}")
     serve(cfg, "recorder", str(worker_index))
     log.info("recorder ready: %d topics into %s", len(TOPICS), root)
     last_flush = time.monotonic()
     rows_by_topic: dict[str, int] = {}
 
+    def write(positions: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        FILES.inc(len(writer.flush()))
+        return positions  # the files now in place cover every record polled
+
     def flush() -> None:
         nonlocal last_flush
-        paths = writer.flush()
-        consumer.commit()  # only now: the files covering these offsets are in place
-        FILES.inc(len(paths))
+        committer.commit(write)
         for topic, n in rows_by_topic.items():
             ROWS.labels(topic).inc(n)
         rows_by_topic.clear()

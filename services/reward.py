@@ -40,6 +40,7 @@ from pipeline.config import RunConfig
 from pipeline.erpo import history as erpo
 from pipeline.erpo.partitions import PartitionedHistory, legacy_snapshots
 from pipeline.failpoints import failpoint
+from pipeline.flow.commit import Committer
 from pipeline.flow.validate import check_groups
 from pipeline.transport.kafka import Consumer, Delivery, Producer, topic_name
 from pipeline.verify.scoring import RESIDUAL_ALL_CORRECT, RESIDUAL_ALL_WRONG, score
@@ -128,6 +129,7 @@ class Reward:
         self.consumer = Consumer(cfg.kafka, cfg.name, ["trajectories"], group_id=f"{cfg.name}.reward",
                                  client_id=f"{cfg.name}-reward-{self.wid}", deadletter=self.producer,
                                  on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self.committer = Committer(self.consumer, [self.producer], flushed_failpoint="reward.produced")
         self.scored_topic = topic_name(cfg.name, "scored")
         self.temp_topic = topic_name(cfg.name, "temperature")
         self.progress = JsonlWriter(cfg.workdir / "progress" / f"reward-{worker_index}.jsonl")
@@ -156,20 +158,23 @@ class Reward:
         PARTITIONS.set(len(self.history.parts))
 
     def _snapshot(self, partitions: list[int], revoke: bool = False) -> None:
-        """Snapshot these partitions at their current positions (every record before them is
-        applied and its results flushed), then commit exactly those offsets."""
-        positions = self.consumer.positions()
-        offsets = {}
-        for p in partitions:
-            if p in self.history.parts:
-                key = ("trajectories", p)
-                offsets[key] = positions.get(key, self.history.parts[p].position)
-                self.history.save(p, offsets[key])
-                if revoke:
-                    self.history.revoke(p)
-        if revoke:
-            failpoint("reward.revoke")
-        self.consumer.commit_offsets(offsets)
+        """Flush the results, snapshot these partitions at their current positions (every record
+        before them is applied), then commit exactly those offsets (`pipeline.flow.commit`)."""
+
+        def save(positions: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+            offsets = {}
+            for p in partitions:
+                if p in self.history.parts:
+                    key = ("trajectories", p)
+                    offsets[key] = positions.get(key, self.history.parts[p].position)
+                    self.history.save(p, offsets[key])
+                    if revoke:
+                        self.history.revoke(p)
+            if revoke:
+                failpoint("reward.revoke")
+            return offsets
+
+        self.committer.commit(save)
 
     def score_delivery(self, d: Delivery, pool: VerifierPool) -> list[tuple[Columns, bool]]:
         """The delivery's valid, not yet scored groups, scored, each with whether it goes into the
@@ -241,12 +246,8 @@ class Reward:
             for i in range(u.height):
                 self.producer.send(self.temp_topic, TEMPERATURE_UPDATE, update_columns(u, i),
                                    key=str(u["prompt_id"][i]).encode())
-        self.producer.flush()  # scored groups, temperatures and dead letters
-        failpoint("reward.produced")
         self.history.processed({d.partition for d in deliveries})
-        due = self.history.due()
-        if due:
-            self._snapshot(due)
+        self._snapshot(self.history.due())  # flushes scored groups, temperatures and dead letters
         if to_apply:
             self.observe([g for gs in to_apply.values() for g in gs], updates, time.monotonic() - t0, erpo_s)
 

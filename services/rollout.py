@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.config import RunConfig
 from pipeline.dedupe import BoundedSet
-from pipeline.failpoints import failpoint
+from pipeline.flow.commit import Committer
 from pipeline.flow.validate import Limits, check_message
 from pipeline.model.prompts import PromptFormat
 from pipeline.model.weight_store import PolicySource, StoreUnavailable, policy_source
@@ -241,6 +241,7 @@ class Rollout:
         self.producer = Producer(cfg.kafka, client_id=f"{cfg.name}-rollout-{wid}")
         self.tickets = Consumer(cfg.kafka, cfg.name, ["prompts"], group_id=f"{cfg.name}.rollout",
                                 client_id=f"{cfg.name}-rollout-{wid}", deadletter=self.producer)
+        self.committer = Committer(self.tickets, [self.producer], flushed_failpoint="rollout.produced")
         self.follower = PolicyFollower(
             Consumer(cfg.kafka, cfg.name, ["policy"], group_id=None, client_id=f"{cfg.name}-rollout-policy-{wid}",
                      deadletter=self.producer),
@@ -321,8 +322,7 @@ class Rollout:
         self.temperatures.refresh()
         batch = self.admit(deliveries)
         if not batch:
-            self.producer.flush()  # dead letters
-            self.tickets.commit()
+            self.committer.commit()  # the dead letters flushed, the skipped tickets committed
             return
         if self.cfg.learner.staleness.lockstep:
             self.await_policy(max(int(r["issued_version"]) for _, r in batch))
@@ -339,9 +339,7 @@ class Rollout:
             self.producer.send(self.out_topic, TRAJECTORY, cols, key=str(r["prompt_id"]).encode())
             produced += 1
             new_tokens += sum(len(s.completion_token_ids) for s in group)
-        self.producer.flush()
-        failpoint("rollout.produced")
-        self.tickets.commit()
+        self.committer.commit()
         for _, r in batch:
             self.done.add((r["ticket_id"], int(r["attempt"])))
         self.groups += produced

@@ -1,12 +1,13 @@
 """The learner's checkpoints: what a checkpoint holds besides model and optimiser (`LearnerState`),
 where checkpoints live, how one is written (a collective: every rank calls `save_checkpoint`),
-found again and restored (`restore_learner`), or moved aside for a fresh start; and which consumed offsets may be committed
-(`OffsetTracker`: never past a group not yet trained).
+found again and restored (`restore_learner`), or moved aside for a fresh start; which consumed offsets may be committed
+(`OffsetTracker`: never past a group not yet trained); and what is due after a step (`after_step`:
+checkpoint, publish, export), which every rank decides with the same function.
 
 A checkpoint is one folder ``<workdir>/checkpoints/step-<N>``: the trainer's state (``trainer/``)
 and ``learner.json``, written to a temporary folder and renamed, so a crash leaves the previous
 one intact. The learner commits offsets to the broker only after the checkpoint holding them is
-in place (`services.learner`).
+in place (`pipeline.flow.commit`).
 """
 
 from __future__ import annotations
@@ -149,12 +150,32 @@ def newest_published_version(cfg: RunConfig) -> int:
     return max((v for v, _ in published_versions(cfg.workdir / "policies")), default=0)
 
 
-def weights_due(lc: LearnerConfig, step: int) -> tuple[bool, bool]:
-    """(publish, export) due after ``step``: every `sync_every` steps, every `export_every` steps
-    (0: never), and both after the final step."""
+@dataclass(frozen=True)
+class Due:
+    """What is due after a training step. Gathering the weights and saving a checkpoint are
+    collectives, so every rank must reach the same answer: all of them call `after_step`."""
+
+    publish: bool
+    """A new policy version for the rollouts (rank 0 publishes it)."""
+    export: bool
+    """A Hugging Face folder of the weights (rank 0 writes it)."""
+    checkpoint: bool
+    """A checkpoint (every rank saves its share; rank 0 then commits the offsets it holds)."""
+
+    @property
+    def weights(self) -> bool:
+        """The full weights are gathered (a collective under ZeRO-3): to publish or to export."""
+        return self.publish or self.export
+
+
+def after_step(step: int, lc: LearnerConfig) -> Due:
+    """What is due after training step ``step`` (counted from 1): publish every `sync_every` steps,
+    export every `checkpoint.export_every` steps (0: never), checkpoint every `checkpoint.every`
+    steps, and all three after the final step (`total_steps`)."""
     last = step == lc.total_steps
-    return (step % lc.sync_every == 0 or last,
-            (lc.checkpoint.export_every > 0 and step % lc.checkpoint.export_every == 0) or last)
+    return Due(publish=step % lc.sync_every == 0 or last,
+               export=(lc.checkpoint.export_every > 0 and step % lc.checkpoint.export_every == 0) or last,
+               checkpoint=step % lc.checkpoint.every == 0 or last)
 
 
 def start_fresh(cfg: RunConfig) -> Path | None:

@@ -1,4 +1,5 @@
-"""The learner's restart rules: what a checkpoint restores, what a fresh start keeps."""
+"""The learner's restart rules: what a checkpoint restores, what a fresh start keeps; and what is
+due after each step (`after_step`, which every rank calls)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import json
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
-from pipeline.rl.checkpoints import LearnerState, start_fresh
+from pipeline.config import CheckpointConfig, ConfigError, LearnerConfig, load_config
+from pipeline.rl.checkpoints import Due, LearnerState, after_step, start_fresh
 from services.cli import shipped_config
 
 
@@ -73,3 +74,25 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path
     (tmp_path / "checkpoints" / "step-00000001" / "learner.json").write_text("{")  # none loads now
     with pytest.raises(RuntimeError, match="no checkpoint .* loads"):
         restore_learner(cfg, TorchTrainer(tiny_model(), LearnerConfig(backend="torch")))
+
+
+def test_after_step_publishes_exports_and_checkpoints_on_their_own_periods_and_all_at_the_last_step():
+    # total 10, publish every 2, export every 4, checkpoint every 3; step 10 is the last, so all
+    # three are due there although 10 % 4 = 2 and 10 % 3 = 1.
+    lc = LearnerConfig(total_steps=10, sync_every=2, checkpoint=CheckpointConfig(every=3, export_every=4))
+    due = {step: after_step(step, lc) for step in range(1, 11)}
+    assert [s for s, d in due.items() if d.publish] == [2, 4, 6, 8, 10]
+    assert [s for s, d in due.items() if d.export] == [4, 8, 10]
+    assert [s for s, d in due.items() if d.checkpoint] == [3, 6, 9, 10]
+    assert [s for s, d in due.items() if d.weights] == [2, 4, 6, 8, 10]  # publish or export
+    assert due[1] == Due(publish=False, export=False, checkpoint=False) and not due[1].weights
+    assert due[10] == Due(publish=True, export=True, checkpoint=True)
+
+
+def test_after_step_without_exports_exports_only_the_final_weights():
+    lc = LearnerConfig(total_steps=5, sync_every=3, checkpoint=CheckpointConfig(every=50, export_every=0))
+    due = [after_step(step, lc) for step in range(1, 6)]
+    assert [d.export for d in due] == [False, False, False, False, True]
+    assert [d.publish for d in due] == [False, False, True, False, True]
+    assert [d.checkpoint for d in due] == [False, False, False, False, True]  # 50 > total: only the last
+    assert [d.weights for d in due] == [False, False, True, False, True]
