@@ -35,7 +35,9 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.data.tasks import train_problems  # noqa: E402
 from pipeline.flow.tickets import TicketSource  # noqa: E402
 from pipeline.flow.tickets import ticket_columns  # noqa: E402
-from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name  # noqa: E402
+from pipeline.transport.consumer import Consumer  # noqa: E402
+from pipeline.transport.producer import Producer  # noqa: E402
+from pipeline.transport.topics import ensure_topics, topic_name  # noqa: E402
 from schemas import PROMPT_TICKET  # noqa: E402
 from services.cli import shipped_config  # noqa: E402
 from services.common import initial_policy_path  # noqa: E402

@@ -33,7 +33,9 @@ import uuid
 import numpy as np
 
 from pipeline.config import ErpoConfig, KafkaConfig
-from pipeline.transport.kafka import Consumer, Producer, arrow_compression_for, ensure_topics, topic_name
+from pipeline.transport.consumer import Consumer
+from pipeline.transport.producer import Producer, arrow_compression_for
+from pipeline.transport.topics import ensure_topics, topic_name
 from schemas import TRAJECTORY, Columns, Ragged, decode, encode, encode_batch, headers_for, to_record_batch
 
 G = 8

@@ -2,7 +2,7 @@
 
 Tansu speaks the Kafka protocol. Known differences that matter here: a consumer-group join takes
 about half the session timeout, there is no retention or DeleteRecords, and the "latest" offset
-it reports is wrong (see pipeline/transport/kafka.py). With the default `memory://` storage everything
+it reports is wrong (see pipeline/transport/consumer.py). With the default `memory://` storage everything
 is lost when the process stops; with `s3://` storage on a local SeaweedFS (`infra.objectstore`,
 `--durable DIR`) topics, offsets and group commits survive a broker restart.
 """

@@ -161,7 +161,7 @@ def run(cfg: RunConfig) -> int:
     from pipeline.data.tasks import heldout_problems
     from pipeline.rollout.evaluate import evaluate, sample_budget
     from pipeline.rollout.passk import solved_beyond
-    from pipeline.transport.kafka import ensure_topics
+    from pipeline.transport.topics import ensure_topics
     from services.common import initial_policy_path, load_initial_policy
 
     if cfg.task.kind == "file" and cfg.task.eval_path is None:

@@ -48,7 +48,9 @@ from pipeline.rl.checkpoints import (LearnerState, OffsetTracker, after_step, ne
                                      restore_learner, save_checkpoint)
 from pipeline.rl.learn import bf16_native, resolved_autocast, train_step
 from pipeline.rl.trainer import BatchChannel, Trainer, make_trainer
-from pipeline.transport.kafka import Consumer, Delivery, Producer, topic_name
+from pipeline.transport.consumer import Consumer, Delivery
+from pipeline.transport.producer import Producer
+from pipeline.transport.topics import topic_name
 from schemas import PROMPT_TICKET, Columns
 from services.common import JsonlWriter, StopFlag, erpo_rule, load_learner_models, set_threads, worker_id
 from services.learner_metrics import (CHECKPOINT_SECONDS, GENERATION_SPEED, GROUPS, IN_FLIGHT, LAG, LEASE, REISSUED,

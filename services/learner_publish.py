@@ -17,7 +17,8 @@ from pipeline.failpoints import failpoint
 from pipeline.model.policy import export_pretrained
 from pipeline.model.weight_store import S3Policies
 from pipeline.model.weights import publish
-from pipeline.transport.kafka import POLICY_KEY, Producer, topic_name
+from pipeline.transport.producer import Producer
+from pipeline.transport.topics import POLICY_KEY, topic_name
 from schemas import POLICY_UPDATE
 from services.common import initial_policy_path
 

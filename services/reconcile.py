@@ -19,7 +19,7 @@ import polars as pl
 from pipeline.flow.ledger import VIOLATIONS, ledger_path, read_ledger, reconcile
 from pipeline.lake.store import read_topic, unrecorded_table
 from pipeline.transport import signature
-from pipeline.transport.kafka import TOPICS
+from pipeline.transport.topics import TOPICS
 
 
 def reconcile_run(run_dir: Path) -> tuple[pl.DataFrame, dict[str, int]]:

@@ -18,7 +18,9 @@ from prometheus_client import Counter, Gauge
 from pipeline.config import RunConfig
 from pipeline.flow.commit import Committer
 from pipeline.lake.store import LakeWriter
-from pipeline.transport.kafka import TOPICS, Consumer, dead_letter_row, topic_name
+from pipeline.transport.consumer import Consumer
+from pipeline.transport.deadletters import dead_letter_row
+from pipeline.transport.topics import TOPICS, topic_name
 from schemas import num_rows
 from services.common import StopFlag, worker_id
 from services.metrics import serve

@@ -22,7 +22,8 @@ import pyarrow as pa
 from pipeline.config import RunConfig
 from pipeline.flow.ledger import without_dead_letters
 from pipeline.lake.store import META_COLUMNS, read_topic, upgrade
-from pipeline.transport.kafka import POLICY_KEY, TOPICS, Producer, ensure_topics, topic_name
+from pipeline.transport.producer import Producer
+from pipeline.transport.topics import POLICY_KEY, TOPICS, ensure_topics, topic_name
 from schemas import encode_batch, headers_for
 from services.reconcile import run_identity
 

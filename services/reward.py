@@ -42,7 +42,9 @@ from pipeline.erpo.partitions import PartitionedHistory, legacy_snapshots
 from pipeline.failpoints import failpoint
 from pipeline.flow.commit import Committer
 from pipeline.flow.validate import check_groups
-from pipeline.transport.kafka import Consumer, Delivery, Producer, topic_name
+from pipeline.transport.consumer import Consumer, Delivery
+from pipeline.transport.producer import Producer
+from pipeline.transport.topics import topic_name
 from pipeline.verify.scoring import RESIDUAL_ALL_CORRECT, RESIDUAL_ALL_WRONG, score
 from pipeline.verify.verifier import VerifierPool
 from schemas import SCORED_TRAJECTORY, TEMPERATURE_UPDATE, Columns, concat, split_groups

@@ -34,7 +34,10 @@ from pipeline.model.prompts import PromptFormat
 from pipeline.model.weight_store import PolicySource, StoreUnavailable, policy_source
 from pipeline.model.weights import PolicyMissing, WeightsError
 from pipeline.rollout.engine import Sample, TorchEngine
-from pipeline.transport.kafka import Consumer, Delivery, Producer, RecordRejected, topic_name
+from pipeline.transport.consumer import Consumer, Delivery
+from pipeline.transport.deadletters import RecordRejected
+from pipeline.transport.producer import Producer
+from pipeline.transport.topics import topic_name
 from schemas import TRAJECTORY, Columns, Ragged, take
 from services.common import JsonlWriter, StopFlag, initial_policy_path, load_initial_policy, set_threads, worker_id
 from services.metrics import serve

@@ -9,10 +9,8 @@ import sys
 from kafka.errors import KafkaError
 
 from pipeline.config import KafkaConfig, RunConfig
-from pipeline.transport.kafka import (
-    TOPICS, KafkaAdminClient, TransportError, client_kwargs, ensure_topics, topic_configs, topic_name,
-)
-from pipeline.transport.memory import MemoryBroker, is_memory
+from pipeline.transport.clients import TransportError, clients_for
+from pipeline.transport.topics import TOPICS, ensure_topics, topic_configs, topic_name
 
 
 def partition_counts(items: list[str]) -> dict[str, int]:
@@ -34,10 +32,7 @@ def partition_counts(items: list[str]) -> dict[str, int]:
 
 def partitions_now(kafka_cfg: KafkaConfig, names: list[str]) -> dict[str, int]:
     """Partition count of each topic as the broker reports it."""
-    if is_memory(kafka_cfg.bootstrap_servers):
-        broker = MemoryBroker.named(kafka_cfg.bootstrap_servers)
-        return {name: broker.partitions_of(name) for name in names}
-    admin = KafkaAdminClient(client_id="rlstream-topics", **client_kwargs(kafka_cfg, "admin"))
+    admin = clients_for(kafka_cfg).admin("rlstream-topics")
     try:
         return {t["name"]: len(t["partitions"]) for t in admin.describe_topics(names)}
     finally:

@@ -24,7 +24,7 @@ from pipeline.config import KafkaConfig, RunConfig
 from pipeline.erpo.partitions import load_tables, rebuild_from_scored
 from pipeline.flow.ledger import VIOLATIONS, ledger_path, read_ledger, reconcile
 from pipeline.lake.store import read_topic
-from pipeline.transport.kafka import ensure_topics
+from pipeline.transport.topics import ensure_topics
 from services.common import erpo_rule
 from services.supervisor import Supervisor
 

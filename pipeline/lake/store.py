@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path
-from pipeline.transport.kafka import TOPICS
+from pipeline.transport.topics import TOPICS
 from schemas import DEAD_LETTER, Columns, to_record_batch
 
 #: The column holding the policy version of each topic's rows (None: no version, stored as -1).

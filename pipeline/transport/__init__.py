@@ -1,2 +1,4 @@
-"""Messages between the services: the Kafka producer/consumer of Arrow messages (`kafka`) and
-the in-memory broker behind the same interface for the fast test tier (`memory`)."""
+"""Messages between the services, as Arrow over Kafka: the run's topics (`topics`), the `producer`,
+the `consumer` with its `deadletters` (signed with `signature`) and poll `watchdog`, their
+`metrics`, and the `clients` they run on: kafka-python's, or the in-memory broker's (`memory`) for
+the fast test tier."""

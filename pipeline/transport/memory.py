@@ -1,13 +1,13 @@
 """An in-memory broker for the fast test tier: ``kafka.bootstrap_servers = "memory://<name>"``.
 
-`pipeline.transport.kafka`'s `Producer`, `Consumer` and `ensure_topics` talk to it instead of Kafka when
-the bootstrap address says ``memory://``: everything above the client (Arrow encoding, headers,
+The transport's `Producer`, `Consumer` and `ensure_topics` talk to it instead of Kafka when the
+bootstrap address says ``memory://`` (`pipeline.transport.clients.clients_for`): everything above the client (Arrow encoding, headers,
 decoding and validation, dead letters, positions, commits, partition ownership callbacks) is the
 same code as against a real broker, so a service's loop runs in-process in a unit test. What only
 a broker shows (the wire, outages, kill -9, Tansu's quirks) stays in the real-broker tier.
 
-The clients implement the part of kafka-python's ``KafkaProducer`` / ``KafkaConsumer`` API that
-the transport uses, with Kafka's semantics where they matter to the services:
+The clients implement the part of kafka-python's ``KafkaProducer`` / ``KafkaConsumer`` /
+``KafkaAdminClient`` API that the transport uses, with Kafka's semantics where they matter to the services:
 
 - topics with partitions, records with key, value, headers, offset and timestamp; a keyed record
   goes to ``crc32(key) mod partitions`` (one key, one partition, as with Kafka's partitioner);
@@ -23,7 +23,7 @@ the transport uses, with Kafka's semantics where they matter to the services:
   partitions may still commit them (Kafka's eager protocol: revocation happens before the rejoin);
 - listeners run as kafka-python 3 runs them, on the client's IO loop: an async listener is
   awaited, and a blocking ``commit`` from inside one raises ``RuntimeError`` (the listener awaits
-  ``commit_from_listener`` instead, as `pipeline.transport.kafka` does with the client's coroutine);
+  ``commit_from_listener`` instead, as `pipeline.transport.clients.KafkaConsumerClient` does);
 - ``poll`` waits up to its timeout for records, starting at another partition each time, so a
   small ``max_records`` does not starve the later partitions.
 
@@ -39,15 +39,22 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
+from typing import Literal
 
 from kafka import TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.admin import NewTopic
+from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
 
 SCHEME = "memory://"
 
 
 def is_memory(bootstrap_servers: str) -> bool:
     return bootstrap_servers.startswith(SCHEME)
+
+
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition a keyed record goes to: crc32 of the key mod the partition count."""
+    return zlib.crc32(key) % partitions
 
 
 @dataclass(frozen=True)
@@ -109,14 +116,16 @@ class MemoryBroker:
         with cls._lock:
             cls._brokers.clear()
 
-    def create_topic(self, name: str, partitions: int) -> None:
+    def create_topic(self, name: str, partitions: int) -> bool:
+        """Create topic ``name``; False if it exists (it keeps its partitions)."""
         with self.cond:
             if name in self.topics:
-                return
+                return False
             self.topics[name] = [[] for _ in range(partitions)]
             for group in self.groups.values():  # subscribers get its partitions at their next poll
                 if any(name in topics for topics in group.subscriptions.values()):
                     group.generation += 1
+            return True
 
     def partitions_of(self, topic: str) -> int:
         return len(self.topics.get(topic, ()))
@@ -131,7 +140,7 @@ class MemoryBroker:
             if partition is not None:
                 p = partition
             else:
-                p = (zlib.crc32(key) % len(parts) if key is not None
+                p = (key_partition(key, len(parts)) if key is not None
                      else min(range(len(parts)), key=lambda i: len(parts[i])))
             rec = Record(topic, p, len(parts[p]), int(time.time() * 1000), key, bytes(value), list(headers or []))
             lost = self._to_lose.get(topic, 0) > 0
@@ -168,6 +177,35 @@ class _Future:
         if self.error is not None:
             raise self.error
         return self.record
+
+
+class MemoryAdminClient:
+    """``KafkaAdminClient``'s create_topics / wait_for_topics / describe_topics / close on a
+    `MemoryBroker`. Topic configs are accepted and ignored: nothing is compacted or expires here."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        self.broker = broker
+
+    def create_topics(self, new_topics: list[NewTopic], raise_errors: Literal[False]) -> dict:
+        """Create the topics; one that exists is reported in the result, as kafka-python reports it
+        with ``raise_errors=False`` (the only way the transport calls it)."""
+        results = []
+        for topic in new_topics:
+            created = self.broker.create_topic(topic.name, topic.num_partitions)
+            results.append({"name": topic.name, "error_code": 0 if created else TopicAlreadyExistsError.errno,
+                            "error_message": None if created else "topic exists"})
+        return {"topics": results}
+
+    def wait_for_topics(self, topic_names: list[str], timeout_ms: int = 10000) -> None:
+        """A created topic is there at once."""
+
+    def describe_topics(self, topics: list[str]) -> list[dict]:
+        """Name and partitions of each topic (none for a topic that does not exist)."""
+        return [{"name": name, "partitions": [{"partition": p} for p in range(self.broker.partitions_of(name))]}
+                for name in topics]
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 class MemoryProducerClient:
@@ -227,6 +265,11 @@ class MemoryConsumerClient:
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.assigned)
+
+    @staticmethod
+    def partition_of(key: bytes, partitions: int) -> int:
+        """Index, among a topic's sorted partitions, of the one `MemoryBroker.append` puts ``key`` in."""
+        return key_partition(key, partitions)
 
     def _rebalance(self) -> None:
         """Catch up with the group's generation (revoke everything, release it), then take the

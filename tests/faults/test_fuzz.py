@@ -29,7 +29,9 @@ from hypothesis import strategies as st
 from factories import trajectory_group
 from malformed import HEADERS, malformed
 from pipeline.flow.validate import Limits, check_groups
-from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
+from pipeline.transport.consumer import Consumer
+from pipeline.transport.producer import Producer
+from pipeline.transport.topics import ensure_topics, topic_name
 from schemas import TRAJECTORY, DecodeError, decode, encode
 
 REPO = Path(__file__).resolve().parents[2]

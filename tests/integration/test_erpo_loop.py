@@ -32,7 +32,9 @@ from pipeline.erpo import history as erpo
 from pipeline.erpo.partitions import load_tables
 from pipeline.model.policy import load_policy
 from pipeline.model.batch import pack, token_logprobs
-from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
+from pipeline.transport.consumer import Consumer
+from pipeline.transport.producer import Producer
+from pipeline.transport.topics import ensure_topics, topic_name
 from schemas import PROMPT_TICKET, TEMPERATURE_UPDATE, TRAJECTORY, Ragged
 from services.common import erpo_rule
 

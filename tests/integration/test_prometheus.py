@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.transport.kafka import ensure_topics
+from pipeline.transport.topics import ensure_topics
 from test_services import _overrides
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,7 @@ import pytest
 
 from infra.broker import _free_port, tansu_binary
 from pipeline.config import KafkaConfig
-from pipeline.transport.kafka import Producer
+from pipeline.transport.producer import Producer
 
 pytestmark = pytest.mark.integration
 

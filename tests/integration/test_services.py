@@ -23,7 +23,9 @@ from kafka import KafkaConsumer, TopicPartition
 
 from pipeline.flow.ledger import ledger_path, read_ledger
 from pipeline.model.policy import load_policy
-from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
+from pipeline.transport.consumer import Consumer
+from pipeline.transport.producer import Producer
+from pipeline.transport.topics import ensure_topics, topic_name
 from schemas import TRAJECTORY, headers_for
 
 pytestmark = pytest.mark.integration

@@ -9,15 +9,10 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from pipeline.config import KafkaConfig
-from pipeline.transport.kafka import (
-    Consumer,
-    Delivery,
-    Producer,
-    TransportError,
-    client_kwargs,
-    ensure_topics,
-    topic_name,
-)
+from pipeline.transport.clients import TransportError, client_kwargs
+from pipeline.transport.consumer import Consumer, Delivery
+from pipeline.transport.producer import Producer
+from pipeline.transport.topics import ensure_topics, topic_name
 from schemas import (
     DEAD_LETTER,
     TEMPERATURE_UPDATE,

@@ -18,8 +18,10 @@ import torch
 from infra.objectstore import ObjectStore
 from pipeline.config import load_config
 from pipeline.model.weight_store import S3Policies, policy_source
-from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
+from pipeline.transport.consumer import Consumer
 from pipeline.transport.memory import MemoryBroker
+from pipeline.transport.producer import Producer
+from pipeline.transport.topics import ensure_topics, topic_name
 from schemas import POLICY_UPDATE
 from services.cli import shipped_config
 from services.learner_publish import Publisher

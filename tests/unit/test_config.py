@@ -150,7 +150,7 @@ def test_vllm_engine_without_vllm_says_what_to_install(monkeypatch):
 
 
 def test_security_settings_pass_through_to_every_client():
-    from pipeline.transport.kafka import client_kwargs
+    from pipeline.transport.clients import client_kwargs
 
     cfg = KafkaConfig(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username="alice",
                       sasl_password="s3cret", ssl_cafile="/etc/ca.pem", ssl_certfile="/etc/me.pem",

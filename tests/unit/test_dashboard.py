@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY
 
-import pipeline.transport.kafka  # noqa: F401  (registers the transport metrics)
+import pipeline.transport.metrics  # noqa: F401  (registers the transport metrics)
 import services.learner  # noqa: F401
 import services.metrics  # noqa: F401
 import services.reward  # noqa: F401

@@ -28,8 +28,8 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_config
-from pipeline.transport.kafka import TOPICS, topic_configs, topic_name
 from pipeline.transport.memory import MemoryBroker
+from pipeline.transport.topics import TOPICS, topic_configs, topic_name
 from services import cli, common
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,8 +17,8 @@ import pytest
 from pipeline.config import load_config
 from pipeline.flow.ledger import VIOLATIONS, ledger_path, read_ledger
 from pipeline.lake.store import read_topic
-from pipeline.transport.kafka import ensure_topics
 from pipeline.transport.memory import MemoryBroker
+from pipeline.transport.topics import ensure_topics
 from pipeline.verify.verifier import VerifierPool
 from services import learner, recorder
 from services.cli import shipped_config
@@ -145,7 +145,7 @@ def test_a_group_whose_intake_fails_is_dead_lettered_alone_and_the_records_other
     from pipeline.flow.validate import Limits
     from pipeline.rl.checkpoints import restore_learner
     from pipeline.rl.trainer import BatchChannel, make_trainer
-    from pipeline.transport.kafka import Consumer, Delivery
+    from pipeline.transport.consumer import Consumer, Delivery
     from schemas import SCORED_TRAJECTORY, concat, decode, encode, headers_for
     from services.common import load_learner_models
 

@@ -14,8 +14,10 @@ import pytest
 
 from factories import trajectory_group
 from pipeline.config import RunConfig
-from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
+from pipeline.transport.consumer import Consumer
 from pipeline.transport.memory import MemoryBroker
+from pipeline.transport.producer import Producer
+from pipeline.transport.topics import ensure_topics, topic_name
 from pipeline.verify.verifier import VerifierPool
 from schemas import TRAJECTORY, encode, headers_for
 from services.reward import Reward
@@ -115,7 +117,7 @@ def test_a_second_worker_takes_half_the_partitions_with_their_state(cfg):
 def test_a_failed_step_commits_nothing_and_saves_no_state(cfg, monkeypatch):
     """The client revokes on close (kafka-python does, and so does the memory broker): after a
     failed step that must not snapshot and commit positions past results never sent."""
-    from pipeline.transport.kafka import TransportError
+    from pipeline.transport.clients import TransportError
 
     _send(cfg, [trajectory_group(f"e0-{i:06d}", f"p{i}") for i in range(6)])
     worker = Reward(cfg, 0)

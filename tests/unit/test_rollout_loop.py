@@ -18,8 +18,10 @@ from factories import temperature_update, ticket
 from pipeline.config import StalenessConfig, load_config
 from pipeline.model.policy import load_policy
 from pipeline.model.batch import pack, token_logprobs
-from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
+from pipeline.transport.consumer import Consumer
 from pipeline.transport.memory import MemoryBroker
+from pipeline.transport.producer import Producer
+from pipeline.transport.topics import ensure_topics, topic_name
 from schemas import PROMPT_TICKET, TEMPERATURE_UPDATE
 from services.cli import shipped_config
 from services.common import initial_policy_path

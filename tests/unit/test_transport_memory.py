@@ -12,8 +12,10 @@ import pytest
 
 from factories import trajectory_group
 from pipeline.config import KafkaConfig
-from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
+from pipeline.transport.consumer import Consumer
 from pipeline.transport.memory import MemoryBroker
+from pipeline.transport.producer import Producer
+from pipeline.transport.topics import ensure_topics, topic_name
 from schemas import TRAJECTORY, Ragged, encode, headers_for
 from schemas.codec import declared_bytes
 
@@ -42,6 +44,21 @@ def _drain(c: Consumer, polls: int = 3) -> list:
     for _ in range(polls):
         out += c.poll(timeout_ms=10)
     return out
+
+
+def test_topics_are_made_through_the_admin_client_that_clients_for_picks(mem, caplog):
+    # A memory:// address gets the in-memory clients, any other address kafka-python's; topic
+    # creation and `rlstream topics` then go through the admin client as they do on Kafka: an
+    # existing topic keeps its partition count (the mismatch is logged), a missing one has none.
+    from pipeline.transport.clients import KafkaClients, MemoryClients, clients_for
+    from services.topics import partitions_now
+
+    assert isinstance(clients_for(mem), MemoryClients)
+    assert isinstance(clients_for(KafkaConfig(bootstrap_servers="localhost:9092")), KafkaClients)
+    ensure_topics(mem, "r", partitions={"trajectories": 2})  # the fixture made it with 4
+    assert "has 4 partitions, wanted 2 (kept as is)" in caplog.text
+    names = [topic_name("r", t) for t in ("trajectories", "policy", "nowhere")]
+    assert partitions_now(mem, names) == {names[0]: 4, names[1]: 1, names[2]: 0}
 
 
 def test_messages_round_trip_with_headers_keys_and_one_partition_per_key(mem):
@@ -227,7 +244,7 @@ def _raiser(filename: str, name: str):
 def test_only_errors_raised_reading_a_record_mark_it_unreadable():
     import os
 
-    from pipeline.transport.kafka import raised_reading_records
+    from pipeline.transport.clients import raised_reading_records
 
     site = os.path.join(os.sep, "venv", "site-packages", "kafka")
     cases = {(os.path.join(site, "record", "default_records.py"), "_maybe_uncompress"): True,
@@ -247,7 +264,7 @@ def test_a_client_error_outside_record_reading_loses_no_record(mem):
     # The client raises a ValueError that has nothing to do with a record (a bug or a failure in
     # its connection code): before, any ValueError marked the record at the consumer's position
     # unreadable and skipped it, with no payload kept. Now it is the transport's failure.
-    from pipeline.transport.kafka import TransportError
+    from pipeline.transport.clients import TransportError
 
     ensure_topics(mem, "one", partitions={"trajectories": 1})  # the error is then pinned on the only partition
     p = Producer(mem, "test")

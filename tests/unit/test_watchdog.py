@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from pipeline.transport.kafka import StallWatchdog
+from pipeline.transport.watchdog import StallWatchdog
 
 
 def test_a_call_that_overruns_is_reported_once():
