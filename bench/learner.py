@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from pipeline.config import LearnerConfig
-from pipeline.erpo.history import ErpoRule
+from pipeline.erpo.rule import ErpoRule
 from pipeline.model.policy import build_char_tokenizer, build_tiny_qwen2
 from pipeline.rl.advantages import grpo_advantages
 from pipeline.rl.learn import train_step

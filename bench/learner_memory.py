@@ -97,7 +97,7 @@ def measure(case: str, seqs: int, prompt: int, completion: int, reps: int, threa
     import torch
 
     from pipeline.config import LearnerConfig
-    from pipeline.erpo.history import ErpoRule
+    from pipeline.erpo.rule import ErpoRule
     from pipeline.rl.learn import train_step
     from pipeline.model.policy import build_tiny
     from pipeline.rl.trainer import TorchTrainer

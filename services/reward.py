@@ -37,8 +37,8 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeHistogramMetricFamily
 
 from pipeline.config import RunConfig
-from pipeline.erpo import history as erpo
-from pipeline.erpo.partitions import PartitionedHistory, legacy_snapshots
+from pipeline.erpo.partitions import PartitionedHistory
+from pipeline.erpo.store import GROUP_SCHEMA, UPDATE_SCHEMA
 from pipeline.failpoints import failpoint
 from pipeline.flow.validate import check_groups
 from pipeline.transport.kafka import Consumer, Delivery, Producer, topic_name
@@ -103,13 +103,13 @@ def group_frame(groups: list[Columns]) -> pl.DataFrame:
     """One row per scored group (prompt_id, pass_rate, policy_version), in order."""
     return pl.DataFrame({"prompt_id": [str(g["prompt_id"][0]) for g in groups],
                          "pass_rate": [float(g["group_pass_rate"][0]) for g in groups],
-                         "policy_version": [int(g["policy_version"][0]) for g in groups]}, schema=erpo.GROUP_SCHEMA)
+                         "policy_version": [int(g["policy_version"][0]) for g in groups]}, schema=GROUP_SCHEMA)
 
 
 def update_columns(updates: pl.DataFrame, row: int) -> Columns:
-    """TemperatureUpdate columns of one row of an `erpo.update` result."""
+    """TemperatureUpdate columns of one row of a `pipeline.erpo.store.HistoryStore.apply` result."""
     one = updates.slice(row, 1)
-    return {name: one[name].to_numpy() for name in erpo.UPDATE_SCHEMA}
+    return {name: one[name].to_numpy() for name in UPDATE_SCHEMA}
 
 
 class Reward:
@@ -119,11 +119,8 @@ class Reward:
         self.cfg, self.rc = cfg, cfg.reward
         self.rule = erpo_rule(cfg)
         self.wid, self.worker_index = worker_id(), worker_index
-        root = cfg.workdir / "erpo"
-        for old in legacy_snapshots(root):
-            log.warning("ignoring %s: ERPO state is kept per partition now (trajectories-p<N>.parquet); partitions "
-                        "without a snapshot are rebuilt from the start of their topic partition", old)
-        self.history = PartitionedHistory(self.rule, root, self.rc.dedup_window, cfg.erpo.snapshot_every)
+        self.history = PartitionedHistory(self.rule, cfg.workdir / "erpo", self.rc.dedup_window,
+                                          cfg.erpo.snapshot_every)
         self.producer = Producer(cfg.kafka, client_id=f"{cfg.name}-reward-{self.wid}")
         self.consumer = Consumer(cfg.kafka, cfg.name, ["trajectories"], group_id=f"{cfg.name}.reward",
                                  client_id=f"{cfg.name}-reward-{self.wid}", deadletter=self.producer,

@@ -32,7 +32,7 @@ from schemas import POLICY_UPDATE, PROMPT_TICKET, TEMPERATURE_UPDATE, Columns, M
 FINISH_REASONS = ("stop", "length")
 VERIFY_STATUSES = ("correct", "wrong", "no_answer", "error", "timeout", "truncated")
 TEMPERATURE_REASONS = ("all_correct_raise", "capped", "reactivated", "decay", "clamped")
-"""`pipeline.erpo.history.REASONS` (kept here too: this module imports neither polars nor the ERPO table)."""
+"""`pipeline.erpo.rule.REASONS` (kept here too: this module imports neither polars nor the ERPO table)."""
 MAX_TEMPERATURE = 2.0
 """Highest sampling temperature any engine is asked for (vLLM accepts [0, 2])."""
 LOGPROB_SLACK = 1e-3

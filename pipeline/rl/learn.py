@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from pipeline.config import LearnerConfig
-from pipeline.erpo.history import ErpoRule, ra_advantages
-from pipeline.rl.advantages import get_advantage
+from pipeline.erpo.rule import ErpoRule
+from pipeline.rl.advantages import get_advantage, ra_advantages
 from pipeline.rl.head import HeadPlan, chunk_tokens, completion_head
 from pipeline.rl.losses import KL_TERMS, phi_clamp, ppo_per_token
 from pipeline.rl.trainer import Trainer, lr_at

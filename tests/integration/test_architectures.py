@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import LearnerConfig
-from pipeline.erpo.history import ErpoRule
+from pipeline.erpo.rule import ErpoRule
 from pipeline.model.policy import ModelLoadError, build_char_tokenizer, build_tiny, export_pretrained, load_policy
 from pipeline.model.weights import publish
 from pipeline.rl.learn import train_step

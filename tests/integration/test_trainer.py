@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.config import LearnerConfig
-from pipeline.erpo.history import ErpoRule
+from pipeline.erpo.rule import ErpoRule
 from pipeline.model.policy import build_tiny_qwen2
 from pipeline.rl.learn import train_step
 from pipeline.rl.trainer import (DeepSpeedTrainer, TorchTrainer, deepspeed_config, ensure_extensions_dir, lr_at,

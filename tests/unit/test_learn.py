@@ -9,7 +9,7 @@ import torch
 
 from learn_batch import batch_groups, tiny_model
 from pipeline.config import LearnerConfig
-from pipeline.erpo.history import ErpoRule
+from pipeline.erpo.rule import ErpoRule
 from pipeline.rl.learn import completion_hidden, micro_batches, shared_micro_batches, shared_prompt_hidden, train_step
 from pipeline.rl.losses import (
     PolicyLossInputs,
