@@ -16,6 +16,7 @@ import polars as pl
 
 from pipeline.erpo.rule import CAP_EPS, ErpoRule
 from pipeline.erpo.store import TABLE_SCHEMA, empty_table
+from pipeline.verify.residual import residual
 
 
 def _f32(x: float) -> float:
@@ -65,7 +66,7 @@ def reference_update(
         tau32 = row["temperature"]
         tau = tau32
         raw = tau + rule.delta_tau
-        all_correct, all_wrong = s == 1.0, s == 0.0
+        all_correct, all_wrong = (bool(m) for m in residual(s))
         mid = not all_correct and not all_wrong
         if all_correct:
             core = raw

@@ -4,7 +4,8 @@ ERPO (Explore Residual Prompts in Policy Optimization, arXiv 2511.04800): a prom
 group was answered correctly is *residual* -- every sample has the same reward, the group-relative
 advantage is zero and the group gives no gradient. ERPO keeps a history per prompt and raises the
 sampling temperature of residual prompts, so their next groups contain diverse (and some wrong)
-answers and yield a learning signal again ("reactivation").
+answers and yield a learning signal again ("reactivation"). Which groups are residual is decided by
+`pipeline.verify.residual.residual`.
 
 How we depart from the paper: the paper publishes no Δτ, τ_max, decay or reset rule; the defaults
 of :class:`ErpoRule` (τ₀ = 1.0, Δτ = 0.1, τ_max = 1.5, history = 4, δ = 0.1, no decay) are ours.
@@ -54,6 +55,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from pipeline.verify.residual import residual
 
 # An all-correct raise "does not fit" under the cap when τ + Δτ exceeds the cap by more than this;
 # float32 temperatures near 2 have a resolution of about 2.4e-7, so this absorbs rounding of τ.
@@ -202,7 +205,7 @@ def apply_rule(
         sel = np.flatnonzero(occ == r)
         rr, sl = rows[sel], slot[sel]
         s32, vr = s[sel], v[sel]
-        s1, s0 = s32 == 1.0, s32 == 0.0
+        s1, s0 = residual(s32)
         mid = ~s1 & ~s0
         tau32 = cols["temperature"][rr]
         tau = tau32.astype(np.float64)

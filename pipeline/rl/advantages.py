@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.erpo.rule import ErpoRule
+from pipeline.verify.residual import residual
 
 AdvantageFn = Callable[..., torch.Tensor]
 ADVANTAGES: dict[str, AdvantageFn] = {}
@@ -77,7 +78,8 @@ def rloo_advantages(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
 
 
 def ra_advantages(pass_rate_per_sample: np.ndarray, advantages: np.ndarray, rule: ErpoRule) -> np.ndarray:
-    """ERPO's RA: samples of all-correct groups (pass rate 1) get the advantage -ra_delta.
+    """ERPO's RA: samples of all-correct groups (`pipeline.verify.residual.residual`) get the
+    advantage -ra_delta.
 
     Group-relative advantages of an all-correct group are 0, so this replaces a zero; other
     samples are unchanged. Returns a new array (dtype of ``advantages``); identity when the rule
@@ -89,5 +91,6 @@ def ra_advantages(pass_rate_per_sample: np.ndarray, advantages: np.ndarray, rule
         raise ValueError(f"pass_rate_per_sample shape {p.shape} != advantages shape {a.shape}")
     out = a.copy()
     if rule.enabled:
-        out[p.astype(np.float32) == np.float32(1.0)] = -rule.ra_delta
+        all_correct, _ = residual(p)
+        out[all_correct] = -rule.ra_delta
     return out

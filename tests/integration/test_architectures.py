@@ -53,8 +53,7 @@ def _scored(samples, rewards: np.ndarray) -> list:
         r = rewards[i * len(mine):(i + 1) * len(mine)].astype(np.float32)
         n = len(r)
         cols.update(reward=r, verify_status=np.array(["correct" if x else "wrong" for x in r], dtype=object),
-                    group_pass_rate=np.full(n, r.mean(), np.float32), residual=np.full(n, "none", dtype=object),
-                    shaped_reward=r.copy(), scored_at=np.zeros(n))
+                    group_pass_rate=np.full(n, r.mean(), np.float32), scored_at=np.zeros(n))
         groups.append(cols)
     return groups
 

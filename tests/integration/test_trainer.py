@@ -48,7 +48,7 @@ def _groups(seed: int) -> list[dict]:
             "finish_reason": np.array(["stop"] * G, dtype=object),
             "behavior_logprobs": Ragged.from_list([-rng.random(len(c)).astype(np.float32) - 2.5 for c in comps],
                                                   np.float32),
-            "shaped_reward": reward,
+            "reward": reward,
             "group_pass_rate": np.full(G, reward.mean(), np.float32),
         })
     return out

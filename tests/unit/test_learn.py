@@ -155,7 +155,7 @@ def test_one_update_equals_the_plain_formulation(kl, overlong):
     model, ref = tiny_model(), tiny_model(1)
     cols = concat(groups)
     _, gi = np.unique(cols["group_id"], return_inverse=True)
-    rewards = torch.as_tensor(cols["shaped_reward"])
+    rewards = torch.as_tensor(cols["reward"])
     from pipeline.rl.advantages import get_advantage
 
     adv = get_advantage("grpo")(rewards, torch.as_tensor(gi))
