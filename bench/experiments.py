@@ -189,8 +189,7 @@ def lake_signal(run_dir: Path, tau0: float) -> dict[str, float]:
     if g.is_empty():
         return {"ra": math.nan, "ra_signal": math.nan}
     hot = (g["temperature"] > tau0 + 1e-6).to_numpy()
-    rate = g["pass_rate"].to_numpy()
-    differs = (rate > 0) & (rate < 1)
+    differs = ~(g["all_correct"] | g["all_wrong"]).to_numpy()
     return {"ra": float(hot.mean()), "ra_signal": float((hot & differs).mean())}
 
 

@@ -5,12 +5,13 @@ history. Each batch draws prompt ids with replacement from the table (so a few p
 groups in one batch) plus a share of never-seen prompts, and pass rates k/8 with mass on 0 and 1
 (residual groups are common late in training).
 
-* vectorised: ``pipeline.erpo.history.HistoryStore.apply`` (numpy columns + hash index, in place), built
-  once from the Polars table (not timed); batches are chained, as in the reward service.
-* loop: ``pipeline.erpo.history.reference_update`` on a dict-of-dicts copy of the same table, built once
-  and not timed, fed the same batches as lists of tuples (conversion not timed).
+* vectorised: ``pipeline.erpo.store.HistoryStore.apply`` (numpy columns + hash index, in place),
+  built once from the Polars table (not timed); batches are chained, as in the reward service.
+* loop: ``reference_update`` of ``tests/erpo_oracle.py`` (the tests' oracle) on a dict-of-dicts
+  copy of the same table, built once and not timed, fed the same batches as lists of tuples
+  (conversion not timed).
 
-* pure: ``pipeline.erpo.history.update`` (the same kernel on a copy of the DataFrame) on the first
+* pure: ``pipeline.erpo.store.update`` (the same kernel on a copy of the DataFrame) on the first
   batches only, for information: it pays O(table) per call.
 
 Both see the same batches in the same order; the final tables are checked to agree on the touched
@@ -25,12 +26,18 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from pipeline.erpo.history import TABLE_SCHEMA, ErpoRule, HistoryStore, reference_update, to_dict_table, update
+from pipeline.erpo.rule import ErpoRule
+from pipeline.erpo.store import TABLE_SCHEMA, HistoryStore, update
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from erpo_oracle import reference_update, to_dict_table  # noqa: E402
 
 G = 8  # samples per group: pass rates are k / G
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from pipeline.config import LearnerConfig
-from pipeline.erpo.history import ErpoRule
+from pipeline.erpo.rule import ErpoRule
 from pipeline.model.policy import build_char_tokenizer, build_tiny_qwen2
 from pipeline.rl.advantages import grpo_advantages
 from pipeline.rl.learn import train_step
@@ -58,7 +58,7 @@ def make_groups(rng: np.random.Generator) -> list[dict]:
             "temperature": np.ones(G, np.float32),
             "finish_reason": np.array(["stop"] * G, dtype=object),
             "behavior_logprobs": Ragged.from_list([np.full(len(c), -9.0, np.float32) for c in comps], np.float32),
-            "shaped_reward": reward,
+            "reward": reward,
             "group_pass_rate": np.full(G, reward.mean(), np.float32),
         })
     return groups
@@ -79,7 +79,7 @@ def trl_inputs(groups: list[dict], pad: int) -> dict[str, torch.Tensor]:
         prompt_mask[b, P - len(p):] = 1
         completion_ids[b, : len(c)] = torch.from_numpy(c.astype(np.int64))
         completion_mask[b, : len(c)] = 1
-    rewards = torch.as_tensor(np.concatenate([g["shaped_reward"] for g in groups]))
+    rewards = torch.as_tensor(np.concatenate([g["reward"] for g in groups]))
     advantages = grpo_advantages(rewards, torch.arange(GROUPS).repeat_interleave(G))
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
             "completion_mask": completion_mask, "advantages": advantages,

@@ -57,7 +57,7 @@ def groups_of(seqs: int, prompt: int, completion: int, seed: int = 0) -> list[di
                     "temperature": np.ones(G, np.float32),
                     "finish_reason": np.array(["length"] * G, dtype=object),
                     "behavior_logprobs": Ragged.from_list([np.full(completion, -12.0, np.float32)] * G, np.float32),
-                    "shaped_reward": r, "group_pass_rate": np.full(G, r.mean(), np.float32)})
+                    "reward": r, "group_pass_rate": np.full(G, r.mean(), np.float32)})
     return out
 
 
@@ -72,7 +72,7 @@ def unchunked_step(trainer, ref, groups, lc) -> None:
 
     cols = concat(groups)
     _, gi = np.unique(cols["group_id"], return_inverse=True)
-    rewards = torch.as_tensor(cols["shaped_reward"])
+    rewards = torch.as_tensor(cols["reward"])
     adv = grpo_advantages(rewards, torch.as_tensor(gi))
     n = len(rewards)
     batch = pack([cols["prompt_token_ids"][i] for i in range(n)], [cols["completion_token_ids"][i] for i in range(n)],
@@ -97,7 +97,7 @@ def measure(case: str, seqs: int, prompt: int, completion: int, reps: int, threa
     import torch
 
     from pipeline.config import LearnerConfig
-    from pipeline.erpo.history import ErpoRule
+    from pipeline.erpo.rule import ErpoRule
     from pipeline.rl.learn import train_step
     from pipeline.model.policy import build_tiny
     from pipeline.rl.trainer import TorchTrainer

@@ -348,7 +348,7 @@ class RolloutConfig(_Strict):
 
 
 class ErpoConfig(_Strict):
-    """ERPO: per-prompt history and adaptive temperature (see `pipeline.erpo.history`). The defaults are
+    """ERPO: per-prompt history and adaptive temperature (see `pipeline.erpo.rule`). The defaults are
     ours; the paper publishes no values."""
 
     enabled: bool = True

@@ -126,8 +126,8 @@ TRAJECTORY = MessageKind(
 
 SCORED_TRAJECTORY = MessageKind(
     name="ScoredTrajectory",
-    version=2,
-    doc="A Trajectory row plus its verification and ERPO shaping. Reward -> learner; key = prompt_id.",
+    version=3,
+    doc="A Trajectory row plus its verification and its group's pass rate. Reward -> learner; key = prompt_id.",
     schema=pa.schema(
         _TRAJECTORY_FIELDS
         + [
@@ -142,12 +142,11 @@ SCORED_TRAJECTORY = MessageKind(
                 'Verifier outcome: "correct", "wrong", "no_answer", "error", "timeout", or "truncated" '
                 '(cut at the length limit, rollout.overlong = "zero_reward").',
             ),
-            # Mean reward of the sample's group, in [0, 1].
-            _field("group_pass_rate", pa.float32(), "Mean reward of the sample's group, in [0, 1]."),
-            # Residual kind of the group: "none" (informative), "all_correct", "all_wrong".
-            _field("residual", pa.string(), 'Residual kind of the group: "none", "all_correct" or "all_wrong".'),
-            # Reward after ERPO shaping; equals `reward` when no shaping applies.
-            _field("shaped_reward", pa.float32(), "Reward after ERPO shaping; equals reward when none applies."),
+            # Mean reward of the sample's group, in [0, 1]; 1 or 0 makes the group residual
+            # (`pipeline.verify.residual`). v3 dropped `residual` (derived from this) and
+            # `shaped_reward` (always equal to `reward`).
+            _field("group_pass_rate", pa.float32(),
+                   "Mean reward of the sample's group, in [0, 1] (1: all correct, 0: all wrong)."),
             # Unix time (s) of scoring.
             _field("scored_at", pa.float64(), "Unix time (s) the sample was scored."),
         ]

@@ -123,7 +123,7 @@ def worker_id() -> str:
 
 def erpo_rule(cfg: RunConfig):
     """The ERPO rule of a run's `[erpo]` section (the engine range is [0, 2])."""
-    from pipeline.erpo.history import ErpoRule
+    from pipeline.erpo.rule import ErpoRule
     from pipeline.flow.validate import MAX_TEMPERATURE
 
     e = cfg.erpo

@@ -2,7 +2,7 @@
 
 Loop: poll whole groups from the `trajectories` consumer group, verify every completion against its
 reference answer in the math-verify process pool (a verifier error or timeout is its own
-`verify_status`, never a silent 0), score the groups (pass rate, residual kind), apply the batch to
+`verify_status`, never a silent 0), score the groups (pass rate), apply the batch to
 the ERPO prompt-history table of each group's partition (`pipeline.erpo.partitions`: a worker
 keeps one table per `trajectories` partition it owns, restored from that partition's snapshot when
 the group assigns it and snapshotted when it is revoked, so several workers never split a
@@ -37,15 +37,16 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeHistogramMetricFamily
 
 from pipeline.config import RunConfig
-from pipeline.erpo import history as erpo
-from pipeline.erpo.partitions import PartitionedHistory, legacy_snapshots
+from pipeline.erpo.partitions import PartitionedHistory
+from pipeline.erpo.store import GROUP_SCHEMA, UPDATE_SCHEMA
 from pipeline.failpoints import failpoint
 from pipeline.flow.commit import Committer
 from pipeline.flow.validate import check_groups
 from pipeline.transport.consumer import Consumer, Delivery
 from pipeline.transport.producer import Producer
 from pipeline.transport.topics import topic_name
-from pipeline.verify.scoring import RESIDUAL_ALL_CORRECT, RESIDUAL_ALL_WRONG, score
+from pipeline.verify.residual import ALL_CORRECT, ALL_WRONG, INFORMATIVE, residual
+from pipeline.verify.scoring import score
 from pipeline.verify.verifier import VerifierPool
 from schemas import SCORED_TRAJECTORY, TEMPERATURE_UPDATE, Columns, concat, split_groups
 from services import metrics
@@ -106,13 +107,13 @@ def group_frame(groups: list[Columns]) -> pl.DataFrame:
     """One row per scored group (prompt_id, pass_rate, policy_version), in order."""
     return pl.DataFrame({"prompt_id": [str(g["prompt_id"][0]) for g in groups],
                          "pass_rate": [float(g["group_pass_rate"][0]) for g in groups],
-                         "policy_version": [int(g["policy_version"][0]) for g in groups]}, schema=erpo.GROUP_SCHEMA)
+                         "policy_version": [int(g["policy_version"][0]) for g in groups]}, schema=GROUP_SCHEMA)
 
 
 def update_columns(updates: pl.DataFrame, row: int) -> Columns:
-    """TemperatureUpdate columns of one row of an `erpo.update` result."""
+    """TemperatureUpdate columns of one row of a `pipeline.erpo.store.HistoryStore.apply` result."""
     one = updates.slice(row, 1)
-    return {name: one[name].to_numpy() for name in erpo.UPDATE_SCHEMA}
+    return {name: one[name].to_numpy() for name in UPDATE_SCHEMA}
 
 
 class Reward:
@@ -122,11 +123,8 @@ class Reward:
         self.cfg, self.rc = cfg, cfg.reward
         self.rule = erpo_rule(cfg)
         self.wid, self.worker_index = worker_id(), worker_index
-        root = cfg.workdir / "erpo"
-        for old in legacy_snapshots(root):
-            log.warning("ignoring %s: ERPO state is kept per partition now (trajectories-p<N>.parquet); partitions "
-                        "without a snapshot are rebuilt from the start of their topic partition", old)
-        self.history = PartitionedHistory(self.rule, root, self.rc.dedup_window, cfg.erpo.snapshot_every)
+        self.history = PartitionedHistory(self.rule, cfg.workdir / "erpo", self.rc.dedup_window,
+                                          cfg.erpo.snapshot_every)
         self.producer = Producer(cfg.kafka, client_id=f"{cfg.name}-reward-{self.wid}")
         self.consumer = Consumer(cfg.kafka, cfg.name, ["trajectories"], group_id=f"{cfg.name}.reward",
                                  client_id=f"{cfg.name}-reward-{self.wid}", deadletter=self.producer,
@@ -136,7 +134,7 @@ class Reward:
         self.temp_topic = topic_name(cfg.name, "temperature")
         self.progress = JsonlWriter(cfg.workdir / "progress" / f"reward-{worker_index}.jsonl")
         self.statuses: Counter[str] = Counter()
-        self.residual: Counter[str] = Counter()
+        self.group_kinds: Counter[str] = Counter()
         self.groups = self.temp_updates = self.reactivations = 0
         self.failed = False
         """A step raised: nothing is snapshotted or committed from here on (see `_on_revoke`)."""
@@ -258,25 +256,25 @@ class Reward:
         n_updates = sum(u.height for u in updates)
         self.groups += batch_groups.height
         self.temp_updates += n_updates
-        rates = batch_groups["pass_rate"].to_numpy()
-        kinds = {RESIDUAL_ALL_CORRECT: int((rates >= 1).sum()), RESIDUAL_ALL_WRONG: int((rates <= 0).sum())}
-        kinds["informative"] = rates.size - kinds[RESIDUAL_ALL_CORRECT] - kinds[RESIDUAL_ALL_WRONG]
-        self.residual.update(kinds)
+        all_correct, all_wrong = residual(batch_groups["pass_rate"].to_numpy())
+        kinds = {ALL_CORRECT: int(all_correct.sum()), ALL_WRONG: int(all_wrong.sum())}
+        kinds[INFORMATIVE] = all_correct.size - kinds[ALL_CORRECT] - kinds[ALL_WRONG]
+        self.group_kinds.update(kinds)
         for kind, n in kinds.items():
             GROUPS.labels(kind).inc(n)
-            RESIDUAL_FRACTION.labels(kind).set(n / rates.size)
+            RESIDUAL_FRACTION.labels(kind).set(n / all_correct.size)
         for u in updates:
             for reason, n in u["reason"].value_counts().iter_rows():
                 TEMP_UPDATES.labels(reason).inc(n)
         temps = self.history.column("temperature")
         TABLE_PROMPTS.set(len(self.history))
-        RESIDUAL_PROMPTS.labels(RESIDUAL_ALL_CORRECT).set(int(self.history.column("was_residual").sum()))
-        RESIDUAL_PROMPTS.labels(RESIDUAL_ALL_WRONG).set(int((self.history.column("all_wrong_streak") > 0).sum()))
+        RESIDUAL_PROMPTS.labels(ALL_CORRECT).set(int(self.history.column("was_residual").sum()))
+        RESIDUAL_PROMPTS.labels(ALL_WRONG).set(int((self.history.column("all_wrong_streak") > 0).sum()))
         TEMPERATURES.refresh(temps)
         self.progress.write(groups=self.groups, batch_s=batch_s, erpo_update_ms=erpo_s * 1000,
                             statuses=dict(self.statuses), deadlettered=self.consumer.stats["deadlettered"],
-                            all_correct_groups=self.residual[RESIDUAL_ALL_CORRECT],
-                            all_wrong_groups=self.residual[RESIDUAL_ALL_WRONG],
+                            all_correct_groups=self.group_kinds[ALL_CORRECT],
+                            all_wrong_groups=self.group_kinds[ALL_WRONG],
                             temperature_updates=self.temp_updates, table_prompts=len(self.history),
                             partitions=sorted(self.history.parts), reactivations=self.reactivations,
                             mean_temperature=float(temps.mean()) if temps.size else 0.0,

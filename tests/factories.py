@@ -46,12 +46,9 @@ def scored_group(rewards: list[float], **kwargs) -> Columns:
     """A valid ScoredTrajectory group with these rewards (one per sample)."""
     cols = trajectory_group(size=len(rewards), **kwargs)
     r = np.asarray(rewards, dtype=np.float32)
-    rate = float(r.mean())
-    residual = "all_correct" if rate >= 1 else "all_wrong" if rate <= 0 else "none"
     n = len(r)
     cols.update(reward=r, verify_status=_s("correct" if x else "wrong" for x in r),
-                group_pass_rate=np.full(n, rate, dtype=np.float32), residual=_s([residual] * n),
-                shaped_reward=r.copy(), scored_at=np.full(n, 1.7e9, dtype=np.float64))
+                group_pass_rate=np.full(n, r.mean(), dtype=np.float32), scored_at=np.full(n, 1.7e9, dtype=np.float64))
     return cols
 
 

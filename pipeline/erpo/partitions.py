@@ -24,7 +24,6 @@ have: the check that partitioned state, rebalances and restarts lost or split no
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,9 @@ import numpy as np
 import polars as pl
 
 from pipeline.dedupe import BoundedSet
-from pipeline.erpo import history as erpo
+from pipeline.erpo.rule import ErpoRule
+from pipeline.erpo.snapshots import load_snapshot, snapshot
+from pipeline.erpo.store import GROUP_SCHEMA, HistoryStore, empty_table
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class PartitionState:
     """What one reward worker knows of one `trajectories` partition."""
 
     partition: int
-    store: erpo.HistoryStore
+    store: HistoryStore
     applied: BoundedSet
     """Tickets whose first scored group was applied to the table."""
     scored: BoundedSet
@@ -66,7 +67,7 @@ def attempt_key(ticket_id: str, attempt: int) -> str:
 class PartitionedHistory:
     """The ERPO state of the partitions a worker owns; snapshots in ``root``."""
 
-    def __init__(self, rule: erpo.ErpoRule, root: Path, dedup_window: int, snapshot_every: int) -> None:
+    def __init__(self, rule: ErpoRule, root: Path, dedup_window: int, snapshot_every: int) -> None:
         self.rule, self.root = rule, Path(root)
         self.dedup_window, self.snapshot_every = dedup_window, snapshot_every
         self.parts: dict[int, PartitionState] = {}
@@ -74,12 +75,11 @@ class PartitionedHistory:
     def assign(self, partition: int) -> PartitionState:
         """Load the partition's snapshot (or start it empty, from offset 0)."""
         path = snapshot_path(self.root, partition)
-        table, offsets = erpo.load_snapshot(path)
+        snap = load_snapshot(path)
         state = PartitionState(
-            partition, erpo.HistoryStore(self.rule, table),
-            BoundedSet(self.dedup_window, erpo.snapshot_seen_tickets(path)),
-            BoundedSet(self.dedup_window, erpo.snapshot_scored_attempts(path)),
-            offsets.get((TOPIC, partition), 0))
+            partition, HistoryStore(self.rule, snap.table),
+            BoundedSet(self.dedup_window, snap.seen_tickets), BoundedSet(self.dedup_window, snap.scored_attempts),
+            snap.offsets.get((TOPIC, partition), 0))
         self.parts[partition] = state
         log.info("partition %d: %d prompts restored from %s, continuing at offset %d", partition, len(state.store),
                  path if path.exists() else "(no snapshot)", state.position)
@@ -89,7 +89,7 @@ class PartitionedHistory:
         """Snapshot the partition's state as accounting for every record before ``position``."""
         state = self.parts[partition]
         state.position, state.batches = position, 0
-        erpo.snapshot(state.store.to_frame(), {(TOPIC, partition): position}, snapshot_path(self.root, partition),
+        snapshot(state.store.to_frame(), {(TOPIC, partition): position}, snapshot_path(self.root, partition),
                       list(state.applied), list(state.scored))
 
     def revoke(self, partition: int) -> None:
@@ -108,7 +108,7 @@ class PartitionedHistory:
         return "apply" if state.applied.add(ticket_id) else "send"
 
     def apply(self, partition: int, groups: pl.DataFrame, now: float) -> tuple[pl.DataFrame, int]:
-        """Apply groups (`erpo.GROUP_SCHEMA` rows) of one partition: (its temperature updates,
+        """Apply groups (`GROUP_SCHEMA` rows) of one partition: (its temperature updates,
         prompts reactivated by them)."""
         state = self.parts[partition]
         before = int(state.store.column("times_reactivated").sum())
@@ -139,27 +139,23 @@ def load_tables(root: Path) -> pl.DataFrame:
     """Every partition's snapshot under ``root``, as one table (a column ``partition``)."""
     frames = []
     for path in sorted(Path(root).glob(f"{TOPIC}-p*.parquet")):
-        table, _ = erpo.load_snapshot(path)
+        table = load_snapshot(path).table
         frames.append(table.with_columns(pl.lit(int(path.stem.rsplit("p", 1)[1]), pl.Int32).alias("partition")))
-    return pl.concat(frames) if frames else erpo.empty_table().with_columns(pl.lit(0, pl.Int32).alias("partition"))
+    return pl.concat(frames) if frames else empty_table().with_columns(pl.lit(0, pl.Int32).alias("partition"))
 
 
-def rebuild_from_scored(scored: pl.DataFrame, rule: erpo.ErpoRule) -> pl.DataFrame:
+def rebuild_from_scored(scored: pl.DataFrame, rule: ErpoRule) -> pl.DataFrame:
     """The ERPO table one worker would hold after applying a run's scored groups: per partition in
     offset order, the first scored group of each ticket. ``scored`` is the lake's scored topic
     (`pipeline.lake.store.read_topic`: rows with ``_partition``, ``_offset``)."""
     if scored.is_empty():
-        return erpo.empty_table()
+        return empty_table()
     groups = (scored.sort("_partition", "_offset")
               .unique("group_id", keep="first", maintain_order=True)
               .unique("ticket_id", keep="first", maintain_order=True))
-    store = erpo.HistoryStore(rule)
+    store = HistoryStore(rule)
     for _, part in groups.group_by("_partition", maintain_order=True):
         store.apply(part.select(prompt_id="prompt_id", pass_rate="group_pass_rate",
-                                policy_version="policy_version").cast(erpo.GROUP_SCHEMA), 0.0)
+                                policy_version="policy_version").cast(GROUP_SCHEMA), 0.0)
     return store.to_frame()
 
-
-def legacy_snapshots(root: Path) -> list[Path]:
-    """Snapshots of the one-table-per-worker layout (`table-<worker>.parquet`): not used any more."""
-    return sorted(p for p in Path(root).glob("table-*.parquet") if os.path.isfile(p))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.flow.tickets import TicketBook
+from pipeline.verify.residual import ALL_CORRECT, ALL_WRONG, residual
 from schemas import Columns
 
 DEAD_LETTER = "deadletter"
@@ -45,17 +46,15 @@ class Outcome:
 
 def no_signal(group: Columns, dynamic_sampling: str) -> str | None:
     """``all_wrong`` or ``all_correct`` if ``dynamic_sampling`` leaves this group out, else None.
-    ``zero_variance`` (DAPO) drops every group whose rewards are all equal, named by its pass rate
-    (all equal and in between, with graded rewards, counts as ``all_wrong``: no sample did better);
-    ``all_wrong`` drops only groups with pass rate 0; ``off`` none."""
+    ``zero_variance`` (DAPO) drops every residual group (all rewards equal: all correct or all
+    wrong, `pipeline.verify.residual`); ``all_wrong`` drops only all-wrong groups; ``off`` none."""
     if dynamic_sampling == "off":
         return None
-    pass_rate = float(np.asarray(group["group_pass_rate"])[0])
-    if dynamic_sampling == "all_wrong":
-        return "all_wrong" if pass_rate == 0.0 else None
-    rewards = np.asarray(group["reward"], dtype=np.float64)
-    if rewards.size and np.ptp(rewards) == 0.0:
-        return "all_correct" if pass_rate == 1.0 else "all_wrong"
+    all_correct, all_wrong = residual(np.asarray(group["group_pass_rate"])[:1])
+    if all_wrong[0]:
+        return ALL_WRONG
+    if all_correct[0] and dynamic_sampling == "zero_variance":
+        return ALL_CORRECT
     return None
 
 

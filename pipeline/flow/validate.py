@@ -32,7 +32,7 @@ from schemas import POLICY_UPDATE, PROMPT_TICKET, TEMPERATURE_UPDATE, Columns, M
 FINISH_REASONS = ("stop", "length")
 VERIFY_STATUSES = ("correct", "wrong", "no_answer", "error", "timeout", "truncated")
 TEMPERATURE_REASONS = ("all_correct_raise", "capped", "reactivated", "decay", "clamped")
-"""`pipeline.erpo.history.REASONS` (kept here too: this module imports neither polars nor the ERPO table)."""
+"""`pipeline.erpo.rule.REASONS` (kept here too: this module imports neither polars nor the ERPO table)."""
 MAX_TEMPERATURE = 2.0
 """Highest sampling temperature any engine is asked for (vLLM accepts [0, 2])."""
 LOGPROB_SLACK = 1e-3
@@ -146,11 +146,9 @@ def _row_problems(cols: Columns, limits: Limits) -> list[tuple[str, np.ndarray, 
         checks.append(("unknown_prompt", unknown, "prompt_id must belong to the training pool"))
     if "reward" in cols:
         rewards = np.asarray(cols["reward"], dtype=np.float64)
-        shaped = np.asarray(cols["shaped_reward"], dtype=np.float64)
         rates = np.asarray(cols["group_pass_rate"], dtype=np.float64)
-        checks.append(("bad_reward", ~np.isin(rewards, (0.0, 1.0)) | ~np.isfinite(shaped)
-                       | ~(rates >= 0) | ~(rates <= 1),
-                       "reward must be 0 or 1, shaped_reward finite, group_pass_rate in [0, 1]"))
+        checks.append(("bad_reward", ~np.isin(rewards, (0.0, 1.0)) | ~(rates >= 0) | ~(rates <= 1),
+                       "reward must be 0 or 1, group_pass_rate in [0, 1]"))
         statuses = cols["verify_status"].astype(str)
         checks.append(("bad_verify_status", ~np.isin(statuses, VERIFY_STATUSES),
                        f"verify_status must be one of {VERIFY_STATUSES}"))

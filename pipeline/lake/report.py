@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import polars as pl
 
+from pipeline.verify.residual import residual
+
 
 def groups(scored: pl.DataFrame) -> pl.DataFrame:
     """One row per scored group: group_id, prompt_id, version (behaviour policy), pass rate,
-    mean reward, sampling temperature, time (ms) it was scored."""
+    whether it was all correct / all wrong (`pipeline.verify.residual`), mean reward, sampling
+    temperature, time (ms) it was scored."""
     if scored.is_empty():
         return pl.DataFrame(schema={"group_id": pl.Utf8, "prompt_id": pl.Utf8, "version": pl.Int64,
-                                    "pass_rate": pl.Float32, "reward": pl.Float64, "temperature": pl.Float32,
-                                    "time_ms": pl.Int64})
-    return (scored.group_by("group_id", maintain_order=True)
-            .agg(pl.col("prompt_id").first(), pl.col("policy_version").first().alias("version"),
-                 pl.col("group_pass_rate").first().alias("pass_rate"), pl.col("reward").mean(),
-                 pl.col("temperature").first(), pl.col("_timestamp_ms").first().alias("time_ms")))
+                                    "pass_rate": pl.Float32, "all_correct": pl.Boolean, "all_wrong": pl.Boolean,
+                                    "reward": pl.Float64, "temperature": pl.Float32, "time_ms": pl.Int64})
+    g = (scored.group_by("group_id", maintain_order=True)
+         .agg(pl.col("prompt_id").first(), pl.col("policy_version").first().alias("version"),
+              pl.col("group_pass_rate").first().alias("pass_rate"), pl.col("reward").mean(),
+              pl.col("temperature").first(), pl.col("_timestamp_ms").first().alias("time_ms")))
+    all_correct, all_wrong = residual(g["pass_rate"].to_numpy())
+    return g.insert_column(4, pl.Series("all_correct", all_correct)).insert_column(5, pl.Series("all_wrong", all_wrong))
 
 
 def bin_width(g: pl.DataFrame, points: int = 50) -> int:
@@ -37,8 +42,8 @@ def by_version(g: pl.DataFrame, width: int) -> pl.DataFrame:
             .group_by("bin").agg(
                 pl.len().alias("groups"),
                 pl.col("reward").mean().alias("reward"),
-                (pl.col("pass_rate") >= 1.0).mean().alias("all_correct"),
-                (pl.col("pass_rate") <= 0.0).mean().alias("all_wrong"),
+                pl.col("all_correct").mean(),
+                pl.col("all_wrong").mean(),
                 pl.col("temperature").quantile(0.1).alias("temp_p10"),
                 pl.col("temperature").median().alias("temp_p50"),
                 pl.col("temperature").quantile(0.9).alias("temp_p90"),
@@ -86,8 +91,8 @@ def summary(g: pl.DataFrame, temperature: pl.DataFrame, deadletter: pl.DataFrame
         "prompts": g["prompt_id"].n_unique(),
         "policy versions": f"{int(g['version'].min())} .. {int(g['version'].max())}",
         "mean reward, first / last tenth of groups": f"{first['reward'].mean():.3f} / {last['reward'].mean():.3f}",
-        "all-correct groups, first / last tenth": f"{(first['pass_rate'] >= 1).mean():.1%} / {(last['pass_rate'] >= 1).mean():.1%}",
-        "all-wrong groups, first / last tenth": f"{(first['pass_rate'] <= 0).mean():.1%} / {(last['pass_rate'] <= 0).mean():.1%}",
+        "all-correct groups, first / last tenth": f"{first['all_correct'].mean():.1%} / {last['all_correct'].mean():.1%}",
+        "all-wrong groups, first / last tenth": f"{first['all_wrong'].mean():.1%} / {last['all_wrong'].mean():.1%}",
         "temperature updates": temperature.height,
         "highest sampling temperature": f"{g['temperature'].max():.2f}",
         "lag (versions): mean / max": f"{lags['lag'].mean():.2f} / {int(lags['lag'].max())}",

@@ -2,14 +2,19 @@
 
 All estimators are pure functions of a flat reward vector and a group index vector (samples of the
 same prompt share a group index), vectorised over groups; they return one advantage per sample,
-which the loss broadcasts over that sample's completion tokens.
+which the loss broadcasts over that sample's completion tokens. ERPO's RA term (`ra_advantages`)
+then replaces the zero advantages of all-correct groups.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
+
+from pipeline.erpo.rule import ErpoRule
+from pipeline.verify.residual import residual
 
 AdvantageFn = Callable[..., torch.Tensor]
 ADVANTAGES: dict[str, AdvantageFn] = {}
@@ -70,3 +75,22 @@ def rloo_advantages(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     count, mean, _ = _group_stats(rewards, group)
     scale = torch.where(count > 1, count / (count - 1).clamp(min=1), torch.zeros_like(count))
     return (scale * (rewards.double() - mean)).to(rewards.dtype)
+
+
+def ra_advantages(pass_rate_per_sample: np.ndarray, advantages: np.ndarray, rule: ErpoRule) -> np.ndarray:
+    """ERPO's RA: samples of all-correct groups (`pipeline.verify.residual.residual`) get the
+    advantage -ra_delta.
+
+    Group-relative advantages of an all-correct group are 0, so this replaces a zero; other
+    samples are unchanged. Returns a new array (dtype of ``advantages``); identity when the rule
+    is disabled. Our reading of the paper (`pipeline.erpo.rule`).
+    """
+    p = np.asarray(pass_rate_per_sample)
+    a = np.asarray(advantages)
+    if p.shape != a.shape:
+        raise ValueError(f"pass_rate_per_sample shape {p.shape} != advantages shape {a.shape}")
+    out = a.copy()
+    if rule.enabled:
+        all_correct, _ = residual(p)
+        out[all_correct] = -rule.ra_delta
+    return out

@@ -32,12 +32,13 @@ import numpy as np
 import torch
 
 from pipeline.config import LearnerConfig
-from pipeline.erpo.history import ErpoRule, ra_advantages
-from pipeline.rl.advantages import get_advantage
+from pipeline.erpo.rule import ErpoRule
+from pipeline.rl.advantages import get_advantage, ra_advantages
 from pipeline.rl.head import HeadPlan, chunk_tokens, completion_head
 from pipeline.rl.losses import KL_TERMS, phi_clamp, ppo_per_token
 from pipeline.rl.trainer import Trainer, lr_at
 from pipeline.model.batch import PackedBatch, pack
+from pipeline.verify.residual import residual
 from schemas import Columns, concat
 
 
@@ -164,7 +165,7 @@ class _Rows:
         self.in_loss = ~self.cut if overlong == "mask" else np.ones(len(self.cut), dtype=bool)
         """Rows whose tokens the loss counts (``rollout.overlong = "mask"`` leaves cut rows out)."""
         _, self.group_index = np.unique(cols["group_id"], return_inverse=True)
-        self.rewards = torch.as_tensor(np.asarray(cols["shaped_reward"], dtype=np.float32))
+        self.rewards = torch.as_tensor(np.asarray(cols["reward"], dtype=np.float32))
         adv = get_advantage(lc.loss.advantage)(self.rewards, torch.as_tensor(self.group_index))
         self.advantages = ra_advantages(np.asarray(cols["group_pass_rate"]), adv.numpy(), rule)
         self.completion_len = cols["completion_token_ids"].lengths()
@@ -323,8 +324,9 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
     rates = np.asarray(data.cols["group_pass_rate"])
     n = len(data.rewards)
     metrics["reward"] = float(data.rewards.mean())
-    metrics["all_correct_frac"] = float(np.mean(rates >= 1.0))
-    metrics["all_wrong_frac"] = float(np.mean(rates <= 0.0))
+    all_correct, all_wrong = residual(rates)
+    metrics["all_correct_frac"] = float(np.mean(all_correct))
+    metrics["all_wrong_frac"] = float(np.mean(all_wrong))
     metrics["completion_len"] = float(data.completion_len.sum() / n)
     metrics["samples"] = float(n)
     metrics["overlong_frac"] = float(data.cut.mean())

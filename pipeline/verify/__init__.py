@@ -1,2 +1,3 @@
-"""Rewards: math-verify in a pool of worker processes with timeouts (`verifier`), and scoring a
-group's verdicts into rewards, pass rates and residual kinds (`scoring`)."""
+"""Rewards: math-verify in a pool of worker processes with timeouts (`verifier`), scoring a
+group's verdicts into rewards and pass rates (`scoring`), and the rule that calls a group residual
+(all correct or all wrong) from its pass rate (`residual`)."""

@@ -1,8 +1,7 @@
-"""Turn verified trajectories into scored ones: rewards, group pass rates, residual kinds.
+"""Turn verified trajectories into scored ones: rewards and group pass rates.
 
-Pure and vectorised over the rows of a batch (numpy, no per-row Python on the arithmetic). A group
-is *residual* when every sample got the same reward, so its group-normalised advantages are all
-zero: ``all_correct`` (pass rate 1) or ``all_wrong`` (pass rate 0).
+Pure and vectorised over the rows of a batch (numpy, no per-row Python on the arithmetic). Which
+groups are residual follows from the pass rate (`pipeline.verify.residual`).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import numpy as np
 from pipeline.verify.verifier import Verdict
 from schemas import Columns, TRAJECTORY
 
-RESIDUAL_NONE, RESIDUAL_ALL_CORRECT, RESIDUAL_ALL_WRONG = "none", "all_correct", "all_wrong"
 TRUNCATED = "truncated"
 """Status of a completion cut at the length limit under ``rollout.overlong = "zero_reward"``."""
 
@@ -28,17 +26,10 @@ def group_pass_rates(group_ids: np.ndarray, rewards: np.ndarray) -> np.ndarray:
     return (sums / counts)[inverse]
 
 
-def residual_kinds(pass_rates: np.ndarray) -> np.ndarray:
-    """``all_correct`` where the pass rate is 1, ``all_wrong`` where 0, else ``none``."""
-    return np.where(pass_rates >= 1.0, RESIDUAL_ALL_CORRECT,
-                    np.where(pass_rates <= 0.0, RESIDUAL_ALL_WRONG, RESIDUAL_NONE)).astype(object)
-
-
 def score(trajectories: Columns, verdicts: Sequence[Verdict], now: float | None = None,
           overlong: str = "keep") -> Columns:
-    """ScoredTrajectory columns: the trajectory columns plus the verdicts and group statistics.
+    """ScoredTrajectory columns: the trajectory columns plus the verdicts and group pass rates.
 
-    ``shaped_reward`` equals ``reward`` here; reward shaping (ERPO's RA) is applied downstream.
     With ``overlong="zero_reward"`` a completion cut at the length limit (finish_reason
     ``length``) gets reward 0 and the status ``truncated``, whatever its verdict; the group
     statistics use that reward.
@@ -57,7 +48,5 @@ def score(trajectories: Columns, verdicts: Sequence[Verdict], now: float | None 
     out["reward"] = rewards
     out["verify_status"] = statuses
     out["group_pass_rate"] = rates
-    out["residual"] = residual_kinds(rates)
-    out["shaped_reward"] = rewards.copy()
     out["scored_at"] = np.full(n, time.time() if now is None else now, dtype=np.float64)
     return out

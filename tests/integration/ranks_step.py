@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (the batc
 from learn_batch import batch_groups, tiny_model  # noqa: E402
 
 from pipeline.config import LearnerConfig  # noqa: E402
-from pipeline.erpo.history import ErpoRule  # noqa: E402
+from pipeline.erpo.rule import ErpoRule  # noqa: E402
 from pipeline.rl.learn import train_step  # noqa: E402
 from pipeline.rl.trainer import BatchChannel, make_trainer  # noqa: E402
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import LearnerConfig
-from pipeline.erpo.history import ErpoRule
+from pipeline.erpo.rule import ErpoRule
 from pipeline.model.policy import ModelLoadError, build_char_tokenizer, build_tiny, export_pretrained, load_policy
 from pipeline.model.weights import publish
 from pipeline.rl.learn import train_step
@@ -54,8 +54,7 @@ def _scored(samples, rewards: np.ndarray) -> list:
         r = rewards[i * len(mine):(i + 1) * len(mine)].astype(np.float32)
         n = len(r)
         cols.update(reward=r, verify_status=np.array(["correct" if x else "wrong" for x in r], dtype=object),
-                    group_pass_rate=np.full(n, r.mean(), np.float32), residual=np.full(n, "none", dtype=object),
-                    shaped_reward=r.copy(), scored_at=np.zeros(n))
+                    group_pass_rate=np.full(n, r.mean(), np.float32), scored_at=np.zeros(n))
         groups.append(cols)
     return groups
 

@@ -26,10 +26,11 @@ from needs import require_vllm
 
 import torch
 
+from erpo_oracle import reference_update, to_dict_table
 from factories import ticket
 from pipeline.config import RunConfig
-from pipeline.erpo import history as erpo
 from pipeline.erpo.partitions import load_tables
+from pipeline.erpo.rule import REASONS
 from pipeline.model.policy import load_policy
 from pipeline.model.batch import pack, token_logprobs
 from pipeline.transport.consumer import Consumer
@@ -139,9 +140,9 @@ def test_reward_raises_temperatures_and_resumes_from_its_snapshot(kafka_cfg, run
         producer.close()
 
     rule = erpo_rule(RunConfig())
-    expected, _ = erpo.reference_update({}, [(p, r, 0) for p, r in stream], rule, now=0.0)
+    expected, _ = reference_update({}, [(p, r, 0) for p, r in stream], rule, now=0.0)
     table = load_tables(tmp_path / "erpo")  # one snapshot per partition the prompts fell in
-    got = erpo.to_dict_table(table.drop("partition"))
+    got = to_dict_table(table.drop("partition"))
     assert sorted(got) == ["easy", "mixed"]
     for pid in got:
         for col in ("times_seen", "pass_rates", "all_correct_streak", "times_residual", "times_reactivated"):
@@ -156,7 +157,7 @@ def test_reward_raises_temperatures_and_resumes_from_its_snapshot(kafka_cfg, run
     assert easy == sorted(easy) and easy[-1] == pytest.approx(1.4, abs=1e-6)
     assert {round(t, 4) for t in easy} <= {1.1, 1.2, 1.3, 1.4}
     reasons = {d.columns["reason"][0] for d in updates}
-    assert reasons <= set(erpo.REASONS)
+    assert reasons <= set(REASONS)
 
     # The restarted process's metrics: the resumed table and the groups it saw itself.
     assert exported["rlstream_erpo_table_prompts"] == 2

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.config import LearnerConfig
-from pipeline.erpo.history import ErpoRule
+from pipeline.erpo.rule import ErpoRule
 from pipeline.model.policy import build_tiny_qwen2
 from pipeline.rl.learn import train_step
 from pipeline.rl.trainer import (DeepSpeedTrainer, TorchTrainer, deepspeed_config, ensure_extensions_dir, lr_at,
@@ -48,7 +48,7 @@ def _groups(seed: int) -> list[dict]:
             "finish_reason": np.array(["stop"] * G, dtype=object),
             "behavior_logprobs": Ragged.from_list([-rng.random(len(c)).astype(np.float32) - 2.5 for c in comps],
                                                   np.float32),
-            "shaped_reward": reward,
+            "reward": reward,
             "group_pass_rate": np.full(G, reward.mean(), np.float32),
         })
     return out

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.erpo.rule import ErpoRule
 from pipeline.rl.advantages import (
     ADVANTAGES,
     dr_grpo_advantages,
     get_advantage,
     grpo_advantages,
+    ra_advantages,
     register_advantage,
     rloo_advantages,
 )
@@ -131,3 +134,15 @@ def test_grpo_vectorised_equals_loop(data):
     group = [g for _, g in data]  # ids need not be dense: some of 0..4 may be unused
     a = grpo_advantages(torch.tensor(rewards, dtype=torch.float64), torch.tensor(group), eps=1e-6)
     torch.testing.assert_close(a, _t(*_grpo_loop(rewards, group, 1e-6)), atol=1e-6, rtol=0)
+
+
+def test_ra_advantages_exactly_minus_delta_for_all_correct():
+    p = np.array([1.0, 1.0, 0.5, 0.5, 0.0], dtype=np.float32)
+    adv = np.array([0.0, 0.0, 0.7071, -0.7071, 0.0], dtype=np.float32)
+    out = ra_advantages(p, adv, ErpoRule(ra_delta=0.25))
+    # all-correct samples: -0.25; the rest untouched (bitwise), input not modified
+    np.testing.assert_array_equal(out, np.array([-0.25, -0.25, 0.7071, -0.7071, 0.0], dtype=np.float32))
+    assert out.dtype == np.float32 and adv[0] == 0.0
+    np.testing.assert_array_equal(ra_advantages(p, adv, ErpoRule(enabled=False)), adv)
+    with pytest.raises(ValueError, match="shape"):
+        ra_advantages(p[:2], adv, ErpoRule())

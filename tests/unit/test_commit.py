@@ -13,7 +13,9 @@ import pipeline.flow.commit as commit_module
 from factories import trajectory_group
 from pipeline.config import KafkaConfig
 from pipeline.flow.commit import Committer
-from pipeline.transport.kafka import Consumer, Producer, ensure_topics, topic_name
+from pipeline.transport.consumer import Consumer
+from pipeline.transport.producer import Producer
+from pipeline.transport.topics import ensure_topics, topic_name
 from pipeline.transport.memory import MemoryBroker
 from schemas import TRAJECTORY
 

@@ -1,5 +1,6 @@
-"""ERPO history table and temperature rule: hand-worked cases, and the vectorised `update`
-against the plain-loop `reference_update` on random batches."""
+"""ERPO history table and temperature rule: hand-worked cases, the vectorised `update` and
+`HistoryStore` against the plain-loop oracle `reference_update` (tests/erpo_oracle.py) on random
+batches, and snapshots."""
 
 from __future__ import annotations
 
@@ -12,23 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.erpo.history import (
-    REASONS,
-    TABLE_SCHEMA,
-    UPDATE_SCHEMA,
-    ErpoRule,
-    HistoryStore,
-    empty_table,
-    from_dict_table,
-    load_snapshot,
-    ra_advantages,
-    reference_update,
-    snapshot,
-    temperature_lookup,
-    to_dict_table,
-    update,
-)
-
+from erpo_oracle import from_dict_table, reference_update, to_dict_table
+from pipeline.erpo.rule import REASONS, ErpoRule
+from pipeline.erpo.snapshots import SNAPSHOT_VERSION, load_snapshot, snapshot
+from pipeline.erpo.store import TABLE_SCHEMA, UPDATE_SCHEMA, HistoryStore, empty_table, temperature_lookup, update
 
 
 def approx(x: float | list[float]):
@@ -196,16 +184,6 @@ def test_all_wrong_keeps_tau_and_counts_streak() -> None:
     assert ups[1].height == 0 and ups[2].height == 0
 
 
-def test_ra_advantages_exactly_minus_delta_for_all_correct() -> None:
-    p = np.array([1.0, 1.0, 0.5, 0.5, 0.0], dtype=np.float32)
-    adv = np.array([0.0, 0.0, 0.7071, -0.7071, 0.0], dtype=np.float32)
-    out = ra_advantages(p, adv, ErpoRule(ra_delta=0.25))
-    # all-correct samples: -0.25; the rest untouched (bitwise), input not modified
-    np.testing.assert_array_equal(out, np.array([-0.25, -0.25, 0.7071, -0.7071, 0.0], dtype=np.float32))
-    assert out.dtype == np.float32 and adv[0] == 0.0
-    np.testing.assert_array_equal(ra_advantages(p, adv, ErpoRule(enabled=False)), adv)
-
-
 def test_history_keeps_last_window_in_order() -> None:
     rates = [0.0, 0.25, 0.5, 0.75, 1.0, 0.125]
     table, ups = run(ErpoRule(history=4), *(batch(("p", s, i)) for i, s in enumerate(rates)))
@@ -292,27 +270,45 @@ def test_snapshot_round_trip_with_offsets(tmp_path) -> None:
     table, _ = run(ErpoRule(), batch(("a", 1.0, 1), ("b", 0.5, 1), ("a", 0.0, 2)))
     offsets = {("run-trajectories", 0): 120, ("run-trajectories", 3): 7}
     path = tmp_path / "erpo.parquet"
-    snapshot(table, offsets, path)
-    loaded, got = load_snapshot(path)
-    assert got == offsets
-    assert dict(loaded.schema) == TABLE_SCHEMA
-    assert _sorted(loaded) == _sorted(table)
+    snapshot(table, offsets, path, seen_tickets=["e0-000001"], scored_attempts=["e0-000001/0", "e0-000001/1"])
+    loaded = load_snapshot(path)
+    assert loaded.offsets == offsets
+    assert (loaded.seen_tickets, loaded.scored_attempts) == (["e0-000001"], ["e0-000001/0", "e0-000001/1"])
+    assert dict(loaded.table.schema) == TABLE_SCHEMA
+    assert _sorted(loaded.table) == _sorted(table)
     assert os.listdir(tmp_path) == ["erpo.parquet"]  # no temporary file left behind
     # overwrite in place, still a single file
-    snapshot(loaded, {("run-trajectories", 0): 121}, path)
-    assert load_snapshot(path)[1] == {("run-trajectories", 0): 121}
+    snapshot(loaded.table, {("run-trajectories", 0): 121}, path)
+    again = load_snapshot(path)
+    assert again.offsets == {("run-trajectories", 0): 121} and again.seen_tickets == again.scored_attempts == []
     assert os.listdir(tmp_path) == ["erpo.parquet"]
 
 
 def test_load_snapshot_missing_file(tmp_path) -> None:
-    table, offsets = load_snapshot(tmp_path / "absent.parquet")
-    assert table.height == 0 and dict(table.schema) == TABLE_SCHEMA and offsets == {}
+    loaded = load_snapshot(tmp_path / "absent.parquet")
+    assert loaded.table.height == 0 and dict(loaded.table.schema) == TABLE_SCHEMA and loaded.offsets == {}
+    assert loaded.seen_tickets == loaded.scored_attempts == []
 
 
 def test_load_snapshot_rejects_foreign_parquet(tmp_path) -> None:
     path = tmp_path / "other.parquet"
     pl.DataFrame({"x": [1]}).write_parquet(path)
-    with pytest.raises(ValueError, match="not an ERPO snapshot"):
+    with pytest.raises(ValueError, match="no format version .* reads version '1' only"):
+        load_snapshot(path)
+
+
+def test_load_snapshot_of_another_version_names_both_versions(tmp_path) -> None:
+    """A snapshot of an older format is refused, never read half-way."""
+    table, _ = run(ErpoRule(), batch(("a", 1.0, 1)))
+    path = tmp_path / "old.parquet"
+    table.write_parquet(path, metadata={"rlstream.erpo.snapshot_version": "0", "rlstream.erpo.offsets": "[]"})
+    assert SNAPSHOT_VERSION == "1"
+    with pytest.raises(ValueError, match=r"old.parquet: ERPO snapshot of format version '0'; this build reads "
+                                         r"version '1' only"):
+        load_snapshot(path)
+    # The right version without its de-duplication ids is not read either (they would start empty).
+    table.write_parquet(path, metadata={"rlstream.erpo.snapshot_version": "1", "rlstream.erpo.offsets": "[]"})
+    with pytest.raises(ValueError, match="lacks the metadata"):
         load_snapshot(path)
 
 

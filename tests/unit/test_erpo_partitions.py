@@ -6,15 +6,16 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from pipeline.erpo import history as erpo
 from pipeline.erpo.partitions import PartitionedHistory, load_tables, rebuild_from_scored, snapshot_path
+from pipeline.erpo.rule import ErpoRule
+from pipeline.erpo.store import GROUP_SCHEMA
 
-RULE = erpo.ErpoRule()
+RULE = ErpoRule()
 
 
 def _groups(*rows):
     return pl.DataFrame({"prompt_id": [p for p, _ in rows], "pass_rate": [r for _, r in rows],
-                         "policy_version": [0] * len(rows)}, schema=erpo.GROUP_SCHEMA)
+                         "policy_version": [0] * len(rows)}, schema=GROUP_SCHEMA)
 
 
 def test_a_partition_moves_between_workers_with_its_history(tmp_path):

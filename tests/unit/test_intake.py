@@ -3,6 +3,8 @@ checks run; the ticket book and the clock are plain objects."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from pipeline.data.tasks import Problem
 from pipeline.flow.intake import no_signal, triage
 from pipeline.flow.tickets import TicketBook, TicketSource
@@ -55,8 +57,8 @@ def test_dynamic_sampling_leaves_out_the_groups_without_signal():
     assert [no_signal(group(r), "off") for r in (right, wrong, mixed)] == [None, None, None]
     assert [no_signal(group(r), "all_wrong") for r in (right, wrong, mixed)] == [None, "all_wrong", None]
     assert [no_signal(group(r), "zero_variance") for r in (right, wrong, mixed)] == ["all_correct", "all_wrong", None]
-    # Graded rewards: all equal (no sample did better than another) is no signal either.
-    assert no_signal({"reward": [0.5] * 4, "group_pass_rate": [0.0] * 4}, "zero_variance") == "all_wrong"
+    # The pass rate alone decides (pipeline.verify.residual), as it does for ERPO and RA.
+    assert no_signal({"group_pass_rate": np.float32([1.0] * 4)}, "zero_variance") == "all_correct"
     book = _book()
     (t,) = book.issue(limit=1, now=0.0)
     out = _triage(book, _group(t, rewards=right), dynamic_sampling="zero_variance")

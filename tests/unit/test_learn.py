@@ -9,7 +9,7 @@ import torch
 
 from learn_batch import batch_groups, tiny_model
 from pipeline.config import LearnerConfig
-from pipeline.erpo.history import ErpoRule
+from pipeline.erpo.rule import ErpoRule
 from pipeline.rl.learn import completion_hidden, micro_batches, shared_micro_batches, shared_prompt_hidden, train_step
 from pipeline.rl.losses import (
     PolicyLossInputs,
@@ -155,7 +155,7 @@ def test_one_update_equals_the_plain_formulation(kl, overlong):
     model, ref = tiny_model(), tiny_model(1)
     cols = concat(groups)
     _, gi = np.unique(cols["group_id"], return_inverse=True)
-    rewards = torch.as_tensor(cols["shaped_reward"])
+    rewards = torch.as_tensor(cols["reward"])
     from pipeline.rl.advantages import get_advantage
 
     adv = get_advantage("grpo")(rewards, torch.as_tensor(gi))

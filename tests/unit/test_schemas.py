@@ -68,8 +68,6 @@ def _scored_columns() -> Columns:
         "reward": np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32),
         "verify_status": _s("correct", "no_answer", "timeout", "error"),
         "group_pass_rate": np.array([0.5, 0.5, 0.0, 0.0], dtype=np.float32),
-        "residual": _s("none", "none", "all_wrong", "all_wrong"),
-        "shaped_reward": np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32),
         "scored_at": np.array([1.7e9 + 1, 1.7e9 + 1, 1.7e9 + 2, 1.7e9 + 2], dtype=np.float64),
     }
 
@@ -154,8 +152,27 @@ def test_scored_extends_trajectory_in_order() -> None:
     n = len(TRAJECTORY.schema)
     assert SCORED_TRAJECTORY.schema.names[:n] == TRAJECTORY.schema.names
     assert SCORED_TRAJECTORY.schema.names[n:] == [
-        "reward", "verify_status", "group_pass_rate", "residual", "shaped_reward", "scored_at"
+        "reward", "verify_status", "group_pass_rate", "scored_at"
     ]
+
+
+def test_scored_trajectory_of_version_2_is_refused_naming_both_versions() -> None:
+    # v2 also carried `residual` (derived from group_pass_rate) and `shaped_reward` (always equal
+    # to reward), before `scored_at`; v3 dropped both.
+    assert SCORED_TRAJECTORY.version == 3
+    batch = to_record_batch(SCORED_TRAJECTORY, _scored_columns())
+    at = batch.schema.get_field_index("scored_at")
+    batch = batch.add_column(at, pa.field("shaped_reward", pa.float32(), nullable=False), batch.column("reward"))
+    batch = batch.add_column(at, pa.field("residual", pa.string(), nullable=False),
+                             pa.array(["none", "none", "all_wrong", "all_wrong"]))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as w:
+        w.write_batch(batch)
+    headers = [("schema", b"ScoredTrajectory"), ("schema_version", b"2")]
+    with pytest.raises(DecodeError, match=r"ScoredTrajectory schema_version '2' is not supported \(this build reads "
+                                          r"version 3\)") as e:
+        decode(SCORED_TRAJECTORY, sink.getvalue().to_pybytes(), headers)
+    assert e.value.reason == "unknown_version"
 
 
 @pytest.mark.parametrize("name", sorted(KINDS))

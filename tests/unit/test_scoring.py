@@ -1,11 +1,11 @@
-"""Scoring: group pass rates, residual kinds, and the ScoredTrajectory columns built by score()."""
+"""Scoring: group pass rates and the ScoredTrajectory columns built by score()."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.verify.scoring import group_pass_rates, residual_kinds, score
+from pipeline.verify.scoring import group_pass_rates, score
 from pipeline.verify.verifier import Verdict, VerifyStatus
 from schemas import SCORED_TRAJECTORY, TRAJECTORY, Columns, Ragged, decode, encode, headers_for
 
@@ -58,17 +58,10 @@ def test_group_pass_rates_interleaved():
     np.testing.assert_allclose(rates, [1 / 3, 0.75, 1 / 3, 0.75, 1 / 3, 0.0], atol=1e-12, rtol=0)
 
 
-def test_residual_kinds():
-    kinds = residual_kinds(np.array([1.0, 0.0, 0.5, 1 / 3], dtype=np.float32))
-    assert kinds.tolist() == ["all_correct", "all_wrong", "none", "none"]
-
-
 def test_score_values():
     out = score(_trajectories(), _verdicts(), now=123.5)
     np.testing.assert_array_equal(out["reward"], np.array([1, 1, 0, 1, 0], dtype=np.float32))
     np.testing.assert_allclose(out["group_pass_rate"], [1 / 3, 1, 1 / 3, 1, 1 / 3], atol=1e-6, rtol=0)
-    assert out["residual"].tolist() == ["none", "all_correct", "none", "all_correct", "none"]
-    np.testing.assert_array_equal(out["shaped_reward"], out["reward"])
     np.testing.assert_array_equal(out["scored_at"], np.full(5, 123.5))
     assert out["verify_status"].tolist() == ["correct", "correct", "wrong", "correct", "error"]
 
@@ -95,7 +88,6 @@ def test_score_columns_match_schema_and_encode():
 def test_score_all_wrong_group():
     verdicts = [Verdict(VerifyStatus.NO_ANSWER, 0.0, "")] * 2 + [Verdict(VerifyStatus.TIMEOUT, 0.0, "")] * 3
     out = score(_trajectories(), verdicts, now=0.0)
-    assert out["residual"].tolist() == ["all_wrong"] * 5
     np.testing.assert_array_equal(out["group_pass_rate"], np.zeros(5, dtype=np.float32))
 
 
@@ -111,6 +103,5 @@ def test_overlong_zero_reward_zeroes_cut_completions_and_their_group_statistics(
     assert out["verify_status"].tolist() == ["correct", "correct", "wrong", "truncated", "truncated"]
     # g1 was all-correct (1, 1); with row 3 zeroed it is (1, 0): pass rate 0.5, informative
     np.testing.assert_allclose(out["group_pass_rate"], [1 / 3, 0.5, 1 / 3, 0.5, 1 / 3], atol=1e-6, rtol=0)
-    assert out["residual"].tolist() == ["none"] * 5
     for treatment in ("keep", "mask"):  # the learner masks; scoring leaves both as they are
         assert score(_trajectories(), _verdicts(), now=0.0, overlong=treatment)["reward"].tolist() == [1, 1, 0, 1, 0]

@@ -75,7 +75,6 @@ def test_scored_checks():
     g = scored_group([1, 0, 1, 1])
     assert _codes(_with(g, "reward", np.array([1, 0.5, 1, 1], dtype=np.float32))) == ["bad_reward"]
     assert _codes(_with(g, "group_pass_rate", np.full(4, 0.5, dtype=np.float32))) == ["bad_pass_rate"]
-    assert _codes(_with(g, "shaped_reward", np.array([1, np.inf, 1, 1], dtype=np.float32))) == ["bad_reward"]
     assert _codes(_with(g, "verify_status", np.array(["correct", "maybe", "correct", "correct"], dtype=object))) \
         == ["bad_verify_status"]
     # "truncated" (rollout.overlong = "zero_reward") only for a completion cut at the length limit, with reward 0
