@@ -161,7 +161,7 @@ def learner_step(model: Decoder, opt, seqs: int, prompt_len: int, new_tokens: in
         hidden = model.hidden(ids)[:, prompt_len - 1:-1].reshape(-1, model.s.hidden)
         adv = torch.randn(n * new_tokens, device=device)
 
-        def token_loss(lp, ref_lp, ref_hat_lp, sl, adv=adv):
+        def token_loss(lp, values, sl, adv=adv):
             return -(lp * adv[sl]).sum() / total
 
         plan = HeadPlan(ids[:, prompt_len:].reshape(-1), torch.ones(n * new_tokens, device=device), chunk, token_loss)

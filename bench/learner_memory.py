@@ -67,7 +67,7 @@ def unchunked_step(trainer, ref, groups, lc) -> None:
 
     from pipeline.rl.advantages import grpo_advantages
     from pipeline.model.batch import completion_logits, pack, scatter_completion, token_logprobs_full
-    from pipeline.rl.losses import PolicyLossInputs, decoupled_ppo_loss, kl_term, phi_clamp, rapo_exact_kl, reweighted_reference
+    from pipeline.rl.losses import phi_clamp, ppo_per_token, rapo_exact_kl, reweighted_reference
     from schemas import concat
 
     cols = concat(groups)
@@ -79,7 +79,9 @@ def unchunked_step(trainer, ref, groups, lc) -> None:
                  cols["temperature"], 0)
     behavior = scatter_completion(cols["behavior_logprobs"].values, batch.completion_mask)
     lp, _, logp = token_logprobs_full(trainer.model, batch)
-    loss, _ = decoupled_ppo_loss(PolicyLossInputs(lp, lp.detach(), behavior, adv, batch.completion_mask))
+    pg, _ = ppo_per_token(lp, lp.detach(), behavior, adv.unsqueeze(-1))
+    weights = batch.completion_mask / batch.completion_mask.sum()  # token mean
+    loss = (pg * weights).sum()
     idx = batch.completion_mask.bool()
     with torch.no_grad():
         ref_logits = completion_logits(ref, batch)
@@ -87,8 +89,7 @@ def unchunked_step(trainer, ref, groups, lc) -> None:
         phi = phi_clamp(rewards, lc.kl.phi_floor).unsqueeze(1).expand_as(idx)[idx]
         hat = reweighted_reference(ref_logits, temps, phi)
         del ref_logits
-    per = rapo_exact_kl(logp, hat)
-    kl, _ = kl_term(torch.zeros_like(lp).masked_scatter(idx, per), batch.completion_mask)
+    kl = (rapo_exact_kl(logp, hat) * weights[idx]).sum()
     trainer.step(loss + lc.kl.coef * kl)
 
 

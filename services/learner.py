@@ -42,6 +42,7 @@ from pipeline.data.tasks import train_problems
 from pipeline.flow.commit import Committer
 from pipeline.flow.intake import DEAD_LETTER, QUEUED, triage
 from pipeline.flow.ledger import Ledger, ledger_path
+from pipeline.flow.staleness import StalenessBudget
 from pipeline.flow.tickets import IssueLog, TicketBook, TicketSource, ticket_columns
 from pipeline.flow.validate import Limits, check_groups
 from pipeline.rl.checkpoints import (LearnerState, OffsetTracker, after_step, newest_published_version,
@@ -119,7 +120,8 @@ class Lead:
         self.cfg, self.lc, self.trainer, self.state = cfg, cfg.learner, trainer, state
         self.learn, self.channel = learn, channel
         self.stop = StopFlag()
-        self.capacity = max(1, self.lc.staleness.max_versions) * self.lc.groups_per_step
+        self.staleness = StalenessBudget.of(self.lc)
+        self.capacity = self.staleness.capacity
         tc = self.lc.tickets
         self.book = TicketBook(TicketSource(train_problems(cfg), cfg.seed), tc.lease_floor_s, tc.lease_p99_factor,
                                tc.max_attempts, adopt_window=4 * self.capacity,
@@ -188,7 +190,7 @@ class Lead:
     def accept_group(self, d: Delivery, key: tuple, group, draining: bool) -> None:
         state, lc = self.state, self.lc
         out = triage(group, book=self.book, learner_version=state.version, now=time.monotonic(),
-                     draining=draining, offline=lc.offline, max_staleness=lc.staleness.max_versions,
+                     draining=draining, offline=lc.offline, staleness=self.staleness,
                      dynamic_sampling=lc.dynamic_sampling)
         if out.fate == DEAD_LETTER:
             self.consumer.dead_letter(d, group, out.code, out.reason)

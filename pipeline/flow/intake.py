@@ -7,8 +7,8 @@ counts according to the `Outcome`. The order of the checks is part of the rule:
    run (dead letter ``future_version``), unless the learner trains offline on a recording.
 2. The ticket book (`pipeline.flow.tickets.TicketBook.arrival`) knows the ticket or not (dead letter
    ``unknown_ticket``), and whether it is already decided or queued (``duplicate``, ignored).
-3. A new group is ``unused`` while draining, ``dropped_stale`` when its lag exceeds
-   ``learner.staleness.max_versions`` (live runs), ``dropped_all_wrong`` / ``dropped_all_correct`` when
+3. A new group is ``unused`` while draining, ``dropped_stale`` when the staleness budget
+   (`pipeline.flow.staleness`) does not accept its version (live runs), ``dropped_all_wrong`` / ``dropped_all_correct`` when
    ``learner.dynamic_sampling`` leaves groups without signal out (`no_signal`), else ``queued``
    for training.
 """
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.flow.staleness import StalenessBudget
 from pipeline.flow.tickets import TicketBook
 from pipeline.verify.residual import ALL_CORRECT, ALL_WRONG, residual
 from schemas import Columns
@@ -59,7 +60,7 @@ def no_signal(group: Columns, dynamic_sampling: str) -> str | None:
 
 
 def triage(group: Columns, *, book: TicketBook, learner_version: int, now: float, draining: bool,
-           offline: bool, max_staleness: int, dynamic_sampling: str = "off") -> Outcome:
+           offline: bool, staleness: StalenessBudget, dynamic_sampling: str = "off") -> Outcome:
     """The fate of one valid group (see the module doc). Records its arrival in ``book`` and, for
     a ``queued`` group, queues its ticket."""
     tid, pid = str(group["ticket_id"][0]), str(group["prompt_id"][0])
@@ -77,8 +78,9 @@ def triage(group: Columns, *, book: TicketBook, learner_version: int, now: float
     lag = learner_version - version
     if draining:
         return Outcome("unused", "arrived after the final step", lag=lag)
-    if lag > max_staleness and not offline:
-        return Outcome("dropped_stale", f"lag {lag} > learner.staleness.max_versions {max_staleness}", lag=lag)
+    if not offline and not staleness.accepts(version, learner_version):
+        return Outcome("dropped_stale", f"lag {lag} > learner.staleness.max_versions {staleness.max_versions}",
+                       lag=lag)
     kind = no_signal(group, dynamic_sampling)
     if kind is not None:
         return Outcome(f"dropped_{kind}", f"{kind.replace('_', ' ')}: no signal (learner.dynamic_sampling = "

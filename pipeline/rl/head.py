@@ -16,9 +16,9 @@ Per completion token t (target y_t, temperature tau_t, logits z_t = W h_t), in f
 - ``logprobs`` log pi(y_t) and ``entropy`` of pi(.|s_t) at the temperature (returned as values);
 - with a reference, ``ref_logprobs`` log pi_ref(y_t) and, with ``phi``, ``ref_hat_logprobs`` log
   pi_hat_ref(y_t) of RAPO's reweighted reference pi_hat_ref = softmax(phi * log pi_ref);
-- the loss: ``token_loss(lp, ref_lp, ref_hat_lp, sl)``, any differentiable function of the chunk's
-  log-probs (the PPO term, k3, RAPO's sampled estimator; its gradient comes from autograd on the
-  ``[chunk]`` vector), plus, with ``exact_kl_weight``, RAPO's exact forward KL
+- the loss: ``token_loss(lp, values, sl)``, any differentiable function of the chunk's log-probs
+  (the learner's is `pipeline.rl.losses.rl_loss`: the PPO term, k3, RAPO's sampled estimator; its
+  gradient comes from autograd on the ``[chunk]`` vector), given the chunk's other values, plus, with ``exact_kl_weight``, RAPO's exact forward KL
   sum_v pi_hat_ref(v) (log pi_hat_ref(v) - log pi(v)) times a per-token weight, whose logit
   gradient is weight_t (pi - pi_hat_ref) / tau_t.
 
@@ -36,9 +36,10 @@ import torch
 
 from pipeline.model.batch import MIN_TEMPERATURE
 
-TokenLoss = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None, slice], torch.Tensor]
-"""(log-probs of a chunk's tokens, with grad; reference log-probs or None; reweighted-reference
-log-probs or None; the chunk's slice of the N tokens) -> scalar loss of those tokens."""
+TokenLoss = Callable[[torch.Tensor, dict[str, torch.Tensor], slice], torch.Tensor]
+"""(log-probs of a chunk's tokens, with grad; the chunk's other values computed so far, by name as in
+`HeadPlan.values` (entropy, and ref_logprobs, ref_hat_logprobs, exact_kl where computed; no grad);
+the chunk's slice of the N tokens) -> scalar loss of those tokens."""
 
 
 def chunk_tokens(vocab_size: int, budget_mb: float, buffers: int = 4) -> int:
@@ -99,15 +100,13 @@ class _ChunkedHead(torch.autograd.Function):
             p = logp.exp()
             out["logprobs"][sl] = lp
             out["entropy"][sl] = -(p * logp).sum(-1)
-            ref_lp = ref_hat_lp = hat = None
+            hat = None
             if with_ref:
                 ref_logp = torch.log_softmax((plan.ref_hidden[sl] @ plan.ref_head.weight.t()).float().div_(t), dim=-1)
-                ref_lp = ref_logp.gather(1, y).squeeze(1)
-                out["ref_logprobs"][sl] = ref_lp
+                out["ref_logprobs"][sl] = ref_logp.gather(1, y).squeeze(1)
                 if plan.phi is not None:
                     hat = torch.log_softmax(ref_logp.mul_(plan.phi[sl].to(device).float().unsqueeze(1)), dim=-1)
-                    ref_hat_lp = hat.gather(1, y).squeeze(1)
-                    out["ref_hat_logprobs"][sl] = ref_hat_lp
+                    out["ref_hat_logprobs"][sl] = hat.gather(1, y).squeeze(1)
                 del ref_logp
             grad_z = None
             if plan.exact_kl_weight is not None:
@@ -122,7 +121,7 @@ class _ChunkedHead(torch.autograd.Function):
             if plan.token_loss is not None:
                 with torch.enable_grad():
                     leaf = lp.detach().requires_grad_(want_grad)
-                    part = plan.token_loss(leaf, ref_lp, ref_hat_lp, sl)
+                    part = plan.token_loss(leaf, {k: v[sl] for k, v in out.items() if k != "logprobs"}, sl)
                     if want_grad:
                         (g,) = torch.autograd.grad(part, leaf)
                 loss = loss + part.detach()

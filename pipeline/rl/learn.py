@@ -18,8 +18,9 @@ batches keep a prompt's rows together, `shared_micro_batches`). Every
 token's weight in the loss is fixed by the whole update (all micro-batches, all ranks): token-mean
 divides by the update's completion tokens, sequence-mean by its sequences, so the accumulated
 gradient equals that of the update as one batch, and with several ranks (whose gradients the
-trainer averages) equals single-rank training. The loss functions themselves are pure functions of
-tensors in `pipeline.rl.losses`.
+trainer averages) equals single-rank training. The loss of every chunk is
+`pipeline.rl.losses.rl_loss`, a pure function of tensors; the step adds up the metrics it returns
+(`StepMetrics`) without knowing their names.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pipeline.config import LearnerConfig
 from pipeline.erpo.rule import ErpoRule
 from pipeline.rl.advantages import get_advantage, ra_advantages
 from pipeline.rl.head import HeadPlan, chunk_tokens, completion_head
-from pipeline.rl.losses import KL_TERMS, phi_clamp, ppo_per_token
+from pipeline.rl.losses import KL_TERMS, LossInputs, LossOutputs, LossSettings, phi_clamp, rl_loss
 from pipeline.rl.trainer import Trainer, lr_at
 from pipeline.model.batch import PackedBatch, pack
 from pipeline.verify.residual import residual
@@ -230,6 +231,25 @@ def _token_weights(rows_all: np.ndarray, rows: np.ndarray, data: _Rows, aggregat
     return np.repeat(per_row * data.in_loss[rows], n[rows]).astype(np.float32)
 
 
+class StepMetrics:
+    """The step's loss metrics: each of `LossOutputs.metrics` added up over the step's chunks, each
+    of `LossOutputs.maxima` the largest (from 0)."""
+
+    def __init__(self, settings: LossSettings) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.maxima: dict[str, float] = defaultdict(float)
+        self.add(rl_loss(LossInputs.empty(settings)))  # every metric present, at 0 if no update runs
+
+    def add(self, out: LossOutputs) -> None:
+        for name, value in out.metrics.items():
+            self.sums[name] += float(value)
+        for name, value in out.maxima.items():
+            self.maxima[name] = max(self.maxima[name], float(value))
+
+    def values(self) -> dict[str, float]:
+        return dict(self.sums) | dict(self.maxima)
+
+
 def proximal_logprobs(trainer: Trainer, data: _Rows, rows: np.ndarray, chunk: int) -> dict[int, np.ndarray]:
     """log pi_prox of each row's completion tokens: the current parameters, before this step's
     updates (values only, micro-batched and chunked like the loss)."""
@@ -289,13 +309,15 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
     n_groups = int(data.group_index.max()) + 1
     slices = np.array_split(rng.permutation(n_groups), lc.mini_batches)
     mine_of = [s[trainer.rank:: trainer.world_size] for s in slices]
+    mine_all = np.flatnonzero(np.isin(data.group_index, np.concatenate(mine_of)))
     proximal = None
     if lc.mini_batches > 1:  # the parameters before this step's first update
-        mine_all = np.flatnonzero(np.isin(data.group_index, np.concatenate(mine_of)))
         with autocast(trainer.device, lc.autocast):
             proximal = proximal_logprobs(trainer, data, mine_all, chunk)
+    settings = LossSettings(lc.loss, lc.kl, updates=lc.mini_batches, ranks=trainer.world_size,
+                            tokens=max(1.0, float((data.completion_len * data.in_loss)[mine_all].sum())))
+    loss_metrics = StepMetrics(settings)
     sums: dict[str, float] = defaultdict(float)
-    maxima: dict[str, float] = defaultdict(float)
     for groups_in_slice, mine in zip(slices, mine_of):
         rows_all = np.flatnonzero(np.isin(data.group_index, groups_in_slice))
         rows = np.flatnonzero(np.isin(data.group_index, mine))
@@ -306,21 +328,14 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
             continue
         for micro in data.micro_batches(rows):
             with autocast(trainer.device, lc.autocast):
-                loss = _micro_loss(trainer, ref_model, data, rows_all, micro, lc, chunk, proximal, sums, maxima)
+                loss = _micro_loss(trainer, ref_model, data, rows_all, micro, lc, chunk, proximal, settings,
+                                   loss_metrics)
             trainer.backward(loss)
             sums["loss"] += float(loss.detach()) / lc.mini_batches
         sums["grad_norm"] += trainer.update() / lc.mini_batches
-    for always in ("loss", "pg_loss", "grad_norm", "updates_skipped"):
+    for always in ("loss", "grad_norm", "updates_skipped"):
         sums[always] += 0.0
-    tokens = max(1.0, sums.pop("_tokens", 0.0))
-    metrics = {k: v for k, v in sums.items() if not k.startswith("_")}
-    for name in ("clip_frac", "is_weight_mean", "is_truncated_frac", "is_masked_frac", "ratio_mean",
-                 "approx_kl_behavior", "entropy"):
-        metrics[name] = sums[f"_{name}"] / tokens
-    metrics["is_weight_max"] = maxima["is_weight_max"]
-    if KL_TERMS[lc.kl.kind].reference:
-        metrics["kl"] = sums["_kl"] / lc.mini_batches
-        metrics["kl_max"] = maxima["kl_max"]
+    metrics = dict(sums) | loss_metrics.values()
     rates = np.asarray(data.cols["group_pass_rate"])
     n = len(data.rewards)
     metrics["reward"] = float(data.rewards.mean())
@@ -337,39 +352,25 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
 
 
 def _micro_loss(trainer: Trainer, ref_model: torch.nn.Module | None, data: _Rows, rows_all: np.ndarray,
-                micro: np.ndarray, lc: LearnerConfig, chunk: int, proximal: dict | None,
-                sums: dict[str, float], maxima: dict[str, float]) -> torch.Tensor:
+                micro: np.ndarray, lc: LearnerConfig, chunk: int, proximal: dict | None, settings: LossSettings,
+                metrics: StepMetrics) -> torch.Tensor:
     """The loss of one micro-batch (its share of the update's loss, weights from the whole update)
-    with its gradient prepared by the chunked head; statistics added to ``sums`` and ``maxima``."""
+    with its gradient prepared by the chunked head: `rl_loss` on every chunk, its metrics added to
+    ``metrics``."""
     weights = data.tensor(_token_weights(rows_all, micro, data, lc.loss.aggregation, trainer.world_size))
     behavior = data.behavior(micro)
     advantages = data.per_token(data.advantages, micro)
     prox = data.tensor(np.concatenate([proximal[int(r)] for r in micro])) if proximal is not None else None
-    term, coef = KL_TERMS[lc.kl.kind], lc.kl.coef
+    term = KL_TERMS[lc.kl.kind]
 
-    def token_loss(lp: torch.Tensor, ref_lp, ref_hat_lp, sl: slice) -> torch.Tensor:
-        """PPO (+ k3 or RAPO's sampled KL) of these tokens, weighted as in the whole update."""
-        pr = prox[sl] if prox is not None else lp.detach()
-        loss = lc.loss
-        pg, st = ppo_per_token(lp, pr, behavior[sl], advantages[sl], loss.eps_low, loss.eps_high, loss.tis_cap,
-                               loss.mis_low, loss.mis_high)
-        w = weights[sl]
-        counted = w > 0  # tokens in the loss (rollout.overlong = "mask" leaves cut completions out)
-        total = (pg * w).sum()
-        sums["pg_loss"] += float(total.detach()) / lc.mini_batches
-        for name, key in (("clip_frac", "clipped"), ("is_weight_mean", "w"), ("is_truncated_frac", "truncated"),
-                          ("is_masked_frac", "masked"), ("ratio_mean", "ratio")):
-            sums[f"_{name}"] += float(st[key][counted].sum())
-        sums["_approx_kl_behavior"] += float((behavior[sl] - lp.detach())[counted].sum())
-        if bool(counted.any()):
-            maxima["is_weight_max"] = max(maxima["is_weight_max"], float(st["w_raw"][counted].max()))
-        if term.sampled is not None:
-            k = term.sampled(lp, ref_lp, ref_hat_lp, lc.kl)
-            sums["_kl"] += float((k.detach() * w).sum()) / trainer.world_size
-            if bool(counted.any()):
-                maxima["kl_max"] = max(maxima["kl_max"], float(k.detach()[counted].max()))
-            total = total + coef * (k * w).sum()
-        return total
+    def token_loss(lp: torch.Tensor, values: dict[str, torch.Tensor], sl: slice) -> torch.Tensor:
+        out = rl_loss(LossInputs(
+            logprobs=lp, proximal_logprobs=prox[sl] if prox is not None else lp.detach(),
+            behavior_logprobs=behavior[sl], advantages=advantages[sl], loss_weights=weights[sl], settings=settings,
+            ref_logprobs=values.get("ref_logprobs"), ref_hat_logprobs=values.get("ref_hat_logprobs"),
+            exact_kl=values.get("exact_kl"), entropy=values["entropy"]))
+        metrics.add(out)
+        return out.loss
 
     ref_hidden = None
     if term.reference:
@@ -378,15 +379,6 @@ def _micro_loss(trainer: Trainer, ref_model: torch.nn.Module | None, data: _Rows
     plan = HeadPlan(*data.targets_and_temperatures(micro), chunk, token_loss, ref_hidden=ref_hidden,
                     ref_head=ref_model.get_output_embeddings() if ref_model is not None else None,
                     phi=data.per_token(data.phi, micro) if data.phi is not None else None,
-                    exact_kl_weight=coef * weights if term.exact else None)
+                    exact_kl_weight=lc.kl.coef * weights if term.exact else None)
     head = getattr(trainer.model, "module", trainer.model).get_output_embeddings()
-    loss = completion_head(head, data.hidden(trainer.model, micro), plan)
-    counted = weights > 0
-    sums["_tokens"] += float(counted.sum())
-    sums["_entropy"] += float(plan.values["entropy"][counted].sum())
-    if term.exact:
-        exact_kl = plan.values["exact_kl"]
-        sums["_kl"] += float((exact_kl * weights).sum()) / trainer.world_size
-        if bool(counted.any()):
-            maxima["kl_max"] = max(maxima["kl_max"], float(exact_kl[counted].max()))
-    return loss
+    return completion_head(head, data.hidden(trainer.model, micro), plan)

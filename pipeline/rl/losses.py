@@ -1,4 +1,10 @@
-"""Policy-gradient losses as pure functions of tensors: a typed input in, ``(loss, metrics)`` out.
+"""The learner's loss as a pure function of tensors: :func:`rl_loss`, a chunk of tokens'
+:class:`LossInputs` in, :class:`LossOutputs` (the loss and its metrics) out.
+
+The learner's chunked output layer (`pipeline.rl.head`) calls it on every chunk of completion
+tokens; the learner adds up the losses and the metrics without knowing their names (a metric is
+one line here). Each token's weight in the loss (the aggregation: token-mean or sequence-mean over
+the whole update) comes with the inputs, so the chunks' losses add up to the update's.
 
 The three policies are named everywhere:
 
@@ -20,7 +26,7 @@ the behaviour policy (w = 1). Optionally (MIS), tokens whose untruncated weight 
 ``[mis_low, mis_high]`` are masked out of the policy term: too off-policy to correct.
 
 KL terms to the reference policy pi_ref (a frozen copy of the initial policy), per token, added as
-``L = L_pg + kl_coef * aggregate(K_t)``; log-probs of both policies are taken at the sample's
+``L = sum_t weight_t (L_t + kl_coef K_t)``; log-probs of both policies are taken at the sample's
 temperature:
 
 - ``k3`` (the usual reverse-KL estimator, Schulman): with x = log pi_ref(y_t) - log pi_theta(y_t),
@@ -31,17 +37,18 @@ temperature:
   flattened pi_ref, which lets the policy leave the reference's support where it is not rewarded.
   The penalty is the exact forward KL at each position, K_t = sum_v pi_hat_ref(v) (log pi_hat_ref(v)
   - log pi_theta(v)) (:func:`rapo_exact_kl`); its gradient with respect to the logits is
-  pi_theta - pi_hat_ref: bounded, and straight toward pi_hat_ref.
+  pi_theta - pi_hat_ref: bounded, and straight toward pi_hat_ref. The chunked head computes it,
+  value and gradient, over the vocabulary; :func:`rl_loss` only reports it.
 - ``rapo_sampled``: the same KL estimated from the sampled token only, with
   w_t = pi_hat_ref(y_t|s) / pi_theta(y_t|s). Its value is K_t = w_t log w_t - w_t + 1 >= 0, whose
   mean under y ~ pi_theta is the exact value above. Its gradient is *not* dK_t: the samples' own
   distribution depends on theta, and the score-function gradient of E_{y~pi_theta}[K(y)] is
   E[(1 - w_t) grad log pi_theta(y_t)] (grad K + K grad log pi, minus the baseline E[grad log pi] = 0),
-  i.e. in expectation exactly pi_theta - pi_hat_ref on the logits, as the exact form's. (Until
-  2026-12 this used dK_t = -w_t log w_t grad log pi_theta(y_t): biased, and a rare token with
-  w ~ e^6 gave K ~ 400 and a gradient that swamped the policy term.) w_t is truncated at
-  ``max_weight`` c in both (:func:`rapo_kl`): the gradient is bounded by c - 1 per token, and the
-  reported value is the truncated estimate (biased low where pi_theta has left pi_hat_ref's mass).
+  i.e. in expectation exactly pi_theta - pi_hat_ref on the logits, as the exact form's (the
+  pathwise gradient dK_t = -w_t log w_t grad log pi_theta(y_t) is biased, and unbounded in w_t).
+  w_t is truncated at ``max_weight`` c in both (:func:`rapo_kl`): the gradient is bounded by
+  c - 1 per token, and the reported value is the truncated estimate (biased low where pi_theta
+  has left pi_hat_ref's mass).
 
 **Our formulation**: the paper's exact phi, coefficient and normalisation are not public in what we
 could read; it tilts whole sequences, this normalises per position. phi's floor and the
@@ -56,40 +63,78 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
 
 import torch
+
+from pipeline.config import KLConfig, LossConfig, NoKL
 
 LOG_W_CLAMP = 20.0
 RAPO_MAX_WEIGHT = 5.0
 """Default truncation of RAPO's sampled importance weight (`learner.kl.max_weight`)."""
 
 
+@dataclass(frozen=True)
+class LossSettings:
+    """What the loss needs besides the tokens: the configuration, and the step's shape that the
+    metrics are normalised by."""
+
+    loss: LossConfig
+    """`learner.loss`: the clip range, the importance-weight cap and the MIS range (its
+    ``aggregation`` is in the token weights, see :class:`LossInputs`)."""
+    kl: KLConfig = field(default_factory=NoKL)
+    """`learner.kl`: which KL term to the reference (`KL_TERMS`) and its coefficient."""
+    updates: int = 1
+    """Optimiser updates in the step: per-update metrics (``pg_loss``, ``kl``) are their mean."""
+    ranks: int = 1
+    """Ranks whose gradients the trainer averages (the token weights carry this factor)."""
+    tokens: float = 1.0
+    """Tokens in the loss over the whole step on this rank: per-token metrics are means over them."""
+
+
 @dataclass
-class PolicyLossInputs:
-    logprobs: torch.Tensor  # [B, T] log pi_theta of the sampled tokens (with grad)
-    proximal_logprobs: torch.Tensor  # [B, T] log pi_prox (no grad)
-    behavior_logprobs: torch.Tensor  # [B, T] log mu from the rollout engine
-    advantages: torch.Tensor  # [B] one per sample
-    mask: torch.Tensor  # [B, T] 1.0 on completion tokens, 0.0 on padding and prompt
+class LossInputs:
+    """One chunk of completion tokens: every tensor has the same shape (``[n]`` for a chunk of the
+    learner's head, ``[B, T]`` in a plain formulation). Tokens of weight 0 (padding, prompt,
+    completions left out of the loss) count neither in the loss nor in the metrics."""
+
+    logprobs: torch.Tensor
+    """log pi_theta of the sampled tokens, with gradient."""
+    proximal_logprobs: torch.Tensor
+    """log pi_prox (no gradient)."""
+    behavior_logprobs: torch.Tensor
+    """log mu from the rollout engine."""
+    advantages: torch.Tensor
+    """Each token's advantage (its sample's)."""
+    loss_weights: torch.Tensor
+    """Each token's weight in the update's loss: the aggregation, fixed by the whole update (1 /
+    tokens for token-mean, 1 / (sequences x the row's tokens) for sequence-mean), times the ranks."""
+    settings: LossSettings
+    ref_logprobs: torch.Tensor | None = None
+    """log pi_ref of the sampled tokens (the ``k3`` term)."""
+    ref_hat_logprobs: torch.Tensor | None = None
+    """log pi_hat_ref of the sampled tokens (the ``rapo_sampled`` term)."""
+    exact_kl: torch.Tensor | None = None
+    """RAPO's exact forward KL at each token (the ``rapo`` term). Its value and its gradient over
+    the vocabulary are added by the chunked head (`pipeline.rl.head`); the loss only reports it."""
+    entropy: torch.Tensor | None = None
+    """Entropy of pi_theta at each token (reported only)."""
+
+    @classmethod
+    def empty(cls, settings: LossSettings) -> LossInputs:
+        """No tokens at all: the loss of it names every metric the step reports, each at 0."""
+        z = torch.zeros(0)
+        return cls(z, z, z, z, z, settings, ref_logprobs=z, ref_hat_logprobs=z, exact_kl=z, entropy=z)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor,
-              mode: Literal["token_mean", "seq_mean"]) -> torch.Tensor:
-    """Token-mean: every token of the batch weighs the same. Seq-mean: mean over each sequence's
-    tokens, then over sequences (short answers weigh as much as long ones)."""
-    if mode == "token_mean":
-        return masked_mean(per_token, mask)
-    if mode == "seq_mean":
-        per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-        has_tokens = (mask.sum(-1) > 0).float()
-        return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
-    raise ValueError(f"unknown aggregation {mode!r}")
+@dataclass
+class LossOutputs:
+    loss: torch.Tensor
+    """The chunk's share of the update's loss (a scalar, with gradient)."""
+    metrics: dict[str, torch.Tensor]
+    """The chunk's share of each metric (no gradient): the step's value is their sum over its chunks."""
+    maxima: dict[str, torch.Tensor]
+    """The chunk's maximum of each (no gradient, 0 without tokens): the step's value is their max."""
 
 
 def ppo_per_token(logprobs: torch.Tensor, proximal_logprobs: torch.Tensor, behavior_logprobs: torch.Tensor,
@@ -118,34 +163,50 @@ def ppo_per_token(logprobs: torch.Tensor, proximal_logprobs: torch.Tensor, behav
     return per_token, stats
 
 
-def decoupled_ppo_loss(
-    inp: PolicyLossInputs,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    tis_cap: float = 2.0,
-    aggregation: Literal["token_mean", "seq_mean"] = "token_mean",
-    mis_low: float | None = None,
-    mis_high: float | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Decoupled PPO with truncated importance sampling and optional MIS masking (see the module
-    docstring). Masked tokens contribute 0 but still count in the aggregation's denominator, so
-    masking never scales the remaining tokens up."""
-    mask = inp.mask.float()
-    per_token, st = ppo_per_token(inp.logprobs, inp.proximal_logprobs, inp.behavior_logprobs,
-                                  inp.advantages.unsqueeze(-1), eps_low, eps_high, tis_cap, mis_low, mis_high)
-    loss = aggregate(per_token, mask, aggregation)
+def _max(x: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """Largest of ``x`` (>= 0 where it matters) over the counted tokens; 0 if there are none."""
+    return torch.where(counted, x, 0.0).amax() if x.numel() else x.new_zeros(())
+
+
+def rl_loss(inp: LossInputs) -> LossOutputs:
+    """Decoupled PPO with truncated importance sampling and optional MIS masking, plus the KL term
+    of ``settings.kl`` (see the module docstring), weighted per token by ``loss_weights``; and
+    its metrics. Masked tokens contribute 0 but keep their weight, so masking never scales the
+    remaining tokens up."""
+    s, cfg, w = inp.settings, inp.settings.loss, inp.loss_weights
+    pg, st = ppo_per_token(inp.logprobs, inp.proximal_logprobs, inp.behavior_logprobs, inp.advantages,
+                           cfg.eps_low, cfg.eps_high, cfg.tis_cap, cfg.mis_low, cfg.mis_high)
+    loss = (pg * w).sum()
+    counted = w > 0
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(counted, x, 0.0).sum() / s.tokens
+
     with torch.no_grad():
-        n = mask.sum().clamp(min=1.0)
-        metrics = {
-            "clip_frac": float((st["clipped"] * mask).sum() / n),
-            "is_weight_mean": float((st["w"] * mask).sum() / n),
-            "is_weight_max": float((st["w_raw"] * mask).max()) if mask.any() else 0.0,
-            "is_truncated_frac": float((st["truncated"] * mask).sum() / n),
-            "is_masked_frac": float((st["masked"] * mask).sum() / n),
-            "ratio_mean": float((st["ratio"] * mask).sum() / n),
-            "approx_kl_behavior": float(((inp.behavior_logprobs - inp.logprobs) * mask).sum() / n),
-        }
-    return loss, metrics
+        metrics = {"pg_loss": loss.detach() / s.updates,
+                   "clip_frac": mean(st["clipped"]),
+                   "is_weight_mean": mean(st["w"]),
+                   "is_truncated_frac": mean(st["truncated"]),
+                   "is_masked_frac": mean(st["masked"]),
+                   "ratio_mean": mean(st["ratio"]),
+                   "approx_kl_behavior": mean(inp.behavior_logprobs - inp.logprobs)}
+        maxima = {"is_weight_max": _max(st["w_raw"], counted)}
+        if inp.entropy is not None:
+            metrics["entropy"] = mean(inp.entropy)
+    term = KL_TERMS[s.kl.kind]
+    if term.reference:
+        needs = "exact_kl" if term.exact else "ref_hat_logprobs" if term.reweighted else "ref_logprobs"
+        if getattr(inp, needs) is None:
+            raise ValueError(f"learner.kl.kind = {term.name!r} needs LossInputs.{needs}")
+        if term.exact:
+            per_token = inp.exact_kl
+        else:
+            per_token = term.sampled(inp.logprobs, inp.ref_logprobs, inp.ref_hat_logprobs, s.kl)
+            loss = loss + s.kl.coef * (per_token * w).sum()
+        with torch.no_grad():
+            metrics["kl"] = (per_token.detach() * w).sum() / s.ranks / s.updates
+            maxima["kl_max"] = _max(per_token.detach(), counted)
+    return LossOutputs(loss, metrics, maxima)
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,45 +218,6 @@ def phi_clamp(rewards: torch.Tensor, eps: float) -> torch.Tensor:
     if not 0.0 < eps <= 1.0:
         raise ValueError(f"phi floor eps must lie in (0, 1], got {eps}")
     return rewards.clamp(min=eps, max=1.0)
-
-
-def _per_token(x: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor | None:
-    return None if x is None else torch.broadcast_to(x.to(torch.float32), targets.shape).reshape(-1, 1)
-
-
-def reference_token_logprobs(
-    ref_logits: torch.Tensor,
-    targets: torch.Tensor,
-    temperatures: torch.Tensor,
-    phi: torch.Tensor | None = None,
-    chunk: int = 4096,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi_ref(y) and, given ``phi``, log pi_hat_ref(y) of RAPO's reweighted reference, at the
-    target tokens only.
-
-    ``ref_logits`` ``[..., V]`` (no grad), ``targets`` ``[...]`` token ids; ``temperatures`` and
-    ``phi`` broadcast to ``targets`` (per token, or e.g. ``[B, 1]`` per sequence). Works on
-    ``chunk`` positions at a time, so besides the logits at most a ``[chunk, V]`` temporary
-    exists: log pi_ref = z/tau - logsumexp(z/tau); log pi_hat_ref(y) = phi * log pi_ref(y) -
-    logsumexp_v(phi * log pi_ref(v)).
-    """
-    if ref_logits.shape[:-1] != targets.shape:
-        raise ValueError(f"ref_logits {tuple(ref_logits.shape)} must be targets' shape {tuple(targets.shape)} + [V]")
-    flat = ref_logits.reshape(-1, ref_logits.shape[-1])
-    y = targets.reshape(-1, 1)
-    tau, weight = _per_token(temperatures, targets), _per_token(phi, targets)
-    lp_out = torch.empty(y.shape[0], dtype=torch.float32, device=ref_logits.device)
-    hat_out = torch.empty_like(lp_out) if weight is not None else None
-    with torch.no_grad():
-        for start in range(0, y.shape[0], chunk):
-            sl = slice(start, start + chunk)
-            logp = torch.log_softmax(flat[sl].float() / tau[sl], dim=-1)
-            lp_out[sl] = logp.gather(-1, y[sl]).squeeze(-1)
-            if weight is not None:
-                tilted = logp.mul_(weight[sl])
-                hat_out[sl] = tilted.gather(-1, y[sl]).squeeze(-1) - torch.logsumexp(tilted, dim=-1)
-    shape = targets.shape
-    return lp_out.reshape(shape), hat_out.reshape(shape) if hat_out is not None else None
 
 
 def reweighted_reference(ref_logits: torch.Tensor, temperatures: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
@@ -258,12 +280,3 @@ KL_TERMS: dict[str, KLTerm] = {
 }
 """The KL terms by `learner.kl.kind` name: reverse KL (k3), RAPO's forward KL exact or sampled, or none."""
 
-
-def kl_term(per_token: torch.Tensor, mask: torch.Tensor,
-            aggregation: Literal["token_mean", "seq_mean"] = "token_mean") -> tuple[torch.Tensor, dict[str, float]]:
-    """Aggregate a per-token KL ``[B, T]`` like the policy term; with its metrics."""
-    mask = mask.float()
-    value = aggregate(per_token, mask, aggregation)
-    with torch.no_grad():
-        metrics = {"kl": float(value.detach()), "kl_max": float((per_token * mask).max()) if mask.any() else 0.0}
-    return value, metrics

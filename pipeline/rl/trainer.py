@@ -162,10 +162,9 @@ def ensure_single_process_env() -> None:
 
 def ensure_extensions_dir() -> None:
     """One torch-extension build folder per Python environment, unless ``TORCH_EXTENSIONS_DIR`` is
-    set. DeepSpeed compiles the ops it uses on first use (its CPU communication op took about 40 s
-    on 2 cores, before `skip_shm_comm_on_cpu`) into torch's default folder, which every environment of one Python version shares; the build
-    records the environment's include paths, so two virtualenvs rebuild over each other at every
-    start (measured: 34 s of both cores at each learner start, alternating venvs)."""
+    set. DeepSpeed compiles the ops it uses on first use into torch's default folder, which every
+    environment of one Python version shares; the build records the environment's include paths,
+    so without a folder of its own each virtualenv would rebuild over the other's at every start."""
     env = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / f"env-{env}"))
 

@@ -61,13 +61,13 @@ def test_chunked_head_equals_autograd_on_the_full_log_softmax(kind, chunk):
     want_gh, want_gw = h1.grad.clone(), head.weight.grad.clone()
     head.weight.grad = None
 
-    def token_loss(lp, ref_lp, ref_hat_lp, sl):
+    def token_loss(lp, values, sl):
         pg, _ = ppo_per_token(lp, lp.detach() - 0.05, x["behavior"][sl], x["adv"][sl], tis_cap=2.0)
         total = (pg * x["weights"][sl]).sum()
         if kind == "k3":
-            total = total + 0.5 * (k3_kl(lp, ref_lp) * x["weights"][sl]).sum()
+            total = total + 0.5 * (k3_kl(lp, values["ref_logprobs"]) * x["weights"][sl]).sum()
         if kind == "rapo_sampled":
-            total = total + 0.5 * (rapo_kl(lp, ref_hat_lp) * x["weights"][sl]).sum()
+            total = total + 0.5 * (rapo_kl(lp, values["ref_hat_logprobs"]) * x["weights"][sl]).sum()
         return total
 
     h2 = hidden.clone().requires_grad_()

@@ -7,6 +7,7 @@ import numpy as np
 
 from pipeline.data.tasks import Problem
 from pipeline.flow.intake import no_signal, triage
+from pipeline.flow.staleness import StalenessBudget
 from pipeline.flow.tickets import TicketBook, TicketSource
 
 
@@ -21,7 +22,8 @@ def _group(ticket, version: int = 3, rewards=(1.0, 0.0, 0.0, 1.0), attempt: int 
 
 
 def _triage(book, group, **kw):
-    args = dict(book=book, learner_version=5, now=1.0, draining=False, offline=False, max_staleness=2)
+    args = dict(book=book, learner_version=5, now=1.0, draining=False, offline=False,
+                staleness=StalenessBudget(max_versions=2, groups_per_step=4))
     return triage(group, **(args | kw))
 
 
