@@ -1,10 +1,8 @@
 """Learner: paces the run with prompt tickets, trains on scored groups, publishes weights.
 
 Loop (rank 0, `Lead`):
-1. Issue tickets while those outstanding (issued, not yet decided) stay within
-   ``max(1, staleness.max_versions) x groups_per_step``: AReaL's capacity rule ``(max_staleness + 1) x batch``
-   less one version, because our rollout's behaviour version trails the learner's by up to one
-   (the full AReaL budget dropped 706 of 5,506 demo groups as stale). Every ticket is under a lease
+1. Issue tickets while those outstanding (issued, not yet decided) stay within the staleness
+   budget's capacity (`pipeline.flow.staleness.StalenessBudget`). Every ticket is under a lease
    (`pipeline.flow.tickets`): one whose group has not come back in time is issued again, same id, next
    attempt, so a lost message or a dead worker costs one lease, never the run. The position reached
    and the attempts are logged after every flush (`IssueLog`) for a resumed learner.
