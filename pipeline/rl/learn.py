@@ -59,12 +59,32 @@ def micro_batches(rows: np.ndarray, lengths: np.ndarray, max_tokens: int) -> lis
     return out
 
 
+def row_prompt_weight(config) -> float:
+    """What a row's copy of one prompt token costs under `shared_prompt_hidden`, in tokens of the
+    unshared path: each row attends to its prompt's keys and values, which attention keeps for the
+    backward pass in every layer (the cache's, and their expansion to every query head under
+    grouped-query attention), ``2 x (heads + kv_heads) x head_dim`` floats, against a token's
+    activations in a decoder layer, taken as ``8 x hidden + 4 x intermediate`` floats (a
+    Llama-style block keeps somewhat fewer: measured on SmolLM2-135M's shape, a row's prompt token
+    cost 0.09 of a token where this gives 0.14, so the estimate errs on the side of memory)."""
+    if config is None or not hasattr(config, "hidden_size"):
+        return 1.0  # unknown shape: a row's prompt token counts as a whole token
+    hidden = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    intermediate = int(getattr(config, "intermediate_size", None) or 4 * hidden)
+    return 2 * (heads + kv_heads) * head_dim / (8 * hidden + 4 * intermediate)
+
+
 def shared_micro_batches(rows: np.ndarray, prompt_of: np.ndarray, prompt_len: np.ndarray,
-                         completion_len: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+                         completion_len: np.ndarray, max_tokens: int, prompt_weight: float) -> list[np.ndarray]:
     """Micro-batches for :func:`shared_prompt_hidden`: the decoder runs each distinct prompt of a
     micro-batch once (padded to its longest prompt) and each row's completion (padded to its
-    longest completion), so its padded size is ``prompts x longest prompt + rows x longest
-    completion``; kept within ``max_tokens``. Rows of one prompt stay together (prompts with the
+    longest completion) on that prompt's keys and values, of which every row keeps its own copy, so
+    a micro-batch holds ``prompts x longest prompt + rows x (longest completion + prompt_weight x
+    longest prompt)`` tokens' worth (`row_prompt_weight`); kept within ``max_tokens``. Rows of one
+    prompt stay together (prompts with the
     longest rows first, each prompt's rows longest completion first); a prompt whose rows do not
     fit the budget together is split over micro-batches, each computing the prompt again, and a
     row that does not fit alone is alone."""
@@ -81,7 +101,8 @@ def shared_micro_batches(rows: np.ndarray, prompt_of: np.ndarray, prompt_len: np
     for r in order:
         p = int(prompt_of[r])
         n_prompts = len(prompts | {p})
-        cost = n_prompts * max(wp, int(prompt_len[r])) + (len(current) + 1) * max(wc, int(completion_len[r]))
+        width = max(wp, int(prompt_len[r]))
+        cost = n_prompts * width + (len(current) + 1) * (max(wc, int(completion_len[r])) + prompt_weight * width)
         if current and cost > max_tokens:
             out.append(np.array(current))
             current, prompts, wp, wc = [], set(), 0, 0
@@ -153,7 +174,7 @@ class _Rows:
     """The batch's rows as the learning step needs them (numpy, per row or per token)."""
 
     def __init__(self, cols: Columns, lc: LearnerConfig, rule: ErpoRule, pad_id: int, overlong: str = "keep",
-                 device: torch.device | str = "cpu", share: bool = False) -> None:
+                 device: torch.device | str = "cpu", share: bool = False, prompt_weight: float = 1.0) -> None:
         self.cols = cols
         self.pad_id = pad_id
         self.device = torch.device(device)
@@ -161,6 +182,8 @@ class _Rows:
         self.max_tokens = lc.max_tokens_per_micro_batch
         self.share = share
         """Each distinct prompt computed once for its rows (`shared_prompt_hidden`)."""
+        self.prompt_weight = prompt_weight
+        """With `share`: a row's copy of one prompt token, in tokens of the budget (`row_prompt_weight`)."""
         self.cut = np.asarray(cols["finish_reason"]).astype(str) == "length"
         """Rows cut at the length limit."""
         self.in_loss = ~self.cut if overlong == "mask" else np.ones(len(self.cut), dtype=bool)
@@ -182,7 +205,8 @@ class _Rows:
         """``rows`` cut into micro-batches within the token budget (`shared_micro_batches` when
         prompts are shared, else `micro_batches`)."""
         if self.share:
-            return shared_micro_batches(rows, self.prompt_of, self.prompt_len, self.completion_len, self.max_tokens)
+            return shared_micro_batches(rows, self.prompt_of, self.prompt_len, self.completion_len, self.max_tokens,
+                                        self.prompt_weight)
         return micro_batches(rows, self.length, self.max_tokens)
 
     def hidden(self, model: torch.nn.Module, rows: np.ndarray) -> torch.Tensor:
@@ -301,7 +325,8 @@ def train_step(trainer: Trainer, ref_model: torch.nn.Module | None, groups: list
     model = trainer.model
     inner = getattr(model, "module", model)
     share = lc.share_prompts and not lc.gradient_checkpointing and not _sliding_window(getattr(inner, "config", None))
-    data = _Rows(concat(groups), lc, rule, pad_id, overlong, trainer.device, share)
+    data = _Rows(concat(groups), lc, rule, pad_id, overlong, trainer.device, share,
+                 row_prompt_weight(inner.config) if share else 1.0)
     head = inner.get_output_embeddings()
     exact = KL_TERMS[lc.kl.kind].exact
     chunk = chunk_tokens(int(head.weight.shape[0]) if head.weight.numel() else int(inner.config.vocab_size),

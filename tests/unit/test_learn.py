@@ -56,17 +56,33 @@ def test_shared_micro_batches_keep_a_prompt_together_within_the_budget():
     prompt_of = np.array([0, 0, 0, 1, 1, 2])
     prompt_len = np.array([3, 3, 3, 6, 6, 2])
     completion_len = np.array([4, 1, 2, 5, 3, 10])
-    parts = shared_micro_batches(np.arange(6), prompt_of, prompt_len, completion_len, max_tokens=20)
+    parts = shared_micro_batches(np.arange(6), prompt_of, prompt_len, completion_len, 20, prompt_weight=0.0)
     # Prompt 2 has the longest row (12), then prompt 1 (11), then prompt 0 (7). [5] costs 2 + 10;
     # adding row 3 would cost 2 x 6 + 2 x 10 > 20. [3, 4] costs 6 + 2 x 5 = 16; adding row 0:
     # 2 x 6 + 3 x 5 > 20. [0, 2, 1]: 3 + 3 x 4 = 15.
     assert [p.tolist() for p in parts] == [[5], [3, 4], [0, 2, 1]]
     # A prompt whose rows do not fit together is split; a row too long for the budget is alone.
-    parts = shared_micro_batches(np.arange(3), prompt_of, prompt_len, completion_len, max_tokens=8)
+    parts = shared_micro_batches(np.arange(3), prompt_of, prompt_len, completion_len, 8, prompt_weight=0.0)
     assert [p.tolist() for p in parts] == [[0], [2, 1]]  # 3 + 4 = 7; 3 + 2 x 4 > 8; 3 + 2 x 2 = 7
-    assert [p.tolist() for p in shared_micro_batches(np.arange(3), prompt_of, prompt_len, completion_len, 2)] == \
-        [[0], [2], [1]]
-    assert shared_micro_batches(np.arange(0), prompt_of, prompt_len, completion_len, 8) == []
+    assert [p.tolist() for p in shared_micro_batches(np.arange(3), prompt_of, prompt_len, completion_len, 2, 0.0)] \
+        == [[0], [2], [1]]
+    assert shared_micro_batches(np.arange(0), prompt_of, prompt_len, completion_len, 8, 0.0) == []
+    # Every row also holds its prompt's keys and values: at weight 0.5 a row of prompt 0 costs its
+    # completion + 0.5 x 3. [0] costs 3 + (4 + 1.5) = 8.5; with row 2: 3 + 2 x (4 + 1.5) = 14 > 12.
+    parts = shared_micro_batches(np.arange(3), prompt_of, prompt_len, completion_len, 12, prompt_weight=0.5)
+    assert [p.tolist() for p in parts] == [[0], [2, 1]]  # [2, 1]: 3 + 2 x (2 + 1.5) = 10
+
+
+def test_a_rows_prompt_token_weighs_its_keys_and_values_against_a_tokens_activations():
+    from transformers import LlamaConfig
+
+    from pipeline.rl.learn import row_prompt_weight
+
+    # SmolLM2-135M: 9 heads of 64, 3 key/value heads, hidden 576, intermediate 1536:
+    # 2 x (9 + 3) x 64 = 1536 floats against 8 x 576 + 4 x 1536 = 10,752.
+    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
+    assert row_prompt_weight(smollm2) == pytest.approx(1536 / 10752, abs=1e-12)
+    assert row_prompt_weight(None) == 1.0
 
 
 def test_shared_prompt_hidden_states_equal_the_whole_sequences():
