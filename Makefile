@@ -62,7 +62,7 @@ test: $(STAMP) system-deps tokenizers models
 # The fast tier: pure logic and the services' loops on the in-memory broker (memory://); no real
 # broker, no services as subprocesses.
 test-fast: $(STAMP)
-	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest tests/unit -q -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/transport.py
