@@ -344,7 +344,7 @@ def _cell(stat: tuple[float, float, int] | None, col: str, sign: bool = False) -
     if stat is None:
         return "–"
     mean, sd, _ = stat
-    digits = 0 if col in WHOLE else 3
+    digits = 3 if col not in WHOLE else 2 if col.endswith("traj_s") and abs(mean) < 10 else 0  # a real model's ~1/s
     text = f"{mean:+,.{digits}f}" if sign else f"{mean:,.{digits}f}"
     return text if math.isnan(sd) else f"{text} ± {sd:,.{digits}f}"
 
