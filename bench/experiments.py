@@ -250,7 +250,8 @@ def curve_points(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def write_curve(run_dir: Path, threads: int = 2) -> list[dict] | None:
-    """Evaluate the run's exports on its held-out problems (as the demo's before/after) and write
+    """Evaluate the run's exports on its held-out problems (as the demo's before/after, on its
+    `eval.engine`: the torch engine, or vLLM on the export's folder) and write
     `<run>/curve.json`: one point per step (0, each export, the last) with RL seconds, sampled tokens,
     sampled pass@1 and greedy accuracy. Kept once written; None if the run exported nothing."""
     out = run_dir / "curve.json"
@@ -265,9 +266,8 @@ def write_curve(run_dir: Path, threads: int = 2) -> list[dict] | None:
     from pipeline.config import load_config
     from pipeline.data.tasks import heldout_problems
     from pipeline.model.policy import load_policy
-    from pipeline.model.prompts import PromptFormat
-    from pipeline.rollout.engine import TorchEngine
     from pipeline.rollout.evaluate import evaluate
+    from services.demo import eval_engine
 
     torch.set_num_threads(threads)
     cfg = load_config(run_dir / "config.json")
@@ -285,9 +285,10 @@ def write_curve(run_dir: Path, threads: int = 2) -> list[dict] | None:
         if step not in at or step >= steps[-1]["step"]:
             continue
         model, tok = load_policy(folder)
-        engine = TorchEngine(model, tok, cfg.rollout.max_new_tokens, seed=cfg.seed,
-                             prompt_format=PromptFormat(tok, cfg.prompt))
+        engine = eval_engine(cfg, model, tok, folder)
         r = evaluate(engine, problems, cfg.eval.temperature, cfg.eval.samples, cfg.eval.batch_size)
+        if hasattr(engine, "close"):  # vLLM's memory and threads go back before the next export
+            engine.close()
         curve.append(point(step, at[step], r.sampled_accuracy, r.greedy_accuracy))
         print(f"    curve: step {step}: sampled pass@1 {r.sampled_accuracy:.3f}, greedy {r.greedy_accuracy:.3f}",
               flush=True)
