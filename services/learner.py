@@ -144,6 +144,7 @@ class Lead:
         self.consumer = Consumer(cfg.kafka, cfg.name, ["scored"], group_id=f"{cfg.name}.learner",
                                  client_id=f"{cfg.name}-learner-{wid}", deadletter=self.producer,
                                  on_assign=self._on_assign)
+        self.committer = Committer(self.consumer, [self.producer])  # dead letters flushed before each commit
         self.metrics_address = serve(cfg, "learner", "0")
         self.progress = JsonlWriter(cfg.workdir / "progress" / "learner.jsonl")
         self.prompts_topic = topic_name(cfg.name, "prompts")
@@ -220,7 +221,7 @@ class Lead:
             log.info("checkpoint %s (%.1fs)", path, time.monotonic() - t0)
             return state.offsets
 
-        Committer(self.consumer, [self.producer]).commit(save)
+        self.committer.commit(save)
         CHECKPOINT_SECONDS.observe(time.monotonic() - t0)
 
     def send_tickets(self, draining: bool) -> None:
