@@ -637,6 +637,9 @@ class EvalConfig(_Strict):
     transformers' forward pass; on the GPU when there is one), or vLLM with the rollout's settings
     (`rollout.dtype`, `max_model_len`, `kv_cache_gib`), several times faster on a real model's
     long completions on a CPU. Before and after RL use the same engine and seeds."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """vLLM's compute dtype for the evaluation (`engine = "vllm"`); null: `rollout.dtype`. Set it to
+    float32 to sample rollouts in bf16 and still measure accuracy as fp32 runs do."""
     temperature: float = Field(1.0, gt=0, le=2.0)
     """Sampling temperature of the sampled pass@1."""
     samples: int = Field(4, ge=1, le=64)

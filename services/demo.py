@@ -77,7 +77,7 @@ def base_eval_key(cfg: RunConfig, policy_path: Path, heldout, device: str = "cpu
                for f in sorted(Path(policy_path).glob("*.safetensors"))]
     blob = json.dumps([weights, [p.prompt_id for p in heldout], cfg.eval.model_dump(mode="json"),
                        cfg.prompt.model_dump(mode="json"), cfg.rollout.max_new_tokens, cfg.seed, device,
-                       VERIFIER_VERSION],
+                       VERIFIER_VERSION] + ([eval_dtype(cfg)] if cfg.eval.engine == "vllm" else []),
                       sort_keys=True)
     return "base-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -136,9 +136,15 @@ def base_evaluation(cfg: RunConfig, engine, policy_path: Path, heldout, device: 
     return before, budget
 
 
+def eval_dtype(cfg: RunConfig) -> str:
+    """vLLM's dtype for the held-out evaluation: `eval.dtype`, else the rollout's."""
+    return cfg.eval.dtype or cfg.rollout.dtype
+
+
 def eval_engine(cfg: RunConfig, model, tokenizer, policy_path: Path):
     """The held-out evaluation's engine (`eval.engine`): the torch engine on ``model``, or vLLM on
-    the folder ``policy_path`` with the rollout's dtype and cache settings."""
+    the folder ``policy_path`` with the evaluation's dtype (`eval_dtype`) and the rollout's cache
+    settings."""
     from pipeline.model.prompts import PromptFormat
 
     fmt = PromptFormat(tokenizer, cfg.prompt)
@@ -146,7 +152,7 @@ def eval_engine(cfg: RunConfig, model, tokenizer, policy_path: Path):
         from pipeline.rollout.engine_vllm import VllmEngine
 
         r = cfg.rollout
-        return VllmEngine(policy_path, tokenizer, r.max_new_tokens, seed=cfg.seed, dtype=r.dtype,
+        return VllmEngine(policy_path, tokenizer, r.max_new_tokens, seed=cfg.seed, dtype=eval_dtype(cfg),
                           max_model_len=r.max_model_len, kv_cache_gib=r.kv_cache_gib, prompt_format=fmt,
                           trust_remote_code=cfg.model.trust_remote_code)
     from pipeline.rollout.engine import TorchEngine

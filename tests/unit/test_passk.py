@@ -87,6 +87,11 @@ def test_the_base_evaluation_cache_round_trips_and_is_keyed_by_what_the_evaluati
     assert len({key(), key("seed=1"), key("eval.samples=8"), key("rollout.max_new_tokens=12")}) == 4
     assert key() != base_eval_key(load_config(shipped_config()), policy, problems[:1])
     assert key() != base_eval_key(load_config(shipped_config()), policy, problems, "cuda")
+    # vLLM evaluates in eval.dtype, else the rollout's: a bf16 rollout must not reuse an fp32 base evaluation
+    vllm = 'eval.engine="vllm"'
+    assert key(vllm, 'rollout.dtype="bfloat16"') != key(vllm)
+    assert key(vllm, 'rollout.dtype="bfloat16"', 'eval.dtype="float32"') == key(vllm, 'eval.dtype="float32"')
+    assert key('rollout.dtype="bfloat16"') == key()  # the torch engine samples in the model's dtype
     first = key()
     (policy / "model.safetensors").write_bytes(b"other weights")  # rewritten: size and time change
     assert key() != first
