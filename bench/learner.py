@@ -226,9 +226,8 @@ def main() -> None:
 
     rule = ErpoRule(enabled=False)
     coef = lc0.kl.coef or 0.05  # the run's coefficient, or the default where the run has no KL term
-    lc = {kind: LearnerConfig.model_validate(lc0.model_dump() | {"kl": {"kind": kind} | ({"coef": coef} if kind != "none"
-                                                                                        else {})})
-          for kind in ("none", "k3", "rapo")}
+    kls = {"none": {"kind": "none"}, "k3": {"kind": "k3", "coef": coef}, "rapo": {"kind": "rapo", "coef": coef}}
+    lc = {kind: LearnerConfig.model_validate(lc0.model_dump() | {"kl": kl}) for kind, kl in kls.items()}
     ours = {kind: TorchTrainer(copy.deepcopy(base).train(), lc[kind]) for kind in lc}
     ref = copy.deepcopy(base).eval().requires_grad_(False)
 

@@ -68,14 +68,15 @@ def _budget_line(b) -> str:
 def base_eval_key(cfg: RunConfig, policy_path: Path, heldout, device: str = "cpu") -> str:
     """Hash of everything the base model's held-out evaluation depends on: its weight files (path,
     size and modification time: a model folder is written once, and hashing a real model's
-    gigabytes would cost more than it saves), the problems, the evaluation and generation settings,
-    the sampling seed, the device and the verifier's version. Runs that differ only in how they
+    gigabytes would cost more than it saves), the problems, the evaluation and generation settings
+    (with vLLM's resolved dtype, `eval_dtype`, so an fp32 evaluation is the same whichever way it
+    was asked for), the sampling seed, the device and the verifier's version. Runs that differ only in how they
     train (the arms of `bench/experiments.py`) share it."""
     from pipeline.verify.verifier import VERIFIER_VERSION
 
     weights = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
                for f in sorted(Path(policy_path).glob("*.safetensors"))]
-    blob = json.dumps([weights, [p.prompt_id for p in heldout], cfg.eval.model_dump(mode="json"),
+    blob = json.dumps([weights, [p.prompt_id for p in heldout], cfg.eval.model_dump(mode="json", exclude={"dtype"}),
                        cfg.prompt.model_dump(mode="json"), cfg.rollout.max_new_tokens, cfg.seed, device,
                        VERIFIER_VERSION] + ([eval_dtype(cfg)] if cfg.eval.engine == "vllm" else []),
                       sort_keys=True)

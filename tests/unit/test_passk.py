@@ -90,7 +90,8 @@ def test_the_base_evaluation_cache_round_trips_and_is_keyed_by_what_the_evaluati
     # vLLM evaluates in eval.dtype, else the rollout's: a bf16 rollout must not reuse an fp32 base evaluation
     vllm = 'eval.engine="vllm"'
     assert key(vllm, 'rollout.dtype="bfloat16"') != key(vllm)
-    assert key(vllm, 'rollout.dtype="bfloat16"', 'eval.dtype="float32"') == key(vllm, 'eval.dtype="float32"')
+    fp32 = 'eval.dtype="float32"'
+    assert key(vllm, 'rollout.dtype="bfloat16"', fp32) == key(vllm, fp32) == key(vllm)
     assert key('rollout.dtype="bfloat16"') == key()  # the torch engine samples in the model's dtype
     first = key()
     (policy / "model.safetensors").write_bytes(b"other weights")  # rewritten: size and time change
