@@ -218,7 +218,8 @@ def main() -> None:
     n_rows = len(groups) * group_size
     micro = args.micro_batch or n_rows
     if n_rows % micro or micro % group_size and group_size % micro:
-        raise SystemExit(f"--micro-batch {micro} must divide the batch's {n_rows} rows")
+        raise SystemExit(f"--micro-batch {micro} must divide the batch's {n_rows} rows and divide, or be a multiple "
+                         f"of, the group size {group_size}")
     tokens = int(sum(len(g["completion_token_ids"][i]) for g in groups for i in range(group_size)))
     print(f"model: {name}, {n_params / 1e6:.1f}M parameters; batch: {len(groups)} groups x {group_size} "
           f"= {n_rows} sequences, {tokens} completion tokens at T = {temperature:g}; autocast {mode}; "
