@@ -70,8 +70,8 @@ def base_eval_key(cfg: RunConfig, policy_path: Path, heldout, device: str = "cpu
     size and modification time: a model folder is written once, and hashing a real model's
     gigabytes would cost more than it saves), the problems, the evaluation and generation settings
     (with vLLM's resolved dtype, `eval_dtype`, so an fp32 evaluation is the same whichever way it
-    was asked for), the sampling seed, the device and the verifier's version. Runs that differ only in how they
-    train (the arms of `bench/experiments.py`) share it."""
+    was asked for), the sampling seed, the device and the verifier's version. Runs that differ
+    only in how they train (the arms of `bench/experiments.py`) share it."""
     from pipeline.verify.verifier import VERIFIER_VERSION
 
     weights = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
