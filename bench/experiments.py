@@ -566,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"about {eta / 60:.0f} min left", flush=True)
 
     runs: dict[str, dict[int, dict[str, float]]] = {}
+    evaluation: dict | None = None
     curves: dict[str, dict[int, list[dict]]] = {}
     base_passk: dict[int, dict[int, float]] = {}
     after_passk: dict[str, dict[int, dict[int, float]]] = {}
@@ -577,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             keep_record(args.records, run_dir, arm, seed, args.curve_points)
         record = load_record(path)
+        evaluation = evaluation or record.get("config", {}).get("eval")  # the report states the first run's
         if args.refresh_rows and (Path(record["run_dir"]) / "summary.json").exists():
             record["row"] = collect(Path(record["run_dir"]))
             save_record(path, record)
@@ -590,8 +592,6 @@ def main(argv: list[str] | None = None) -> int:
             elif ks:
                 after_passk.setdefault(arm, {})[seed] = ks
     command = "python bench/experiments.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    evaluation = next((load_record(record_path(args.records, arm, seed)).get("config", {}).get("eval")
-                       for arm, seed in grid if record_path(args.records, arm, seed).exists()), None)
     figures = plot(runs, curves, base_passk, after_passk, args.figures) if runs else {}
     report = out / "report.md"
     report.parent.mkdir(parents=True, exist_ok=True)

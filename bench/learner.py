@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import logging
 import os
 import statistics
@@ -52,6 +51,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from peak_memory import peak_rise_mb
 
 from pipeline.config import LearnerConfig, load_config
 from pipeline.erpo.rule import ErpoRule
@@ -86,7 +87,7 @@ def make_groups(rng: np.random.Generator) -> list[dict]:
 def recorded_groups(lake: Path, n: int) -> list[Columns]:
     """The first ``n`` scored groups of a run's lake (broker order) whose rewards differ, each
     decoded from its recorded Arrow bytes as the learner decodes a delivery."""
-    from pipeline.lake.store import META_COLUMNS, read_topic, upgrade
+    from pipeline.lake.store import message_batch, read_topic, upgrade
     from schemas import SCORED_TRAJECTORY, decode, encode_batch, headers_for
 
     df = read_topic(lake, "scored")
@@ -97,8 +98,7 @@ def recorded_groups(lake: Path, n: int) -> list[Columns]:
     for msg in df.partition_by(["_partition", "_offset"], maintain_order=True):
         if msg["reward"].n_unique() < 2:
             continue
-        table = msg.drop([*META_COLUMNS, "version"]).to_arrow().select(kind.schema.names).cast(kind.schema)
-        _, columns = decode(kind, encode_batch(kind, table.combine_chunks().to_batches()[0]), headers_for(kind))
+        _, columns = decode(kind, encode_batch(kind, message_batch(msg, "scored")), headers_for(kind))
         groups.append(columns)
         if len(groups) == n:
             return groups
@@ -142,27 +142,6 @@ def make_trl(model: torch.nn.Module, tokenizer, out_dir: str, rows: int, group_s
     return GRPOTrainer(model=model, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
                        args=args, train_dataset=Dataset.from_dict({"prompt": ["1+1="] * group_size}),
                        processing_class=tokenizer)
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def step_peak_mb(fn) -> float | None:
-    """Run ``fn()``; the rise of the peak resident set during it over the resident set before it
-    (MB), or None where the kernel's peak cannot be reset."""
-    gc.collect()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
-    except OSError:
-        fn()
-        return None
-    before = _status_kb("VmRSS")
-    fn()
-    return (_status_kb("VmHWM") - before) / 1024
 
 
 def tiny_setup(args):
@@ -262,7 +241,7 @@ def main() -> None:
         for rep in range(args.reps + 1):
             for path, fn in paths.items():
                 t0 = time.perf_counter()
-                peak = step_peak_mb(lambda: fn(rep))
+                peak = peak_rise_mb(lambda: fn(rep))
                 if rep:  # the first round warms up every path (and allocates its optimiser state)
                     times[path].append(time.perf_counter() - t0)
                     if peak is not None:

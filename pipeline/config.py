@@ -635,8 +635,8 @@ class EvalConfig(_Strict):
     engine: Literal["torch", "vllm"] = "torch"
     """What generates the evaluation's samples: the torch engine (`pipeline.rollout.engine.TorchEngine`,
     transformers' forward pass; on the GPU when there is one), or vLLM with the rollout's settings
-    (`max_model_len`, `kv_cache_gib`, and `rollout.dtype` unless `eval.dtype` is set), several times faster on a real model's
-    long completions on a CPU. Before and after RL use the same engine and seeds."""
+    (`max_model_len`, `kv_cache_gib`, and `rollout.dtype` unless `eval.dtype` is set), several
+    times faster on a real model's long completions on a CPU. Before and after RL use the same engine and seeds."""
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """vLLM's compute dtype for the evaluation (`engine = "vllm"`); null: `rollout.dtype`. Set it to
     float32 to sample rollouts in bf16 and still measure accuracy as fp32 runs do."""

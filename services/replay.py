@@ -17,11 +17,9 @@ import logging
 import time
 from pathlib import Path
 
-import pyarrow as pa
-
 from pipeline.config import RunConfig
 from pipeline.flow.ledger import without_dead_letters
-from pipeline.lake.store import META_COLUMNS, read_topic, upgrade
+from pipeline.lake.store import message_batch, read_topic, upgrade
 from pipeline.transport.producer import Producer
 from pipeline.transport.topics import POLICY_KEY, TOPICS, ensure_topics, topic_name
 from schemas import encode_batch, headers_for
@@ -52,8 +50,7 @@ def run(cfg: RunConfig, lake: Path, topic: str = "scored") -> int:
     t0 = last = time.monotonic()
     try:
         for i, msg in enumerate(messages, 1):
-            table = msg.drop([*META_COLUMNS, "version"]).to_arrow().select(kind.schema.names).cast(kind.schema)
-            batch = table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], kind.schema)
+            batch = message_batch(msg, topic)
             key = str(msg["prompt_id"][0]).encode() if keyed else POLICY_KEY if topic == "policy" else None
             producer.send_raw(dest, encode_batch(kind, batch), headers_for(kind), key=key)
             if time.monotonic() - last >= 5:

@@ -122,6 +122,15 @@ def upgrade(rows: pl.DataFrame, topic: str) -> pl.DataFrame:
     return rows.with_columns(missing) if missing else rows
 
 
+def message_batch(message: pl.DataFrame, topic: str) -> pa.RecordBatch:
+    """One recorded message's rows (as `read_topic` gives them, partitioned by `_partition` and
+    `_offset`) as the Arrow record batch it was sent as: the lake's own columns dropped, the
+    topic's schema in its order and types."""
+    schema = TOPICS[topic].kind.schema
+    table = message.drop([*META_COLUMNS, "version"]).to_arrow().select(schema.names).cast(schema)
+    return table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema)
+
+
 def topics_in(lake: Path) -> list[str]:
     return sorted(p.name.split("=", 1)[1] for p in Path(lake).glob("topic=*") if p.is_dir())
 

@@ -5,10 +5,10 @@ the prompt's keys and values, which attention keeps for the backward pass. Count
 once per micro-batch let a budget meant for 7 rows of 1,028 tokens take 128 rows of a 1,024-token
 prompt, and 2.5 times the memory. `row_prompt_weight` counts each row's copy.
 
-Each case runs in its own process and measures the rise of its peak resident memory (`VmHWM`,
-reset to the current size before the pass) over the forward and backward pass of the first
-(largest) micro-batch the budget allows, on a random 4-layer Llama with grouped-query attention.
-(Not `ru_maxrss`: Linux carries it over from the parent process, here the test runner.)
+Each case runs in its own process and measures the rise of its peak resident memory over the
+forward and backward pass of the first (largest) micro-batch the budget allows
+(`bench/peak_memory.py`: `VmHWM` reset before the pass), on a random 4-layer Llama with
+grouped-query attention.
 """
 
 from __future__ import annotations
@@ -40,18 +40,13 @@ def test_a_shared_micro_batch_holds_no_more_than_an_unshared_one_of_the_same_bud
     assert once["mb"] > 1.5 * full["mb"], (once, full)
 
 
-def _status_kb(field: str) -> int:
-    """A `/proc/self/status` figure, in KiB (`VmRSS`, `VmHWM`)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _case(mode: str) -> dict:
     import numpy as np
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from peak_memory import peak_rise_mb
 
     from pipeline.model.batch import pack
     from pipeline.rl.learn import (completion_hidden, micro_batches, row_prompt_weight, shared_micro_batches,
@@ -73,18 +68,19 @@ def _case(mode: str) -> dict:
     else:
         weight = row_prompt_weight(config) if mode == "shared" else 0.0
         part = shared_micro_batches(rows, prompt_of, prompt_len, completion_len, BUDGET, weight)[0]
-    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from here
-    before = _status_kb("VmRSS")
-    if mode == "full":
-        batch = pack([prompts[prompt_of[r]] for r in part], [completions[r] for r in part], [1.0] * len(part), 0)
-        hidden = completion_hidden(model, batch)
-    else:
-        _, first, local = np.unique(prompt_of[part], return_index=True, return_inverse=True)
-        hidden = shared_prompt_hidden(model, [prompts[prompt_of[part[i]]] for i in first], local,
-                                      [completions[r] for r in part], 0, torch.device("cpu"))
-    hidden.float().square().mean().backward()
-    peak = _status_kb("VmHWM")
-    return {"mode": mode, "rows": len(part), "mb": (peak - before) / 1024}
+    def forward_backward() -> None:
+        if mode == "full":
+            batch = pack([prompts[prompt_of[r]] for r in part], [completions[r] for r in part], [1.0] * len(part), 0)
+            hidden = completion_hidden(model, batch)
+        else:
+            _, first, local = np.unique(prompt_of[part], return_index=True, return_inverse=True)
+            hidden = shared_prompt_hidden(model, [prompts[prompt_of[part[i]]] for i in first], local,
+                                          [completions[r] for r in part], 0, torch.device("cpu"))
+        hidden.float().square().mean().backward()
+
+    mb = peak_rise_mb(forward_backward)
+    assert mb is not None, "/proc/self/clear_refs cannot be written: the peak cannot be reset"
+    return {"mode": mode, "rows": len(part), "mb": mb}
 
 
 if __name__ == "__main__":
